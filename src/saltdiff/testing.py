@@ -1,0 +1,100 @@
+"""Tiny, real Stable Diffusion components built in code (random weights, no downloads).
+
+Used by the test-suite and by anyone who wants to exercise saltdiff without a checkpoint. The
+classes are the real diffusers/transformers ones at tiny sizes, so every code path (attention
+processors, schedulers, VAE scaling, tokenizer) is the one a real checkpoint goes through.
+"""
+
+from __future__ import annotations
+
+import tempfile
+
+import torch
+
+TINY_WORDS = (
+    "a an the and of on in with photo picture at left right top bottom background scene "
+    "red green blue yellow purple orange white gray black circle square triangle cat dog car "
+    "tree house bird person horse table chair cup"
+).split()
+
+
+def tiny_tokenizer(model_max_length: int = 77):
+    """A real ``CLIPTokenizer`` whose vocabulary makes each of ``TINY_WORDS`` one token."""
+    from .tokenization import build_clip_tokenizer
+
+    directory = tempfile.mkdtemp(prefix="saltdiff-tok-")
+    return build_clip_tokenizer(TINY_WORDS, directory, model_max_length=model_max_length)
+
+
+def tiny_sd_components(seed: int = 0, sample_size: int = 16, model_max_length: int = 77) -> dict:
+    """Components of a tiny SD-1.x-shaped pipeline (UNet with cross-attention at two levels)."""
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    tokenizer = tiny_tokenizer(model_max_length)
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        block_out_channels=(16, 32),
+        layers_per_block=1,
+        sample_size=sample_size,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32,
+        attention_head_dim=2,
+        norm_num_groups=8,
+    )
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(
+        block_out_channels=(16, 32),
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=sample_size * 2,
+    )
+    torch.manual_seed(seed)
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            hidden_size=32,
+            intermediate_size=37,
+            layer_norm_eps=1e-05,
+            num_attention_heads=4,
+            num_hidden_layers=2,
+            vocab_size=len(tokenizer),
+            max_position_embeddings=model_max_length,
+        )
+    )
+    scheduler = DDIMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+    )
+    return {
+        "unet": unet.eval(),
+        "vae": vae.eval(),
+        "text_encoder": text_encoder.eval(),
+        "tokenizer": tokenizer,
+        "scheduler": scheduler,
+    }
+
+
+def tiny_sd_pipeline(seed: int = 0, **kwargs):
+    """A plain diffusers ``StableDiffusionPipeline`` on tiny random components."""
+    from diffusers import StableDiffusionPipeline
+
+    return StableDiffusionPipeline(
+        **tiny_sd_components(seed=seed, **kwargs),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
