@@ -1,3 +1,44 @@
-"""saltdiff: layout-controlled text-to-image generation with spatial-aware latent initialization."""
+"""saltdiff: layout-controlled text-to-image generation with spatial-aware latent initialization.
+
+from saltdiff import SaltPipeline, Layout
+pipe = SaltPipeline.from_pretrained("builtin:shapes")
+out = pipe("a red circle and a blue square", [("red circle", (0.05, 0.3, 0.45, 0.7)),
+                                             ("blue square", (0.55, 0.3, 0.95, 0.7))], seed=0)
+"""
+
+from __future__ import annotations
+
+import importlib
 
 __version__ = "0.1.0"
+
+# Public names → defining module; imported lazily so `saltdiff --help` does not pay for diffusers.
+_EXPORTS = {
+    "Box": "layout",
+    "Layout": "layout",
+    "LayoutError": "layout",
+    "SaltPipeline": "pipeline",
+    "SaltOutput": "pipeline",
+    "resolve_model": "pipeline",
+    "GuidanceConfig": "guidance",
+    "RandomInit": "init",
+    "SpatialAwareInit": "init",
+    "InitResult": "init",
+    "GeneratedObjects": "reference",
+    "UserImages": "reference",
+    "ReferenceImage": "reference",
+    "ddim_invert": "inversion",
+    "capture_cross_attention": "attention",
+    "AttentionStore": "attention",
+    "layout_guidance_loss": "losses",
+    "boxdiff_loss": "losses",
+    "salt_loss": "losses",
+}
+
+__all__ = sorted(_EXPORTS) + ["__version__"]
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    raise AttributeError(f"module 'saltdiff' has no attribute {name!r}")

@@ -98,3 +98,73 @@ def tiny_sd_pipeline(seed: int = 0, **kwargs):
         feature_extractor=None,
         requires_safety_checker=False,
     )
+
+
+def sd15_architecture_components(seed: int = 0, dtype=torch.float32) -> dict:
+    """The full Stable Diffusion 1.5 architecture (UNet 860M, VAE, CLIP ViT-L text encoder), random weights.
+
+    Shapes, layer names and attention layout are exactly SD 1.5's, so this measures the real cost of
+    each method (seconds per image, peak memory) and checks default layer selection; the tokenizer
+    is the generated one (same class and special tokens, smaller vocabulary).
+    """
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    tokenizer = tiny_tokenizer(77)
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=64,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(320, 640, 1280, 1280),
+        layers_per_block=2,
+        down_block_types=(
+            "CrossAttnDownBlock2D",
+            "CrossAttnDownBlock2D",
+            "CrossAttnDownBlock2D",
+            "DownBlock2D",
+        ),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=768,
+        attention_head_dim=8,
+    )
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(128, 256, 512, 512),
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        latent_channels=4,
+        layers_per_block=2,
+        sample_size=512,
+        scaling_factor=0.18215,
+    )
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=768,
+            intermediate_size=3072,
+            num_hidden_layers=12,
+            num_attention_heads=12,
+            max_position_embeddings=77,
+            hidden_act="quick_gelu",
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    )
+    scheduler = DDIMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+    )
+    return {
+        "unet": unet.to(dtype).eval(),
+        "vae": vae.to(dtype).eval(),
+        "text_encoder": text_encoder.to(dtype).eval(),
+        "tokenizer": tokenizer,
+        "scheduler": scheduler,
+    }

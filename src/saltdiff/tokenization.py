@@ -105,4 +105,6 @@ def build_clip_tokenizer(words: Iterable[str], directory: str | os.PathLike, mod
 
     write_clip_tokenizer_files(words, directory)
     # from_pretrained reads vocab.json/merges.txt the same way across transformers versions.
-    return CLIPTokenizer.from_pretrained(str(directory), model_max_length=model_max_length, pad_token=EOS_TOKEN)
+    return CLIPTokenizer.from_pretrained(
+        str(directory), model_max_length=model_max_length, pad_token=EOS_TOKEN
+    )

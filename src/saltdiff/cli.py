@@ -1,0 +1,348 @@
+"""``saltdiff`` command line: ``generate`` (one image), plus ``bench``, ``demo``, ``train-builtin``.
+
+Flags map one to one onto the config dataclasses (``GuidanceConfig``, ``SpatialAwareInit``,
+``GeneratedObjects``): a flag ``--guidance-steps`` is the field ``guidance_steps``. Bad input exits
+with status 2 and one line naming the problem (``SALTDIFF_DEBUG=1`` shows the traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import os
+import sys
+import time
+from collections.abc import Sequence
+
+from . import __version__
+
+logger = logging.getLogger("saltdiff")
+
+GUIDANCE_HELP = {
+    "guidance_steps": "guide the first N denoising steps",
+    "guidance_iters": "at most N gradient updates of the latent per guided step",
+    "step_size": "guidance step size eta (scaled by 1 - alpha_bar_t under the 'sigma' schedule)",
+    "step_size_schedule": "'sigma' (eta * (1 - alpha_bar_t)) or 'constant' (eta)",
+    "loss_threshold": "stop a step's updates once the loss is below this",
+    "layers": "cross-attention layers for the loss: default, all, down, mid, up, x4/x8 tags or names",
+    "reg_weight": "weight of SALT's outside-box regularization term",
+    "unboxed_weight": "weight of SALT's term that keeps unboxed tokens' attention alive",
+    "boxdiff_topk_fraction": "BoxDiff: fraction of pixels in its top-k constraints",
+    "max_grad_norm": "clip the latent gradient to this norm (off by default)",
+}
+SALT_INIT_HELP = {
+    "inversion_steps": "DDIM inversion steps up to the sampler's first timestep",
+    "inversion_prompt": "'empty' or 'prompt': text condition used during inversion (CFG 1)",
+    "noise_outside": "blend this much fresh noise into z_T outside the boxes (0 = off)",
+    "feather": "feather the boxes by this many latent cells when blending noise",
+    "inversion_noise_scale": "SDE-style inversion: add this much fresh noise per step (0 = DDIM ODE)",
+}
+OBJECTS_HELP = {
+    "background": "reference background: generated, gray, white or noise",
+    "object_prompt": "prompt used to generate each object; must contain {phrase}",
+    "object_seed": "seed for the object and background generations",
+    "num_inference_steps": "steps for each object generation",
+    "guidance_scale": "CFG scale for each object generation",
+    "cutout": "how objects are cut out: foreground (border color) or attention (its own map)",
+    "threshold": "cut-out threshold (color distance for foreground, fraction of max for attention)",
+    "fit": "stretch the object to its box, or contain it keeping its aspect ratio",
+    "cache": "cache generated objects on disk",
+    "cache_dir": "object cache folder (default ~/.cache/saltdiff/objects or $SALTDIFF_CACHE)",
+}
+# Fields whose flag name differs from the field name (to keep flags short and unambiguous).
+FLAG_NAMES = {
+    ("GuidanceConfig", "loss"): "guidance",
+    ("GeneratedObjects", "num_inference_steps"): "object-steps",
+    ("GeneratedObjects", "guidance_scale"): "object-cfg",
+    ("GeneratedObjects", "threshold"): "cutout-threshold",
+    ("GeneratedObjects", "cache"): "object-cache",
+    ("GeneratedObjects", "cache_dir"): "object-cache-dir",
+}
+
+
+class CliError(Exception):
+    """A user error: printed as one line, exit status 2."""
+
+
+def _parse_bool(text: str) -> bool:
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
+
+
+def add_dataclass_args(parser: argparse.ArgumentParser, cls, helps: dict, skip: Sequence[str] = ()) -> None:
+    """Add one ``--flag`` per dataclass field (default: the field's default, shown in --help)."""
+    group = parser.add_argument_group(f"{cls.__name__} options")
+    for f in dataclasses.fields(cls):
+        if f.name in skip or f.name not in helps:
+            continue
+        flag = "--" + FLAG_NAMES.get((cls.__name__, f.name), f.name.replace("_", "-"))
+        default = f.default if f.default is not dataclasses.MISSING else None
+        kind = type(default) if default is not None else str
+        if f.name == "max_grad_norm":
+            kind = float
+        if kind is bool:
+            kind = _parse_bool
+        group.add_argument(
+            flag,
+            dest=f"{cls.__name__}.{f.name}",
+            type=kind,
+            default=None,
+            metavar=f.name.upper(),
+            help=f"{helps[f.name]} (default: {default})",
+        )
+
+
+def dataclass_kwargs(args: argparse.Namespace, cls) -> dict:
+    prefix = cls.__name__ + "."
+    return {k[len(prefix) :]: v for k, v in vars(args).items() if k.startswith(prefix) and v is not None}
+
+
+def add_model_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--model",
+        default="builtin:shapes",
+        help="hub id, local diffusers folder, or builtin:NAME (default: builtin:shapes; a real "
+        "checkpoint is e.g. stable-diffusion-v1-5/stable-diffusion-v1-5)",
+    )
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps (default: cuda if available)")
+    parser.add_argument(
+        "--dtype",
+        default=None,
+        choices=("float32", "float16", "bfloat16"),
+        help="weights dtype (default: float16 on cuda, float32 on cpu)",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .guidance import GuidanceConfig
+    from .init import SpatialAwareInit
+    from .reference import GeneratedObjects
+
+    parser = argparse.ArgumentParser(prog="saltdiff", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"saltdiff {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    gen = sub.add_parser(
+        "generate",
+        help="generate one image for a prompt and a layout",
+        description="Generate an image whose boxed phrases land in their boxes.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    gen.add_argument("--prompt", required=True, help="the text prompt")
+    gen.add_argument(
+        "--box",
+        action="append",
+        default=[],
+        metavar="PHRASE=x0,y0,x1,y1",
+        help="a boxed phrase of the prompt, normalized coordinates in [0,1]; repeat for more boxes; "
+        "'dog#2=...' boxes the second 'dog'",
+    )
+    gen.add_argument(
+        "--layout", default=None, help="a layout JSON file ({'boxes': [{'phrase', 'box'}]}) instead of --box"
+    )
+    add_model_args(gen)
+    gen.add_argument("--init", default="salt", choices=("salt", "random"), help="initial latent")
+    gen.add_argument("--steps", type=int, default=50, help="denoising steps")
+    gen.add_argument("--cfg", type=float, default=7.5, help="classifier-free guidance scale")
+    gen.add_argument("--negative-prompt", default=None, help="negative prompt")
+    gen.add_argument("--seed", type=int, default=0, help="random seed (same seed → same image)")
+    gen.add_argument("--height", type=int, default=None, help="image height (default: the model's)")
+    gen.add_argument("--width", type=int, default=None, help="image width (default: the model's)")
+    gen.add_argument(
+        "--reference",
+        default=None,
+        metavar="IMG",
+        help="use this whole image as the reference for --init salt (instead of generated objects)",
+    )
+    gen.add_argument("--out", default="out.png", help="output PNG (recipe stored in its metadata)")
+    gen.add_argument(
+        "--overlay",
+        action="store_true",
+        help="also write OUT-overlay.png (boxes, reference, attention maps) and OUT-reference.png",
+    )
+    add_dataclass_args(
+        gen,
+        GuidanceConfig,
+        {"loss": "guidance loss: salt, layout-guidance, boxdiff or none", **GUIDANCE_HELP},
+    )
+    add_dataclass_args(gen, SpatialAwareInit, SALT_INIT_HELP)
+    add_dataclass_args(gen, GeneratedObjects, OBJECTS_HELP)
+    gen.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    gen.set_defaults(func=cmd_generate)
+
+    try:
+        from .eval.cli import add_bench_parser
+    except ImportError:  # evaluation extras not built
+        add_bench_parser = None
+    if add_bench_parser is not None:
+        add_bench_parser(sub, add_model_args)
+    try:
+        from .demo import add_demo_parser
+    except ImportError:
+        add_demo_parser = None
+    if add_demo_parser is not None:
+        add_demo_parser(sub, add_model_args)
+    return parser
+
+
+def pick_device_dtype(device: str | None, dtype: str | None):
+    import torch
+
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise CliError(f"--device {device} requested but CUDA is not available on this machine")
+    if dtype is None:
+        dtype = "float16" if device.startswith("cuda") else "float32"
+    return device, getattr(torch, dtype)
+
+
+def load_pipeline(model: str, device: str | None, dtype: str | None):
+    """Load a ``SaltPipeline`` with a one-line error for a missing or broken model."""
+    from .pipeline import SaltPipeline
+
+    device, torch_dtype = pick_device_dtype(device, dtype)
+    if os.path.sep in model and not os.path.exists(model) and not model.startswith("builtin:"):
+        if model.startswith((".", "/")):
+            raise CliError(f"model folder {model!r} does not exist")
+    try:
+        pipe = SaltPipeline.from_pretrained(model, torch_dtype=torch_dtype)
+    except OSError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CliError(f"cannot load model {model!r}: {first}") from exc
+    return pipe.to(device)
+
+
+def build_layout(args):
+    from .layout import Layout
+
+    if args.layout and args.box:
+        raise CliError("give either --layout or --box, not both")
+    if args.layout:
+        if not os.path.isfile(args.layout):
+            raise CliError(f"layout file {args.layout!r} not found")
+        return Layout.from_json(args.layout)
+    return Layout(tuple(Layout.parse_box_spec(spec) for spec in args.box))
+
+
+def cmd_generate(args) -> int:
+    from .guidance import GuidanceConfig
+    from .init import RandomInit, SpatialAwareInit
+    from .reference import GeneratedObjects, UserImages
+    from .viz import overlay_figure, save_png_with_recipe
+
+    layout = build_layout(args)
+    guidance = GuidanceConfig(**dataclass_kwargs(args, GuidanceConfig))
+    if args.init == "salt":
+        if args.reference:
+            if dataclass_kwargs(args, GeneratedObjects):
+                raise CliError("--reference replaces generated objects: object options do not apply")
+            reference = UserImages(image=args.reference)
+        else:
+            reference = GeneratedObjects(**dataclass_kwargs(args, GeneratedObjects))
+        init = SpatialAwareInit(reference=reference, **dataclass_kwargs(args, SpatialAwareInit))
+    else:
+        if args.reference or dataclass_kwargs(args, SpatialAwareInit):
+            raise CliError("--reference and inversion options need --init salt")
+        init = RandomInit()
+    out_dir = os.path.dirname(os.path.abspath(args.out))
+    if not os.path.isdir(out_dir):
+        raise CliError(f"output folder {out_dir!r} does not exist")
+
+    pipe = load_pipeline(args.model, args.device, args.dtype)
+    if args.quiet:
+        pipe.set_progress_bar_config(disable=True)
+    start = time.perf_counter()
+    result = pipe(
+        args.prompt,
+        layout,
+        init=init,
+        guidance=guidance,
+        num_inference_steps=args.steps,
+        guidance_scale=args.cfg,
+        negative_prompt=args.negative_prompt,
+        height=args.height,
+        width=args.width,
+        seed=args.seed,
+        return_attention_maps=args.overlay,
+    )
+    seconds = time.perf_counter() - start
+    image = result.images[0]
+    recipe = {
+        "saltdiff_version": __version__,
+        "prompt": args.prompt,
+        "negative_prompt": args.negative_prompt,
+        "layout": layout.to_dict(),
+        "model": args.model,
+        "seed": args.seed,
+        "steps": args.steps,
+        "cfg": args.cfg,
+        "height": image.height,
+        "width": image.width,
+        "init": args.init,
+        "init_config": _init_recipe(init),
+        "guidance": guidance.to_dict(),
+        "dtype": str(pipe.unet.dtype).replace("torch.", ""),
+    }
+    save_png_with_recipe(image, args.out, recipe)
+    written = [args.out]
+    if args.overlay:
+        stem = os.path.splitext(args.out)[0]
+        maps = result.attention_maps[0] if result.attention_maps is not None else None
+        overlay_figure(image, layout, maps, result.reference_image).save(stem + "-overlay.png")
+        written.append(stem + "-overlay.png")
+        if result.reference_image is not None:
+            result.reference_image.save(stem + "-reference.png")
+            written.append(stem + "-reference.png")
+    sys.stderr.write(f"saltdiff: wrote {', '.join(written)} ({seconds:.1f} s)\n")
+    return 0
+
+
+def _init_recipe(init) -> dict:
+    from .init import SpatialAwareInit
+
+    if not isinstance(init, SpatialAwareInit):
+        return {}
+    data = {k: v for k, v in dataclasses.asdict(init).items() if k != "reference"}
+    ref = init.reference
+    data["reference"] = {"type": type(ref).__name__}
+    if dataclasses.is_dataclass(ref):
+        data["reference"].update(
+            {
+                k: (v if isinstance(v, (int, float, str, bool, type(None))) else str(v))
+                for k, v in dataclasses.asdict(ref).items()
+            }
+        )
+    return data
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    logging.basicConfig(level=logging.WARNING, format="saltdiff: %(levelname)s: %(message)s")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    debug = os.environ.get("SALTDIFF_DEBUG") not in (None, "", "0")
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        sys.stderr.write("saltdiff: interrupted\n")
+        return 130
+    except (CliError, ValueError, TypeError, OSError) as exc:
+        if debug:
+            raise
+        sys.stderr.write(f"saltdiff: error: {exc}\n")
+        return 2
+    except Exception as exc:  # a bug or a torch failure: still one line, with a pointer to debug
+        if debug:
+            raise
+        sys.stderr.write(
+            f"saltdiff: error: {type(exc).__name__}: {exc} (set SALTDIFF_DEBUG=1 for a traceback)\n"
+        )
+        return 1
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

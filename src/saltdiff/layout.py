@@ -1,0 +1,467 @@
+"""Layouts: phrases of a prompt with normalized bounding boxes.
+
+A :class:`Layout` is a tuple of :class:`Box` es. Each box names a phrase of the prompt and where it
+should appear, in normalized image coordinates ``(x0, y0, x1, y1)`` with the origin at the top-left
+corner, ``0 <= x0 < x1 <= 1`` and ``0 <= y0 < y1 <= 1``. This module turns a layout into
+
+* binary masks at any attention resolution (:meth:`Layout.masks`), and
+* the positions of each phrase's tokens in the *pipeline's own* tokenization of the prompt
+  (:meth:`Layout.resolve_tokens`, :func:`resolve_phrase_tokens`).
+
+Every invalid value raises :class:`LayoutError` (a ``ValueError``) whose message names the bad
+phrase, box or value.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import math
+import numbers
+import os
+import re
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, overload
+
+import torch
+
+__all__ = ["Box", "Layout", "LayoutError", "resolve_phrase_tokens"]
+
+_SPEC_FORM = "'PHRASE=x0,y0,x1,y1' or 'PHRASE#N=x0,y0,x1,y1' (N = 1 for the first occurrence)"
+_BOX_KEYS = {"phrase", "box", "occurrence"}
+_LAYOUT_KEYS = {"boxes", "prompt"}
+
+
+class LayoutError(ValueError):
+    """An invalid layout, box, box specification, or a phrase that cannot be found in the prompt."""
+
+
+@dataclass(frozen=True)
+class Box:
+    """One phrase of the prompt and the normalized box ``(x0, y0, x1, y1)`` where it should appear.
+
+    ``occurrence`` picks which occurrence of ``phrase`` in the prompt the box refers to, **0-based**
+    (``0`` = first). ``None`` means the first occurrence that no earlier box of the layout has taken,
+    so ``[Box("dog", ...), Box("dog", ...)]`` binds the two boxes to the first and second "dog".
+    """
+
+    phrase: str
+    box: tuple[float, float, float, float]
+    occurrence: int | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.phrase, str):
+            raise LayoutError(f"box phrase must be a string, got {self.phrase!r}")
+        if not self.phrase.strip():
+            raise LayoutError(f"box phrase must not be empty, got {self.phrase!r} (box {self.box!r})")
+        coords = _coerce_coords(self.box, self.phrase)
+        # Normalizing a list to a tuple of floats keeps the dataclass hashable; the values are unchanged.
+        object.__setattr__(self, "box", coords)
+        if self.occurrence is not None and (
+            isinstance(self.occurrence, bool) or not isinstance(self.occurrence, int) or self.occurrence < 0
+        ):
+            raise LayoutError(
+                f"occurrence of phrase {self.phrase!r} must be a non-negative integer (0 = first) or None, "
+                f"got {self.occurrence!r}"
+            )
+        x0, y0, x1, y1 = coords
+        bad = [v for v in coords if not 0.0 <= v <= 1.0]
+        if bad:
+            raise LayoutError(
+                f"box {coords} of phrase {self.phrase!r} lies outside the image: coordinates are normalized "
+                f"to [0, 1], got {bad[0]!r}"
+            )
+        if x1 <= x0 or y1 <= y0:
+            raise LayoutError(
+                f"box {coords} of phrase {self.phrase!r} is empty (zero or negative area): "
+                f"need x0 < x1 and y0 < y1 in (x0, y0, x1, y1)"
+            )
+
+    @property
+    def x0(self) -> float:
+        return self.box[0]
+
+    @property
+    def y0(self) -> float:
+        return self.box[1]
+
+    @property
+    def x1(self) -> float:
+        return self.box[2]
+
+    @property
+    def y1(self) -> float:
+        return self.box[3]
+
+    @property
+    def width(self) -> float:
+        return self.x1 - self.x0
+
+    @property
+    def height(self) -> float:
+        return self.y1 - self.y0
+
+    @property
+    def area(self) -> float:
+        return self.width * self.height
+
+    @property
+    def center(self) -> tuple[float, float]:
+        return (0.5 * (self.x0 + self.x1), 0.5 * (self.y0 + self.y1))
+
+    def to_pixels(self, width: int, height: int) -> tuple[int, int, int, int]:
+        """The box in pixels of a ``width`` × ``height`` image, as ``(x0, y0, x1, y1)`` with x1, y1 exclusive.
+
+        Edges are rounded to the nearest pixel; a box thinner than one pixel still gets one pixel.
+        """
+        _check_size(width, "width")
+        _check_size(height, "height")
+        x0 = min(round(self.x0 * width), width - 1)
+        y0 = min(round(self.y0 * height), height - 1)
+        x1 = max(round(self.x1 * width), x0 + 1)
+        y1 = max(round(self.y1 * height), y0 + 1)
+        return (x0, y0, x1, y1)
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"phrase": self.phrase, "box": list(self.box)}
+        if self.occurrence is not None:
+            out["occurrence"] = self.occurrence
+        return out
+
+
+@dataclass(frozen=True)
+class Layout:
+    """An ordered, possibly empty, collection of :class:`Box` es; box ``k`` is mask/map ``k`` everywhere."""
+
+    boxes: tuple[Box, ...] = ()
+
+    def __post_init__(self) -> None:
+        if isinstance(self.boxes, (str, bytes, Mapping)) or not isinstance(self.boxes, Iterable):
+            raise LayoutError(f"Layout.boxes must be a sequence of Box, got {self.boxes!r}")
+        boxes = tuple(self.boxes)
+        for b in boxes:
+            if not isinstance(b, Box):
+                raise LayoutError(f"Layout.boxes must hold Box instances, got {b!r}")
+        object.__setattr__(self, "boxes", boxes)
+        self.validate()
+
+    def validate(self) -> None:
+        """Check what can be checked without a tokenizer: no two boxes name the same occurrence."""
+        seen: dict[tuple[str, int], Box] = {}
+        for b in self.boxes:
+            if b.occurrence is None:
+                continue
+            key = (_normalize_phrase(b.phrase), b.occurrence)
+            if key in seen:
+                raise LayoutError(
+                    f"duplicate boxes for one token: boxes {seen[key].box} and {b.box} both refer to "
+                    f"occurrence {b.occurrence} of phrase {b.phrase!r}"
+                )
+            seen[key] = b
+
+    # -- sequence protocol -------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return len(self.boxes)
+
+    def __iter__(self) -> Iterator[Box]:
+        return iter(self.boxes)
+
+    @overload
+    def __getitem__(self, index: int) -> Box: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> Layout: ...
+
+    def __getitem__(self, index: int | slice) -> Box | Layout:
+        if isinstance(index, slice):
+            return Layout(self.boxes[index])
+        return self.boxes[index]
+
+    @property
+    def phrases(self) -> list[str]:
+        return [b.phrase for b in self.boxes]
+
+    # -- construction and I/O ----------------------------------------------------------------------
+    @classmethod
+    def from_pairs(cls, pairs: Iterable[tuple[str, Sequence[float]]]) -> Layout:
+        """``Layout.from_pairs([("dog", (0.1, 0.2, 0.5, 0.9)), ...])``."""
+        boxes = []
+        for pair in pairs:
+            if isinstance(pair, (str, bytes)) or not isinstance(pair, Sequence) or len(pair) != 2:
+                raise LayoutError(f"expected a (phrase, (x0, y0, x1, y1)) pair, got {pair!r}")
+            phrase, coords = pair
+            boxes.append(Box(phrase, coords))
+        return cls(tuple(boxes))
+
+    @classmethod
+    def from_specs(cls, specs: Iterable[str]) -> Layout:
+        """A layout from CLI box specifications (see :meth:`parse_box_spec`)."""
+        if isinstance(specs, str):
+            specs = [specs]
+        return cls(tuple(cls.parse_box_spec(s) for s in specs))
+
+    @classmethod
+    def from_dict(cls, data: Mapping) -> Layout:
+        """``{"boxes": [{"phrase": str, "box": [x0, y0, x1, y1], "occurrence"?: int}], "prompt"?: str}``.
+
+        ``occurrence`` is 0-based, as in :class:`Box`. ``prompt`` is allowed (and ignored) so a file
+        can carry the prompt its layout was written for; any other key is an error.
+        """
+        if not isinstance(data, Mapping):
+            raise LayoutError(f"a layout must be a mapping with a 'boxes' list, got {data!r}")
+        unknown = set(data) - _LAYOUT_KEYS
+        if unknown:
+            raise LayoutError(f"unknown layout keys {sorted(unknown)}; allowed: {sorted(_LAYOUT_KEYS)}")
+        if "prompt" in data and not isinstance(data["prompt"], str):
+            raise LayoutError(f"layout 'prompt' must be a string, got {data['prompt']!r}")
+        entries = data.get("boxes", [])
+        if isinstance(entries, (str, bytes, Mapping)) or not isinstance(entries, Sequence):
+            raise LayoutError(f"layout 'boxes' must be a list, got {entries!r}")
+        boxes = []
+        for i, entry in enumerate(entries):
+            if not isinstance(entry, Mapping):
+                raise LayoutError(f"layout box #{i} must be a mapping with 'phrase' and 'box', got {entry!r}")
+            missing = {"phrase", "box"} - set(entry)
+            if missing:
+                raise LayoutError(f"layout box #{i} {dict(entry)!r} lacks {sorted(missing)}")
+            unknown = set(entry) - _BOX_KEYS
+            if unknown:
+                raise LayoutError(
+                    f"layout box #{i} {dict(entry)!r} has unknown keys {sorted(unknown)}; allowed: {sorted(_BOX_KEYS)}"
+                )
+            boxes.append(Box(entry["phrase"], entry["box"], entry.get("occurrence")))
+        return cls(tuple(boxes))
+
+    def to_dict(self, prompt: str | None = None) -> dict[str, Any]:
+        """The JSON-able form read by :meth:`from_dict`; ``prompt`` is stored alongside when given."""
+        out: dict[str, Any] = {}
+        if prompt is not None:
+            out["prompt"] = prompt
+        out["boxes"] = [b.to_dict() for b in self.boxes]
+        return out
+
+    @classmethod
+    def from_json(cls, path_or_text: str | os.PathLike) -> Layout:
+        """Read a layout from a JSON file path, or from JSON text (a string starting with ``{``)."""
+        if isinstance(path_or_text, str) and path_or_text.lstrip().startswith("{"):
+            text, source = path_or_text, "JSON text"
+        else:
+            source = os.fspath(path_or_text)
+            try:
+                with open(source, encoding="utf-8") as f:
+                    text = f.read()
+            except OSError as e:
+                raise LayoutError(f"cannot read layout file {source!r}: {e}") from e
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise LayoutError(f"invalid layout {source}: {e}") from e
+        return cls.from_dict(data)
+
+    def save_json(self, path: str | os.PathLike, prompt: str | None = None) -> None:
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(self.to_dict(prompt), f, indent=2, ensure_ascii=False)
+            f.write("\n")
+
+    @staticmethod
+    def parse_box_spec(spec: str) -> Box:
+        """Parse the CLI form ``"PHRASE=x0,y0,x1,y1"``, e.g. ``"red car=0.1,0.5,0.6,0.9"``.
+
+        ``"PHRASE#N=..."`` binds the box to the N-th occurrence of the phrase, **1-based** for users:
+        ``"dog#2=..."`` is the second "dog" (``Box.occurrence == 1``).
+        """
+        if not isinstance(spec, str):
+            raise LayoutError(f"box spec must be a string of the form {_SPEC_FORM}, got {spec!r}")
+        phrase, sep, coords_text = spec.rpartition("=")
+        if not sep or not phrase.strip():
+            raise LayoutError(f"invalid box spec {spec!r}: expected {_SPEC_FORM}")
+        occurrence = None
+        match = re.fullmatch(r"(.*?)#(\S*)\s*", phrase)
+        if match:
+            phrase, number = match.group(1), match.group(2)
+            if not number.isdigit() or int(number) < 1:
+                raise LayoutError(
+                    f"invalid occurrence {number!r} in box spec {spec!r}: N in 'PHRASE#N' counts from 1"
+                )
+            occurrence = int(number) - 1
+        parts = [p.strip() for p in coords_text.split(",")]
+        if len(parts) != 4:
+            raise LayoutError(
+                f"invalid box spec {spec!r}: expected 4 comma-separated coordinates, got {len(parts)}; "
+                f"expected {_SPEC_FORM}"
+            )
+        try:
+            coords = tuple(float(p) for p in parts)
+        except ValueError:
+            raise LayoutError(
+                f"invalid box spec {spec!r}: coordinates must be numbers; expected {_SPEC_FORM}"
+            ) from None
+        return Box(phrase.strip(), coords, occurrence)  # type: ignore[arg-type]
+
+    # -- rasterization and tokens ------------------------------------------------------------------
+    def masks(
+        self,
+        height: int,
+        width: int,
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> torch.Tensor:
+        """Binary masks ``[K, height, width]``; a cell is inside a box when its center is.
+
+        A box edge is half-open (``x0 <= center < x1``), so boxes that touch share no cell and the mask
+        area approximates the box area. A box smaller than a cell still gets the one cell containing
+        its center, so small boxes are never dropped at coarse attention resolutions.
+        """
+        _check_size(height, "height")
+        _check_size(width, "width")
+        out = torch.zeros(len(self.boxes), height, width, dtype=torch.bool)
+        cy = (torch.arange(height, dtype=torch.float64) + 0.5) / height
+        cx = (torch.arange(width, dtype=torch.float64) + 0.5) / width
+        for k, b in enumerate(self.boxes):
+            rows = (cy >= b.y0) & (cy < b.y1)
+            cols = (cx >= b.x0) & (cx < b.x1)
+            if not rows.any():
+                rows[min(int(b.center[1] * height), height - 1)] = True
+            if not cols.any():
+                cols[min(int(b.center[0] * width), width - 1)] = True
+            out[k] = rows[:, None] & cols[None, :]
+        return out.to(device=device, dtype=dtype)
+
+    def resolve_tokens(self, tokenizer, prompt: str) -> list[list[int]]:
+        """For each box, the positions of its phrase's tokens in ``tokenizer(prompt).input_ids``.
+
+        Position 0 is the BOS token. Boxes are resolved in order; a box without ``occurrence`` takes
+        the first match that no earlier box took. Two boxes resolving to a shared token are an error.
+        """
+        taken: set[int] = set()
+        owner: dict[int, Box] = {}
+        result = []
+        for b in self.boxes:
+            positions = resolve_phrase_tokens(tokenizer, prompt, b.phrase, b.occurrence, exclude=taken)
+            clash = sorted(set(positions) & taken)
+            if clash:  # only reachable with an explicit occurrence
+                other = owner[clash[0]]
+                raise LayoutError(
+                    f"duplicate boxes for one token: box {b.box} of phrase {b.phrase!r} (occurrence "
+                    f"{b.occurrence}) and box {other.box} of phrase {other.phrase!r} both resolve to token "
+                    f"position(s) {clash} in prompt {prompt!r}"
+                )
+            taken.update(positions)
+            owner.update(dict.fromkeys(positions, b))
+            result.append(positions)
+        return result
+
+
+def resolve_phrase_tokens(
+    tokenizer,
+    prompt: str,
+    phrase: str,
+    occurrence: int | None = None,
+    exclude: set[int] | frozenset[int] = frozenset(),
+) -> list[int]:
+    """Positions of ``phrase``'s tokens in ``tokenizer(prompt).input_ids`` (BOS is position 0).
+
+    The prompt is encoded without truncation and the phrase without special tokens; the phrase's
+    token sequence is then searched as a contiguous run of the prompt's tokens that starts at a word
+    boundary. So with CLIP's tokenizer "Dog," in the prompt matches the phrase "dog", and multi-token
+    phrases ("traffic light", words split into several BPE pieces) work. ``occurrence`` (0-based)
+    picks the n-th match; otherwise the first match not overlapping ``exclude`` is returned.
+    Positions returned for an explicit ``occurrence`` may overlap ``exclude``; the caller decides.
+    """
+    if not isinstance(phrase, str) or not phrase.strip():
+        raise LayoutError(f"phrase must be a non-empty string, got {phrase!r}")
+    if not isinstance(prompt, str):
+        raise LayoutError(f"prompt must be a string, got {prompt!r}")
+    prompt_ids = list(tokenizer(prompt, add_special_tokens=True, truncation=False).input_ids)
+    limit = getattr(tokenizer, "model_max_length", None)
+    if limit is not None and limit < 1e9 and len(prompt_ids) > limit:
+        raise LayoutError(
+            f"prompt is {len(prompt_ids)} tokens long (with start/end tokens), more than the text encoder's "
+            f"limit of {limit}: tokens past the limit are cut off, so phrase {phrase!r} might be lost. "
+            f"Shorten the prompt {prompt!r}"
+        )
+    phrase_ids = list(tokenizer(phrase.strip(), add_special_tokens=False).input_ids)
+    if not phrase_ids:
+        raise LayoutError(f"phrase {phrase!r} encodes to no tokens")
+
+    special = set(getattr(tokenizer, "all_special_ids", []) or [])
+    tokens = tokenizer.convert_ids_to_tokens(prompt_ids)
+    word_suffix = "</w>" if str(tokenizer.convert_ids_to_tokens(phrase_ids[-1])).endswith("</w>") else None
+
+    def at_word_start(i: int) -> bool:
+        # BPE pieces of one word carry "</w>" only on the last piece: a match must not begin mid-word.
+        if word_suffix is None or i == 0 or prompt_ids[i - 1] in special:
+            return True
+        return str(tokens[i - 1]).endswith(word_suffix)
+
+    n = len(phrase_ids)
+    matches = [
+        list(range(i, i + n))
+        for i in range(len(prompt_ids) - n + 1)
+        if prompt_ids[i : i + n] == phrase_ids and at_word_start(i)
+    ]
+    if not matches:
+        raise LayoutError(
+            f"phrase {phrase!r} not found in prompt {prompt!r}{_suggest(phrase, prompt)}. "
+            "A box's phrase must appear in the prompt as whole words"
+        )
+    if occurrence is not None:
+        if isinstance(occurrence, bool) or not isinstance(occurrence, int) or occurrence < 0:
+            raise LayoutError(
+                f"occurrence of phrase {phrase!r} must be a non-negative integer, got {occurrence!r}"
+            )
+        if occurrence >= len(matches):
+            raise LayoutError(
+                f"occurrence {occurrence} (0-based; '#{occurrence + 1}' on the command line) of phrase {phrase!r} "
+                f"does not exist: the phrase occurs {len(matches)} time(s) in prompt {prompt!r}"
+            )
+        return matches[occurrence]
+    for m in matches:
+        if not exclude.intersection(m):
+            return m
+    raise LayoutError(
+        f"duplicate boxes for one token: all {len(matches)} occurrence(s) of phrase {phrase!r} in prompt "
+        f"{prompt!r} are already taken by earlier boxes; repeat the word in the prompt or drop a box"
+    )
+
+
+# -- helpers ---------------------------------------------------------------------------------------
+def _coerce_coords(coords: Any, phrase: str) -> tuple[float, float, float, float]:
+    if isinstance(coords, (str, bytes, Mapping)) or not isinstance(coords, (Sequence, torch.Tensor)):
+        raise LayoutError(f"box of phrase {phrase!r} must be 4 numbers (x0, y0, x1, y1), got {coords!r}")
+    values = list(coords.tolist() if isinstance(coords, torch.Tensor) else coords)
+    if len(values) != 4:
+        raise LayoutError(
+            f"box of phrase {phrase!r} must have 4 coordinates (x0, y0, x1, y1), got {len(values)}: {coords!r}"
+        )
+    out = []
+    for v in values:
+        if isinstance(v, bool) or not isinstance(v, numbers.Real):
+            raise LayoutError(f"box {coords!r} of phrase {phrase!r} has a non-numeric coordinate {v!r}")
+        if not math.isfinite(v):
+            raise LayoutError(
+                f"box {coords!r} of phrase {phrase!r} has a non-finite coordinate {v!r} (NaN/inf)"
+            )
+        out.append(float(v))
+    return (out[0], out[1], out[2], out[3])
+
+
+def _check_size(value: Any, name: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise LayoutError(f"{name} must be a positive integer, got {value!r}")
+
+
+def _normalize_phrase(phrase: str) -> str:
+    return " ".join(phrase.lower().split())
+
+
+def _suggest(phrase: str, prompt: str) -> str:
+    words = re.findall(r"\w+", prompt.lower())
+    target = _normalize_phrase(phrase)
+    close = difflib.get_close_matches(target, list(dict.fromkeys(words)), n=3, cutoff=0.6)
+    if not close and " " in target:
+        grams = {" ".join(g) for g in zip(words, words[1:])}
+        close = difflib.get_close_matches(target, sorted(grams), n=3, cutoff=0.6)
+    return f" (did you mean {', '.join(repr(c) for c in close)}?)" if close else ""

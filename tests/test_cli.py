@@ -1,0 +1,130 @@
+import subprocess
+import sys
+
+import pytest
+from PIL import Image
+
+from saltdiff.cli import main
+from saltdiff.viz import read_recipe
+
+BASE = [
+    "generate",
+    "--prompt",
+    "a red circle and a blue square",
+    "--box",
+    "red circle=0,0.25,0.5,0.75",
+    "--box",
+    "blue square=0.5,0.25,1,0.75",
+    "--steps",
+    "3",
+    "--height",
+    "32",
+    "--width",
+    "32",
+    "--quiet",
+    "--object-steps",
+    "2",
+    "--guidance-steps",
+    "1",
+    "--guidance-iters",
+    "1",
+    "--background",
+    "gray",
+    "--object-cache",
+    "false",
+]
+
+
+def test_generate_writes_png_with_recipe_and_overlay(tiny_pipe_dir, tmp_path):
+    out = tmp_path / "img.png"
+    code = main(
+        [
+            *BASE,
+            "--model",
+            tiny_pipe_dir,
+            "--out",
+            str(out),
+            "--overlay",
+            "--seed",
+            "7",
+            "--inversion-steps",
+            "2",
+        ]
+    )
+    assert code == 0
+    recipe = read_recipe(str(out))
+    assert recipe["prompt"] == "a red circle and a blue square"
+    assert recipe["seed"] == 7 and recipe["steps"] == 3 and recipe["init"] == "salt"
+    assert recipe["layout"]["boxes"][0]["phrase"] == "red circle"
+    assert recipe["init_config"]["inversion_steps"] == 2
+    assert recipe["guidance"]["guidance_steps"] == 1
+    assert Image.open(out).size == (32, 32)
+    assert (tmp_path / "img-overlay.png").is_file()
+    assert (tmp_path / "img-reference.png").is_file()
+
+
+def test_generate_is_deterministic_per_seed(tiny_pipe_dir, tmp_path):
+    paths = [tmp_path / "a.png", tmp_path / "b.png"]
+    for p in paths:
+        assert (
+            main([*BASE, "--model", tiny_pipe_dir, "--out", str(p), "--seed", "3", "--init", "random"]) == 0
+        )
+    assert Image.open(paths[0]).tobytes() == Image.open(paths[1]).tobytes()
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--box", "red circle 0,0,1,1"], "PHRASE=x0,y0,x1,y1"),
+        (["--box", "green dog=0,0,0.5,0.5"], "green dog"),
+        (["--box", "red circle=0,0,1.5,1"], "red circle"),
+        (["--cfg", "nan"], "guidance_scale"),
+        (["--guidance", "magic"], "guidance loss must be one of"),
+        (["--init", "random", "--inversion-steps", "3"], "need --init salt"),
+        (["--out", "/nonexistent/dir/x.png"], "does not exist"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_2(tiny_pipe_dir, tmp_path, capsys, extra, message):
+    args = [*BASE, "--model", tiny_pipe_dir, "--out", str(tmp_path / "x.png"), *extra]
+    code = main(args)
+    err = capsys.readouterr().err
+    assert code == 2
+    assert message in err
+    assert "Traceback" not in err
+    assert err.strip().count("\n") == 0
+
+
+def test_missing_model_folder_is_a_clear_error(tmp_path, capsys):
+    code = main([*BASE, "--model", str(tmp_path / "no-such-model"), "--out", str(tmp_path / "x.png")])
+    assert code == 2
+    assert "no-such-model" in capsys.readouterr().err
+
+
+def test_help_documents_every_flag():
+    out = subprocess.run(
+        [sys.executable, "-m", "saltdiff", "generate", "--help"], capture_output=True, text=True, check=True
+    ).stdout
+    for flag in [
+        "--prompt",
+        "--box",
+        "--model",
+        "--init",
+        "--guidance",
+        "--steps",
+        "--cfg",
+        "--seed",
+        "--height",
+        "--width",
+        "--inversion-steps",
+        "--reference",
+        "--out",
+        "--overlay",
+        "--device",
+        "--dtype",
+        "--guidance-steps",
+        "--guidance-iters",
+        "--step-size",
+        "--reg-weight",
+        "--background",
+    ]:
+        assert flag in out, flag

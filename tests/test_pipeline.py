@@ -1,0 +1,215 @@
+import logging
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from saltdiff import GuidanceConfig, Layout, LayoutError, RandomInit, SpatialAwareInit
+from saltdiff.init import sampler_start_timestep
+from saltdiff.pipeline import SaltPipeline, resolve_model
+from saltdiff.reference import GeneratedObjects, UserImages, strip_phrases
+
+PROMPT = "a red circle and a blue square"
+LAYOUT = [("red circle", (0.0, 0.25, 0.5, 0.75)), ("blue square", (0.5, 0.25, 1.0, 0.75))]
+FAST = dict(num_inference_steps=4, height=32, width=32)
+
+
+def gray_reference_init(steps=3):
+    return SpatialAwareInit(
+        reference=GeneratedObjects(background="gray", num_inference_steps=2, cache=False),
+        inversion_steps=steps,
+    )
+
+
+@pytest.mark.parametrize("guidance", ["salt", "layout-guidance", "boxdiff", "none"])
+def test_every_guidance_runs_and_reports_losses(tiny_pipe, guidance):
+    cfg = GuidanceConfig(loss=guidance, guidance_steps=2, guidance_iters=2, loss_threshold=0.0)
+    out = tiny_pipe(PROMPT, LAYOUT, init="random", guidance=cfg, seed=0, **FAST)
+    assert isinstance(out.images[0], Image.Image) and out.images[0].size == (32, 32)
+    assert len(out.layout_losses) == 4
+    assert all(0.0 <= v <= 1.0 for v in out.layout_losses)
+    assert len(out.guidance_losses) == (0 if guidance == "none" else 2)
+    assert out.token_indices == [[2, 3], [6, 7]]
+
+
+def test_guidance_lowers_its_loss_within_a_step(tiny_pipe):
+    cfg = GuidanceConfig(
+        loss="layout-guidance", guidance_steps=1, guidance_iters=4, loss_threshold=0.0, step_size=200.0
+    )
+    out = tiny_pipe(PROMPT, LAYOUT, init="random", guidance=cfg, seed=1, **FAST)
+    history = out.guidance_losses[0]
+    assert len(history) == 4
+    assert history[-1] < history[0]
+
+
+def test_same_seed_same_bytes_and_other_seed_differs(tiny_pipe):
+    kwargs = dict(
+        init=gray_reference_init(), guidance=GuidanceConfig(guidance_steps=1, guidance_iters=1), **FAST
+    )
+    a = tiny_pipe(PROMPT, LAYOUT, seed=3, output_type="np", **kwargs).images
+    b = tiny_pipe(PROMPT, LAYOUT, seed=3, output_type="np", **kwargs).images
+    c = tiny_pipe(
+        PROMPT, LAYOUT, init="random", seed=4, output_type="np", num_inference_steps=4, height=32, width=32
+    ).images
+    assert a.tobytes() == b.tobytes()
+    assert not np.array_equal(a, c)
+
+
+def test_user_latent_is_used_as_is(tiny_pipe):
+    z = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    out = tiny_pipe(PROMPT, LAYOUT, init=z, guidance="none", **FAST)
+    assert torch.equal(out.init_latent, z)
+    out2 = tiny_pipe(PROMPT, LAYOUT, latents=z, guidance="none", **FAST)
+    assert torch.equal(out2.init_latent, z)
+    with pytest.raises(ValueError, match="init latent has shape"):
+        tiny_pipe(PROMPT, LAYOUT, init=torch.zeros(1, 4, 8, 8), **FAST)
+
+
+def test_salt_init_returns_reference_and_inverts_to_sampler_start(tiny_pipe):
+    out = tiny_pipe(
+        PROMPT,
+        LAYOUT,
+        init=gray_reference_init(),
+        guidance="none",
+        seed=0,
+        return_attention_maps=True,
+        **FAST,
+    )
+    assert out.reference_image.size == (32, 32)
+    assert out.attention_maps.shape == (1, 2, 16, 16)
+    assert out.info["init"] == "salt"
+    assert sampler_start_timestep(tiny_pipe.scheduler, 4) == int(tiny_pipe.scheduler.timesteps[0])
+
+
+def test_user_reference_image(tiny_pipe, tmp_path):
+    ref = Image.new("RGB", (64, 64), (128, 128, 128))
+    path = tmp_path / "ref.png"
+    ref.save(path)
+    out = tiny_pipe(PROMPT, LAYOUT, reference_image=str(path), guidance="none", seed=0, **FAST)
+    assert out.reference_image.size == (32, 32)
+    with pytest.raises(ValueError, match="not found"):
+        tiny_pipe(PROMPT, LAYOUT, reference_image=str(tmp_path / "missing.png"), **FAST)
+
+
+def test_user_object_images_are_pasted_into_boxes(tiny_pipe):
+    red = np.full((32, 32, 3), 255, np.uint8)
+    red[8:24, 8:24] = (255, 0, 0)
+    ref = UserImages(objects={"red circle": Image.fromarray(red), "blue square": Image.fromarray(red)})
+    built = ref.build(tiny_pipe, PROMPT, Layout.from_pairs(LAYOUT), height=32, width=32, generator=None)
+    arr = np.asarray(built.image)
+    assert built.object_masks[0][12, 4] and not built.object_masks[0][12, 20]
+    assert tuple(arr[16, 8]) == (255, 0, 0)
+    with pytest.raises(ValueError, match="no object image given"):
+        UserImages(objects={"red circle": red}).build(
+            tiny_pipe, PROMPT, Layout.from_pairs(LAYOUT), height=32, width=32, generator=None
+        )
+
+
+def test_generated_objects_are_cached(tiny_pipe, tmp_path, monkeypatch):
+    builder = GeneratedObjects(background="gray", num_inference_steps=2, cache_dir=str(tmp_path))
+    monkeypatch.setattr(type(tiny_pipe), "name_or_path", "tiny-test-model", raising=False)
+    layout = Layout.from_pairs(LAYOUT)
+    first = builder.build(tiny_pipe, PROMPT, layout, height=32, width=32, generator=None)
+    assert len(list(tmp_path.glob("*.npz"))) == 2
+    second = builder.build(tiny_pipe, PROMPT, layout, height=32, width=32, generator=None)
+    assert np.array_equal(np.asarray(first.image), np.asarray(second.image))
+
+
+def test_strip_phrases():
+    assert (
+        strip_phrases("a red circle and a blue square on a gray background", ["red circle", "blue square"])
+        == "on a gray background"
+    )
+    assert strip_phrases("a cat", ["cat"]) == ""
+
+
+def test_processors_restored_even_after_an_error(tiny_pipe):
+    before = dict(tiny_pipe.unet.attn_processors)
+
+    def boom(pipe, i, t, kwargs):
+        raise RuntimeError("stop here")
+
+    with pytest.raises(RuntimeError, match="stop here"):
+        tiny_pipe(PROMPT, LAYOUT, init="random", callback_on_step_end=boom, **FAST)
+    after = tiny_pipe.unet.attn_processors
+    assert all(after[k] is before[k] for k in before)
+
+
+def test_non_finite_loss_skips_update_and_warns(tiny_pipe, caplog):
+    z = torch.full((1, 4, 16, 16), float("nan"))
+    with caplog.at_level(logging.WARNING):
+        out = tiny_pipe(
+            PROMPT, LAYOUT, init=z, guidance=GuidanceConfig(guidance_steps=1), output_type="np", **FAST
+        )
+    assert "skipping the update" in caplog.text
+    assert out.guidance_losses[0] and not np.isfinite(out.guidance_losses[0][0])
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        (dict(layout=[("green dog", (0.1, 0.1, 0.5, 0.5))]), LayoutError, "green dog"),
+        (dict(layout=[("red circle", (0.5, 0.1, 0.2, 0.5))]), LayoutError, "red circle"),
+        (dict(height=30), ValueError, "height must be a positive multiple of 4"),
+        (dict(num_inference_steps=0), ValueError, "num_inference_steps"),
+        (dict(guidance="magic"), ValueError, "guidance loss must be one of"),
+        (dict(init="zeros"), ValueError, "init must be one of"),
+        (dict(prompt=["a", "b"]), TypeError, "prompt must be a string"),
+        (dict(prompt="   "), ValueError, "prompt is empty"),
+        (dict(guidance_scale=float("nan")), ValueError, "guidance_scale"),
+        (dict(seed=1, generator=torch.Generator()), ValueError, "either seed or generator"),
+    ],
+)
+def test_bad_inputs_raise_clear_errors(tiny_pipe, kwargs, error, match):
+    args = dict(prompt=PROMPT, layout=LAYOUT, num_inference_steps=2, height=32, width=32)
+    args.update(kwargs)
+    with pytest.raises(error, match=match):
+        tiny_pipe(**args)
+
+
+def test_from_pretrained_folder_and_builtin_resolution(tiny_pipe_dir):
+    pipe = SaltPipeline.from_pretrained(tiny_pipe_dir)
+    assert isinstance(pipe, SaltPipeline)
+    with pytest.raises(ValueError, match="unknown built-in model"):
+        resolve_model("builtin:nope")
+    assert (
+        resolve_model("stable-diffusion-v1-5/stable-diffusion-v1-5")
+        == "stable-diffusion-v1-5/stable-diffusion-v1-5"
+    )
+
+
+def test_spatial_aware_init_validates():
+    with pytest.raises(ValueError, match="inversion_steps"):
+        SpatialAwareInit(inversion_steps=0)
+    with pytest.raises(ValueError, match="inversion_prompt"):
+        SpatialAwareInit(inversion_prompt="cat")
+    with pytest.raises(ValueError, match="background"):
+        GeneratedObjects(background="pink")
+    assert isinstance(RandomInit(), RandomInit)
+
+
+def test_noise_outside_changes_only_outside(tiny_pipe):
+    base = gray_reference_init()
+    blended = SpatialAwareInit(reference=base.reference, inversion_steps=3, noise_outside=1.0)
+    layout = [("red circle", (0.0, 0.0, 0.5, 0.5))]
+    z0 = base(
+        tiny_pipe,
+        PROMPT,
+        Layout.from_pairs(layout),
+        torch.Generator().manual_seed(0),
+        height=32,
+        width=32,
+        num_inference_steps=4,
+    ).latents
+    z1 = blended(
+        tiny_pipe,
+        PROMPT,
+        Layout.from_pairs(layout),
+        torch.Generator().manual_seed(0),
+        height=32,
+        width=32,
+        num_inference_steps=4,
+    ).latents
+    assert torch.allclose(z0[..., :8, :8], z1[..., :8, :8])
+    assert not torch.allclose(z0[..., 8:, 8:], z1[..., 8:, 8:])

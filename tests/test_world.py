@@ -1,0 +1,175 @@
+import itertools
+import re
+
+import numpy as np
+import pytest
+
+from saltdiff.worlds import shapes
+from saltdiff.worlds.shapes import (
+    BACKGROUNDS,
+    COLORS,
+    HELDOUT_SEEDS,
+    SHAPES,
+    TRAIN_SEEDS,
+    VAL_SEEDS,
+    SceneObject,
+    caption_for,
+    heldout_layouts,
+    render,
+    render_batch,
+    render_objects,
+    render_single_object,
+    sample_scene,
+    vocabulary,
+)
+
+
+def _box_iou(a, b):
+    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = ix * iy
+    return inter / ((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter)
+
+
+def test_palette_and_backgrounds():
+    assert len(COLORS) >= 6
+    assert {"red", "green", "blue", "yellow", "purple", "orange"} <= set(COLORS)
+    assert SHAPES == ("circle", "square", "triangle")
+    assert {"white", "gray"} <= set(BACKGROUNDS)
+    for rgb in COLORS.values():
+        assert max(rgb) - min(rgb) >= 130  # saturated
+    for name, rgb in shapes.BACKGROUND_COLORS.items():
+        assert max(rgb) - min(rgb) <= 30, name  # low saturation
+
+
+def test_scene_is_deterministic():
+    for seed in [0, 1, 12345, 999_999]:
+        a, b = sample_scene(seed), sample_scene(seed)
+        assert a == b
+        np.testing.assert_array_equal(render(a), render(b))
+    imgs1, caps1 = render_batch([3, 4, 5])
+    imgs2, caps2 = render_batch([3, 4, 5])
+    np.testing.assert_array_equal(imgs1, imgs2)
+    assert caps1 == caps2
+    assert imgs1.shape == (3, 64, 64, 3) and imgs1.dtype == np.uint8
+    assert not np.array_equal(imgs1[0], imgs1[1])
+
+
+def test_scene_caption_and_boxes_are_consistent():
+    vocab = set(vocabulary())
+    assert len(vocab) <= 40
+    counts = set()
+    with_bg = 0
+    for seed in range(300):
+        scene = sample_scene(seed)
+        counts.add(len(scene.objects))
+        assert 1 <= len(scene.objects) <= 3
+        assert len({(o.color, o.shape) for o in scene.objects}) == len(scene.objects)
+        words = re.findall(r"[a-z]+", scene.caption)
+        assert set(words) <= vocab, scene.caption
+        # Every object is mentioned, and nothing else is.
+        mentioned = re.findall(rf"\b({'|'.join(COLORS)}) ({'|'.join(SHAPES)})\b", scene.caption)
+        assert sorted(mentioned) == sorted((o.color, o.shape) for o in scene.objects), scene.caption
+        with_bg += scene.background in scene.caption
+        for o in scene.objects:
+            x0, y0, x1, y1 = o.box
+            assert 0.0 <= x0 < x1 <= 1.0 and 0.0 <= y0 < y1 <= 1.0
+            assert 0.2 <= x1 - x0 <= 0.56 and 0.2 <= y1 - y0 <= 0.56
+        for a, b in itertools.combinations(scene.objects, 2):
+            assert _box_iou(a.box, b.box) == 0.0
+    assert counts == {1, 2, 3}
+    assert 0.4 < with_bg / 300 < 0.8  # the background phrase is sometimes omitted
+
+
+def test_object_pixels_lie_in_their_boxes():
+    for seed in range(60):
+        scene = sample_scene(seed)
+        img = render(scene).astype(np.int32)
+        size = img.shape[0]
+        for o in scene.objects:
+            exact = np.all(np.abs(img - np.asarray(COLORS[o.color])) <= 2, axis=-1)
+            x0, y0, x1, y1 = (round(v * size) for v in o.box)
+            inside = exact[y0:y1, x0:x1].sum()
+            w, h = x1 - x0, y1 - y0
+            # Fill ratios: square ~1, circle ~0.785, triangle ~0.5 (minus anti-aliased edges).
+            low = {"square": 0.85, "circle": 0.6, "triangle": 0.33}[o.shape]
+            assert inside >= low * w * h, (seed, o)
+            # The object reaches all four sides of its (tight) box (a triangle's thin apex is anti-aliased).
+            rows, cols = np.nonzero(exact[y0:y1, x0:x1])
+            assert rows.min() <= 3 and rows.max() >= h - 2 and cols.min() <= 1 and cols.max() >= w - 2
+            # Nothing of its color outside the box.
+            outside = exact.copy()
+            outside[y0:y1, x0:x1] = False
+            assert not outside.any() or sum(p.color == o.color for p in scene.objects) > 1
+
+
+def test_render_objects_and_single_object():
+    obj = SceneObject("blue", "square", (0.25, 0.25, 0.75, 0.75))
+    img = render_objects([obj], background="gray", size=32)
+    assert img.shape == (32, 32, 3)
+    np.testing.assert_array_equal(img[8:24, 8:24], np.broadcast_to(COLORS["blue"], (16, 16, 3)))
+    np.testing.assert_array_equal(img[0, 0], shapes.BACKGROUND_COLORS["gray"])
+    single = render_single_object("red", "circle")
+    assert single.shape == (64, 64, 3)
+    np.testing.assert_array_equal(single[32, 32], COLORS["red"])
+    np.testing.assert_array_equal(single[2, 2], shapes.BACKGROUND_COLORS["white"])
+    for style in ("plain", "gradient", "texture"):
+        out = render_objects([obj], background="beige", background_style=style, seed=3)
+        assert out.dtype == np.uint8 and out.shape == (64, 64, 3)
+    with pytest.raises(ValueError, match="magenta"):
+        render_objects([SceneObject("magenta", "circle", (0.1, 0.1, 0.5, 0.5))])
+    with pytest.raises(ValueError, match="hexagon"):
+        render_objects([SceneObject("red", "hexagon", (0.1, 0.1, 0.5, 0.5))])
+    with pytest.raises(ValueError, match="box"):
+        render_objects([SceneObject("red", "circle", (0.5, 0.1, 0.2, 0.5))])
+    with pytest.raises(ValueError, match="sky"):
+        render_objects([obj], background="sky")
+
+
+def test_caption_for():
+    objs = [
+        SceneObject("red", "circle", (0, 0, 0.3, 0.3)),
+        SceneObject("orange", "square", (0.5, 0.5, 0.8, 0.8)),
+    ]
+    assert caption_for(objs, "gray", 0) == "a red circle and an orange square on a gray background"
+    assert caption_for(["red circle"], None, 2) == "red circle"
+    assert caption_for([("green", "triangle")], "white", 3) == "a green triangle on white"
+    caps = {caption_for(objs, bg, t) for bg in (None, "white") for t in range(shapes.NUM_TEMPLATES)}
+    assert len(caps) == 2 * shapes.NUM_TEMPLATES
+    with pytest.raises(ValueError, match="pink circle"):
+        caption_for(["pink circle"], None, 0)
+
+
+def test_splits_disjoint():
+    assert set(TRAIN_SEEDS).isdisjoint(VAL_SEEDS)
+    for a, b in [(TRAIN_SEEDS, VAL_SEEDS), (TRAIN_SEEDS, HELDOUT_SEEDS), (VAL_SEEDS, HELDOUT_SEEDS)]:
+        assert a.stop <= b.start or b.stop <= a.start
+
+
+def test_heldout_layouts():
+    layouts = heldout_layouts(40)
+    assert layouts == heldout_layouts(40)
+    assert heldout_layouts(10) == layouts[:10]
+    with_extra = [lay for lay in layouts if lay["unboxed"]]
+    assert len(with_extra) == 10
+    for lay in layouts:
+        assert lay["seed"] in HELDOUT_SEEDS
+        assert 1 <= len(lay["boxes"]) <= 3
+        for b in lay["boxes"]:
+            assert b["phrase"] in lay["prompt"]
+            assert len(b["box"]) == 4 and all(0.0 <= v <= 1.0 for v in b["box"])
+        for phrase in lay["unboxed"]:
+            assert phrase in lay["prompt"]
+            assert phrase not in {b["phrase"] for b in lay["boxes"]}
+    assert all(not lay["unboxed"] for lay in heldout_layouts(20, extra_unboxed_fraction=0.0))
+    with pytest.raises(ValueError, match="1.5"):
+        heldout_layouts(3, extra_unboxed_fraction=1.5)
+
+
+def test_render_batch_is_fast():
+    import time
+
+    render_batch(range(64))
+    t0 = time.perf_counter()
+    render_batch(range(64, 128))
+    assert time.perf_counter() - t0 < 1.0  # ~25 ms on an idle core; generous for a loaded machine
