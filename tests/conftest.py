@@ -1,5 +1,11 @@
+import os
+
 import pytest
 import torch
+
+# Tiny models gain nothing from intra-op threads, and OpenMP spin-waiting makes them 50x slower
+# whenever the cores are busy (measured: 2 s vs 110 s for the same 4-step call under load).
+torch.set_num_threads(int(os.environ.get("SALTDIFF_TEST_THREADS", "1")))
 
 
 @pytest.fixture(scope="session")

@@ -39,7 +39,12 @@ def _sd_unet(version: int) -> UNet2DConditionModel:
         in_channels=4,
         out_channels=4,
         layers_per_block=2,
-        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        down_block_types=(
+            "CrossAttnDownBlock2D",
+            "CrossAttnDownBlock2D",
+            "CrossAttnDownBlock2D",
+            "DownBlock2D",
+        ),
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
         norm_num_groups=4,
     )
@@ -61,7 +66,14 @@ def _sd_unet(version: int) -> UNet2DConditionModel:
     "kwargs",
     [
         dict(query_dim=16, cross_attention_dim=24, heads=2, dim_head=8),
-        dict(query_dim=16, cross_attention_dim=24, heads=4, dim_head=4, upcast_attention=True, norm_num_groups=4),
+        dict(
+            query_dim=16,
+            cross_attention_dim=24,
+            heads=4,
+            dim_head=4,
+            upcast_attention=True,
+            norm_num_groups=4,
+        ),
         dict(query_dim=16, heads=2, dim_head=8, residual_connection=True, rescale_output_factor=2.0),
         dict(query_dim=16, cross_attention_dim=24, heads=2, dim_head=8, cross_attention_norm="layer_norm"),
     ],
@@ -71,7 +83,7 @@ def test_processor_matches_diffusers_on_standalone_attention(reference, kwargs):
     torch.manual_seed(0)
     attn = Attention(**kwargs).eval()
     cross = kwargs.get("cross_attention_dim") is not None
-    hidden = torch.randn(2, 12, 16)
+    hidden = torch.randn(2, 16, 16)
     context = torch.randn(2, 5, 24) if cross else None
     attn.set_processor(reference)
     expected = attn(hidden, encoder_hidden_states=context)
@@ -80,7 +92,8 @@ def test_processor_matches_diffusers_on_standalone_attention(reference, kwargs):
     actual = attn(hidden, encoder_hidden_states=context)
     torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
     if cross:
-        assert store.maps["layer"].shape == (2, attn.heads, 12, 5)
+        assert store.maps["layer"].shape == (2, attn.heads, 16, 5)
+        assert store.layer_hw["layer"] == (4, 4)
     else:
         assert store.maps == {}
 
@@ -209,7 +222,11 @@ def test_non_square_latent(unet):
 
     store.reset()
     store.latent_hw = None
-    with torch.no_grad(), capture_cross_attention(unet, "all", store=store), pytest.raises(ValueError, match="latent_hw"):
+    with (
+        torch.no_grad(),
+        capture_cross_attention(unet, "all", store=store),
+        pytest.raises(ValueError, match="latent_hw"),
+    ):
         unet(latents, 10, encoder_hidden_states=context)
 
 

@@ -86,7 +86,7 @@ def test_user_reference_image(tiny_pipe, tmp_path):
     ref = Image.new("RGB", (64, 64), (128, 128, 128))
     path = tmp_path / "ref.png"
     ref.save(path)
-    out = tiny_pipe(PROMPT, LAYOUT, reference_image=str(path), guidance="none", seed=0, **FAST)
+    out = tiny_pipe(PROMPT, LAYOUT, reference_image=str(path), inversion_steps=2, guidance="none", seed=0, **FAST)
     assert out.reference_image.size == (32, 32)
     with pytest.raises(ValueError, match="not found"):
         tiny_pipe(PROMPT, LAYOUT, reference_image=str(tmp_path / "missing.png"), **FAST)
@@ -131,7 +131,7 @@ def test_processors_restored_even_after_an_error(tiny_pipe):
         raise RuntimeError("stop here")
 
     with pytest.raises(RuntimeError, match="stop here"):
-        tiny_pipe(PROMPT, LAYOUT, init="random", callback_on_step_end=boom, **FAST)
+        tiny_pipe(PROMPT, LAYOUT, init=gray_reference_init(), callback_on_step_end=boom, **FAST)
     after = tiny_pipe.unet.attn_processors
     assert all(after[k] is before[k] for k in before)
 

@@ -170,6 +170,6 @@ def test_render_batch_is_fast():
     import time
 
     render_batch(range(64))
-    t0 = time.perf_counter()
+    t0 = time.process_time()  # CPU time: the test machine may be shared with a training run
     render_batch(range(64, 128))
-    assert time.perf_counter() - t0 < 1.0  # ~25 ms on an idle core; generous for a loaded machine
+    assert time.process_time() - t0 < 0.5  # ~30 ms of CPU

@@ -132,7 +132,9 @@ class AttentionStore:
         if size[0] < 1 or size[1] < 1:
             raise ValueError(f"size must be two positive integers, got {size}")
         resized = [
-            m if tuple(m.shape[-2:]) == size else F.interpolate(m, size=size, mode="bilinear", align_corners=False)
+            m
+            if tuple(m.shape[-2:]) == size
+            else F.interpolate(m, size=size, mode="bilinear", align_corners=False)
             for m in per_layer
         ]
         return torch.stack(resized).mean(dim=0)
@@ -382,7 +384,9 @@ def select_layers(unet, spec: str | Sequence[str] | None = None) -> list[str]:
             matched = [name for name, f in layers.items() if f == factor]
             if not matched:
                 factors = ", ".join(f"x{f}" for f in sorted(set(layers.values())))
-                raise ValueError(f"no cross-attention layer at downsample factor {token!r}; available: {factors}")
+                raise ValueError(
+                    f"no cross-attention layer at downsample factor {token!r}; available: {factors}"
+                )
         else:
             name = token.removesuffix(_PROCESSOR_SUFFIX)
             matched = [n for n in layers if f".{name}." in f".{n}."]

@@ -62,12 +62,16 @@ def inversion_timesteps(scheduler, num_inference_steps: int, end_timestep: int |
     end = num_train - 1 if end_timestep is None else end_timestep
     if isinstance(end, torch.Tensor):
         if end.numel() != 1:
-            raise ValueError(f"end_timestep must be a single timestep, got a tensor of shape {tuple(end.shape)}")
+            raise ValueError(
+                f"end_timestep must be a single timestep, got a tensor of shape {tuple(end.shape)}"
+            )
         end = end.item()
     if isinstance(end, float) and end.is_integer():
         end = int(end)
     if isinstance(end, bool) or not isinstance(end, int) or not 0 <= end < num_train:
-        raise ValueError(f"end_timestep must be an integer timestep in [0, {num_train - 1}], got {end_timestep!r}")
+        raise ValueError(
+            f"end_timestep must be an integer timestep in [0, {num_train - 1}], got {end_timestep!r}"
+        )
 
     grid = _grid(num_train, num_inference_steps, end)
     if grid is None:
@@ -197,7 +201,9 @@ def _check_inputs(latents, prompt_embeds, negative_prompt_embeds, guidance_scale
     if guidance_scale > 1.0:
         if negative_prompt_embeds is None:
             raise ValueError(f"guidance_scale={guidance_scale} > 1 needs negative_prompt_embeds")
-        if negative_prompt_embeds.shape[1:] != prompt_embeds.shape[1:] or negative_prompt_embeds.shape[0] not in (
+        if negative_prompt_embeds.shape[1:] != prompt_embeds.shape[1:] or negative_prompt_embeds.shape[
+            0
+        ] not in (
             1,
             batch,
         ):

@@ -89,7 +89,15 @@ class TrainConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
-        for name in ("vae_steps", "unet_steps", "vae_batch", "unet_batch", "latent_cache", "log_every", "val_size"):
+        for name in (
+            "vae_steps",
+            "unet_steps",
+            "vae_batch",
+            "unet_batch",
+            "latent_cache",
+            "log_every",
+            "val_size",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not 0.0 <= self.caption_dropout < 1.0:
@@ -185,7 +193,9 @@ def make_tokenizer(cfg: TrainConfig, directory: str | os.PathLike):
 
 def tokenize(tokenizer, captions: Sequence[str]) -> torch.Tensor:
     """Token ids exactly as ``StableDiffusionPipeline.encode_prompt`` makes them; refuses truncation."""
-    ids = tokenizer(list(captions), padding="max_length", max_length=tokenizer.model_max_length, truncation=False)
+    ids = tokenizer(
+        list(captions), padding="max_length", max_length=tokenizer.model_max_length, truncation=False
+    )
     for caption, row in zip(captions, ids.input_ids):
         if len(row) > tokenizer.model_max_length:
             raise ValueError(
@@ -319,7 +329,12 @@ def evaluate_vae(vae, cfg: TrainConfig, n: int | None = None) -> dict:
     vae.train()
     p = torch.cat(psnrs)
     z = torch.cat(latents)
-    return {"psnr_mean": float(p.mean()), "psnr_min": float(p.min()), "latent_std": float(z.std()), "latent_mean": float(z.mean())}
+    return {
+        "psnr_mean": float(p.mean()),
+        "psnr_min": float(p.min()),
+        "latent_std": float(z.std()),
+        "latent_mean": float(z.mean()),
+    }
 
 
 def train_vae(cfg: TrainConfig, work: Path, log: Logger):
@@ -372,7 +387,15 @@ def train_vae(cfg: TrainConfig, work: Path, log: Logger):
         if step % cfg.log_every == 0 or step == cfg.vae_steps:
             mse = F.mse_loss(y.detach(), x).item()
             bar.set_postfix(l1=f"{rec.item():.4f}", kl=f"{kl.item():.0f}")
-            log.write(stage="vae", step=step, l1=rec.item(), mse=mse, kl=kl.item(), lr=cfg.vae_lr * factor, time=time.time())
+            log.write(
+                stage="vae",
+                step=step,
+                l1=rec.item(),
+                mse=mse,
+                kl=kl.item(),
+                lr=cfg.vae_lr * factor,
+                time=time.time(),
+            )
         if time.time() - last_save > cfg.checkpoint_minutes * 60:
             save()
             last_save = time.time()
@@ -463,7 +486,9 @@ def export_pipeline(out: Path, vae, text_encoder, tokenizer, unet, scheduler, dt
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _unet_batch(cfg: TrainConfig, cache: dict, scaling: float, empty_ids: torch.Tensor, step: int, alphas_cumprod):
+def _unet_batch(
+    cfg: TrainConfig, cache: dict, scaling: float, empty_ids: torch.Tensor, step: int, alphas_cumprod
+):
     """The batch of one step: noisy latents, timesteps, token ids, noise (a pure function of the step)."""
     gen = step_generator(cfg.seed, 2, step)
     idx = torch.from_numpy(permuted_positions(cfg.seed, 3, cache["n"], step * cfg.unet_batch, cfg.unet_batch))
@@ -520,7 +545,9 @@ def train_unet(cfg: TrainConfig, work: Path, out: Path, vae, tokenizer, log: Log
         torch.set_rng_state(state["torch_rng"])
         logger.info("resumed UNet from step %d", step)
     logger.info(
-        "UNet: %.3f M parameters, text encoder: %.3f M", count_params(unet) / 1e6, count_params(text_encoder) / 1e6
+        "UNet: %.3f M parameters, text encoder: %.3f M",
+        count_params(unet) / 1e6,
+        count_params(text_encoder) / 1e6,
     )
     val = _val_batch(cfg, vae, tokenizer, scaling, alphas_cumprod)
 
@@ -568,7 +595,9 @@ def train_unet(cfg: TrainConfig, work: Path, out: Path, vae, tokenizer, log: Log
         zt, t, ids, noise = _unet_batch(cfg, cache, scaling, empty_ids, step, alphas_cumprod)
         pred = unet(zt, t, text_encoder(ids)[0]).sample
         per_sample = F.mse_loss(pred, noise, reduction="none").flatten(1).mean(1)
-        weight = snr[t].clamp(max=cfg.snr_gamma) / snr[t] if cfg.snr_gamma > 0 else torch.ones_like(per_sample)
+        weight = (
+            snr[t].clamp(max=cfg.snr_gamma) / snr[t] if cfg.snr_gamma > 0 else torch.ones_like(per_sample)
+        )
         loss = (per_sample * weight).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -609,7 +638,9 @@ def train(cfg: TrainConfig) -> dict:
     """Run (or resume) both stages; returns a summary dict (also written to ``work/summary.json``)."""
     work, out = Path(cfg.work), Path(cfg.out)
     if not cfg.resume and any((work / n).exists() for n in ("vae_ckpt.pt", "vae_final", "unet_ckpt.pt")):
-        raise ValueError(f"work directory {str(work)!r} holds checkpoints: pass --resume, or use a fresh --work")
+        raise ValueError(
+            f"work directory {str(work)!r} holds checkpoints: pass --resume, or use a fresh --work"
+        )
     work.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
     with open(work / "config.json", "w", encoding="utf-8") as f:
@@ -633,7 +664,9 @@ def _parse_ints(text: str) -> tuple[int, ...]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m saltdiff.train_builtin", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m saltdiff.train_builtin", description=__doc__.split("\n")[0]
+    )
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
@@ -646,10 +679,61 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def plot_loss_curves(log_path: str | os.PathLike, png_path: str | os.PathLike) -> None:
+    """Plot the VAE and UNet training curves of ``log.jsonl`` (last record wins for a repeated step)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records: dict[tuple[str, int], dict] = {}
+    with open(log_path, encoding="utf-8") as f:
+        for line in f:
+            r = json.loads(line)
+            records[(r["stage"], r["step"])] = r
+
+    def series(stage: str, key: str):
+        rows = sorted((s, r[key]) for (st, s), r in records.items() if st == stage and key in r)
+        return [s for s, _ in rows], [v for _, v in rows]
+
+    def smooth(values, k: int = 8):
+        v = np.asarray(values, dtype=np.float64)
+        if len(v) < k:
+            return v
+        return np.convolve(v, np.ones(k) / k, mode="valid")
+
+    fig, axes = plt.subplots(1, 3, figsize=(14, 3.6))
+    steps, l1 = series("vae", "l1")
+    axes[0].semilogy(steps, l1, alpha=0.3, color="C0")
+    axes[0].semilogy(steps[len(steps) - len(smooth(l1)) :], smooth(l1), color="C0", label="train L1")
+    axes[0].set(title="VAE reconstruction (L1, [-1, 1])", xlabel="step")
+    axes[0].legend()
+    steps, p = series("vae_val", "psnr_mean")
+    fs, fp = series("vae_final", "psnr_mean")
+    axes[1].plot(steps + fs, p + fp, "o-", color="C1")
+    axes[1].set(title="VAE PSNR on VAL scenes (dB)", xlabel="step")
+    steps, loss = series("unet", "mse")
+    axes[2].plot(steps, loss, alpha=0.25, color="C2")
+    axes[2].plot(steps[len(steps) - len(smooth(loss)) :], smooth(loss), color="C2", label="train eps MSE")
+    vs, vl = series("unet_val", "val_loss_ema")
+    axes[2].plot(vs, vl, "o-", color="C3", label="VAL eps MSE (EMA weights)")
+    axes[2].set(title="UNet epsilon MSE", xlabel="step")
+    axes[2].legend()
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=90)
+    plt.close(fig)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    parser.add_argument("--plot-loss", default=None, help="only plot work/log.jsonl into this PNG and exit")
+    args = vars(parser.parse_args(argv))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    cfg = TrainConfig(**vars(args))
+    plot = args.pop("plot_loss")
+    if plot is not None:
+        plot_loss_curves(Path(args["work"]) / "log.jsonl", plot)
+        return
+    cfg = TrainConfig(**args)
     summary = train(cfg)
     logger.info("summary: %s", summary)
 

@@ -144,7 +144,12 @@ def vae_psnr(vae, n: int = 256, size: int = 64) -> dict:
         mse = ((y - x.float()) / 2).pow(2).flatten(1).mean(1)
         values.append(10 * torch.log10(1.0 / mse.clamp_min(1e-10)))
     p = torch.cat(values)
-    return {"psnr_mean": float(p.mean()), "psnr_median": float(p.median()), "psnr_min": float(p.min()), "n": n}
+    return {
+        "psnr_mean": float(p.mean()),
+        "psnr_median": float(p.median()),
+        "psnr_min": float(p.min()),
+        "n": n,
+    }
 
 
 def save_grid(images: np.ndarray, path: str, columns: int = 8, scale: int = 2) -> None:
@@ -161,7 +166,9 @@ def save_grid(images: np.ndarray, path: str, columns: int = 8, scale: int = 2) -
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(prog="python -m saltdiff.eval.builtin_quality", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m saltdiff.eval.builtin_quality", description=__doc__.split("\n")[0]
+    )
     parser.add_argument("--model", default="src/saltdiff/models/shapes", help="diffusers folder of the model")
     parser.add_argument("--n", type=int, default=200, help="held-out captions for the caption accuracy")
     parser.add_argument("--guidance-scale", type=float, default=5.0, help="CFG scale when not tuning")

@@ -1,0 +1,174 @@
+"""``saltdiff bench`` and ``saltdiff study``: the benchmark and ablation commands.
+
+    saltdiff bench --suite shapes --methods sd,salt --n 200 --seeds 1 --out runs/shapes
+    saltdiff bench --suite coco --coco-annotations instances_val2017.json \\
+        --coco-captions captions_val2017.json --model stable-diffusion-v1-5/stable-diffusion-v1-5 \\
+        --detector owlv2 --out runs/coco
+    saltdiff bench --suite layouts.jsonl --out runs/mine      # one {"prompt", "boxes"} per line
+    accelerate launch -m saltdiff bench ...                   # layouts split across processes
+    saltdiff study spatial-awareness --suite shapes --n 50 --out runs/spatial
+
+A rerun with the same ``--out`` resumes: finished images are skipped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .bench import BenchConfig, parse_seeds
+from .detectors import DETECTOR_NAMES
+from .methods import DEFAULT_METHODS, EXTRA_PRESETS, parse_methods
+from .studies import STUDIES, parse_values
+
+
+def _add_run_args(parser: argparse.ArgumentParser, add_model_args) -> None:
+    from ..cli import GUIDANCE_HELP, OBJECTS_HELP, SALT_INIT_HELP, add_dataclass_args
+    from ..guidance import GuidanceConfig
+    from ..init import SpatialAwareInit
+    from ..reference import GeneratedObjects
+
+    parser.add_argument(
+        "--suite",
+        default="shapes",
+        help="shapes (held-out shapes-world layouts), coco (with --coco-annotations/--coco-captions), "
+        "or a .jsonl file with one {'prompt', 'boxes': [{'phrase', 'box': [x0,y0,x1,y1]}]} per line",
+    )
+    parser.add_argument("--n", type=int, default=None, help="number of layouts (default: 200; JSONL: all)")
+    parser.add_argument(
+        "--seeds", default="1", help="a count (3 → seeds 0,1,2) or a comma list of seeds (0,7,42)"
+    )
+    parser.add_argument("--out", required=True, help="run folder (a rerun with the same folder resumes)")
+    add_model_args(parser)
+    parser.add_argument("--steps", type=int, default=50, help="denoising steps")
+    parser.add_argument("--cfg", type=float, default=7.5, help="classifier-free guidance scale")
+    parser.add_argument("--height", type=int, default=None, help="image height (default: the model's)")
+    parser.add_argument("--width", type=int, default=None, help="image width (default: the model's)")
+    parser.add_argument(
+        "--detector",
+        default="auto",
+        help=f"one of {DETECTOR_NAMES}, optionally NAME:MODEL_ID (auto: shapes for the shapes suite or "
+        "the built-in model, else owlv2)",
+    )
+    parser.add_argument(
+        "--clip-model",
+        default="auto",
+        help="CLIP model for text alignment on real images (auto: none with the shapes detector, where "
+        "text alignment is object recall; else openai/clip-vit-large-patch14); 'none': object recall",
+    )
+    parser.add_argument("--coco-annotations", default=None, help="COCO instances_*.json (suite coco)")
+    parser.add_argument("--coco-captions", default=None, help="COCO captions_*.json (suite coco)")
+    parser.add_argument(
+        "--coco-min-area", type=float, default=0.02, help="smallest COCO box kept, as a fraction of the image"
+    )
+    parser.add_argument("--grid-rows", type=int, default=8, help="rows per image grid in the report")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    add_dataclass_args(parser, GuidanceConfig, GUIDANCE_HELP)
+    add_dataclass_args(parser, SpatialAwareInit, SALT_INIT_HELP)
+    add_dataclass_args(parser, GeneratedObjects, OBJECTS_HELP)
+
+
+def add_bench_parser(subparsers, add_model_args) -> None:
+    """Add ``bench`` and ``study`` to the ``saltdiff`` command."""
+    bench = subparsers.add_parser(
+        "bench",
+        help="benchmark methods on a suite of layouts (mIoU, mAP, text alignment, time, memory)",
+        description=__doc__.splitlines()[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    _add_run_args(bench, add_model_args)
+    bench.add_argument(
+        "--methods",
+        default="all",
+        help=f"comma list from {list(DEFAULT_METHODS) + list(EXTRA_PRESETS)}, or all",
+    )
+    bench.set_defaults(func=cmd_bench)
+
+    study = subparsers.add_parser(
+        "study",
+        help="run an ablation study (one report and plot per study)",
+        description="Ablation studies: " + ", ".join(f"{k} ({s.description})" for k, s in STUDIES.items()),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    study.add_argument("name", choices=sorted(STUDIES), help="which study")
+    _add_run_args(study, add_model_args)
+    study.add_argument("--values", default=None, help="comma list of the swept values (default: per study)")
+    study.add_argument(
+        "--loss",
+        default=None,
+        choices=("salt", "layout-guidance", "boxdiff", "none"),
+        help="guidance loss of the variants (default: per study; spatial-awareness is always unguided)",
+    )
+    study.add_argument(
+        "--iters-values", default="1,5", help="guidance-budget: comma list of guidance iterations"
+    )
+    study.set_defaults(func=cmd_study)
+
+
+def _config(args, methods) -> BenchConfig:
+    from ..cli import dataclass_kwargs
+    from ..guidance import GuidanceConfig
+    from ..init import SpatialAwareInit
+    from ..reference import GeneratedObjects
+
+    guidance = dataclass_kwargs(args, GuidanceConfig)
+    if "loss" in guidance:
+        raise ValueError("the guidance loss is part of each method: use --methods, not --guidance")
+    return BenchConfig(
+        suite=args.suite,
+        out=args.out,
+        methods=methods,
+        model=args.model,
+        n=args.n,
+        seeds=parse_seeds(args.seeds),
+        steps=args.steps,
+        cfg=args.cfg,
+        height=args.height,
+        width=args.width,
+        detector=args.detector,
+        clip_model=args.clip_model,
+        guidance=guidance,
+        salt_init=dataclass_kwargs(args, SpatialAwareInit),
+        reference=dataclass_kwargs(args, GeneratedObjects),
+        coco_annotations=args.coco_annotations,
+        coco_captions=args.coco_captions,
+        coco_min_area=args.coco_min_area,
+        device=args.device,
+        dtype=args.dtype,
+        progress=not args.quiet,
+        grid_rows=args.grid_rows,
+    )
+
+
+def _print_summary(metrics: dict | None, out: str) -> None:
+    if metrics is None:  # a non-main process of a distributed run
+        return
+    from .report import metrics_table
+
+    sys.stdout.write(metrics_table(metrics["methods"]) + "\n")
+    sys.stderr.write(f"saltdiff: wrote {out}/metrics.json, results.csv, report.md\n")
+
+
+def cmd_bench(args) -> int:
+    from .bench import run_bench
+
+    config = _config(args, parse_methods(args.methods))
+    _print_summary(run_bench(config), args.out)
+    return 0
+
+
+def cmd_study(args) -> int:
+    from .studies import run_study
+
+    study = STUDIES[args.name]
+    values = parse_values(study, args.values)
+    try:
+        iters = tuple(int(t) for t in args.iters_values.split(",") if t.strip())
+    except ValueError:
+        raise ValueError(f"--iters-values takes integers, got {args.iters_values!r}") from None
+    config = _config(args, parse_methods("sd"))
+    metrics = run_study(args.name, config, values=values, loss=args.loss, iters=iters)
+    _print_summary(metrics, args.out)
+    if metrics is not None:
+        sys.stderr.write(f"saltdiff: wrote {args.out}/study.md and study.png\n")
+    return 0

@@ -1,0 +1,240 @@
+"""``report.md`` of a run: the comparison table, plots (matplotlib) and image grids with boxes."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+
+import numpy as np
+from PIL import Image
+
+COLUMNS = (
+    ("miou", "mIoU", "{:.3f}"),
+    ("map50", "mAP@0.5", "{:.3f}"),
+    ("map50_95", "mAP@[.5:.95]", "{:.3f}"),
+    ("text_alignment", "text align.", "{:.3f}"),
+    ("ref_iou", "ref IoU", "{:.3f}"),
+    ("sec_per_image", "s / image", "{:.2f}"),
+    ("peak_mem_mb", "peak MB", "{:.0f}"),
+    ("n_images", "images", "{}"),
+)
+
+
+def _fmt(value, pattern: str) -> str:
+    return "–" if value is None else pattern.format(value)
+
+
+def metrics_table(methods: dict[str, dict], columns=COLUMNS) -> str:
+    """A markdown table: one row per method."""
+    head = "| method | " + " | ".join(c[1] for c in columns) + " |"
+    sep = "|---|" + "|".join("---:" for _ in columns) + "|"
+    rows = [
+        f"| {name} | " + " | ".join(_fmt(m.get(key), pat) for key, _, pat in columns) + " |"
+        for name, m in methods.items()
+    ]
+    return "\n".join([head, sep, *rows])
+
+
+def by_objects_table(methods: dict[str, dict], key: str = "miou") -> str:
+    counts = sorted({int(k) for m in methods.values() for k in m.get("by_objects", {})})
+    head = "| method | " + " | ".join(f"{c} obj." for c in counts) + " |"
+    sep = "|---|" + "|".join("---:" for _ in counts) + "|"
+    rows = []
+    for name, m in methods.items():
+        cells = [_fmt(m.get("by_objects", {}).get(str(c), {}).get(key), "{:.3f}") for c in counts]
+        rows.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join([head, sep, *rows])
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_by_method(methods: dict[str, dict], path: str) -> None:
+    plt = _plt()
+    names = list(methods)
+    keys = [("miou", "mIoU"), ("map50", "mAP@0.5"), ("map50_95", "mAP@[.5:.95]"), ("text_alignment", "text")]
+    x = np.arange(len(names))
+    width = 0.8 / len(keys)
+    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(names) + 2), 4))
+    for i, (key, label) in enumerate(keys):
+        vals = [methods[n].get(key) or 0.0 for n in names]
+        ax.bar(x + (i - (len(keys) - 1) / 2) * width, vals, width, label=label)
+    ax.set_xticks(x, names, rotation=30, ha="right")
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("score")
+    ax.legend(fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_by_objects(methods: dict[str, dict], path: str) -> None:
+    plt = _plt()
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, (key, label) in zip(axes, [("miou", "mIoU"), ("map50", "mAP@0.5")]):
+        for name, m in methods.items():
+            groups = m.get("by_objects", {})
+            counts = sorted(int(k) for k in groups)
+            ax.plot(counts, [groups[str(c)].get(key) or 0.0 for c in counts], marker="o", label=name)
+        ax.set_xlabel("boxed objects in the layout")
+        ax.set_ylabel(label)
+        ax.set_ylim(0, 1)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_losses(curves: dict[str, dict[str, list[float]]], path: str) -> None:
+    """Mean layout energy per denoising step, and mean first-iteration guidance loss per guided step."""
+    plt = _plt()
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for name, c in curves.items():
+        if c["layout"]:
+            axes[0].plot(c["layout"], label=name)
+        if c["guidance"]:
+            axes[1].plot(c["guidance"], marker=".", label=name)
+    axes[0].set_title("layout energy (Chen et al.) per step")
+    axes[0].set_xlabel("denoising step")
+    axes[1].set_title("guidance loss (first iteration) per guided step")
+    axes[1].set_xlabel("guided step")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        if ax.lines:
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _mean_curve(rows: list[list[float]]) -> list[float]:
+    if not rows:
+        return []
+    length = max(len(r) for r in rows)
+    out = []
+    for i in range(length):
+        vals = [r[i] for r in rows if len(r) > i]
+        out.append(float(np.mean(vals)))
+    return out
+
+
+def loss_curves(out: str, layouts, seeds, methods) -> dict[str, dict[str, list[float]]]:
+    from .bench import load_records
+
+    curves = {}
+    for m in methods:
+        records = load_records(out, layouts, seeds, m.name)
+        curves[m.name] = {
+            "layout": _mean_curve([r.get("layout_losses") or [] for r in records]),
+            "guidance": _mean_curve([[g[0] for g in r.get("guidance_losses") or [] if g] for r in records]),
+        }
+    return curves
+
+
+def image_grids(out: str, layouts, seeds, methods, rows_per_grid: int = 8, max_grids: int = 4) -> list[str]:
+    """PNG grids: one row per (layout, seed), one column per method (+ the first reference), boxes drawn."""
+    from ..viz import draw_boxes, image_grid
+    from .bench import image_path
+
+    items = [(lay, seed) for lay in layouts for seed in seeds]
+    ref_method = next((m for m in methods if m.uses_reference), None)
+    paths = []
+    for g in range(min(max_grids, (len(items) + rows_per_grid - 1) // rows_per_grid)):
+        chunk = items[g * rows_per_grid : (g + 1) * rows_per_grid]
+        rows, labels = [], []
+        for lay, seed in chunk:
+            layout = lay.layout
+            row = []
+            for m in methods:
+                img = Image.open(image_path(out, m.name, lay.id, seed)).convert("RGB")
+                scale = max(1, 128 // img.width)
+                row.append(draw_boxes(img, layout, scale=scale, labels=False))
+            if ref_method is not None:
+                ref_file = image_path(out, ref_method.name, lay.id, seed, "_ref")
+                if os.path.isfile(ref_file):
+                    ref = Image.open(ref_file).convert("RGB")
+                    row.append(draw_boxes(ref, layout, scale=max(1, 128 // ref.width), labels=False))
+            rows.append(row)
+            labels.append(f"{lay.id} s{seed}")
+        cols = [m.name for m in methods] + (["reference"] if ref_method is not None else [])
+        grid = image_grid(rows, row_labels=labels, col_labels=[c[:18] for c in cols])
+        path = os.path.join(out, "grids", f"grid_{g:02d}.png")
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        grid.save(path)
+        paths.append(path)
+    return paths
+
+
+def write_report(config, metrics: dict, layouts: Sequence, methods: Sequence) -> str:
+    """Write ``report.md`` with its plots and grids; returns its path."""
+    out = config.out
+    plots = os.path.join(out, "plots")
+    os.makedirs(plots, exist_ok=True)
+    per = metrics["methods"]
+    plot_by_method(per, os.path.join(plots, "metrics_by_method.png"))
+    plot_by_objects(per, os.path.join(plots, "by_object_count.png"))
+    plot_losses(loss_curves(out, layouts, config.seeds, methods), os.path.join(plots, "losses.png"))
+    grids = image_grids(out, layouts, config.seeds, methods, rows_per_grid=config.grid_rows)
+    text_note = (
+        "recall of every object the prompt mentions (boxed or not) among the detections"
+        if metrics["text_alignment"] == "object_recall"
+        else "CLIP score (100 × cosine of image and prompt embeddings)"
+    )
+    lines = [
+        f"# {config.title or 'Benchmark'}: {metrics['suite']} suite, {metrics['model']}",
+        "",
+        f"{metrics['n_layouts']} layouts × seeds {metrics['seeds']}, {metrics['steps']} steps, "
+        f"CFG {metrics['cfg']}, detector `{metrics['detector']}`.",
+        f"Text alignment: {text_note}. ref IoU: the detector on the reference image (spatial-aware init only).",
+        "",
+        metrics_table(per),
+        "",
+        "## mIoU by number of boxed objects",
+        "",
+        by_objects_table(per, "miou"),
+        "",
+        "## mAP@0.5 by number of boxed objects",
+        "",
+        by_objects_table(per, "map50"),
+        "",
+    ]
+    unboxed = {n: m.get("unboxed_recall") for n, m in per.items() if m.get("unboxed_recall") is not None}
+    if unboxed:
+        lines += [
+            "Recall of unboxed objects (prompts that name an object without a box): "
+            + ", ".join(f"{n} {v:.3f}" for n, v in unboxed.items()),
+            "",
+        ]
+    lines += [
+        "## Plots",
+        "",
+        "![metrics by method](plots/metrics_by_method.png)",
+        "",
+        "![by object count](plots/by_object_count.png)",
+        "",
+        "![loss curves](plots/losses.png)",
+        "",
+        "## Images (columns: methods, then the reference; boxes drawn)",
+        "",
+        *[f"![grid]({os.path.relpath(p, out)})" for p in grids],
+        "",
+        "## Methods",
+        "",
+        "```json",
+        json.dumps({m.name: m.describe() for m in methods}, indent=1),
+        "```",
+        "",
+    ]
+    path = os.path.join(out, "report.md")
+    with open(path, "w", encoding="utf-8") as fh:
+        fh.write("\n".join(lines))
+    return path

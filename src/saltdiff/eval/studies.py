@@ -1,0 +1,275 @@
+"""Ablation studies: each is a list of named method variants run by the bench runner, plus a plot.
+
+=================== ======================================================================
+name                variants (x axis)
+=================== ======================================================================
+spatial-awareness   *unguided* sampling from z_T* vs inversion steps (1, 2, 5, 10, 25, 50),
+                    against random init: does the inverted latent alone carry the layout?
+inversion-steps     the same sweep with guidance (``--loss``, default salt) vs random init
+background          reference background: generated, gray, noise, white (guided)
+guidance-budget     guidance steps × iterations, random vs spatial-aware init (does the
+                    better start need fewer?)
+reg-weight          SALT loss regularization weight (0, 0.25, 0.5, 1, 2)
+sde-inversion       DDIM (ODE, noise 0) vs SDE-style inversion (``inversion_noise_scale`` > 0)
+=================== ======================================================================
+
+Every study writes the bench outputs (records, metrics.json, report.md) plus ``study.md`` and
+``study.png`` (mIoU and mAP@0.5 against the swept value) in its output folder.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+
+from .bench import BenchConfig, run_bench
+from .methods import MethodSpec
+
+
+@dataclass(frozen=True)
+class Variant:
+    spec: MethodSpec
+    series: str
+    x: float | str | None  # None: a baseline drawn as a horizontal line
+
+
+@dataclass(frozen=True)
+class Study:
+    name: str
+    description: str
+    x_label: str
+    default_values: tuple
+    value_type: type
+    default_loss: str
+
+    def variants(self, values: Sequence, loss: str, iters: Sequence[int] = (1, 5)) -> list[Variant]:
+        return _VARIANTS[self.name](self, values, loss, iters)
+
+
+def _spatial(study, values, loss, iters):
+    base_loss = "none" if study.name == "spatial-awareness" else loss
+    tag = "" if base_loss == "none" else f"+{base_loss}"
+    out = [Variant(MethodSpec(f"random{tag}", "random", base_loss), "random init", None)]
+    for k in values:
+        spec = MethodSpec(f"inv={k}{tag}", "salt", base_loss, salt_init={"inversion_steps": int(k)})
+        out.append(Variant(spec, "spatial-aware init", int(k)))
+    return out
+
+
+def _background(study, values, loss, iters):
+    out = [Variant(MethodSpec(f"random+{loss}", "random", loss), "random init", None)]
+    for v in values:
+        out.append(
+            Variant(MethodSpec(f"bg={v}", "salt", loss, reference={"background": v}), "spatial-aware init", v)
+        )
+    return out
+
+
+def _budget(study, values, loss, iters):
+    out = []
+    for init in ("random", "salt"):
+        for it in iters:
+            for steps in values:
+                spec = MethodSpec(
+                    f"{init}-gs{steps}-gi{it}",
+                    init,
+                    loss,
+                    guidance={"guidance_steps": int(steps), "guidance_iters": int(it)},
+                )
+                label = "random init" if init == "random" else "spatial-aware init"
+                out.append(Variant(spec, f"{label}, {it} iters", int(steps)))
+    return out
+
+
+def _reg(study, values, loss, iters):
+    return [
+        Variant(MethodSpec(f"reg={v:g}", "salt", "salt", guidance={"reg_weight": float(v)}), "salt", float(v))
+        for v in values
+    ]
+
+
+def _sde(study, values, loss, iters):
+    out = []
+    for v in values:
+        spec = MethodSpec(f"noise={v:g}", "salt", loss, salt_init={"inversion_noise_scale": float(v)})
+        out.append(Variant(spec, "spatial-aware init", float(v)))
+    return out
+
+
+_VARIANTS = {
+    "spatial-awareness": _spatial,
+    "inversion-steps": _spatial,
+    "background": _background,
+    "guidance-budget": _budget,
+    "reg-weight": _reg,
+    "sde-inversion": _sde,
+}
+
+STUDIES: dict[str, Study] = {
+    s.name: s
+    for s in (
+        Study(
+            "spatial-awareness",
+            "unguided sampling from the inverted reference vs inversion steps, against random noise",
+            "inversion steps",
+            (1, 2, 5, 10, 25, 50),
+            int,
+            "none",
+        ),
+        Study(
+            "inversion-steps",
+            "guided sampling vs inversion steps",
+            "inversion steps",
+            (1, 2, 5, 10, 25, 50),
+            int,
+            "salt",
+        ),
+        Study(
+            "background",
+            "reference background",
+            "background",
+            ("generated", "gray", "noise", "white"),
+            str,
+            "salt",
+        ),
+        Study("guidance-budget", "guidance steps × iterations", "guidance steps", (2, 5, 10), int, "salt"),
+        Study(
+            "reg-weight",
+            "SALT loss regularization weight",
+            "reg_weight",
+            (0.0, 0.25, 0.5, 1.0, 2.0),
+            float,
+            "salt",
+        ),
+        Study(
+            "sde-inversion",
+            "ODE (0) vs SDE-style inversion noise",
+            "inversion_noise_scale",
+            (0.0, 0.1, 0.3, 0.5),
+            float,
+            "salt",
+        ),
+    )
+}
+
+
+def parse_values(study: Study, text: str | None) -> tuple:
+    if text is None:
+        return study.default_values
+    items = [t.strip() for t in text.split(",") if t.strip()]
+    if not items:
+        raise ValueError(f"--values is empty for study {study.name!r}")
+    try:
+        values = tuple(study.value_type(t) for t in items)
+    except ValueError:
+        raise ValueError(
+            f"study {study.name!r} takes {study.value_type.__name__} values, got {text!r}"
+        ) from None
+    if study.value_type is int and any(v < 1 for v in values) and study.name != "guidance-budget":
+        raise ValueError(f"study {study.name!r} needs values >= 1, got {text!r}")
+    return values
+
+
+def run_study(
+    name: str,
+    config: BenchConfig,
+    *,
+    values: Sequence | None = None,
+    loss: str | None = None,
+    iters: Sequence[int] = (1, 5),
+    pipe=None,
+) -> dict | None:
+    """Run study ``name`` with ``config``'s suite, model and shared settings (its methods are replaced)."""
+    if name not in STUDIES:
+        raise ValueError(f"unknown study {name!r}; choose from {sorted(STUDIES)}")
+    study = STUDIES[name]
+    values = study.default_values if values is None else tuple(values)
+    loss = loss or study.default_loss
+    variants = study.variants(values, loss, iters)
+    cfg = replace(config, methods=[v.spec for v in variants], title=f"Study {name}")
+    metrics = run_bench(cfg, pipe=pipe)
+    if metrics is None:  # not the main process
+        return None
+    write_study_report(study, cfg, variants, metrics, loss)
+    return metrics
+
+
+def write_study_report(
+    study: Study, config: BenchConfig, variants: list[Variant], metrics: dict, loss: str
+) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    per = metrics["methods"]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    categorical = study.value_type is str
+    for ax, (key, label) in zip(axes, [("miou", "mIoU"), ("map50", "mAP@0.5")]):
+        series: dict[str, list[Variant]] = {}
+        for v in variants:
+            series.setdefault(v.series, []).append(v)
+        for sname, vs in series.items():
+            points = [v for v in vs if v.x is not None]
+            baselines = [v for v in vs if v.x is None]
+            for b in baselines:
+                val = per[b.spec.name].get(key)
+                if val is not None:
+                    ax.axhline(val, linestyle="--", color="gray", label=f"{sname} ({b.spec.name})")
+            if points:
+                xs = [str(v.x) if categorical else v.x for v in points]
+                ys = [per[v.spec.name].get(key) or 0.0 for v in points]
+                if categorical:
+                    ax.bar(xs, ys, label=sname, alpha=0.8)
+                else:
+                    ax.plot(xs, ys, marker="o", label=sname)
+        if not categorical and study.name in ("spatial-awareness", "inversion-steps"):
+            ax.set_xscale("log")
+        ax.set_xlabel(study.x_label)
+        ax.set_ylabel(label)
+        ax.set_ylim(0, 1)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(f"{study.name}: {study.description} (guidance: {loss})", fontsize=9)
+    fig.tight_layout()
+    plot = os.path.join(config.out, "study.png")
+    fig.savefig(plot, dpi=110)
+    plt.close(fig)
+
+    lines = [
+        f"# Study `{study.name}`: {study.description}",
+        "",
+        f"Suite {metrics['suite']}, model {metrics['model']}, {metrics['n_layouts']} layouts × seeds "
+        f"{metrics['seeds']}, {metrics['steps']} steps, CFG {metrics['cfg']}, guidance loss `{loss}`.",
+        "",
+        f"| variant | series | {study.x_label} | mIoU | mAP@0.5 | mAP@[.5:.95] | text | ref IoU | s / image |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+
+    def f(value, pat="{:.3f}"):
+        return "–" if value is None else pat.format(value)
+
+    for v in variants:
+        m = per[v.spec.name]
+        lines.append(
+            f"| {v.spec.name} | {v.series} | {'baseline' if v.x is None else v.x} | {f(m['miou'])} | "
+            f"{f(m['map50'])} | {f(m['map50_95'])} | {f(m['text_alignment'])} | {f(m['ref_iou'])} | "
+            f"{f(m['sec_per_image'], '{:.2f}')} |"
+        )
+    lines += ["", "![study](study.png)", "", "Full bench report: [report.md](report.md).", ""]
+    path = os.path.join(config.out, "study.md")
+    with open(path, "w", encoding="utf-8") as fh:
+        fh.write("\n".join(lines))
+    with open(os.path.join(config.out, "study.json"), "w", encoding="utf-8") as fh:
+        json.dump(
+            {
+                "study": study.name,
+                "loss": loss,
+                "variants": [{"method": v.spec.name, "series": v.series, "x": v.x} for v in variants],
+            },
+            fh,
+            indent=2,
+        )
+    return path

@@ -1,0 +1,344 @@
+"""The benchmark harness end to end on the tiny pipeline: suites, methods, CLI, resume, kill -9, studies."""
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from saltdiff.cli import main
+from saltdiff.eval.methods import DEFAULT_METHODS, build_method, parse_methods
+from saltdiff.eval.suites import coco_suite, jsonl_suite, load_suite, shapes_suite
+
+LAYOUTS = [
+    {
+        "prompt": "a red circle and a blue square",
+        "boxes": [
+            {"phrase": "red circle", "box": [0.05, 0.3, 0.45, 0.7]},
+            {"phrase": "blue square", "box": [0.55, 0.3, 0.95, 0.7]},
+        ],
+    },
+    {
+        "id": "tri",
+        "prompt": "a green triangle and a yellow circle",
+        "boxes": [{"phrase": "green triangle", "box": [0.1, 0.1, 0.6, 0.6]}],
+        "unboxed": ["yellow circle"],
+    },
+]
+# Tiny and fast: 2 steps, one guided step with one iteration, one inversion step, flat reference background.
+FAST = [
+    "--steps", "2", "--guidance-steps", "1", "--guidance-iters", "1", "--inversion-steps", "1",
+    "--object-steps", "1", "--background", "gray", "--detector", "shapes", "--device", "cpu",
+    "--dtype", "float32", "-q",
+]  # fmt: skip
+METHODS = "sd,layout-guidance,salt"
+QUALITY = ("miou", "map50", "map50_95", "text_alignment", "ref_iou", "n_images")
+
+
+@pytest.fixture(scope="module")
+def layouts_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("suite") / "layouts.jsonl"
+    path.write_text("# two layouts\n" + "\n".join(json.dumps(x) for x in LAYOUTS) + "\n\n")
+    return str(path)
+
+
+def bench_args(layouts_file, model, out, methods=METHODS, seeds="1"):
+    return [
+        "bench",
+        "--suite",
+        layouts_file,
+        "--model",
+        model,
+        "--methods",
+        methods,
+        "--seeds",
+        seeds,
+        "--out",
+        str(out),
+        *FAST,
+    ]
+
+
+@pytest.fixture(scope="module")
+def clean_run(tiny_pipe_dir, layouts_file, tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "clean"
+    assert main(bench_args(layouts_file, tiny_pipe_dir, out)) == 0
+    return out
+
+
+def load_records(out):
+    records = {}
+    for method in os.listdir(out / "records"):
+        for name in os.listdir(out / "records" / method):
+            with open(out / "records" / method / name) as fh:
+                record = json.load(fh)
+            for volatile in ("seconds", "peak_mem_mb", "method_config"):
+                record.pop(volatile)
+            records[(method, name)] = record
+    return records
+
+
+def quality(metrics):
+    return {name: {k: m[k] for k in QUALITY} for name, m in metrics["methods"].items()}
+
+
+# -- suites and methods ------------------------------------------------------------------------------------
+def test_shapes_suite_is_deterministic_with_unboxed_objects():
+    suite = shapes_suite(8)
+    assert [lay.id for lay in suite] == [f"shapes-{i:04d}" for i in range(8)]
+    assert suite == shapes_suite(8)
+    assert all(1 <= lay.n_objects <= 3 for lay in suite)
+    assert sum(bool(lay.unboxed) for lay in suite) == 2  # a quarter of the prompts
+    assert all(u in lay.prompt for lay in suite for u in lay.unboxed)
+
+
+def test_jsonl_suite_and_errors(tmp_path, layouts_file):
+    suite = jsonl_suite(layouts_file)
+    assert [lay.id for lay in suite] == ["line-0", "tri"]
+    assert suite[1].mentioned == ["green triangle", "yellow circle"]
+    assert len(load_suite(layouts_file, 1)) == 1
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "a dog", "boxes": [{"phrase": "dog", "box": [0.5, 0.5, 0.2, 0.9]}]}\n')
+    with pytest.raises(ValueError, match="empty"):
+        jsonl_suite(bad)
+    bad.write_text('{"prompt": "a dog", "boxes": []}\n{oops\n')
+    with pytest.raises(ValueError, match=r"bad.jsonl:2: not valid JSON"):
+        jsonl_suite(bad)
+    bad.write_text('{"prompt": "a dog", "boxs": []}\n')
+    with pytest.raises(ValueError, match="unknown key"):
+        jsonl_suite(bad)
+    with pytest.raises(ValueError, match="not found"):
+        load_suite(str(tmp_path / "missing.jsonl"))
+    with pytest.raises(ValueError, match="suite must be one of"):
+        load_suite("imagenet")
+
+
+def test_coco_suite_selection(tmp_path):
+    def img(i, w=100, h=100):
+        return {"id": i, "width": w, "height": h, "file_name": f"{i}.jpg"}
+
+    def ann(aid, image_id, cat, bbox, crowd=0):
+        return {
+            "id": aid,
+            "image_id": image_id,
+            "category_id": cat,
+            "bbox": bbox,
+            "iscrowd": crowd,
+            "area": 1,
+        }
+
+    instances = {
+        "images": [img(4), img(1), img(2), img(3), img(5)],
+        "categories": [{"id": 1, "name": "dog"}, {"id": 2, "name": "cat"}, {"id": 3, "name": "tv"}],
+        "annotations": [
+            ann(10, 1, 1, [10, 20, 40, 30]),  # image 1: dog + cat, cat not in the caption
+            ann(11, 1, 2, [50, 50, 30, 30]),
+            ann(12, 1, 3, [0, 0, 5, 5]),  # too small (0.25 % < 2 %): dropped
+            ann(20, 2, 1, [0, 0, 50, 50]),  # image 2: two dogs → skipped (ambiguous phrase)
+            ann(21, 2, 1, [50, 50, 50, 50]),
+            ann(30, 3, 3, [0, 0, 2, 2]),  # image 3: nothing large enough → skipped
+            ann(40, 4, 1, [0, 0, 20, 20]),  # image 4: one dog
+            ann(41, 4, 2, [0, 0, 90, 90], crowd=1),  # crowd: ignored
+            *[ann(50 + k, 5, 1 + k % 3, [k, k, 20, 20]) for k in range(5)],  # image 5: 5 objects → skipped
+        ],
+    }
+    captions = {
+        "images": instances["images"],
+        "annotations": [
+            {"id": 2, "image_id": 1, "caption": "A dog  sleeps on a sofa."},
+            {"id": 1, "image_id": 1, "caption": "A Dog on a couch."},  # lowest id wins
+            {"id": 3, "image_id": 4, "caption": "a hotdog stand"},  # "dog" is not a whole word here
+            {"id": 4, "image_id": 2, "caption": "two dogs"},
+        ],
+    }
+    ipath, cpath = tmp_path / "instances.json", tmp_path / "captions.json"
+    ipath.write_text(json.dumps(instances))
+    cpath.write_text(json.dumps(captions))
+    suite = coco_suite(ipath, cpath, n=10)
+    assert [lay.id for lay in suite] == ["coco-1", "coco-4"]
+    assert suite[0].prompt == "A Dog on a couch with a cat"
+    assert suite[0].boxes == (("dog", (0.1, 0.2, 0.5, 0.5)), ("cat", (0.5, 0.5, 0.8, 0.8)))
+    assert suite[1].prompt == "a hotdog stand with a dog"
+    assert coco_suite(ipath, cpath, n=1) == suite[:1]
+    small = coco_suite(ipath, cpath, n=10, min_area=0.0001)  # the tv of image 1 is kept too
+    assert small[0].prompt == "A Dog on a couch with a cat and a tv" and small[0].n_objects == 3
+    assert [lay.id for lay in coco_suite(ipath, cpath, n=10, max_objects=1)] == ["coco-4"]
+    with pytest.raises(ValueError, match="not found"):
+        coco_suite(tmp_path / "nope.json", cpath)
+
+
+def test_methods_share_one_guidance_budget():
+    specs = parse_methods("all")
+    assert [s.name for s in specs] == list(DEFAULT_METHODS)
+    methods = [build_method(s, guidance={"guidance_steps": 3, "guidance_iters": 2}) for s in specs]
+    guided = [m for m in methods if m.guidance.enabled]
+    assert {m.guidance.loss for m in guided} == {"salt", "layout-guidance", "boxdiff"}
+    assert {(m.guidance.guidance_steps, m.guidance.guidance_iters) for m in guided} == {(3, 2)}
+    by_name = {m.name: m for m in methods}
+    assert not by_name["sd"].guidance.enabled and not by_name["sd"].uses_reference
+    assert by_name["salt"].uses_reference and by_name["salt-init+boxdiff"].uses_reference
+    assert not by_name["random+salt-loss"].uses_reference
+    with pytest.raises(ValueError, match="unknown method 'magic'"):
+        parse_methods("sd,magic")
+    with pytest.raises(ValueError, match="given twice"):
+        parse_methods("sd,sd")
+
+
+# -- end to end --------------------------------------------------------------------------------------------
+def test_bench_outputs_match_schema(clean_run):
+    metrics = json.loads((clean_run / "metrics.json").read_text())
+    assert {"suite", "model", "n_layouts", "seeds", "methods"} <= set(metrics)
+    assert metrics["n_layouts"] == 2 and metrics["seeds"] == [0]
+    assert list(metrics["methods"]) == METHODS.split(",")
+    for name, m in metrics["methods"].items():
+        for key in (
+            "miou",
+            "map50",
+            "map50_95",
+            "text_alignment",
+            "ref_iou",
+            "sec_per_image",
+            "peak_mem_mb",
+            "n_images",
+        ):
+            assert key in m, (name, key)
+        assert m["n_images"] == 2
+        assert 0 <= m["miou"] <= 1 and 0 <= m["map50"] <= 1 and 0 <= m["text_alignment"] <= 1
+        assert m["sec_per_image"] > 0 and m["peak_mem_mb"] > 0
+        assert set(m["by_objects"]) == {"1", "2"}
+        assert (m["ref_iou"] is None) == (name != "salt")
+    with open(clean_run / "results.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == 2 * 3
+    assert {(r["method"], r["layout_id"]) for r in rows} == {
+        (m, i) for m in METHODS.split(",") for i in ("line-0", "tri")
+    }
+    report = (clean_run / "report.md").read_text()
+    assert "| salt |" in report and "plots/losses.png" in report
+    for f in (
+        "plots/metrics_by_method.png",
+        "plots/by_object_count.png",
+        "plots/losses.png",
+        "grids/grid_00.png",
+    ):
+        assert (clean_run / f).is_file(), f
+    assert (clean_run / "images" / "salt" / "tri_s0_ref.png").is_file()
+    record = json.loads((clean_run / "records" / "salt" / "tri_s0.json").read_text())
+    assert (
+        record["n_objects"] == 1
+        and record["unboxed"] == ["yellow circle"]
+        and len(record["layout_losses"]) == 2
+    )
+
+
+def test_rerun_skips_finished_records(clean_run, tiny_pipe_dir, layouts_file):
+    before = {
+        p: os.stat(clean_run / "records" / p).st_mtime_ns for p in ("sd/line-0_s0.json", "salt/tri_s0.json")
+    }
+    metrics = json.loads((clean_run / "metrics.json").read_text())
+    os.remove(clean_run / "records" / "salt" / "line-0_s0.json")
+    assert main(bench_args(layouts_file, tiny_pipe_dir, clean_run)) == 0
+    after = {p: os.stat(clean_run / "records" / p).st_mtime_ns for p in before}
+    assert after == before  # finished records untouched
+    assert (clean_run / "records" / "salt" / "line-0_s0.json").is_file()  # the missing one redone
+    assert quality(json.loads((clean_run / "metrics.json").read_text())) == quality(metrics)
+
+
+def test_resume_refuses_other_settings(clean_run, tiny_pipe_dir, layouts_file, capsys):
+    args = bench_args(layouts_file, tiny_pipe_dir, clean_run)
+    args[args.index("--steps") + 1] = "3"
+    assert main(args) == 2
+    assert "steps=2" in capsys.readouterr().err
+
+
+def test_bench_user_errors(tiny_pipe_dir, tmp_path, capsys, layouts_file):
+    assert main(bench_args(layouts_file, tiny_pipe_dir, tmp_path / "o", methods="sd,nope")) == 2
+    assert "unknown method 'nope'" in capsys.readouterr().err
+    assert main(bench_args(layouts_file, tiny_pipe_dir, tmp_path / "o", seeds="x")) == 2
+    assert "--seeds" in capsys.readouterr().err
+    bad = tmp_path / "dog.jsonl"
+    bad.write_text('{"prompt": "a dog", "boxes": [{"phrase": "zebra", "box": [0, 0, 1, 1]}]}\n')
+    assert main(bench_args(str(bad), tiny_pipe_dir, tmp_path / "o")) == 2
+    assert "layout 'line-0'" in capsys.readouterr().err
+
+
+def _env():
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", "1")
+    return env
+
+
+@pytest.mark.slow  # a fresh interpreter: ~150 s on 2 busy cores
+def test_kill_9_then_resume_equals_clean_run(clean_run, tiny_pipe_dir, layouts_file, tmp_path):
+    out = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "saltdiff", *bench_args(layouts_file, tiny_pipe_dir, out)]
+    proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 300
+    records = out / "records"
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            if records.is_dir() and any(f.endswith(".json") for _, _, fs in os.walk(records) for f in fs):
+                break
+            time.sleep(0.02)
+        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait()
+    done = sum(f.endswith(".json") for _, _, fs in os.walk(records) for f in fs)
+    assert 1 <= done < 6 and not (out / "metrics.json").exists()
+    assert main(bench_args(layouts_file, tiny_pipe_dir, out)) == 0
+    assert quality(json.loads((out / "metrics.json").read_text())) == quality(
+        json.loads((clean_run / "metrics.json").read_text())
+    )
+    assert load_records(out) == load_records(clean_run)
+    assert not [f for _, _, fs in os.walk(out) for f in fs if ".tmp" in f]
+
+
+@pytest.mark.slow  # three fresh interpreters: ~190 s on 2 busy cores
+def test_accelerate_two_processes_equal_single_process(clean_run, tiny_pipe_dir, layouts_file, tmp_path):
+    out = tmp_path / "dist"
+    # On a CPU-only machine accelerate's --cpu launcher starts one process; --multi_gpu uses
+    # torch.distributed.run, and the bench puts the processes in MULTI_CPU (gloo) mode with --device cpu.
+    cmd = [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29517",
+        "-m", "saltdiff", *bench_args(layouts_file, tiny_pipe_dir, out),
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert sorted(os.listdir(out / "object_cache")) == ["rank0", "rank1"]  # both processes worked
+    assert quality(json.loads((out / "metrics.json").read_text())) == quality(
+        json.loads((clean_run / "metrics.json").read_text())
+    )
+    assert load_records(out) == load_records(clean_run)
+    assert proc.stdout.count("| salt |") == 1  # only the main process reports
+
+
+def test_study_spatial_awareness(tiny_pipe_dir, layouts_file, tmp_path):
+    out = tmp_path / "study"
+    args = [
+        "study",
+        "spatial-awareness",
+        "--suite",
+        layouts_file,
+        "--model",
+        tiny_pipe_dir,
+        "--n",
+        "1",
+        "--values",
+        "1,2",
+        "--out",
+        str(out),
+        *FAST,
+    ]
+    assert main(args) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert list(metrics["methods"]) == ["random", "inv=1", "inv=2"]
+    described = json.loads((out / "config.json").read_text())["methods"]
+    assert all(m["guidance"]["loss"] == "none" for m in described.values())
+    assert described["inv=2"]["init"]["inversion_steps"] == 2
+    assert (out / "study.png").is_file() and "| inv=2 |" in (out / "study.md").read_text()

@@ -1,0 +1,158 @@
+"""The shipped ``builtin:shapes`` model folder and the code that trains it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import saltdiff
+from saltdiff.train_builtin import TrainConfig, lr_factor, permuted_positions, train
+
+MODEL_DIR = Path(saltdiff.__file__).parent / "models" / "shapes"
+
+
+@pytest.fixture(scope="module")
+def shipped_pipe():
+    from diffusers import StableDiffusionPipeline
+
+    assert (MODEL_DIR / "model_index.json").exists(), f"no shipped model at {MODEL_DIR}"
+    pipe = StableDiffusionPipeline.from_pretrained(str(MODEL_DIR), torch_dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def test_shipped_folder_is_small_and_complete():
+    files = [p for p in MODEL_DIR.rglob("*") if p.is_file()]
+    total = sum(p.stat().st_size for p in files)
+    assert total <= 30 * 1024 * 1024, f"model folder is {total / 2**20:.1f} MB"
+    for name in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
+        assert (MODEL_DIR / name).is_dir(), name
+    index = json.loads((MODEL_DIR / "model_index.json").read_text())
+    assert index["_class_name"] == "StableDiffusionPipeline"
+
+
+def test_shipped_weights_load_as_fp32_on_cpu(shipped_pipe):
+    for module in (shipped_pipe.unet, shipped_pipe.vae, shipped_pipe.text_encoder):
+        assert {p.dtype for p in module.parameters()} == {torch.float32}
+        assert all(torch.isfinite(p).all() for p in module.parameters())
+    config = shipped_pipe.scheduler.config
+    assert (config.beta_start, config.beta_end, config.beta_schedule) == (0.00085, 0.012, "scaled_linear")
+    assert config.clip_sample is False and config.set_alpha_to_one is False and config.steps_offset == 1
+    assert shipped_pipe.vae_scale_factor == 4
+    # Cross-attention only at the 8x8 and 4x4 levels of a 16x16 latent.
+    assert shipped_pipe.unet.config.down_block_types[0] == "DownBlock2D"
+    assert shipped_pipe.unet.config.sample_size == 16
+
+
+def test_tokenizer_makes_every_world_word_one_token(shipped_pipe):
+    from saltdiff.worlds.shapes import HELDOUT_SEEDS, sample_scene, vocabulary
+
+    tok = shipped_pipe.tokenizer
+    for word in vocabulary():
+        ids = tok(word, add_special_tokens=False).input_ids
+        assert len(ids) == 1, (word, ids)
+    assert tok.pad_token_id == tok.eos_token_id
+    for seed in HELDOUT_SEEDS[:200]:
+        assert len(tok(sample_scene(seed).caption).input_ids) <= tok.model_max_length
+
+
+def test_generation_is_deterministic_per_seed(shipped_pipe):
+    def run(seed):
+        return shipped_pipe(
+            "a red circle and a blue square on a gray background",
+            num_inference_steps=5,
+            guidance_scale=5.0,
+            generator=torch.Generator().manual_seed(seed),
+            output_type="np",
+        ).images
+
+    a, b, c = run(0), run(0), run(1)
+    assert a.shape == (1, 64, 64, 3)
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, c)
+
+
+def test_fp16_weights_upcast_match_fp16_storage(shipped_pipe):
+    from safetensors.torch import load_file
+
+    stored = load_file(str(MODEL_DIR / "unet" / "diffusion_pytorch_model.safetensors"))
+    assert {v.dtype for v in stored.values()} == {torch.float16}
+    name, tensor = next(iter(stored.items()))
+    np.testing.assert_array_equal(shipped_pipe.unet.state_dict()[name].numpy(), tensor.float().numpy())
+
+
+def _tiny_config(tmp_path, **overrides) -> TrainConfig:
+    kwargs = dict(
+        out=str(tmp_path / "out"),
+        work=str(tmp_path / "work"),
+        vae_channels=(8, 16, 16),
+        vae_norm_groups=8,
+        vae_steps=2,
+        vae_batch=2,
+        latent_cache=8,
+        unet_channels=(16, 32, 32),
+        unet_norm_groups=8,
+        unet_heads=2,
+        text_hidden=32,
+        text_layers=1,
+        text_heads=2,
+        text_intermediate=64,
+        unet_steps=2,
+        unet_batch=4,
+        unet_warmup=1,
+        vae_warmup=1,
+        log_every=1,
+        val_size=4,
+        progress=False,
+    )
+    kwargs.update(overrides)
+    return TrainConfig(**kwargs)
+
+
+def test_training_loop_checkpoints_and_resumes(tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    summary = train(_tiny_config(tmp_path))
+    assert summary["steps"] == 2
+    work = tmp_path / "work"
+    assert torch.load(work / "unet_ckpt.pt", weights_only=False)["step"] == 2
+    vae_mtime = (work / "vae_final" / "config.json").stat().st_mtime
+
+    with pytest.raises(ValueError, match="--resume"):
+        train(_tiny_config(tmp_path))
+
+    summary = train(_tiny_config(tmp_path, resume=True, unet_steps=4))
+    assert summary["steps"] == 4
+    assert torch.load(work / "unet_ckpt.pt", weights_only=False)["step"] == 4
+    assert (work / "vae_final" / "config.json").stat().st_mtime == vae_mtime  # VAE stage not redone
+    logged = [json.loads(line) for line in (work / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in logged if r["stage"] == "unet"] == [1, 2, 3, 4]
+
+    pipe = StableDiffusionPipeline.from_pretrained(str(tmp_path / "out"), torch_dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    image = pipe("a red circle", num_inference_steps=2, output_type="np").images
+    assert image.shape == (1, 64, 64, 3)
+
+
+def test_data_order_and_schedule_are_pure_functions():
+    a = permuted_positions(0, 2, 10, 7, 8)
+    np.testing.assert_array_equal(a, permuted_positions(0, 2, 10, 7, 8))
+    # An endless stream of per-epoch permutations: each epoch covers every index once.
+    stream = permuted_positions(0, 2, 10, 0, 30)
+    for epoch in range(3):
+        assert sorted(stream[epoch * 10 : (epoch + 1) * 10]) == list(range(10))
+    np.testing.assert_array_equal(stream[7:15], a)
+    assert lr_factor(0, 10, 100, 0.1) == pytest.approx(0.1)
+    assert lr_factor(100, 10, 100, 0.1) == pytest.approx(0.1)
+    assert lr_factor(10, 10, 100, 0.1) == pytest.approx(1.0)
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="caption_dropout"):
+        TrainConfig(caption_dropout=1.5)
+    with pytest.raises(ValueError, match="vae_channels"):
+        TrainConfig(vae_channels=(8, 16))
