@@ -342,3 +342,25 @@ def test_study_spatial_awareness(tiny_pipe_dir, layouts_file, tmp_path):
     assert all(m["guidance"]["loss"] == "none" for m in described.values())
     assert described["inv=2"]["init"]["inversion_steps"] == 2
     assert (out / "study.png").is_file() and "| inv=2 |" in (out / "study.md").read_text()
+
+
+def test_every_study_builds_valid_methods():
+    from saltdiff.eval.studies import STUDIES, parse_values
+
+    for name, study in STUDIES.items():
+        variants = study.variants(study.default_values, study.default_loss)
+        names = [v.spec.name for v in variants]
+        assert len(set(names)) == len(names), name
+        methods = [build_method(v.spec) for v in variants]
+        assert all(m.name for m in methods)
+    budget = STUDIES["guidance-budget"].variants((2, 5), "salt", (1, 3))
+    assert len(budget) == 2 * 2 * 2
+    assert {(v.spec.guidance["guidance_steps"], v.spec.guidance["guidance_iters"]) for v in budget} == {
+        (2, 1),
+        (5, 1),
+        (2, 3),
+        (5, 3),
+    }
+    assert parse_values(STUDIES["background"], "gray,white") == ("gray", "white")
+    with pytest.raises(ValueError, match="takes int values"):
+        parse_values(STUDIES["inversion-steps"], "1,x")

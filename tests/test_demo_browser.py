@@ -80,7 +80,9 @@ def server():
     pipe = SaltPipeline.from_pipe(tiny_sd_pipeline())
     pipe.set_progress_bar_config(disable=True)
     recorder = RecordingPipe(pipe)
-    app = build_app(recorder, model_name="tiny test model")
+    # Cheap settings for a CPU: few steps, flat gray reference background, 2 steps per object.
+    fast = {"steps": 4, "inversion_steps": 2, "object_steps": 2, "background": "gray"}
+    app = build_app(recorder, model_name="tiny test model", defaults=fast)
     port = _free_port()
     kwargs = launch_kwargs("127.0.0.1", port)
     app.launch(**kwargs, prevent_thread_lock=True, quiet=True)
@@ -160,8 +162,7 @@ def test_draw_generate_error_and_recover(server, page, tmp_path):
     for label, box in drawn.items():
         _draw_box(page, rect, box, label)
     page.locator("#prompt textarea").fill("a red circle and a blue square on a white background")
-    _set_number(page, "steps", 6)
-    _set_number(page, "inv-steps", 3)
+    _set_number(page, "steps", 3)
 
     # 1. A valid request: the result appears and the drawn boxes reached the pipeline.
     page.locator("#generate").click()
@@ -172,7 +173,7 @@ def test_draw_generate_error_and_recover(server, page, tmp_path):
     first_src = page.locator("#result img").get_attribute("src")
     prompt, layout, kwargs = recorder.calls[0]
     assert prompt == "a red circle and a blue square on a white background"
-    assert kwargs["num_inference_steps"] == 6
+    assert kwargs["num_inference_steps"] == 3
     assert layout.phrases == list(drawn)
     for box in layout:
         assert box.box == pytest.approx(drawn[box.phrase], abs=BOX_TOLERANCE), box

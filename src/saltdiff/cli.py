@@ -253,6 +253,12 @@ def cmd_generate(args) -> int:
     if not os.path.isdir(out_dir):
         raise CliError(f"output folder {out_dir!r} does not exist")
 
+    if args.quiet:
+        from diffusers.utils import logging as diffusers_logging
+        from transformers.utils import logging as transformers_logging
+
+        diffusers_logging.disable_progress_bar()
+        transformers_logging.disable_progress_bar()
     pipe = load_pipeline(args.model, args.device, args.dtype)
     if args.quiet:
         pipe.set_progress_bar_config(disable=True)

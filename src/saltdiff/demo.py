@@ -14,7 +14,6 @@ The request handling is plain functions, testable without a browser or a server:
 Needs the ``demo`` extra: ``pip install 'saltdiff[demo]'``.
 """
 
-
 import logging
 import math
 import numbers
@@ -34,6 +33,7 @@ from .guidance import GUIDANCE_LOSSES, GuidanceConfig
 from .init import RandomInit, SpatialAwareInit
 from .layout import Box, Layout, LayoutError
 from .pipeline import DEFAULT_MODEL, INIT_NAMES, builtin_models
+from .reference import BACKGROUNDS as REFERENCE_BACKGROUNDS
 from .reference import GeneratedObjects, UserImages
 from .viz import PALETTE, draw_boxes, heatmap, save_png_with_recipe
 
@@ -208,6 +208,8 @@ class DemoRequest:
     seed: int = 0
     inversion_steps: int = 10
     compare: bool = False
+    object_steps: int = 25
+    background: str = "generated"
     reference_image: Image.Image | None = field(default=None, compare=False, repr=False)
 
 
@@ -232,6 +234,8 @@ def validate_request(
     inversion_steps: Any = 10,
     compare: bool = False,
     use_canvas_as_reference: bool = False,
+    object_steps: Any = 25,
+    background: str = "generated",
 ) -> DemoRequest:
     """Check a request from the page; ``ValueError`` (``LayoutError`` for the layout) names the bad value.
 
@@ -251,6 +255,9 @@ def validate_request(
     steps = _as_int(num_inference_steps, "steps", 1, MAX_STEPS)
     inv = _as_int(inversion_steps, "inversion steps", 1, MAX_INVERSION_STEPS)
     seed = _as_int(seed, "seed", 0, MAX_SEED)
+    object_steps = _as_int(object_steps, "object steps", 1, MAX_STEPS)
+    if background not in REFERENCE_BACKGROUNDS:
+        raise ValueError(f"reference background must be one of {REFERENCE_BACKGROUNDS}, got {background!r}")
     if (
         isinstance(guidance_scale, bool)
         or not isinstance(guidance_scale, numbers.Real)
@@ -283,6 +290,8 @@ def validate_request(
         seed=seed,
         inversion_steps=inv,
         compare=bool(compare),
+        object_steps=object_steps,
+        background=background,
         reference_image=reference,
     )
 
@@ -326,7 +335,7 @@ def make_init(request: DemoRequest, init: str):
     reference = (
         UserImages(image=request.reference_image)
         if request.reference_image is not None
-        else GeneratedObjects()
+        else GeneratedObjects(background=request.background, num_inference_steps=request.object_steps)
     )
     return SpatialAwareInit(reference=reference, inversion_steps=request.inversion_steps)
 
@@ -567,12 +576,40 @@ def user_message(exc: BaseException) -> str:
     return f"generation failed: {type(exc).__name__}: {exc}"
 
 
+#: Initial values of the page's controls (``build_app(defaults=...)`` overrides some).
+CONTROL_DEFAULTS = {
+    "init": "salt",
+    "guidance": "salt",
+    "steps": 30,
+    "cfg": 7.5,
+    "seed": 0,
+    "inversion_steps": 10,
+    "compare": False,
+    "object_steps": 25,
+    "background": "generated",
+}
+
+
 def build_app(
-    pipe_or_model, *, allow_model_paths: bool = False, model_name: str | None = None, device=None, dtype=None
+    pipe_or_model,
+    *,
+    allow_model_paths: bool = False,
+    model_name: str | None = None,
+    device=None,
+    dtype=None,
+    defaults: Mapping[str, Any] | None = None,
 ):
-    """The Gradio app for a pipeline object or a model name (hub id, folder, ``builtin:NAME``)."""
+    """The Gradio app for a pipeline object or a model name (hub id, folder, ``builtin:NAME``).
+
+    ``defaults`` overrides initial control values (keys of :data:`CONTROL_DEFAULTS`).
+    """
     import gradio as gr
     from gradio_image_annotation import image_annotator
+
+    unknown = set(defaults or {}) - set(CONTROL_DEFAULTS)
+    if unknown:
+        raise ValueError(f"unknown control default(s) {sorted(unknown)}; valid: {sorted(CONTROL_DEFAULTS)}")
+    d = {**CONTROL_DEFAULTS, **(defaults or {})}
 
     pool = ModelPool(
         pipe_or_model, name=model_name, device=device, dtype=dtype, allow_model_paths=allow_model_paths
@@ -592,6 +629,8 @@ def build_app(
         seed,
         inv_steps,
         compare,
+        object_steps,
+        background,
         request: gr.Request,
         progress=gr.Progress(),
     ):
@@ -612,6 +651,8 @@ def build_app(
                 inversion_steps=inv_steps,
                 compare=compare,
                 use_canvas_as_reference=use_reference,
+                object_steps=object_steps,
+                background=background,
             )
             progress(0, desc="starting")
             result = run_generation(
@@ -685,27 +726,43 @@ def build_app(
                         allow_custom_value=allow_model_paths,
                         elem_id="model",
                     )
-                    init = gr.Radio(list(INIT_NAMES), value="salt", label="Initial latent", elem_id="init")
+                    init = gr.Radio(list(INIT_NAMES), value=d["init"], label="Initial latent", elem_id="init")
                     guidance = gr.Radio(
-                        list(GUIDANCE_LOSSES), value="salt", label="Guidance", elem_id="guidance"
+                        list(GUIDANCE_LOSSES), value=d["guidance"], label="Guidance", elem_id="guidance"
                     )
                 with gr.Row():
-                    steps = gr.Slider(1, MAX_STEPS, value=30, step=1, label="Steps", elem_id="steps")
-                    cfg = gr.Slider(0, MAX_CFG, value=7.5, step=0.5, label="CFG scale", elem_id="cfg")
+                    steps = gr.Slider(1, MAX_STEPS, value=d["steps"], step=1, label="Steps", elem_id="steps")
+                    cfg = gr.Slider(0, MAX_CFG, value=d["cfg"], step=0.5, label="CFG scale", elem_id="cfg")
                     seed = gr.Number(
-                        0, precision=0, minimum=0, maximum=MAX_SEED, label="Seed", elem_id="seed"
+                        d["seed"], precision=0, minimum=0, maximum=MAX_SEED, label="Seed", elem_id="seed"
                     )
                     inv_steps = gr.Slider(
                         1,
                         MAX_INVERSION_STEPS,
-                        value=10,
+                        value=d["inversion_steps"],
                         step=1,
                         label="Inversion steps (SALT)",
                         elem_id="inv-steps",
                     )
                 compare = gr.Checkbox(
-                    label="Compare: random init vs SALT, same seed", value=False, elem_id="compare"
+                    label="Compare: random init vs SALT, same seed", value=d["compare"], elem_id="compare"
                 )
+                with gr.Accordion("Reference objects (SALT)", open=False):
+                    with gr.Row():
+                        background = gr.Radio(
+                            list(REFERENCE_BACKGROUNDS),
+                            value=d["background"],
+                            label="Reference background",
+                            elem_id="background",
+                        )
+                        object_steps = gr.Slider(
+                            1,
+                            MAX_STEPS,
+                            value=d["object_steps"],
+                            step=1,
+                            label="Steps per generated object",
+                            elem_id="object-steps",
+                        )
                 with gr.Row():
                     run_btn = gr.Button("Generate", variant="primary", elem_id="generate")
                     stop_btn = gr.Button("Cancel", variant="stop", elem_id="cancel")
@@ -747,6 +804,8 @@ def build_app(
             seed,
             inv_steps,
             compare,
+            object_steps,
+            background,
         ]
         outputs = [
             out_image,

@@ -443,7 +443,10 @@ def run_bench(config: BenchConfig, pipe=None) -> dict | None:
             if os.path.isfile(path):
                 bar.update()
                 continue
-            record, result = generate_record(pipe, method, lay, seed, config, ctx)
+            try:
+                record, result = generate_record(pipe, method, lay, seed, config, ctx)
+            except (ValueError, TypeError) as exc:
+                raise type(exc)(f"method {method.name!r}, layout {lay.id!r}, seed {seed}: {exc}") from exc
             atomic_write(image_path(out, method.name, lay.id, seed), _png_bytes(result.images[0]))
             if result.reference_image is not None:
                 atomic_write(
