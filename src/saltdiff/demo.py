@@ -133,8 +133,8 @@ def layout_from_annotation(
 ) -> Layout:
     """The component's boxes (pixels of a ``width`` × ``height`` image, labels = phrases) as a normalized Layout.
 
-    ``width``/``height`` default to the size of the image inside ``value``. Boxes are kept in drawing
-    order; a label ``"dog#2"`` binds the box to the second "dog" of the prompt. Coordinates may
+    ``width``/``height`` default to the size of the image inside ``value``. Boxes keep the
+    component's order; a label ``"dog#2"`` binds the box to the second "dog" of the prompt. Coordinates may
     overshoot the image by :data:`EDGE_TOLERANCE_PX` pixels (they are clipped); further out, a box
     is refused, as are boxes of zero area and unlabelled boxes.
     """
@@ -387,7 +387,8 @@ def run_generation(
     """Run ``request`` on ``pipe`` (random init then SALT with the same seed when ``compare``).
 
     ``on_step(done, total, description)`` is called after every denoising step (for a progress
-    bar); when ``should_cancel()`` turns true the run stops with :class:`GenerationCancelled`.
+    bar); when ``should_cancel()`` turns true the run stops with :class:`GenerationCancelled` at the
+    next denoising step (building SALT's reference objects is not interrupted).
     The image and its recipe are written to a PNG in ``out_dir`` (a fresh temporary folder by default).
     """
     inits = ["random", "salt"] if request.compare else [request.init]
@@ -502,9 +503,12 @@ class ModelPool:
         ]
 
     def _load(self, name: str):
-        from .cli import load_pipeline
+        from .cli import CliError, load_pipeline
 
-        pipe = load_pipeline(name, self.device, self.dtype)
+        try:
+            pipe = load_pipeline(name, self.device, self.dtype)
+        except CliError as exc:  # a missing folder or an unloadable model: a user error in the page
+            raise ValueError(str(exc)) from None
         pipe.set_progress_bar_config(disable=True)
         return pipe
 
@@ -571,7 +575,7 @@ def user_message(exc: BaseException) -> str:
     """The one-line message a page shows for an exception from a request."""
     if isinstance(exc, GenerationCancelled):
         return "Generation cancelled."
-    if isinstance(exc, (ValueError, TypeError)):
+    if isinstance(exc, (ValueError, TypeError, OSError)):
         return str(exc)
     return f"generation failed: {type(exc).__name__}: {exc}"
 
@@ -664,7 +668,7 @@ def build_app(
                 out_dir=tempfile.mkdtemp(dir=out_root),
             )
         except Exception as exc:
-            if not isinstance(exc, (ValueError, TypeError, GenerationCancelled)):
+            if not isinstance(exc, (ValueError, TypeError, OSError, GenerationCancelled)):
                 logger.exception("generation failed")
             raise gr.Error(user_message(exc), print_exception=False) from None
         status = (
