@@ -124,6 +124,13 @@ def test_strip_phrases():
     assert strip_phrases("a cat", ["cat"]) == ""
 
 
+def test_generated_background_of_a_prompt_made_only_of_boxed_phrases(tiny_pipe):
+    # Nothing is left once the phrases are removed: the background is an unconditional sample.
+    builder = GeneratedObjects(background="generated", num_inference_steps=2, cache=False)
+    built = builder.build(tiny_pipe, PROMPT, Layout.from_pairs(LAYOUT), height=32, width=32, generator=None)
+    assert built.image.size == (32, 32)
+
+
 def test_processors_restored_even_after_an_error(tiny_pipe):
     before = dict(tiny_pipe.unet.attn_processors)
 
@@ -157,6 +164,7 @@ def test_non_finite_loss_skips_update_and_warns(tiny_pipe, caplog):
         (dict(init="zeros"), ValueError, "init must be one of"),
         (dict(prompt=["a", "b"]), TypeError, "prompt must be a string"),
         (dict(prompt="   "), ValueError, "prompt is empty"),
+        (dict(prompt="   ", layout=None, height=30), ValueError, "height"),
         (dict(guidance_scale=float("nan")), ValueError, "guidance_scale"),
         (dict(seed=1, generator=torch.Generator()), ValueError, "either seed or generator"),
     ],

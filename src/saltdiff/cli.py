@@ -235,6 +235,8 @@ def cmd_generate(args) -> int:
     from .reference import GeneratedObjects, UserImages
     from .viz import overlay_figure, save_png_with_recipe
 
+    if not args.prompt.strip():
+        raise CliError("--prompt is empty")
     layout = build_layout(args)
     guidance = GuidanceConfig(**dataclass_kwargs(args, GuidanceConfig))
     if args.init == "salt":

@@ -155,8 +155,6 @@ class SaltPipeline(StableDiffusionPipeline):
     ):
         if not isinstance(prompt, str):
             raise TypeError(f"prompt must be a string (one prompt per call), got {type(prompt).__name__}")
-        if not prompt.strip():
-            raise ValueError("prompt is empty")
         multiple = self.vae_scale_factor * 2 ** (len(self.unet.config.down_block_types) - 1)
         for name, value in (("height", height), ("width", width)):
             if not isinstance(value, int) or value <= 0 or value % multiple:
@@ -257,6 +255,8 @@ class SaltPipeline(StableDiffusionPipeline):
             prompt, height, width, num_inference_steps, guidance_scale, num_images_per_prompt
         )
         layout = as_layout(layout)
+        if not prompt.strip() and len(layout):
+            raise ValueError("prompt is empty but the layout has boxes: every boxed phrase must be in the prompt")
         token_indices = layout.resolve_tokens(self.tokenizer, prompt)
         if isinstance(guidance, str):
             guidance = GuidanceConfig(loss=guidance)
