@@ -206,9 +206,8 @@ def load_pipeline(model: str, device: str | None, dtype: str | None):
     from .pipeline import SaltPipeline
 
     device, torch_dtype = pick_device_dtype(device, dtype)
-    if os.path.sep in model and not os.path.exists(model) and not model.startswith("builtin:"):
-        if model.startswith((".", "/")):
-            raise CliError(f"model folder {model!r} does not exist")
+    if model.startswith((".", "/")) and not os.path.exists(model):
+        raise CliError(f"model folder {model!r} does not exist")
     try:
         pipe = SaltPipeline.from_pretrained(model, torch_dtype=torch_dtype)
     except OSError as exc:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from collections.abc import Callable, Mapping, Sequence
@@ -133,7 +134,7 @@ class SaltPipeline(StableDiffusionPipeline):
             if not (init == "salt" or isinstance(init, SpatialAwareInit)):
                 raise ValueError("reference_image is only used by init='salt'")
             base = init if isinstance(init, SpatialAwareInit) else SpatialAwareInit()
-            init = SpatialAwareInit(**{**base.__dict__, "reference": UserImages(image=reference_image)})
+            init = dataclasses.replace(base, reference=UserImages(image=reference_image))
         if isinstance(init, str):
             if init not in INIT_NAMES:
                 raise ValueError(
@@ -143,7 +144,7 @@ class SaltPipeline(StableDiffusionPipeline):
         if inversion_steps is not None:
             if not isinstance(init, SpatialAwareInit):
                 raise ValueError("inversion_steps only applies to init='salt'")
-            init = SpatialAwareInit(**{**init.__dict__, "inversion_steps": inversion_steps})
+            init = dataclasses.replace(init, inversion_steps=inversion_steps)
         if not (torch.is_tensor(init) or callable(init)):
             raise TypeError(
                 f"init must be 'salt', 'random', an initializer or a tensor, got {type(init).__name__}"
