@@ -1,4 +1,5 @@
 import logging
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -86,7 +87,9 @@ def test_user_reference_image(tiny_pipe, tmp_path):
     ref = Image.new("RGB", (64, 64), (128, 128, 128))
     path = tmp_path / "ref.png"
     ref.save(path)
-    out = tiny_pipe(PROMPT, LAYOUT, reference_image=str(path), inversion_steps=2, guidance="none", seed=0, **FAST)
+    out = tiny_pipe(
+        PROMPT, LAYOUT, reference_image=str(path), inversion_steps=2, guidance="none", seed=0, **FAST
+    )
     assert out.reference_image.size == (32, 32)
     with pytest.raises(ValueError, match="not found"):
         tiny_pipe(PROMPT, LAYOUT, reference_image=str(tmp_path / "missing.png"), **FAST)
@@ -221,3 +224,15 @@ def test_noise_outside_changes_only_outside(tiny_pipe):
     ).latents
     assert torch.allclose(z0[..., :8, :8], z1[..., :8, :8])
     assert not torch.allclose(z0[..., 8:, 8:], z1[..., 8:, 8:])
+
+
+def test_object_cache_key_changes_when_local_weights_change(tiny_pipe, tiny_pipe_dir, tmp_path, monkeypatch):
+    import os
+
+    builder = GeneratedObjects(cache_dir=str(tmp_path))
+    monkeypatch.setattr(type(tiny_pipe), "name_or_path", tiny_pipe_dir, raising=False)
+    before = builder._cache_path(tiny_pipe, "a red circle", 32, 32)
+    weights = next((Path(tiny_pipe_dir) / "unet").glob("*.safetensors"))
+    st = weights.stat()
+    os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    assert builder._cache_path(tiny_pipe, "a red circle", 32, 32) != before

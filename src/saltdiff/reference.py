@@ -190,6 +190,20 @@ def resize_array(arr: np.ndarray, height: int, width: int) -> np.ndarray:
     return np.asarray(img, dtype=np.float32) / 255.0
 
 
+def _weights_stamp(model_id: str) -> list:
+    """Size and mtime of a local model's weight files, so retrained weights never reuse old objects."""
+    if not os.path.isdir(model_id):
+        return []
+    stamp = []
+    for sub in ("unet", "text_encoder"):
+        for path in sorted(Path(model_id, sub).glob("*.safetensors")) + sorted(
+            Path(model_id, sub).glob("*.bin")
+        ):
+            st = path.stat()
+            stamp.append([f"{sub}/{path.name}", st.st_size, st.st_mtime_ns])
+    return stamp
+
+
 @dataclass
 class GeneratedObjects:
     """Generate each boxed object with the same model, cut it out, and paste it into its box.
@@ -233,6 +247,7 @@ class GeneratedObjects:
         key = json.dumps(
             [
                 str(model_id),
+                _weights_stamp(str(model_id)),
                 prompt,
                 self.object_seed,
                 height,
