@@ -869,7 +869,7 @@ def add_demo_parser(subparsers, add_model_args) -> None:
 
 
 def cmd_demo(args) -> int:
-    from .cli import CliError
+    from .cli_args import CliError
 
     try:
         import gradio  # noqa: F401

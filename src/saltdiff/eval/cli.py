@@ -23,7 +23,7 @@ from .studies import STUDIES, parse_values
 
 
 def _add_run_args(parser: argparse.ArgumentParser, add_model_args) -> None:
-    from ..cli import GUIDANCE_HELP, OBJECTS_HELP, SALT_INIT_HELP, add_dataclass_args
+    from ..cli_args import GUIDANCE_HELP, OBJECTS_HELP, SALT_INIT_HELP, add_dataclass_args
     from ..guidance import GuidanceConfig
     from ..init import SpatialAwareInit
     from ..reference import GeneratedObjects
@@ -106,7 +106,7 @@ def add_bench_parser(subparsers, add_model_args) -> None:
 
 
 def _config(args, methods) -> BenchConfig:
-    from ..cli import dataclass_kwargs
+    from ..cli_args import dataclass_kwargs
     from ..guidance import GuidanceConfig
     from ..init import SpatialAwareInit
     from ..reference import GeneratedObjects
