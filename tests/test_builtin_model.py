@@ -183,3 +183,13 @@ def test_spatial_aware_init_beats_random_init_under_the_same_guidance(tmp_path, 
             ious += box_ious(targets, detect(out.images[0]))
         mean_iou[init] = float(np.mean(ious))
     assert mean_iou["salt"] > mean_iou["random"] + 0.1, mean_iou
+
+
+def test_attention_localization_counts_only_detected_objects():
+    from saltdiff.eval.builtin_quality import attention_localization, heldout_prompts
+
+    res = attention_localization(str(MODEL_DIR), 3, 3.0, 10)
+    mentioned = sum(len(m) for _, m in heldout_prompts(3))
+    assert 0 < res["detected_objects"] <= mentioned
+    assert 0 <= res["argmax_on_object"] <= res["detected_objects"]
+    assert res["fraction"] == res["argmax_on_object"] / res["detected_objects"]

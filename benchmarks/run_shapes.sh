@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Reproduce benchmarks/RESULTS.md: the shapes-suite table (N = 200) and the six studies, with the
+# built-in model, on a CPU machine. Two processes with one thread each (layouts split by index, the
+# main process merges) were measured faster than one process with two threads for this tiny model.
+#
+#   bash benchmarks/run_shapes.sh [RUNS_DIR] [WHAT...]      # WHAT: table spatial inversion background budget reg sde
+#
+# Every command resumes: rerun the script after a kill and finished images are skipped.
+set -euo pipefail
+RUNS=${1:-runs}
+shift || true
+WHAT=${*:-table spatial inversion background budget reg sde}
+PROCS=${PROCS:-2}
+STEPS=${STEPS:-25}
+STUDY_N=${STUDY_N:-50}
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+
+if [ "$PROCS" -gt 1 ]; then
+    LAUNCH=(python -m accelerate.commands.launch --multi_gpu --num_processes "$PROCS" --num_machines 1
+            --mixed_precision no --dynamo_backend no --main_process_port "${PORT:-29533}" -m saltdiff)
+else
+    LAUNCH=(python -m saltdiff)
+fi
+COMMON=(--suite shapes --seeds 1 --steps "$STEPS" --device cpu -q)
+
+for what in $WHAT; do
+    case $what in
+        table)      "${LAUNCH[@]}" bench "${COMMON[@]}" --n 200 --methods all --out "$RUNS/shapes-n200" ;;
+        spatial)    "${LAUNCH[@]}" study spatial-awareness "${COMMON[@]}" --n "$STUDY_N" --out "$RUNS/study-spatial" ;;
+        inversion)  "${LAUNCH[@]}" study inversion-steps "${COMMON[@]}" --n "$STUDY_N" --values 1,5,10,25 --out "$RUNS/study-inversion" ;;
+        background) "${LAUNCH[@]}" study background "${COMMON[@]}" --n "$STUDY_N" --out "$RUNS/study-background" ;;
+        budget)     "${LAUNCH[@]}" study guidance-budget "${COMMON[@]}" --n "$STUDY_N" --values 2,5,10 --iters-values 1,5 --out "$RUNS/study-budget" ;;
+        reg)        "${LAUNCH[@]}" study reg-weight "${COMMON[@]}" --n "$STUDY_N" --values 0,0.5,2 --out "$RUNS/study-reg" ;;
+        sde)        "${LAUNCH[@]}" study sde-inversion "${COMMON[@]}" --n "$STUDY_N" --values 0,0.1,0.3 --out "$RUNS/study-sde" ;;
+        *) echo "unknown part: $what" >&2; exit 2 ;;
+    esac
+done
