@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Reproduce benchmarks/RESULTS.md: the shapes-suite table (N = 200) and the six studies, with the
-# built-in model, on a CPU machine. Two processes with one thread each (layouts split by index, the
-# main process merges) were measured faster than one process with two threads for this tiny model.
+# built-in model, on a CPU machine: PROCS processes (default 2) with one thread each; layouts are
+# split by index and the main process merges (set PROCS=1 for a single process).
 #
 #   bash benchmarks/run_shapes.sh [RUNS_DIR] [WHAT...]      # WHAT: table spatial inversion background budget reg sde
 #

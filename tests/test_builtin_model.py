@@ -138,6 +138,50 @@ def test_training_loop_checkpoints_and_resumes(tmp_path):
     assert image.shape == (1, 64, 64, 3)
 
 
+def test_grounding_loss_rewards_attention_inside_the_box(shipped_pipe):
+    from saltdiff.attention import AttentionStore
+    from saltdiff.train_builtin import box_cell_coverage, grounding_loss, grounding_targets, tokenize
+    from saltdiff.worlds.shapes import TRAIN_SEEDS, sample_scene
+
+    cover = box_cell_coverage((0.25, 0.0, 0.5, 0.5), 4, 4)
+    assert cover.sum() == pytest.approx(4 * 4 * 0.25 * 0.5) and cover[0, 1] == 1 and cover[3, 3] == 0
+
+    seeds = torch.tensor([TRAIN_SEEDS[i] for i in range(6)])
+    scenes = [sample_scene(int(s)) for s in seeds]
+    ids = tokenize(shipped_pipe.tokenizer, [sc.caption for sc in scenes])
+    targets = grounding_targets(seeds, ids, shipped_pipe.tokenizer)
+    for sc, pairs, row in zip(scenes, targets, ids.tolist()):
+        assert len(pairs) == 2 * len({o.phrase for o in sc.objects})
+        words = [shipped_pipe.tokenizer.convert_ids_to_tokens(row[pos]).removesuffix("</w>") for pos, _ in pairs]
+        assert words == [w for o in sc.objects for w in (o.color, o.shape)]
+
+    h = w = 8
+    masks = [[box_cell_coverage(box, h, w).flatten() for _, box in pairs] for pairs in targets]
+    inside = torch.full((len(seeds), 1, h * w, ids.shape[1]), 1e-6)
+    outside = inside.clone()
+    best = []  # all attention on the best-covered cell: the loss is (1 - its coverage)^2
+    for b, pairs in enumerate(targets):
+        for (pos, _), m in zip(pairs, masks[b]):
+            inside[b, 0, int(m.argmax()), pos] = 1.0
+            outside[b, 0, :, pos] = (m == 0).float()
+            best.append((1.0 - float(m.max())) ** 2)
+    keep = torch.ones(len(seeds), dtype=torch.bool)
+    assert np.mean(best) < 0.05
+    for probs, expected in ((inside, np.mean(best)), (outside, 1.0)):
+        store = AttentionStore(maps={"x8": probs}, layer_hw={"x8": (h, w)})
+        assert float(grounding_loss(store, targets, keep)) == pytest.approx(expected, abs=1e-3)
+    store = AttentionStore(maps={"x8": outside}, layer_hw={"x8": (h, w)})
+    assert float(grounding_loss(store, targets, torch.zeros(len(seeds), dtype=torch.bool))) == 0.0
+
+
+def test_training_with_grounding_loss_logs_it(tmp_path):
+    summary = train(_tiny_config(tmp_path, grounding_weight=0.5))
+    assert summary["steps"] == 2
+    logged = [json.loads(line) for line in (tmp_path / "work" / "log.jsonl").read_text().splitlines()]
+    ground = [r["grounding"] for r in logged if r["stage"] == "unet"]
+    assert len(ground) == 2 and all(0.0 < g <= 1.0 for g in ground)
+
+
 def test_data_order_and_schedule_are_pure_functions():
     a = permuted_positions(0, 2, 10, 7, 8)
     np.testing.assert_array_equal(a, permuted_positions(0, 2, 10, 7, 8))
@@ -156,6 +200,8 @@ def test_config_validation():
         TrainConfig(caption_dropout=1.5)
     with pytest.raises(ValueError, match="vae_channels"):
         TrainConfig(vae_channels=(8, 16))
+    with pytest.raises(ValueError, match="grounding_weight"):
+        TrainConfig(grounding_weight=-1.0)
 
 
 def test_spatial_aware_init_beats_random_init_under_the_same_guidance(tmp_path, monkeypatch):

@@ -38,6 +38,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .attention import capture_cross_attention
+
 logger = logging.getLogger(__name__)
 
 PIPELINE_COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
@@ -81,6 +83,9 @@ class TrainConfig:
     ema_decay: float = 0.999
     caption_dropout: float = 0.1
     snr_gamma: float = 5.0
+    # Token grounding (TokenCompose-style): weight of a loss that pulls each object word's
+    # cross-attention into its object's box; 0 = plain epsilon loss (how the shipped weights were made).
+    grounding_weight: float = 0.0
     # bookkeeping
     checkpoint_minutes: float = 5.0
     log_every: int = 25
@@ -102,6 +107,8 @@ class TrainConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not 0.0 <= self.caption_dropout < 1.0:
             raise ValueError(f"caption_dropout must be in [0, 1), got {self.caption_dropout}")
+        if not (self.grounding_weight >= 0.0 and math.isfinite(self.grounding_weight)):
+            raise ValueError(f"grounding_weight must be a finite number >= 0, got {self.grounding_weight}")
         if not 0.0 < self.ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in (0, 1), got {self.ema_decay}")
         if len(self.vae_channels) != 3:
@@ -500,7 +507,69 @@ def _unet_batch(
     noise = torch.randn(z0.shape, generator=gen)
     a = alphas_cumprod[t].view(-1, 1, 1, 1)
     zt = a.sqrt() * z0 + (1 - a).sqrt() * noise
-    return zt, t, ids, noise
+    return zt, t, ids, noise, cache["seeds"][idx], ~drop
+
+
+def box_cell_coverage(box: Sequence[float], h: int, w: int) -> torch.Tensor:
+    """``[h, w]``: the fraction of each cell of an ``h x w`` grid that the normalized box covers."""
+    ys = torch.arange(h + 1, dtype=torch.float32) / h
+    xs = torch.arange(w + 1, dtype=torch.float32) / w
+    cover_y = (torch.minimum(ys[1:], torch.tensor(box[3])) - torch.maximum(ys[:-1], torch.tensor(box[1]))).clamp(min=0)
+    cover_x = (torch.minimum(xs[1:], torch.tensor(box[2])) - torch.maximum(xs[:-1], torch.tensor(box[0]))).clamp(min=0)
+    return (cover_y[:, None] * h) * (cover_x[None, :] * w)
+
+
+def grounding_targets(seeds: torch.Tensor, ids: torch.Tensor, tokenizer) -> list[list[tuple[int, tuple]]]:
+    """Per sample: ``(token position, box)`` for the color and the shape word of every object.
+
+    The scene is re-created from its seed (the cache keeps seeds), so boxes need no storage. An
+    object whose words are not adjacent in the caption, or whose phrase occurs twice, is skipped.
+    """
+    from .worlds.shapes import sample_scene
+
+    word_id = {}
+    out = []
+    for seed, row in zip(seeds.tolist(), ids.tolist()):
+        scene = sample_scene(int(seed))
+        phrases = [o.phrase for o in scene.objects]
+        pairs = []
+        for obj in scene.objects:
+            if phrases.count(obj.phrase) > 1:
+                continue
+            for word in (obj.color, obj.shape):
+                if word not in word_id:
+                    word_id[word] = tokenizer(word, add_special_tokens=False).input_ids[0]
+            c, sh = word_id[obj.color], word_id[obj.shape]
+            at = [j for j in range(len(row) - 1) if row[j] == c and row[j + 1] == sh]
+            if len(at) == 1:
+                pairs += [(at[0], tuple(obj.box)), (at[0] + 1, tuple(obj.box))]
+        out.append(pairs)
+    return out
+
+
+def grounding_loss(store, targets: list[list[tuple[int, tuple]]], keep: torch.Tensor) -> torch.Tensor:
+    """Mean over captured layers and grounded words of ``(1 - attention mass inside the box)^2``.
+
+    A word's map is its column of the head-averaged attention probabilities, normalized over
+    the layer's pixels (TokenCompose's token loss, with boxes for masks). Caption-dropped samples
+    (``keep`` false) have no words to ground.
+    """
+    rows = [(b, pos, box) for b, pairs in enumerate(targets) if keep[b] for pos, box in pairs]
+    if not rows:
+        return torch.zeros(())
+    b_idx = torch.tensor([r[0] for r in rows])
+    t_idx = torch.tensor([r[1] for r in rows])
+    losses = []
+    mask_cache: dict = {}
+    for name, probs in store.maps.items():
+        h, w = store.layer_hw[name]
+        if (h, w) not in mask_cache:
+            mask_cache[(h, w)] = torch.stack([box_cell_coverage(r[2], h, w).flatten() for r in rows])
+        masks = mask_cache[(h, w)]
+        maps = probs.mean(dim=1)[b_idx, :, t_idx]  # [R, Q]
+        inside = (maps * masks).sum(-1) / maps.sum(-1).clamp_min(1e-8)
+        losses.append(((1.0 - inside) ** 2).mean())
+    return torch.stack(losses).mean()
 
 
 @torch.no_grad()
@@ -592,13 +661,20 @@ def train_unet(cfg: TrainConfig, work: Path, out: Path, vae, tokenizer, log: Log
         factor = lr_factor(step, cfg.unet_warmup, cfg.unet_steps, cfg.min_lr_ratio)
         for group in opt.param_groups:
             group["lr"] = cfg.unet_lr * factor
-        zt, t, ids, noise = _unet_batch(cfg, cache, scaling, empty_ids, step, alphas_cumprod)
-        pred = unet(zt, t, text_encoder(ids)[0]).sample
+        zt, t, ids, noise, seeds, keep = _unet_batch(cfg, cache, scaling, empty_ids, step, alphas_cumprod)
+        if cfg.grounding_weight > 0:
+            with capture_cross_attention(unet, "all") as store:
+                pred = unet(zt, t, text_encoder(ids)[0]).sample
+            ground = grounding_loss(store, grounding_targets(seeds, ids, tokenizer), keep)
+            store.reset()
+        else:
+            pred = unet(zt, t, text_encoder(ids)[0]).sample
+            ground = torch.zeros(())
         per_sample = F.mse_loss(pred, noise, reduction="none").flatten(1).mean(1)
         weight = (
             snr[t].clamp(max=cfg.snr_gamma) / snr[t] if cfg.snr_gamma > 0 else torch.ones_like(per_sample)
         )
-        loss = (per_sample * weight).mean()
+        loss = (per_sample * weight).mean() + cfg.grounding_weight * ground
         opt.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
@@ -613,6 +689,7 @@ def train_unet(cfg: TrainConfig, work: Path, out: Path, vae, tokenizer, log: Log
                 step=step,
                 loss=loss.item(),
                 mse=per_sample.mean().item(),
+                grounding=float(ground),
                 grad_norm=float(grad_norm),
                 lr=cfg.unet_lr * factor,
                 time=time.time(),

@@ -220,6 +220,17 @@ def save_grid(images: np.ndarray, path: str, columns: int = 8, scale: int = 2) -
     Image.fromarray(grid).resize((grid.shape[1] * scale, grid.shape[0] * scale), Image.NEAREST).save(path)
 
 
+def save_samples(pipe, path: str, guidance_scale: float, n: int = 16, num_inference_steps: int = 50) -> None:
+    """The model card's sample grid: for the first ``n`` VAL captions, the generated image (seed ``i``)
+    next to the render of that VAL scene (one valid layout for the caption, not a target)."""
+    from ..worlds.shapes import VAL_SEEDS, render, sample_scene
+
+    scenes = [sample_scene(VAL_SEEDS[i]) for i in range(n)]
+    generated = generate(pipe, [s.caption for s in scenes], list(range(n)), guidance_scale, num_inference_steps)
+    pairs = np.stack([np.concatenate([g, render(s)], axis=1) for g, s in zip(generated, scenes)])
+    save_grid(pairs, path, columns=4)
+
+
 def main(argv: Sequence[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(
         prog="python -m saltdiff.eval.builtin_quality", description=__doc__.split("\n")[0]
@@ -235,6 +246,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser.add_argument(
         "--attention-n", type=int, default=100, help="held-out captions for the attention localization (0: skip)"
     )
+    parser.add_argument("--samples", default=None, help="save the model card's sample grid (16 VAL captions) here")
     parser.add_argument("--output", default=None, help="write the JSON results here")
     parser.add_argument("--grid", default=None, help="save a PNG grid of the first 32 generated images")
     args = parser.parse_args(argv)
@@ -261,6 +273,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     if args.attention_n:
         results["attention_localization"] = attention_localization(args.model, args.attention_n, scale, args.steps)
         logger.info("attention localization: %s", results["attention_localization"])
+    if args.samples:
+        save_samples(pipe, args.samples, scale, num_inference_steps=args.steps)
     if args.grid:
         save_grid(images[:32], args.grid)
     summary = {k: v for k, v in results.items() if k != "records"}
