@@ -209,7 +209,7 @@ class DemoRequest:
     inversion_steps: int = 10
     compare: bool = False
     object_steps: int = 25
-    background: str = "generated"
+    background: str = GeneratedObjects.background
     reference_image: Image.Image | None = field(default=None, compare=False, repr=False)
 
 
@@ -235,7 +235,7 @@ def validate_request(
     compare: bool = False,
     use_canvas_as_reference: bool = False,
     object_steps: Any = 25,
-    background: str = "generated",
+    background: str = GeneratedObjects.background,
 ) -> DemoRequest:
     """Check a request from the page; ``ValueError`` (``LayoutError`` for the layout) names the bad value.
 
@@ -590,7 +590,7 @@ CONTROL_DEFAULTS = {
     "inversion_steps": 10,
     "compare": False,
     "object_steps": 25,
-    "background": "generated",
+    "background": GeneratedObjects.background,
 }
 
 

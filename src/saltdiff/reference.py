@@ -210,11 +210,14 @@ class GeneratedObjects:
 
     Each phrase is generated alone (``object_prompt`` with ``{phrase}``) at a fixed seed, so a layout's
     reference is reproducible and objects can be cached on disk, keyed by (model, prompt, seed, size,
-    steps, cfg). The background is a generated scene of the prompt without the boxed phrases,
-    or a flat gray/white/noise canvas.
+    steps, cfg). The background is a flat white (default), gray or noise canvas, or ``"generated"``: a
+    scene of the prompt without the boxed phrases. White is the default because it measured best for
+    layout (``saltdiff study background``, built-in model, 50 layouts: mIoU 0.658 white, 0.617 gray,
+    0.555 noise, 0.530 generated); ``"generated"`` keeps room for objects the prompt names without a box
+    (their recall 0.67 against 0.33 with white, on 12 such objects).
     """
 
-    background: str = "generated"
+    background: str = "white"
     object_prompt: str = "a {phrase} on a white background"
     object_seed: int = 0
     num_inference_steps: int = 25

@@ -689,7 +689,7 @@ def train_unet(cfg: TrainConfig, work: Path, out: Path, vae, tokenizer, log: Log
                 step=step,
                 loss=loss.item(),
                 mse=per_sample.mean().item(),
-                grounding=float(ground),
+                grounding=float(ground.detach()),
                 grad_norm=float(grad_norm),
                 lr=cfg.unet_lr * factor,
                 time=time.time(),
