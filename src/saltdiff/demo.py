@@ -206,7 +206,7 @@ class DemoRequest:
     num_inference_steps: int = 30
     guidance_scale: float = 7.5
     seed: int = 0
-    inversion_steps: int = 10
+    inversion_steps: int = SpatialAwareInit.inversion_steps
     compare: bool = False
     object_steps: int = 25
     background: str = GeneratedObjects.background
@@ -231,7 +231,7 @@ def validate_request(
     num_inference_steps: Any = 30,
     guidance_scale: Any = 7.5,
     seed: Any = 0,
-    inversion_steps: Any = 10,
+    inversion_steps: Any = SpatialAwareInit.inversion_steps,
     compare: bool = False,
     use_canvas_as_reference: bool = False,
     object_steps: Any = 25,
@@ -587,7 +587,7 @@ CONTROL_DEFAULTS = {
     "steps": 30,
     "cfg": 7.5,
     "seed": 0,
-    "inversion_steps": 10,
+    "inversion_steps": SpatialAwareInit.inversion_steps,
     "compare": False,
     "object_steps": 25,
     "background": GeneratedObjects.background,
