@@ -149,10 +149,12 @@ def test_grounding_loss_rewards_attention_inside_the_box(shipped_pipe):
     seeds = torch.tensor([TRAIN_SEEDS[i] for i in range(6)])
     scenes = [sample_scene(int(s)) for s in seeds]
     ids = tokenize(shipped_pipe.tokenizer, [sc.caption for sc in scenes])
-    targets = grounding_targets(seeds, ids, shipped_pipe.tokenizer)
+    targets = grounding_targets(seeds, shipped_pipe.tokenizer)
     for sc, pairs, row in zip(scenes, targets, ids.tolist()):
         assert len(pairs) == 2 * len({o.phrase for o in sc.objects})
-        words = [shipped_pipe.tokenizer.convert_ids_to_tokens(row[pos]).removesuffix("</w>") for pos, _ in pairs]
+        words = [
+            shipped_pipe.tokenizer.convert_ids_to_tokens(row[pos]).removesuffix("</w>") for pos, _ in pairs
+        ]
         assert words == [w for o in sc.objects for w in (o.color, o.shape)]
 
     h = w = 8
@@ -225,16 +227,24 @@ def test_spatial_aware_init_beats_random_init_under_the_same_guidance(tmp_path, 
         ious = []
         for i, lay in enumerate(layouts):
             targets = [(b["phrase"], b["box"]) for b in lay["boxes"]]
-            out = pipe(lay["prompt"], targets, init=init, guidance="salt", num_inference_steps=15, seed=i, progress=False)
+            out = pipe(
+                lay["prompt"],
+                targets,
+                init=init,
+                guidance="salt",
+                num_inference_steps=15,
+                seed=i,
+                progress=False,
+            )
             ious += box_ious(targets, detect(out.images[0]))
         mean_iou[init] = float(np.mean(ious))
     assert mean_iou["salt"] > mean_iou["random"] + 0.1, mean_iou
 
 
-def test_attention_localization_counts_only_detected_objects():
+def test_attention_localization_counts_only_detected_objects(shipped_pipe):
     from saltdiff.eval.builtin_quality import attention_localization, heldout_prompts
 
-    res = attention_localization(str(MODEL_DIR), 3, 3.0, 10)
+    res = attention_localization(shipped_pipe, 3, 3.0, 10)
     mentioned = sum(len(m) for _, m in heldout_prompts(3))
     assert 0 < res["detected_objects"] <= mentioned
     assert 0 <= res["argmax_on_object"] <= res["detected_objects"]

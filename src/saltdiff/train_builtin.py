@@ -514,36 +514,36 @@ def box_cell_coverage(box: Sequence[float], h: int, w: int) -> torch.Tensor:
     """``[h, w]``: the fraction of each cell of an ``h x w`` grid that the normalized box covers."""
     ys = torch.arange(h + 1, dtype=torch.float32) / h
     xs = torch.arange(w + 1, dtype=torch.float32) / w
-    cover_y = (torch.minimum(ys[1:], torch.tensor(box[3])) - torch.maximum(ys[:-1], torch.tensor(box[1]))).clamp(min=0)
-    cover_x = (torch.minimum(xs[1:], torch.tensor(box[2])) - torch.maximum(xs[:-1], torch.tensor(box[0]))).clamp(min=0)
+    cover_y = (
+        torch.minimum(ys[1:], torch.tensor(box[3])) - torch.maximum(ys[:-1], torch.tensor(box[1]))
+    ).clamp(min=0)
+    cover_x = (
+        torch.minimum(xs[1:], torch.tensor(box[2])) - torch.maximum(xs[:-1], torch.tensor(box[0]))
+    ).clamp(min=0)
     return (cover_y[:, None] * h) * (cover_x[None, :] * w)
 
 
-def grounding_targets(seeds: torch.Tensor, ids: torch.Tensor, tokenizer) -> list[list[tuple[int, tuple]]]:
-    """Per sample: ``(token position, box)`` for the color and the shape word of every object.
+def grounding_targets(seeds: torch.Tensor, tokenizer) -> list[list[tuple[int, tuple]]]:
+    """Per sample: ``(token position, box)`` for each token of every object's phrase (color, shape).
 
-    The scene is re-created from its seed (the cache keeps seeds), so boxes need no storage. An
-    object whose words are not adjacent in the caption, or whose phrase occurs twice, is skipped.
+    The scene is re-created from its seed (the cache keeps seeds), so boxes need no storage; token
+    positions come from :meth:`Layout.resolve_tokens` on the scene's caption, the same resolution
+    the pipeline uses. An object whose phrase occurs twice in the scene is skipped.
     """
+    from .layout import Layout
     from .worlds.shapes import sample_scene
 
-    word_id = {}
     out = []
-    for seed, row in zip(seeds.tolist(), ids.tolist()):
+    for seed in seeds.tolist():
         scene = sample_scene(int(seed))
         phrases = [o.phrase for o in scene.objects]
-        pairs = []
-        for obj in scene.objects:
-            if phrases.count(obj.phrase) > 1:
-                continue
-            for word in (obj.color, obj.shape):
-                if word not in word_id:
-                    word_id[word] = tokenizer(word, add_special_tokens=False).input_ids[0]
-            c, sh = word_id[obj.color], word_id[obj.shape]
-            at = [j for j in range(len(row) - 1) if row[j] == c and row[j + 1] == sh]
-            if len(at) == 1:
-                pairs += [(at[0], tuple(obj.box)), (at[0] + 1, tuple(obj.box))]
-        out.append(pairs)
+        unique = [o for o in scene.objects if phrases.count(o.phrase) == 1]
+        if not unique:
+            out.append([])
+            continue
+        layout = Layout.from_pairs([(o.phrase, o.box) for o in unique])
+        positions = layout.resolve_tokens(tokenizer, scene.caption)
+        out.append([(pos, tuple(o.box)) for o, toks in zip(unique, positions) for pos in toks])
     return out
 
 
@@ -665,7 +665,7 @@ def train_unet(cfg: TrainConfig, work: Path, out: Path, vae, tokenizer, log: Log
         if cfg.grounding_weight > 0:
             with capture_cross_attention(unet, "all") as store:
                 pred = unet(zt, t, text_encoder(ids)[0]).sample
-            ground = grounding_loss(store, grounding_targets(seeds, ids, tokenizer), keep)
+            ground = grounding_loss(store, grounding_targets(seeds, tokenizer), keep)
             store.reset()
         else:
             pred = unet(zt, t, text_encoder(ids)[0]).sample

@@ -132,10 +132,11 @@ def caption_accuracy(pipe, n: int, guidance_scale: float, num_inference_steps: i
     return result, images, records
 
 
-def attention_localization(model: str, n: int, guidance_scale: float, num_inference_steps: int = 50) -> dict:
+def attention_localization(pipe, n: int, guidance_scale: float, num_inference_steps: int = 50) -> dict:
     """Do the model's cross-attention maps point at the objects it draws?
 
-    For the first ``n`` held-out captions, generate with :class:`~saltdiff.SaltPipeline` (random
+    For the first ``n`` held-out captions, generate with ``pipe``'s components in a
+    :class:`~saltdiff.SaltPipeline` (random
     init, no guidance; each mentioned phrase is put in the layout only so that its tokens are found
     and its map recorded), average each phrase's map (its color and shape tokens) over the steps and
     the default layers, and check whether the argmax cell of the map overlaps the box of the
@@ -144,8 +145,9 @@ def attention_localization(model: str, n: int, guidance_scale: float, num_infere
     from ..pipeline import SaltPipeline
     from ..worlds.detector import detect
     from ..worlds.shapes import HELDOUT_SEEDS, sample_scene
+    from .metrics import box_iou
 
-    pipe = SaltPipeline.from_pretrained(model, torch_dtype=torch.float32)
+    pipe = SaltPipeline.from_pipe(pipe)
     pipe.set_progress_bar_config(disable=True)
     hits, counted, t0 = 0, 0, time.time()
     for i in range(n):
@@ -172,8 +174,7 @@ def attention_localization(model: str, n: int, guidance_scale: float, num_infere
             box = max(same, key=lambda d: d.score).box
             row, col = np.unravel_index(int(np.argmax(maps[k])), (h, w))
             cell = (col / w, row / h, (col + 1) / w, (row + 1) / h)
-            overlaps = min(cell[2], box[2]) > max(cell[0], box[0]) and min(cell[3], box[3]) > max(cell[1], box[1])
-            hits += bool(overlaps)
+            hits += box_iou(cell, box) > 0
             counted += 1
     return {
         "n_captions": n,
@@ -226,7 +227,9 @@ def save_samples(pipe, path: str, guidance_scale: float, n: int = 16, num_infere
     from ..worlds.shapes import VAL_SEEDS, render, sample_scene
 
     scenes = [sample_scene(VAL_SEEDS[i]) for i in range(n)]
-    generated = generate(pipe, [s.caption for s in scenes], list(range(n)), guidance_scale, num_inference_steps)
+    generated = generate(
+        pipe, [s.caption for s in scenes], list(range(n)), guidance_scale, num_inference_steps
+    )
     pairs = np.stack([np.concatenate([g, render(s)], axis=1) for g, s in zip(generated, scenes)])
     save_grid(pairs, path, columns=4)
 
@@ -244,9 +247,14 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser.add_argument("--steps", type=int, default=50, help="DDIM steps")
     parser.add_argument("--vae-n", type=int, default=256, help="held-out scenes for the VAE PSNR")
     parser.add_argument(
-        "--attention-n", type=int, default=100, help="held-out captions for the attention localization (0: skip)"
+        "--attention-n",
+        type=int,
+        default=100,
+        help="held-out captions for the attention localization (0: skip)",
     )
-    parser.add_argument("--samples", default=None, help="save the model card's sample grid (16 VAL captions) here")
+    parser.add_argument(
+        "--samples", default=None, help="save the model card's sample grid (16 VAL captions) here"
+    )
     parser.add_argument("--output", default=None, help="write the JSON results here")
     parser.add_argument("--grid", default=None, help="save a PNG grid of the first 32 generated images")
     args = parser.parse_args(argv)
@@ -271,7 +279,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     results["records"] = records
     logger.info("caption accuracy: %s", res)
     if args.attention_n:
-        results["attention_localization"] = attention_localization(args.model, args.attention_n, scale, args.steps)
+        results["attention_localization"] = attention_localization(pipe, args.attention_n, scale, args.steps)
         logger.info("attention localization: %s", results["attention_localization"])
     if args.samples:
         save_samples(pipe, args.samples, scale, num_inference_steps=args.steps)
