@@ -184,6 +184,28 @@ def test_training_with_grounding_loss_logs_it(tmp_path):
     assert len(ground) == 2 and all(0.0 < g <= 1.0 for g in ground)
 
 
+def test_init_from_an_exported_folder_fine_tunes_it(tmp_path):
+    """``init_from`` skips the VAE stage and starts the UNet stage from the folder's weights."""
+    from diffusers import UNet2DConditionModel
+
+    train(_tiny_config(tmp_path / "a", unet_steps=1))
+    source = tmp_path / "a" / "out"
+    cfg = _tiny_config(tmp_path / "b", init_from=str(source), unet_steps=1, unet_lr=0.0)
+    train(cfg)
+    logged = [json.loads(line) for line in (tmp_path / "b" / "work" / "log.jsonl").read_text().splitlines()]
+    assert not [r for r in logged if r["stage"] == "vae"]  # no VAE training
+    # With a zero learning rate the exported (EMA) weights are the source's, up to fp16 storage.
+    before = UNet2DConditionModel.from_pretrained(source / "unet").state_dict()
+    after = UNet2DConditionModel.from_pretrained(tmp_path / "b" / "out" / "unet").state_dict()
+    for name, tensor in before.items():
+        torch.testing.assert_close(after[name], tensor)
+
+    with pytest.raises(ValueError, match="text_hidden|does not match"):
+        train(_tiny_config(tmp_path / "c", init_from=str(source), text_hidden=64))
+    with pytest.raises(ValueError, match="no vae, unet, text_encoder"):
+        _tiny_config(tmp_path / "d", init_from=str(tmp_path))
+
+
 def test_data_order_and_schedule_are_pure_functions():
     a = permuted_positions(0, 2, 10, 7, 8)
     np.testing.assert_array_equal(a, permuted_positions(0, 2, 10, 7, 8))

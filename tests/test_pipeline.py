@@ -125,6 +125,22 @@ def test_strip_phrases():
         == "on a gray background"
     )
     assert strip_phrases("a cat", ["cat"]) == ""
+    # Connectors between removed phrases go too; nothing dangles.
+    assert (
+        strip_phrases(
+            "a picture of a red circle and a blue square on a beige background", ["red circle", "blue square"]
+        )
+        == "a picture on a beige background"
+    )
+    assert (
+        strip_phrases(
+            "a red circle, a blue square and a green triangle on a gray background",
+            ["red circle", "blue square", "green triangle"],
+        )
+        == "on a gray background"
+    )
+    assert strip_phrases("a photo of two cats and a dog in the park", ["cat", "dog"]) == "a photo in the park"
+    assert strip_phrases("a cat with a hat and a dog", ["cat", "dog"]) == "a hat"
 
 
 def test_generated_background_of_a_prompt_made_only_of_boxed_phrases(tiny_pipe):

@@ -65,16 +65,26 @@ def default_cache_dir() -> Path:
 
 
 def strip_phrases(prompt: str, phrases: list[str]) -> str:
-    """The prompt without the boxed phrases (and their articles), for a background-only scene."""
+    """The prompt without the boxed phrases (and their articles), for a background-only scene.
+
+    The connectors between removed phrases go with them ("a picture of a cat and a dog in the park"
+    becomes "a picture in the park", not "a picture of and in the park"): a dangling "of" or "and"
+    makes small models draw stray objects.
+    """
+    slot = "\x00"
     text = prompt
     for phrase in sorted(set(phrases), key=len, reverse=True):
         pattern = r"\b(?:(?:a|an|the|one|two|some)\s+)?" + re.escape(phrase) + r"s?\b"
-        text = re.sub(pattern, " ", text, flags=re.IGNORECASE)
+        text = re.sub(pattern, f" {slot} ", text, flags=re.IGNORECASE)
+    joined = re.compile(slot + r"(?:\s|,|\band\b|\bwith\b|\bor\b)*" + slot, re.IGNORECASE)
+    while joined.search(text):
+        text = joined.sub(slot, text)
+    text = re.sub(r"\bof\s+" + slot, slot, text, flags=re.IGNORECASE)
+    text = text.replace(slot, " ")
     text = re.sub(r"\s*,\s*(,\s*)+", ", ", text)
-    text = re.sub(r"\b(and|with|,)\s+(?=(and|with|,|$))", " ", text)
     text = re.sub(r"\s+", " ", text).strip(" ,.;")
-    text = re.sub(r"^(and|with|,)\s+", "", text)
-    text = re.sub(r"\s+(and|with)$", "", text)
+    text = re.sub(r"^(and|with|,)\s+", "", text, flags=re.IGNORECASE)
+    text = re.sub(r"\s+(and|with)$", "", text, flags=re.IGNORECASE)
     return text.strip(" ,.;")
 
 

@@ -86,6 +86,10 @@ class TrainConfig:
     # Token grounding (TokenCompose-style): weight of a loss that pulls each object word's
     # cross-attention into its object's box; 0 = plain epsilon loss (how the shipped weights were made).
     grounding_weight: float = 0.0
+    # Fine-tuning: a pipeline folder exported by this trainer (same architecture), e.g. the shipped
+    # ``builtin:shapes``. Its VAE replaces the VAE stage and its UNet + text encoder are the starting
+    # weights of the UNet stage (fresh optimizer, warmup and cosine over ``unet_steps``). "" = from scratch.
+    init_from: str = ""
     # bookkeeping
     checkpoint_minutes: float = 5.0
     log_every: int = 25
@@ -117,6 +121,13 @@ class TrainConfig:
             raise ValueError(f"unet_channels needs 3 levels, got {self.unet_channels}")
         if self.image_size % 4:
             raise ValueError(f"image_size must be divisible by 4, got {self.image_size}")
+        if self.init_from:
+            missing = [c for c in ("vae", "unet", "text_encoder") if not (Path(self.init_from) / c).is_dir()]
+            if missing:
+                raise ValueError(
+                    f"init_from {self.init_from!r} is not a pipeline folder exported by this trainer: "
+                    f"no {', '.join(missing)} sub-folder"
+                )
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -352,6 +363,11 @@ def train_vae(cfg: TrainConfig, work: Path, log: Logger):
     if (final_dir / "config.json").exists():
         logger.info("VAE stage already finished: loading %s", final_dir)
         return AutoencoderKL.from_pretrained(final_dir)
+    if cfg.init_from:
+        vae = AutoencoderKL.from_pretrained(Path(cfg.init_from) / "vae", torch_dtype=torch.float32)
+        vae.save_pretrained(final_dir)
+        logger.info("VAE taken from %s (no VAE training)", cfg.init_from)
+        return vae
 
     torch.manual_seed(cfg.seed)
     vae = make_vae(cfg)
@@ -587,6 +603,39 @@ def _val_batch(cfg: TrainConfig, vae, tokenizer, scaling: float, alphas_cumprod)
     return a.sqrt() * z0 + (1 - a).sqrt() * noise, t, tokenize(tokenizer, captions), noise
 
 
+def load_pretrained_weights(unet, text_encoder, folder: str | os.PathLike) -> None:
+    """Copy an exported pipeline's UNet and text-encoder weights into freshly built modules.
+
+    Loading state dicts (not whole models) keeps the architecture owned by ``TrainConfig``; a folder
+    with another architecture fails here with the names of the first mismatched tensors.
+    """
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    sources = {
+        "unet": (
+            unet,
+            UNet2DConditionModel.from_pretrained(Path(folder) / "unet", torch_dtype=torch.float32),
+        ),
+        "text_encoder": (
+            text_encoder,
+            CLIPTextModel.from_pretrained(Path(folder) / "text_encoder", torch_dtype=torch.float32),
+        ),
+    }
+    for name, (target, source) in sources.items():
+        want, have = target.state_dict(), source.state_dict()
+        bad = [k for k in want if k not in have or have[k].shape != want[k].shape]
+        bad += [k for k in have if k not in want]
+        if bad:
+            raise ValueError(
+                f"init_from {str(folder)!r}: its {name} does not match the configured architecture "
+                f"(first mismatched tensors: {', '.join(bad[:3])}); pass the same --unet-channels, "
+                "--text-hidden etc. it was trained with"
+            )
+        target.load_state_dict({k: v.float() for k, v in have.items()})
+    logger.info("UNet and text encoder initialized from %s", folder)
+
+
 def train_unet(cfg: TrainConfig, work: Path, out: Path, vae, tokenizer, log: Logger) -> dict:
     scheduler = make_scheduler()
     alphas_cumprod = scheduler.alphas_cumprod.clone().float()
@@ -604,7 +653,11 @@ def train_unet(cfg: TrainConfig, work: Path, out: Path, vae, tokenizer, log: Log
     ema = EMA(params, cfg.ema_decay)
     ckpt_path = work / "unet_ckpt.pt"
     step = 0
-    if cfg.resume and ckpt_path.exists():
+    resuming = cfg.resume and ckpt_path.exists()
+    if cfg.init_from and not resuming:
+        load_pretrained_weights(unet, text_encoder, cfg.init_from)
+        ema = EMA(params, cfg.ema_decay)  # the shadow starts from the loaded weights
+    if resuming:
         state = torch.load(ckpt_path, weights_only=False)
         unet.load_state_dict(state["unet"])
         text_encoder.load_state_dict(state["text_encoder"])
