@@ -271,3 +271,4 @@ def test_attention_localization_counts_only_detected_objects(shipped_pipe):
     assert 0 < res["detected_objects"] <= mentioned
     assert 0 <= res["argmax_on_object"] <= res["detected_objects"]
     assert res["fraction"] == res["argmax_on_object"] / res["detected_objects"]
+    json.dumps(res)  # plain Python numbers: the CLI writes it as JSON

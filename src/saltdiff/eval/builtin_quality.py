@@ -174,7 +174,7 @@ def attention_localization(pipe, n: int, guidance_scale: float, num_inference_st
             box = max(same, key=lambda d: d.score).box
             row, col = np.unravel_index(int(np.argmax(maps[k])), (h, w))
             cell = (col / w, row / h, (col + 1) / w, (row + 1) / h)
-            hits += box_iou(cell, box) > 0
+            hits += int(box_iou(cell, box) > 0)
             counted += 1
     return {
         "n_captions": n,
