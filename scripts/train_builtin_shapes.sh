@@ -5,9 +5,9 @@
 #
 #   bash scripts/train_builtin_shapes.sh [WORK] [OUT]
 #
-# About 3.5 h on 2 CPU cores. Every stage checkpoints every 5 min: rerun after a kill and it resumes.
-# The first run was interrupted once near step 400 while configured for 10,000 steps, so the learning
-# rate of steps 301-424 differed from this script's by less than 0.03 %; otherwise the chain is exact.
+# About 4 h on 2 CPU cores running alone (4.8 h as shipped, on a shared CPU). Every run checkpoints
+# every 5 min: rerun the script after a kill and it resumes where it stopped. The shipped first run was
+# killed and resumed with other step counts (model card, "Reproducing"); otherwise the chain is exact.
 set -euo pipefail
 WORK=${1:-train_work/shapes-repro}
 OUT=${2:-train_work/shapes-repro-out}
@@ -18,4 +18,5 @@ train --unet-steps 6500                              # VAE 5,500 steps, then UNe
 train --unet-steps 10500                             # longer (the second weights)
 train --unet-steps 12000 --grounding-weight 0.05     # token grounding (TokenCompose-style)
 train --unet-steps 13800 --grounding-weight 0.05
-train --unet-steps 18000 --grounding-weight 0.05     # the shipped weights
+train --unet-steps 18000 --grounding-weight 0.05
+train --unet-steps 22000 --grounding-weight 0.05     # the shipped weights

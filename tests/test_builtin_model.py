@@ -272,3 +272,29 @@ def test_attention_localization_counts_only_detected_objects(shipped_pipe):
     assert 0 <= res["argmax_on_object"] <= res["detected_objects"]
     assert res["fraction"] == res["argmax_on_object"] / res["detected_objects"]
     json.dumps(res)  # plain Python numbers: the CLI writes it as JSON
+
+
+# The quality bars on the shipped weights, with the model card's protocol: 200 held-out
+# captions, random init, no guidance, 50 DDIM steps, CFG 5 (the scale `builtin_quality --tune` chose);
+# attention on the first 100 of them. About 2.5 min on 2 CPU cores, so it runs in the slow tier; the fast test below
+# checks the same two numbers on a smaller sample with a margin for its noise.
+QUALITY_CFG = 5.0
+
+
+@pytest.mark.slow
+def test_shipped_weights_meet_the_quality_bars(shipped_pipe):
+    from saltdiff.eval.builtin_quality import attention_localization, caption_accuracy
+
+    captions, _, _ = caption_accuracy(shipped_pipe, 200, QUALITY_CFG, 50)
+    assert captions.all_found >= 0.80, captions
+    attention = attention_localization(shipped_pipe, 100, QUALITY_CFG, 50)
+    assert attention["fraction"] >= 0.80, attention
+
+
+def test_shipped_weights_draw_captions_and_attend_to_objects(shipped_pipe):
+    from saltdiff.eval.builtin_quality import attention_localization, caption_accuracy
+
+    captions, _, _ = caption_accuracy(shipped_pipe, 40, QUALITY_CFG, 25)
+    assert captions.all_found >= 0.70, captions
+    attention = attention_localization(shipped_pipe, 20, QUALITY_CFG, 25)
+    assert attention["fraction"] >= 0.80, attention

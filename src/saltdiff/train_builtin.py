@@ -832,7 +832,9 @@ def plot_loss_curves(log_path: str | os.PathLike, png_path: str | os.PathLike) -
             return v
         return np.convolve(v, np.ones(k) / k, mode="valid")
 
-    fig, axes = plt.subplots(1, 3, figsize=(14, 3.6))
+    g_steps, ground = series("unet", "grounding")
+    g_rows = [(st, g) for st, g in zip(g_steps, ground) if g > 0]  # steps trained with the grounding loss
+    fig, axes = plt.subplots(1, 4 if g_rows else 3, figsize=(18 if g_rows else 14, 3.6))
     steps, l1 = series("vae", "l1")
     axes[0].semilogy(steps, l1, alpha=0.3, color="C0")
     axes[0].semilogy(steps[len(steps) - len(smooth(l1)) :], smooth(l1), color="C0", label="train L1")
@@ -843,11 +845,18 @@ def plot_loss_curves(log_path: str | os.PathLike, png_path: str | os.PathLike) -
     axes[1].plot(steps + fs, p + fp, "o-", color="C1")
     axes[1].set(title="VAE PSNR on VAL scenes (dB)", xlabel="step")
     steps, loss = series("unet", "mse")
-    axes[2].plot(steps, loss, alpha=0.25, color="C2")
-    axes[2].plot(steps[len(steps) - len(smooth(loss)) :], smooth(loss), color="C2", label="train eps MSE")
+    axes[2].semilogy(steps, loss, alpha=0.25, color="C2")
+    axes[2].semilogy(steps[len(steps) - len(smooth(loss)) :], smooth(loss), color="C2", label="train eps MSE")
     vs, vl = series("unet_val", "val_loss_ema")
-    axes[2].plot(vs, vl, "o-", color="C3", label="VAL eps MSE (EMA weights)")
+    axes[2].semilogy(vs, vl, "o-", color="C3", markersize=3, label="VAL eps MSE (EMA weights)")
     axes[2].set(title="UNet epsilon MSE", xlabel="step")
+    if g_rows:
+        axes[2].axvline(g_rows[0][0], color="gray", linestyle="--", label="grounding loss on")
+        gs, gv = zip(*g_rows)
+        axes[3].plot(gs, gv, alpha=0.25, color="C4")
+        axes[3].plot(gs[len(gs) - len(smooth(gv)) :], smooth(gv), color="C4", label="train grounding loss")
+        axes[3].set(title="token grounding loss (attention outside the box)", xlabel="step", ylim=(0, None))
+        axes[3].legend()
     axes[2].legend()
     fig.tight_layout()
     fig.savefig(png_path, dpi=90)
