@@ -28,6 +28,7 @@ from .cli_args import (
 
 logger = logging.getLogger("saltdiff")
 
+
 def build_parser() -> argparse.ArgumentParser:
     from .guidance import GuidanceConfig
     from .init import SpatialAwareInit

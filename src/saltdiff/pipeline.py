@@ -257,7 +257,9 @@ class SaltPipeline(StableDiffusionPipeline):
         )
         layout = as_layout(layout)
         if not prompt.strip() and len(layout):
-            raise ValueError("prompt is empty but the layout has boxes: every boxed phrase must be in the prompt")
+            raise ValueError(
+                "prompt is empty but the layout has boxes: every boxed phrase must be in the prompt"
+            )
         token_indices = layout.resolve_tokens(self.tokenizer, prompt)
         if isinstance(guidance, str):
             guidance = GuidanceConfig(loss=guidance)
