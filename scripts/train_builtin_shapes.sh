@@ -5,7 +5,7 @@
 #
 #   bash scripts/train_builtin_shapes.sh [WORK] [OUT]
 #
-# About 4 h on 2 CPU cores running alone (4.8 h as shipped, on a shared CPU). Every run checkpoints
+# 4.8 h wall time as shipped, on 2 CPU cores often shared with other jobs (model card). Every run checkpoints
 # every 5 min: rerun the script after a kill and it resumes where it stopped. The shipped first run was
 # killed and resumed with other step counts (model card, "Reproducing"); otherwise the chain is exact.
 set -euo pipefail
