@@ -99,7 +99,7 @@ def test_user_object_images_are_pasted_into_boxes(tiny_pipe):
     red = np.full((32, 32, 3), 255, np.uint8)
     red[8:24, 8:24] = (255, 0, 0)
     ref = UserImages(objects={"red circle": Image.fromarray(red), "blue square": Image.fromarray(red)})
-    built = ref.build(tiny_pipe, PROMPT, Layout.from_pairs(LAYOUT), height=32, width=32, generator=None)
+    built = ref.build(tiny_pipe.object_generator(), PROMPT, Layout.from_pairs(LAYOUT), height=32, width=32, generator=None)
     arr = np.asarray(built.image)
     assert built.object_masks[0][12, 4] and not built.object_masks[0][12, 20]
     assert tuple(arr[16, 8]) == (255, 0, 0)
@@ -113,9 +113,9 @@ def test_generated_objects_are_cached(tiny_pipe, tmp_path, monkeypatch):
     builder = GeneratedObjects(background="gray", num_inference_steps=2, cache_dir=str(tmp_path))
     monkeypatch.setattr(type(tiny_pipe), "name_or_path", "tiny-test-model", raising=False)
     layout = Layout.from_pairs(LAYOUT)
-    first = builder.build(tiny_pipe, PROMPT, layout, height=32, width=32, generator=None)
+    first = builder.build(tiny_pipe.object_generator(), PROMPT, layout, height=32, width=32, generator=None)
     assert len(list(tmp_path.glob("*.npz"))) == 2
-    second = builder.build(tiny_pipe, PROMPT, layout, height=32, width=32, generator=None)
+    second = builder.build(tiny_pipe.object_generator(), PROMPT, layout, height=32, width=32, generator=None)
     assert np.array_equal(np.asarray(first.image), np.asarray(second.image))
 
 
@@ -146,7 +146,7 @@ def test_strip_phrases():
 def test_generated_background_of_a_prompt_made_only_of_boxed_phrases(tiny_pipe):
     # Nothing is left once the phrases are removed: the background is an unconditional sample.
     builder = GeneratedObjects(background="generated", num_inference_steps=2, cache=False)
-    built = builder.build(tiny_pipe, PROMPT, Layout.from_pairs(LAYOUT), height=32, width=32, generator=None)
+    built = builder.build(tiny_pipe.object_generator(), PROMPT, Layout.from_pairs(LAYOUT), height=32, width=32, generator=None)
     assert built.image.size == (32, 32)
 
 
@@ -179,8 +179,17 @@ def test_non_finite_loss_skips_update_and_warns(tiny_pipe, caplog):
         (dict(layout=[("red circle", (0.5, 0.1, 0.2, 0.5))]), LayoutError, "red circle"),
         (dict(height=30), ValueError, "height must be a positive multiple of 4"),
         (dict(num_inference_steps=0), ValueError, "num_inference_steps"),
-        (dict(guidance="magic"), ValueError, "guidance loss must be one of"),
-        (dict(init="zeros"), ValueError, "init must be one of"),
+        (dict(guidance="magic"), ValueError, r"unknown guidance loss 'magic'; choose from \['salt'"),
+        (dict(init="zeros"), ValueError, r"unknown initializer 'zeros'; choose from \['salt', 'random'\]"),
+        (dict(height=0), ValueError, "height must be a positive multiple of 4 for this model, got 0"),
+        (dict(width=-8), ValueError, "width must be a positive multiple"),
+        (dict(latents=torch.zeros(1, 4, 8, 8), init="random"), ValueError, "either `latents` or `init`"),
+        (
+            dict(callback_on_step_end=lambda *a: {}, callback_on_step_end_tensor_inputs=["noise_pred"]),
+            ValueError,
+            r"\['noise_pred'\] are not available; choose from \['latents', 'prompt_embeds'",
+        ),
+        (dict(output_type="jpeg"), ValueError, "output_type must be one of"),
         (dict(prompt=["a", "b"]), TypeError, "prompt must be a string"),
         (dict(prompt="   "), ValueError, "prompt is empty"),
         (dict(prompt="   ", layout=None, height=30), ValueError, "height"),
@@ -247,8 +256,8 @@ def test_object_cache_key_changes_when_local_weights_change(tiny_pipe, tiny_pipe
 
     builder = GeneratedObjects(cache_dir=str(tmp_path))
     monkeypatch.setattr(type(tiny_pipe), "name_or_path", tiny_pipe_dir, raising=False)
-    before = builder._cache_path(tiny_pipe, "a red circle", 32, 32)
+    before = builder._cache_path(tiny_pipe.object_generator(), "a red circle", 32, 32)
     weights = next((Path(tiny_pipe_dir) / "unet").glob("*.safetensors"))
     st = weights.stat()
     os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
-    assert builder._cache_path(tiny_pipe, "a red circle", 32, 32) != before
+    assert builder._cache_path(tiny_pipe.object_generator(), "a red circle", 32, 32) != before

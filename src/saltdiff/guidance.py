@@ -11,19 +11,17 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, fields
-from functools import partial
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from typing import Any
 
 import torch
 
 from . import losses as L
 from .attention import AttentionStore
+from .registry import GUIDANCE_LOSSES, GUIDANCE_PARAMS, check_fields
 
 logger = logging.getLogger(__name__)
-
-GUIDANCE_LOSSES = ("salt", "layout-guidance", "boxdiff", "none")
-STEP_SIZE_SCHEDULES = ("sigma", "constant")
-
 
 @dataclass
 class GuidanceConfig:
@@ -31,7 +29,11 @@ class GuidanceConfig:
 
     The update is ``z_t <- z_t - step_size * s(t) * grad_z loss`` where ``s(t) = 1 - alpha_bar_t``
     under the ``"sigma"`` schedule (the variance-preserving equivalent of layout-guidance's
-    ``sigma_t**2`` scaling in sigma space) and ``s(t) = 1`` under ``"constant"``.
+    ``sigma_t**2`` scaling in sigma space) and ``s(t) = 1`` under ``"constant"``. ``loss`` names a
+    registered guidance loss (:data:`saltdiff.registry.GUIDANCE_LOSSES`) and ``loss_params`` sets
+    its own hyper-parameters (e.g. ``{"reg_weight": 0.5}`` for ``"salt"``); unset ones take the
+    registered defaults. The shared knobs and their bounds are declared in
+    :data:`saltdiff.registry.GUIDANCE_PARAMS`.
     """
 
     loss: str = "salt"
@@ -41,78 +43,86 @@ class GuidanceConfig:
     step_size_schedule: str = "sigma"
     loss_threshold: float = 0.2
     layers: str | tuple[str, ...] = "default"
-    reg_weight: float = 0.5
-    unboxed_weight: float = 0.0
-    boxdiff_topk_fraction: float = 0.2
     max_grad_norm: float | None = None
+    loss_params: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if self.loss not in GUIDANCE_LOSSES:
-            raise ValueError(f"guidance loss must be one of {GUIDANCE_LOSSES}, got {self.loss!r}")
-        if self.step_size_schedule not in STEP_SIZE_SCHEDULES:
-            raise ValueError(
-                f"step_size_schedule must be one of {STEP_SIZE_SCHEDULES}, got {self.step_size_schedule!r}"
-            )
-        for name in ("guidance_steps", "guidance_iters"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-                raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
-        for name in ("step_size", "loss_threshold", "reg_weight", "unboxed_weight"):
-            value = getattr(self, name)
-            if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
-        if not 0 < self.boxdiff_topk_fraction <= 1:
-            raise ValueError(f"boxdiff_topk_fraction must be in (0, 1], got {self.boxdiff_topk_fraction!r}")
-        if self.max_grad_norm is not None and not self.max_grad_norm > 0:
-            raise ValueError(f"max_grad_norm must be > 0 or None, got {self.max_grad_norm!r}")
+        entry = GUIDANCE_LOSSES.get(self.loss) if isinstance(self.loss, str) else None
+        if entry is None:
+            raise ValueError(f"guidance loss must be a name, got {self.loss!r}")
+        check_fields(self, [p for p in GUIDANCE_PARAMS if p.name != "layers"], "guidance")
+        if not isinstance(self.layers, (str, tuple, list)) or not self.layers:
+            raise ValueError(f"guidance: layers must be a selector string or a tuple of names, got {self.layers!r}")
+        if not isinstance(self.loss_params, Mapping):
+            raise ValueError(f"guidance: loss_params must be a mapping, got {type(self.loss_params).__name__}")
+        entry.resolve(self.loss_params, owner=f"guidance loss {self.loss!r}")
 
     @property
     def enabled(self) -> bool:
         return self.loss != "none" and self.guidance_steps > 0 and self.guidance_iters > 0
 
+    @property
+    def params(self) -> dict[str, Any]:
+        """The loss's hyper-parameters: registered defaults updated with ``loss_params``."""
+        return GUIDANCE_LOSSES.get(self.loss).resolve(self.loss_params)
+
+    @property
+    def needs_unboxed_tokens(self) -> bool:
+        """Whether the loss, with these params, looks at the attention of the prompt's other words."""
+        return GUIDANCE_LOSSES.get(self.loss).requires("unboxed_tokens", self.params)
+
     def to_dict(self) -> dict:
-        data = asdict(self)
+        data = {p.name: getattr(self, p.name) for p in GUIDANCE_PARAMS}
+        data = {"loss": self.loss, **data, "loss_params": self.params}
         if isinstance(data["layers"], tuple):
             data["layers"] = list(data["layers"])
         return data
 
     @classmethod
-    def from_dict(cls, data: dict) -> GuidanceConfig:
+    def from_dict(cls, data: Mapping) -> GuidanceConfig:
+        """The inverse of :meth:`to_dict`; also reads recipes written before ``loss_params`` existed."""
+        data = dict(data)
+        loss = data.get("loss", "salt")
+        legacy = {"reg_weight": "reg_weight", "unboxed_weight": "unboxed_weight"}
+        legacy["boxdiff_topk_fraction"] = "topk_fraction"
+        params = dict(data.pop("loss_params", None) or {})
+        for old, new in legacy.items():
+            if old in data:
+                value = data.pop(old)
+                if loss in GUIDANCE_LOSSES and new in GUIDANCE_LOSSES.get(loss).defaults():
+                    params.setdefault(new, value)
         known = {f.name for f in fields(cls)}
         unknown = set(data) - known
         if unknown:
             raise ValueError(f"unknown guidance option(s) {sorted(unknown)}; valid: {sorted(known)}")
-        data = dict(data)
         if isinstance(data.get("layers"), list):
             data["layers"] = tuple(data["layers"])
-        return cls(**data)
+        return cls(**data, loss_params=params)
 
     def loss_fn(self) -> Callable[..., torch.Tensor]:
-        """The loss as a function ``(maps [B,K,h,w], masks [K,h,w], unboxed_maps) -> scalar``."""
-        if self.loss == "salt":
-            return partial(_salt, reg_weight=self.reg_weight, unboxed_weight=self.unboxed_weight)
-        if self.loss == "boxdiff":
-            return partial(_boxdiff, topk_fraction=self.boxdiff_topk_fraction)
-        return _layout_guidance
+        """The loss as ``(maps [B,K,h,w], masks [K,h,w], unboxed_maps, unboxed_reference) -> scalar``."""
+        entry = GUIDANCE_LOSSES.get(self.loss)
+        if entry.target is None:
+            raise ValueError(f"guidance loss {self.loss!r} has no loss function")
+        fn = entry.load()
+        params = self.params
+        if "unboxed_tokens" in entry.needs:
+            return _with_unboxed(fn, params)
+        return _without_unboxed(fn, params)
 
 
-def _layout_guidance(maps, masks, unboxed_maps=None, unboxed_reference=None):
-    return L.layout_guidance_loss(maps, masks)
+def _without_unboxed(fn, params):
+    def loss(maps, masks, unboxed_maps=None, unboxed_reference=None):
+        return fn(maps, masks, **params)
+
+    return loss
 
 
-def _boxdiff(maps, masks, unboxed_maps=None, unboxed_reference=None, *, topk_fraction):
-    return L.boxdiff_loss(maps, masks, topk_fraction=topk_fraction)
+def _with_unboxed(fn, params):
+    def loss(maps, masks, unboxed_maps=None, unboxed_reference=None):
+        return fn(maps, masks, unboxed_maps=unboxed_maps, unboxed_reference=unboxed_reference, **params)
 
-
-def _salt(maps, masks, unboxed_maps=None, unboxed_reference=None, *, reg_weight, unboxed_weight):
-    return L.salt_loss(
-        maps,
-        masks,
-        reg_weight=reg_weight,
-        unboxed_maps=unboxed_maps,
-        unboxed_reference=unboxed_reference,
-        unboxed_weight=unboxed_weight,
-    )
+    return loss
 
 
 @dataclass

@@ -7,7 +7,6 @@ and the guidance method does not care either (plug-and-play).
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -17,12 +16,12 @@ from PIL import Image
 
 from .inversion import ddim_invert
 from .layout import Layout
+from .losses import gaussian_blur
 from .reference import GeneratedObjects, ReferenceBuilder, ReferenceImage
+from .registry import INITIALIZERS, check_fields
 
 if TYPE_CHECKING:  # pragma: no cover
     from .pipeline import SaltPipeline
-
-INVERSION_PROMPTS = ("empty", "prompt")
 
 
 @dataclass
@@ -79,24 +78,6 @@ def sampler_start_timestep(scheduler, num_inference_steps: int) -> int:
     return int(probe.timesteps[0])
 
 
-def gaussian_blur(masks: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Feather [K, h, w] masks with a separable Gaussian of std ``sigma`` cells."""
-    if sigma <= 0:
-        return masks
-    radius = max(1, math.ceil(3 * sigma))
-    x = torch.arange(-radius, radius + 1, dtype=torch.float32)
-    kernel = torch.exp(-(x**2) / (2 * sigma**2))
-    kernel = (kernel / kernel.sum()).to(masks)
-    m = masks[:, None]
-    m = torch.nn.functional.conv2d(
-        torch.nn.functional.pad(m, (radius, radius, 0, 0), mode="replicate"), kernel.view(1, 1, 1, -1)
-    )
-    m = torch.nn.functional.conv2d(
-        torch.nn.functional.pad(m, (0, 0, radius, radius), mode="replicate"), kernel.view(1, 1, -1, 1)
-    )
-    return m[:, 0]
-
-
 @dataclass
 class SpatialAwareInit:
     """SALT's initializer: z_T* = DDIM-inversion(VAE(reference image)) in ``inversion_steps`` steps.
@@ -122,18 +103,9 @@ class SpatialAwareInit:
     inversion_noise_scale: float = 0.0
 
     def __post_init__(self) -> None:
-        if not isinstance(self.inversion_steps, int) or self.inversion_steps < 1:
-            raise ValueError(f"inversion_steps must be an integer >= 1, got {self.inversion_steps!r}")
-        if self.inversion_prompt not in INVERSION_PROMPTS:
-            raise ValueError(
-                f"inversion_prompt must be one of {INVERSION_PROMPTS}, got {self.inversion_prompt!r}"
-            )
-        if not 0 <= self.noise_outside <= 1:
-            raise ValueError(f"noise_outside must be in [0, 1], got {self.noise_outside!r}")
-        if self.feather < 0:
-            raise ValueError(f"feather must be >= 0, got {self.feather!r}")
-        if self.inversion_noise_scale < 0:
-            raise ValueError(f"inversion_noise_scale must be >= 0, got {self.inversion_noise_scale!r}")
+        check_fields(self, INITIALIZERS.get("salt").params, "SpatialAwareInit")
+        if not callable(getattr(self.reference, "build", None)):
+            raise TypeError(f"reference must be a reference builder, got {type(self.reference).__name__}")
 
     def invert(
         self, pipe, image: Image.Image, prompt: str, generator, *, num_inference_steps: int
@@ -157,7 +129,7 @@ class SpatialAwareInit:
 
     def __call__(self, pipe, prompt, layout, generator, *, height, width, num_inference_steps, num_images=1):
         reference = self.reference.build(
-            pipe, prompt, layout, height=height, width=width, generator=generator
+            pipe.object_generator(), prompt, layout, height=height, width=width, generator=generator
         )
         if reference.image.size != (width, height):
             raise ValueError(
@@ -169,7 +141,7 @@ class SpatialAwareInit:
         latents = latents.expand(num_images, -1, -1, -1).clone()
         if self.noise_outside > 0 and len(layout):
             h, w = latents.shape[-2:]
-            inside = gaussian_blur(layout.masks(h, w), self.feather).amax(0).clamp(0, 1)
+            inside = gaussian_blur(layout.masks(h, w), self.feather, truncate=3.0).amax(0).clamp(0, 1)
             inside = inside.to(device=latents.device, dtype=latents.dtype)
             noise = randn_tensor(
                 latents.shape, generator=generator, device=latents.device, dtype=latents.dtype

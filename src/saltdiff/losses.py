@@ -24,6 +24,7 @@ import torch.nn.functional as F
 __all__ = [
     "attention_mass",
     "boxdiff_loss",
+    "gaussian_blur",
     "layout_guidance_loss",
     "salt_loss",
     "salt_loss_terms",
@@ -84,7 +85,7 @@ def boxdiff_loss(
     if maps.shape[1] == 0:
         return maps.sum() * 0
 
-    a = _gaussian_smooth(maps, smooth_sigma) if smooth_sigma > 0 else maps
+    a = gaussian_blur(maps, smooth_sigma)
     a = a / (a.amax(dim=(-2, -1), keepdim=True) + eps)
 
     inner = 1.0 - _topk_mean(a * masks, masks, topk_fraction)
@@ -241,18 +242,23 @@ def _corner_l1(proj: torch.Tensor, gt: torch.Tensor, width: int) -> torch.Tensor
     return ((proj - gt).abs() * near).sum(-1) / near.sum(-1).clamp_min(1.0)
 
 
-def _gaussian_smooth(maps: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Depthwise Gaussian blur of each ``[h, w]`` map, radius ``ceil(2σ)``, edges replicated."""
-    radius = max(1, math.ceil(2 * sigma))
+def gaussian_blur(maps: torch.Tensor, sigma: float, truncate: float = 2.0) -> torch.Tensor:
+    """Separable Gaussian blur of each ``[h, w]`` map of ``[..., h, w]``, edges replicated.
+
+    The kernel's radius is ``max(1, ceil(truncate · sigma))`` cells; ``sigma <= 0`` returns the maps.
+    """
+    if sigma <= 0:
+        return maps
+    radius = max(1, math.ceil(truncate * sigma))
     x = torch.arange(-radius, radius + 1, device=maps.device, dtype=maps.dtype)
     g = torch.exp(-(x**2) / (2 * sigma**2))
     g = g / g.sum()
-    b, k, h, w = maps.shape
-    flat = maps.reshape(b * k, 1, h, w)
+    h, w = maps.shape[-2:]
+    flat = maps.reshape(-1, 1, h, w)
     flat = F.pad(flat, (radius, radius, radius, radius), mode="replicate")
     flat = F.conv2d(flat, g.view(1, 1, 1, -1))
     flat = F.conv2d(flat, g.view(1, 1, -1, 1))
-    return flat.reshape(b, k, h, w)
+    return flat.reshape(maps.shape)
 
 
 def _unboxed_term(

@@ -14,25 +14,53 @@ import json
 import logging
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
 import numpy as np
 import torch
 from PIL import Image
 
 from .layout import Layout
-
-if TYPE_CHECKING:  # pragma: no cover
-    from .pipeline import SaltPipeline
+from .registry import REFERENCE_BUILDERS, check_fields
 
 logger = logging.getLogger(__name__)
 
-BACKGROUNDS = ("generated", "gray", "white", "noise")
-CUTOUTS = ("foreground", "attention")
-FITS = ("stretch", "contain")
+BUILDER = REFERENCE_BUILDERS.get("objects")
+BACKGROUNDS = BUILDER.param("background").choices
+FITS = BUILDER.param("fit").choices
+
+
+@dataclass
+class GeneratedObject:
+    """One generated image (``[H, W, 3]`` floats in [0, 1]) and, if asked for, its phrase's attention map."""
+
+    image: np.ndarray
+    attention: np.ndarray | None = None
+
+
+class ObjectGenerator(Protocol):
+    """What a reference builder may ask of the model: plain text-to-image, batched.
+
+    ``identity`` names the weights for disk caches (``None``: do not cache). Every prompt starts
+    from the same noise (``seed``), so an object does not depend on what else is in the batch.
+    """
+
+    identity: list | None
+
+    def __call__(
+        self,
+        prompts: Sequence[str],
+        *,
+        phrases: Sequence[str] | None = None,
+        height: int,
+        width: int,
+        num_inference_steps: int,
+        guidance_scale: float,
+        seed: int,
+    ) -> list[GeneratedObject]: ...
 
 
 @dataclass
@@ -47,7 +75,7 @@ class ReferenceImage:
 class ReferenceBuilder(Protocol):
     def build(
         self,
-        pipe: SaltPipeline,
+        objects: ObjectGenerator,
         prompt: str,
         layout: Layout,
         *,
@@ -200,31 +228,22 @@ def resize_array(arr: np.ndarray, height: int, width: int) -> np.ndarray:
     return np.asarray(img, dtype=np.float32) / 255.0
 
 
-def _weights_stamp(model_id: str) -> list:
-    """Size and mtime of a local model's weight files, so retrained weights never reuse old objects."""
-    if not os.path.isdir(model_id):
-        return []
-    stamp = []
-    for sub in ("unet", "text_encoder"):
-        for path in sorted(Path(model_id, sub).glob("*.safetensors")) + sorted(
-            Path(model_id, sub).glob("*.bin")
-        ):
-            st = path.stat()
-            stamp.append([f"{sub}/{path.name}", st.st_size, st.st_mtime_ns])
-    return stamp
-
-
 @dataclass
 class GeneratedObjects:
     """Generate each boxed object with the same model, cut it out, and paste it into its box.
 
-    Each phrase is generated alone (``object_prompt`` with ``{phrase}``) at a fixed seed, so a layout's
-    reference is reproducible and objects can be cached on disk, keyed by (model, prompt, seed, size,
-    steps, cfg). The background is a flat white (default), gray or noise canvas, or ``"generated"``: a
-    scene of the prompt without the boxed phrases. White is the default because it measured best for
-    layout (``saltdiff study background``, built-in model with its shipped grounded weights, 50 layouts:
-    mIoU 0.826 white, 0.754 gray, 0.650 noise, 0.661 generated). The others keep room for objects the
-    prompt names without a box: 7 of 12 such objects appear with gray, 8 with generated, 0 with white.
+    The layout's objects (``object_prompt`` with ``{phrase}``) are generated in batches of
+    ``batch_size`` through the pipeline's object generator, each from the same fixed seed, so a
+    layout's reference is reproducible and objects can be cached on disk, keyed by (model, prompt,
+    seed, size, steps, cfg). The background is a flat white (default), gray or noise canvas, or
+    ``"generated"``: a scene of the prompt without the boxed phrases. White is the default because
+    it measured best for layout (``saltdiff study background``, built-in model with its shipped
+    grounded weights, 50 layouts: mIoU 0.826 white, 0.754 gray, 0.650 noise, 0.661 generated). The
+    others keep room for objects the prompt names without a box: 7 of 12 such objects appear with
+    gray, 8 with generated, 0 with white.
+
+    Hyper-parameters, their bounds and help are declared once in
+    :data:`saltdiff.registry.REFERENCE_BUILDERS` (entry ``"objects"``).
     """
 
     background: str = "white"
@@ -234,91 +253,74 @@ class GeneratedObjects:
     guidance_scale: float = 7.5
     cutout: str = "foreground"
     threshold: float = 0.15
+    attention_threshold: float = 0.5
     fit: str = "stretch"
+    batch_size: int = 8
     cache: bool = True
     cache_dir: str | None = None
 
     def __post_init__(self) -> None:
-        if self.background not in BACKGROUNDS:
-            raise ValueError(f"background must be one of {BACKGROUNDS}, got {self.background!r}")
-        if self.cutout not in CUTOUTS:
-            raise ValueError(f"cutout must be one of {CUTOUTS}, got {self.cutout!r}")
-        if self.fit not in FITS:
-            raise ValueError(f"fit must be one of {FITS}, got {self.fit!r}")
+        check_fields(self, BUILDER.params, "GeneratedObjects")
         if "{phrase}" not in self.object_prompt:
             raise ValueError(f"object_prompt must contain '{{phrase}}', got {self.object_prompt!r}")
-        if self.num_inference_steps < 1:
-            raise ValueError(f"num_inference_steps must be >= 1, got {self.num_inference_steps}")
-        if not 0 < self.threshold < 1:
-            raise ValueError(f"threshold must be in (0, 1), got {self.threshold}")
 
     # -- generation with a disk cache ------------------------------------------------------------
-    def _cache_path(self, pipe, prompt: str, height: int, width: int) -> Path | None:
-        model_id = getattr(pipe, "name_or_path", None) or pipe.config.get("_name_or_path")
-        if not self.cache or not model_id:
+    def _cache_path(self, objects: ObjectGenerator, prompt: str, height: int, width: int) -> Path | None:
+        identity = objects.identity
+        if not self.cache or not identity:
             return None  # in-memory models have no stable identity: never share a cache entry
         key = json.dumps(
-            [
-                str(model_id),
-                _weights_stamp(str(model_id)),
-                prompt,
-                self.object_seed,
-                height,
-                width,
-                self.num_inference_steps,
-                self.guidance_scale,
-                str(pipe.unet.dtype),
-            ]
+            [*identity, prompt, self.object_seed, height, width, self.num_inference_steps, self.guidance_scale]
         )
         digest = hashlib.sha256(key.encode()).hexdigest()[:24]
         return Path(self.cache_dir or default_cache_dir()) / f"{digest}.npz"
 
-    def generate(self, pipe, prompt: str, phrase: str | None, height: int, width: int):
-        """(image array [H,W,3] in [0,1], attention map of ``phrase`` or None), cached."""
-        path = self._cache_path(pipe, prompt, height, width)
-        if path is not None and path.is_file():
-            data = np.load(path)
-            return data["image"], (data["attention"] if data["attention"].size else None)
-        full_box = Layout.from_pairs([(phrase, (0.0, 0.0, 1.0, 1.0))]) if phrase else Layout()
-        out = pipe(
-            prompt,
-            full_box,
-            init="random",
-            guidance="none",
-            num_inference_steps=self.num_inference_steps,
-            guidance_scale=self.guidance_scale,
-            height=height,
-            width=width,
-            generator=torch.Generator("cpu").manual_seed(self.object_seed),
-            output_type="np",
-            return_attention_maps=phrase is not None,
-            progress=False,
-        )
-        image = np.asarray(out.images[0], dtype=np.float32)
-        attention = out.attention_maps[0, 0] if (phrase and out.attention_maps is not None) else None
-        if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(".tmp.npz")
-            np.savez(tmp, image=image, attention=np.zeros(0) if attention is None else attention)
-            os.replace(tmp, path)
-        return image, attention
+    def generate(
+        self, objects: ObjectGenerator, prompts: Sequence[str], phrases: Sequence[str] | None, height, width
+    ) -> list[GeneratedObject]:
+        """One :class:`GeneratedObject` per prompt: cached ones read from disk, the rest generated in batches."""
+        paths = [self._cache_path(objects, p, height, width) for p in prompts]
+        results: list[GeneratedObject | None] = []
+        for path in paths:
+            if path is not None and path.is_file():
+                data = np.load(path)
+                results.append(GeneratedObject(data["image"], data["attention"] if data["attention"].size else None))
+            else:
+                results.append(None)
+        todo = [i for i, r in enumerate(results) if r is None]
+        for start in range(0, len(todo), self.batch_size):
+            batch = todo[start : start + self.batch_size]
+            made = objects(
+                [prompts[i] for i in batch],
+                phrases=None if phrases is None else [phrases[i] for i in batch],
+                height=height,
+                width=width,
+                num_inference_steps=self.num_inference_steps,
+                guidance_scale=self.guidance_scale,
+                seed=self.object_seed,
+            )
+            for i, obj in zip(batch, made):
+                results[i] = obj
+                if paths[i] is not None:
+                    _save_object(paths[i], obj)
+        return results  # type: ignore[return-value]
 
-    def build(self, pipe, prompt, layout, *, height, width, generator) -> ReferenceImage:
+    def build(self, objects, prompt, layout, *, height, width, generator) -> ReferenceImage:
         if self.background == "generated":
             bg_prompt = strip_phrases(prompt, layout.phrases)
-            canvas, _ = self.generate(pipe, bg_prompt, None, height, width)
-            canvas = canvas.copy()
+            (background,) = self.generate(objects, [bg_prompt], None, height, width)
+            canvas = background.image.copy()
         else:
             canvas = solid_background(self.background, height, width, generator)
         masks = np.zeros((len(layout), height, width), dtype=bool)
-        objects = []
-        for k, box in enumerate(layout):
-            obj, attention = self.generate(
-                pipe, self.object_prompt.format(phrase=box.phrase), box.phrase, height, width
-            )
-            objects.append(Image.fromarray((np.clip(obj, 0, 1) * 255).astype(np.uint8)))
-            if self.cutout == "attention" and attention is not None:
-                mask = attention_mask(attention, height, width, threshold=0.5)
+        prompts = [self.object_prompt.format(phrase=box.phrase) for box in layout]
+        generated = self.generate(objects, prompts, layout.phrases, height, width)
+        images = []
+        for k, (box, made) in enumerate(zip(layout, generated)):
+            obj = made.image
+            images.append(Image.fromarray((np.clip(obj, 0, 1) * 255).astype(np.uint8)))
+            if self.cutout == "attention" and made.attention is not None:
+                mask = attention_mask(made.attention, height, width, threshold=self.attention_threshold)
             else:
                 mask = foreground_mask(obj, self.threshold)
             if not mask.any():
@@ -328,7 +330,15 @@ class GeneratedObjects:
                 mask = np.ones(obj.shape[:2], dtype=bool)
             masks[k] = paste_object(canvas, obj, mask, box.to_pixels(width, height), self.fit)
         image = Image.fromarray((np.clip(canvas, 0, 1) * 255).round().astype(np.uint8))
-        return ReferenceImage(image, masks, objects)
+        return ReferenceImage(image, masks, images)
+
+
+def _save_object(path: Path, obj: GeneratedObject) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}.npz")
+    attention = np.zeros(0) if obj.attention is None else obj.attention
+    np.savez(tmp, image=obj.image, attention=attention)
+    os.replace(tmp, path)
 
 
 @dataclass
@@ -350,8 +360,10 @@ class UserImages:
             raise ValueError("UserImages needs exactly one of `image` (whole reference) or `objects`")
         if self.background not in BACKGROUNDS or self.background == "generated":
             raise ValueError(f"UserImages background must be gray, white or noise, got {self.background!r}")
+        BUILDER.param("threshold").check(self.threshold, "UserImages")
+        BUILDER.param("fit").check(self.fit, "UserImages")
 
-    def build(self, pipe, prompt, layout, *, height, width, generator) -> ReferenceImage:
+    def build(self, objects, prompt, layout, *, height, width, generator) -> ReferenceImage:
         if self.image is not None:
             arr = resize_array(to_array(self.image), height, width)
             masks = layout.masks(height, width).numpy().astype(bool)

@@ -1,0 +1,416 @@
+"""Every name a user can choose — guidance loss, initializer, reference builder — declared once.
+
+An :class:`Entry` says what a name is (a callable or a class, given lazily as ``"module:attr"`` so
+this module imports no torch), what it does, its hyper-parameters (:class:`Param`: default, help,
+bounds) and what it needs from the pipeline (e.g. a guidance loss that needs the attention of the
+prompt's unboxed tokens). The CLI's flags and choices, the bench's method presets, the demo's
+radio buttons and every help text are derived from these entries, so adding a loss is one function
+plus one :func:`Registry.register` call::
+
+    from saltdiff.registry import GUIDANCE_LOSSES, Entry, Param
+    GUIDANCE_LOSSES.register(Entry("mass", my_loss, "push attention mass into the box",
+                                   params=(Param("power", 2.0, "exponent of the outside mass", minimum=0),)))
+    pipe(prompt, layout, guidance=GuidanceConfig(loss="mass", loss_params={"power": 3.0}))
+
+Config dataclasses (``GuidanceConfig``, ``SpatialAwareInit``, ``GeneratedObjects``) validate their
+fields with these same ``Param`` objects; a test checks that every registered param is a field of
+its class with the same default.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+import numbers
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = [
+    "Entry",
+    "GUIDANCE_LOSSES",
+    "GUIDANCE_PARAMS",
+    "INITIALIZERS",
+    "Param",
+    "REFERENCE_BUILDERS",
+    "Registry",
+    "check_fields",
+]
+
+
+@dataclass(frozen=True)
+class Param:
+    """One hyper-parameter: its default, a help line, and the values it accepts.
+
+    ``kind`` is the value type (``int``, ``float``, ``str``, ``bool``; by default the default's
+    type); ``optional`` allows ``None``; ``minimum``/``maximum`` bound numbers (``open_minimum`` /
+    ``open_maximum`` exclude the bound); ``choices`` lists the allowed strings; ``flag`` overrides
+    the CLI flag (``--name-with-dashes`` otherwise).
+    """
+
+    name: str
+    default: Any
+    help: str
+    kind: type | None = None
+    choices: tuple[str, ...] | None = None
+    minimum: float | None = None
+    maximum: float | None = None
+    open_minimum: bool = False
+    open_maximum: bool = False
+    optional: bool = False
+    flag: str | None = None
+
+    @property
+    def value_type(self) -> type:
+        if self.kind is not None:
+            return self.kind
+        return type(self.default) if self.default is not None else str
+
+    @property
+    def cli_flag(self) -> str:
+        return "--" + (self.flag or self.name.replace("_", "-"))
+
+    def describe_range(self) -> str:
+        if self.choices is not None:
+            return f"one of {list(self.choices)}"
+        kind = {int: "an integer", float: "a number", bool: "true or false"}.get(self.value_type, "a string")
+        if self.minimum is not None and self.maximum is not None:
+            lo = "(" if self.open_minimum else "["
+            hi = ")" if self.open_maximum else "]"
+            return f"{kind} in {lo}{self.minimum:g}, {self.maximum:g}{hi}"
+        if self.minimum is not None:
+            return f"{kind} {'>' if self.open_minimum else '>='} {self.minimum:g}"
+        if self.maximum is not None:
+            return f"{kind} {'<' if self.open_maximum else '<='} {self.maximum:g}"
+        return kind
+
+    def check(self, value: Any, owner: str = "") -> Any:
+        """``value`` if it is acceptable, else a ``ValueError`` naming the owner, the param and the value."""
+        if value is None and self.optional:
+            return value
+        kind = self.value_type
+        ok = True
+        if kind is bool:
+            ok = isinstance(value, bool)
+        elif kind is int:
+            ok = isinstance(value, numbers.Integral) and not isinstance(value, bool)
+        elif kind is float:
+            ok = (
+                isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(float(value))
+            )
+        elif kind is str:
+            ok = isinstance(value, str)
+        if ok and self.choices is not None:
+            ok = value in self.choices
+        if ok and self.minimum is not None:
+            ok = value > self.minimum if self.open_minimum else value >= self.minimum
+        if ok and self.maximum is not None:
+            ok = value < self.maximum if self.open_maximum else value <= self.maximum
+        if not ok:
+            prefix = f"{owner}: " if owner else ""
+            none = " (or None)" if self.optional else ""
+            raise ValueError(f"{prefix}{self.name} must be {self.describe_range()}{none}, got {value!r}")
+        return value
+
+
+@dataclass(frozen=True)
+class Entry:
+    """A named choice: what it is (``target``), what it does, its params and what it needs.
+
+    ``needs`` maps a need (``"unboxed_tokens"``: the attention of the prompt's other words) to the
+    param that switches it on (``None``: always needed). ``bench_names`` names the benchmark presets
+    of a guidance loss under random and spatial-aware init (default ``NAME`` and
+    ``salt-init+NAME``).
+    """
+
+    name: str
+    target: Callable | str | None
+    description: str
+    params: tuple[Param, ...] = ()
+    needs: Mapping[str, str | None] = field(default_factory=dict)
+    bench_names: tuple[str, str] | None = None
+
+    def __post_init__(self) -> None:
+        names = [p.name for p in self.params]
+        if len(set(names)) != len(names):
+            raise ValueError(f"{self.name!r}: params must have distinct names, got {names}")
+        for gate in self.needs.values():
+            if gate is not None and gate not in names:
+                raise ValueError(f"{self.name!r}: a need is switched on by unknown param {gate!r}")
+
+    def load(self) -> Any:
+        """The target itself (imports ``"module:attr"`` targets on first use)."""
+        if not isinstance(self.target, str):
+            return self.target
+        module, _, attr = self.target.partition(":")
+        return getattr(importlib.import_module(module), attr)
+
+    def param(self, name: str) -> Param:
+        for p in self.params:
+            if p.name == name:
+                return p
+        raise KeyError(name)
+
+    def defaults(self) -> dict[str, Any]:
+        return {p.name: p.default for p in self.params}
+
+    def resolve(self, values: Mapping[str, Any] | None, owner: str | None = None) -> dict[str, Any]:
+        """Defaults updated with ``values``, each checked; an unknown name lists the valid ones."""
+        owner = owner or self.name
+        values = dict(values or {})
+        unknown = sorted(set(values) - {p.name for p in self.params})
+        if unknown:
+            valid = [p.name for p in self.params]
+            raise ValueError(f"{owner}: unknown option(s) {unknown}; valid: {valid or 'none'}")
+        return {p.name: p.check(values.get(p.name, p.default), owner) for p in self.params}
+
+    def requires(self, need: str, params: Mapping[str, Any]) -> bool:
+        """Whether this entry, with these (resolved) params, needs ``need``."""
+        if need not in self.needs:
+            return False
+        gate = self.needs[need]
+        return gate is None or bool(params[gate])
+
+
+class Registry:
+    """Named entries of one kind, in registration order."""
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+        self._entries: dict[str, Entry] = {}
+
+    def register(self, entry: Entry, *, replace: bool = False) -> Entry:
+        if not isinstance(entry, Entry):
+            raise TypeError(f"register an Entry, got {type(entry).__name__}")
+        if entry.name in self._entries and not replace:
+            raise ValueError(f"{self.kind} {entry.name!r} is already registered (pass replace=True)")
+        self._entries[entry.name] = entry
+        return entry
+
+    def unregister(self, name: str) -> Entry:
+        return self._entries.pop(self.get(name).name)
+
+    def get(self, name: str) -> Entry:
+        if name not in self._entries:
+            raise ValueError(f"unknown {self.kind} {name!r}; choose from {list(self._entries)}")
+        return self._entries[name]
+
+    def names(self) -> tuple[str, ...]:
+        return tuple(self._entries)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._entries
+
+    def __iter__(self) -> Iterator[Entry]:
+        return iter(list(self._entries.values()))
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+def check_fields(obj: Any, params: tuple[Param, ...] | list[Param], owner: str) -> None:
+    """Check each of ``obj``'s attributes named by ``params`` (config dataclasses' ``__post_init__``)."""
+    for p in params:
+        p.check(getattr(obj, p.name), owner)
+
+
+# -- built-in entries ------------------------------------------------------------------------------
+#: Knobs of the guidance loop shared by every loss (fields of ``GuidanceConfig``).
+GUIDANCE_PARAMS: tuple[Param, ...] = (
+    Param("guidance_steps", 10, "guide the first N denoising steps", minimum=0),
+    Param("guidance_iters", 5, "at most N gradient updates of the latent per guided step", minimum=0),
+    Param(
+        "step_size",
+        30.0,
+        "guidance step size eta (scaled by 1 - alpha_bar_t under the 'sigma' schedule)",
+        minimum=0,
+    ),
+    Param(
+        "step_size_schedule",
+        "sigma",
+        "'sigma' (eta * (1 - alpha_bar_t)) or 'constant' (eta)",
+        choices=("sigma", "constant"),
+    ),
+    Param("loss_threshold", 0.2, "stop a step's updates once the loss is below this", minimum=0),
+    Param(
+        "layers",
+        "default",
+        "cross-attention layers for the loss: default, all, down, mid, up, x4/x8 tags or names",
+    ),
+    Param(
+        "max_grad_norm",
+        None,
+        "clip the latent gradient to this norm (off by default)",
+        kind=float,
+        minimum=0,
+        open_minimum=True,
+        optional=True,
+    ),
+)
+
+GUIDANCE_LOSSES = Registry("guidance loss")
+GUIDANCE_LOSSES.register(
+    Entry(
+        "salt",
+        "saltdiff.losses:salt_loss",
+        "SALT: layout energy + peak-normalized outside-box term (+ optional unboxed-token term)",
+        params=(
+            Param("reg_weight", 0.5, "weight of SALT's outside-box regularization term", minimum=0),
+            Param(
+                "unboxed_weight",
+                0.0,
+                "weight of SALT's term that keeps unboxed tokens' attention alive",
+                minimum=0,
+            ),
+        ),
+        needs={"unboxed_tokens": "unboxed_weight"},
+        bench_names=("random+salt-loss", "salt"),
+    )
+)
+GUIDANCE_LOSSES.register(
+    Entry(
+        "layout-guidance",
+        "saltdiff.losses:layout_guidance_loss",
+        "Chen et al.'s backward guidance: (1 - attention mass inside the box)^2",
+    )
+)
+GUIDANCE_LOSSES.register(
+    Entry(
+        "boxdiff",
+        "saltdiff.losses:boxdiff_loss",
+        "BoxDiff's inner-box, outer-box and corner constraints",
+        params=(
+            Param(
+                "topk_fraction",
+                0.2,
+                "BoxDiff: fraction of pixels in its top-k constraints",
+                minimum=0,
+                maximum=1,
+                open_minimum=True,
+                flag="boxdiff-topk-fraction",
+            ),
+        ),
+    )
+)
+GUIDANCE_LOSSES.register(Entry("none", None, "no attention guidance"))
+
+INITIALIZERS = Registry("initializer")
+INITIALIZERS.register(
+    Entry(
+        "salt",
+        "saltdiff.init:SpatialAwareInit",
+        "spatial-aware init: DDIM inversion of a reference image of the layout",
+        params=(
+            Param("inversion_steps", 5, "DDIM inversion steps up to the sampler's first timestep", minimum=1),
+            Param(
+                "inversion_prompt",
+                "empty",
+                "'empty' or 'prompt': text condition used during inversion (CFG 1)",
+                choices=("empty", "prompt"),
+            ),
+            Param(
+                "noise_outside",
+                0.0,
+                "blend this much fresh noise into z_T outside the boxes (0 = off)",
+                minimum=0,
+                maximum=1,
+            ),
+            Param("feather", 0.0, "feather the boxes by this many latent cells when blending noise", minimum=0),
+            Param(
+                "inversion_noise_scale",
+                0.0,
+                "SDE-style inversion: add this much fresh noise per step (0 = DDIM ODE)",
+                minimum=0,
+            ),
+        ),
+        needs={"reference": None},
+    )
+)
+INITIALIZERS.register(Entry("random", "saltdiff.init:RandomInit", "z_T ~ N(0, I): the usual baseline"))
+
+REFERENCE_BACKGROUNDS = ("generated", "gray", "white", "noise")
+REFERENCE_BUILDERS = Registry("reference builder")
+REFERENCE_BUILDERS.register(
+    Entry(
+        "objects",
+        "saltdiff.reference:GeneratedObjects",
+        "each boxed object generated by the same model, cut out and pasted into its box",
+        params=(
+            Param(
+                "background",
+                "white",
+                "reference background: generated, gray, white or noise",
+                choices=REFERENCE_BACKGROUNDS,
+            ),
+            Param("object_prompt", "a {phrase} on a white background", "prompt of each object; contains {phrase}"),
+            Param("object_seed", 0, "seed for the object and background generations", minimum=0),
+            Param("num_inference_steps", 25, "steps for each object generation", minimum=1, flag="object-steps"),
+            Param("guidance_scale", 7.5, "CFG scale for each object generation", minimum=0, flag="object-cfg"),
+            Param(
+                "cutout",
+                "foreground",
+                "how objects are cut out: foreground (border color) or attention (its own map)",
+                choices=("foreground", "attention"),
+            ),
+            Param(
+                "threshold",
+                0.15,
+                "foreground cut-out: RGB distance from the border color that counts as object",
+                minimum=0,
+                maximum=1,
+                open_minimum=True,
+                open_maximum=True,
+                flag="cutout-threshold",
+            ),
+            Param(
+                "attention_threshold",
+                0.5,
+                "attention cut-out: fraction of the map's maximum that counts as object",
+                minimum=0,
+                maximum=1,
+                open_minimum=True,
+                open_maximum=True,
+            ),
+            Param(
+                "fit",
+                "stretch",
+                "stretch the object to its box, or contain it keeping its aspect ratio",
+                choices=("stretch", "contain"),
+            ),
+            Param(
+                "batch_size",
+                8,
+                "objects generated per batched call (lower it when memory is short)",
+                minimum=1,
+                flag="object-batch-size",
+            ),
+            Param("cache", True, "cache generated objects on disk", flag="object-cache"),
+            Param(
+                "cache_dir",
+                None,
+                "object cache folder (default ~/.cache/saltdiff/objects or $SALTDIFF_CACHE)",
+                kind=str,
+                optional=True,
+                flag="object-cache-dir",
+            ),
+        ),
+        needs={"object_generator": None},
+    )
+)
+REFERENCE_BUILDERS.register(
+    Entry(
+        "image",
+        "saltdiff.reference:UserImages",
+        "your own reference image (or one image per object), pasted as given",
+        params=(
+            Param(
+                "image",
+                None,
+                "use this whole image as the reference for --init salt (instead of generated objects)",
+                kind=str,
+                optional=True,
+                flag="reference",
+            ),
+        ),
+    )
+)
