@@ -12,7 +12,7 @@ set -euo pipefail
 WORK=${1:-train_work/shapes-repro}
 OUT=${2:-train_work/shapes-repro-out}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
-train() { python -m saltdiff.train_builtin --work "$WORK" --out "$OUT" --vae-steps 5500 --resume --no-progress "$@"; }
+train() { python -m saltdiff.training --work "$WORK" --out "$OUT" --vae-steps 5500 --resume --no-progress "$@"; }
 
 train --unet-steps 6500                              # VAE 5,500 steps, then UNet + text encoder (first weights)
 train --unet-steps 10500                             # longer (the second weights)

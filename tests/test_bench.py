@@ -11,7 +11,7 @@ import time
 import pytest
 
 from saltdiff.cli import main
-from saltdiff.eval.methods import DEFAULT_METHODS, build_method, parse_methods
+from saltdiff.eval.methods import SharedSettings, build_request, default_methods, parse_methods, presets
 from saltdiff.eval.suites import coco_suite, jsonl_suite, load_suite, shapes_suite
 
 LAYOUTS = [
@@ -173,19 +173,38 @@ def test_coco_suite_selection(tmp_path):
 
 def test_methods_share_one_guidance_budget():
     specs = parse_methods("all")
-    assert [s.name for s in specs] == list(DEFAULT_METHODS)
-    methods = [build_method(s, guidance={"guidance_steps": 3, "guidance_iters": 2}) for s in specs]
-    guided = [m for m in methods if m.guidance.enabled]
-    assert {m.guidance.loss for m in guided} == {"salt", "layout-guidance", "boxdiff"}
-    assert {(m.guidance.guidance_steps, m.guidance.guidance_iters) for m in guided} == {(3, 2)}
-    by_name = {m.name: m for m in methods}
-    assert not by_name["sd"].guidance.enabled and not by_name["sd"].uses_reference
-    assert by_name["salt"].uses_reference and by_name["salt-init+boxdiff"].uses_reference
-    assert not by_name["random+salt-loss"].uses_reference
+    assert [s.name for s in specs] == list(default_methods())
+    shared = SharedSettings(guidance={"guidance_steps": 3, "guidance_iters": 2}, loss_params={"reg_weight": 1.5})
+    requests = {s.name: build_request(s, shared, prompt="a red circle") for s in specs}
+    guided = [r for r in requests.values() if r.guidance.enabled]
+    assert {r.guidance.loss for r in guided} == {"salt", "layout-guidance", "boxdiff"}
+    assert {(r.guidance.guidance_steps, r.guidance.guidance_iters) for r in guided} == {(3, 2)}
+    # a loss param goes to the methods whose loss has it, and only to them
+    assert requests["salt"].guidance.params["reg_weight"] == 1.5
+    assert requests["boxdiff"].guidance.params == {"topk_fraction": 0.2}
+    assert not requests["sd"].guidance.enabled and not requests["sd"].uses_reference
+    assert requests["salt"].uses_reference and requests["salt-init+boxdiff"].uses_reference
+    assert not requests["random+salt-loss"].uses_reference
     with pytest.raises(ValueError, match="unknown method 'magic'"):
         parse_methods("sd,magic")
     with pytest.raises(ValueError, match="given twice"):
         parse_methods("sd,sd")
+    with pytest.raises(ValueError, match=r"loss option\(s\) \['reg_weight'\] apply to none of the methods"):
+        SharedSettings(loss_params={"reg_weight": 1.0}).check_applies(parse_methods("sd,boxdiff"))
+
+
+def test_presets_derive_from_the_registered_losses():
+    from saltdiff.registry import GUIDANCE_LOSSES, Entry
+
+    assert presets()["salt"] == ("salt", "salt") and presets()["random+salt-loss"] == ("random", "salt")
+    GUIDANCE_LOSSES.register(Entry("toy", lambda maps, masks: maps.sum() * 0, "a toy loss"))
+    try:
+        assert presets()["toy"] == ("random", "toy")
+        assert presets()["salt-init+toy"] == ("salt", "toy")
+        assert "salt-init+toy" in default_methods()
+    finally:
+        GUIDANCE_LOSSES.unregister("toy")
+    assert "toy" not in presets()
 
 
 # -- end to end --------------------------------------------------------------------------------------------
@@ -340,7 +359,7 @@ def test_study_spatial_awareness(tiny_pipe_dir, layouts_file, tmp_path):
     assert list(metrics["methods"]) == ["random", "inv=1", "inv=2"]
     described = json.loads((out / "config.json").read_text())["methods"]
     assert all(m["guidance"]["loss"] == "none" for m in described.values())
-    assert described["inv=2"]["init"]["inversion_steps"] == 2
+    assert described["inv=2"]["init"] == "salt" and described["inv=2"]["init_params"]["inversion_steps"] == 2
     assert (out / "study.png").is_file() and "| inv=2 |" in (out / "study.md").read_text()
 
 
@@ -351,8 +370,8 @@ def test_every_study_builds_valid_methods():
         variants = study.variants(study.default_values, study.default_loss)
         names = [v.spec.name for v in variants]
         assert len(set(names)) == len(names), name
-        methods = [build_method(v.spec) for v in variants]
-        assert all(m.name for m in methods)
+        requests = [build_request(v.spec, SharedSettings(), prompt="a red circle") for v in variants]
+        assert all(r.guidance.loss == v.spec.loss for r, v in zip(requests, variants))
     budget = STUDIES["guidance-budget"].variants((2, 5), "salt", (1, 3))
     assert len(budget) == 2 * 2 * 2
     assert {(v.spec.guidance["guidance_steps"], v.spec.guidance["guidance_iters"]) for v in budget} == {

@@ -10,7 +10,9 @@ import pytest
 import torch
 
 import saltdiff
-from saltdiff.train_builtin import TrainConfig, lr_factor, permuted_positions, train
+from saltdiff.training import TrainConfig, train
+from saltdiff.training.bookkeeping import lr_factor
+from saltdiff.training.data import permuted_positions
 
 MODEL_DIR = Path(saltdiff.__file__).parent / "models" / "shapes"
 
@@ -140,11 +142,10 @@ def test_training_loop_checkpoints_and_resumes(tmp_path):
 
 def test_grounding_loss_rewards_attention_inside_the_box(shipped_pipe):
     from saltdiff.attention import AttentionStore
-    from saltdiff.train_builtin import box_cell_coverage, grounding_loss, grounding_targets, tokenize
+    from saltdiff.layout import box_coverage
+    from saltdiff.training.data import tokenize
+    from saltdiff.training.grounding import grounding_loss, grounding_targets
     from saltdiff.worlds.shapes import TRAIN_SEEDS, sample_scene
-
-    cover = box_cell_coverage((0.25, 0.0, 0.5, 0.5), 4, 4)
-    assert cover.sum() == pytest.approx(4 * 4 * 0.25 * 0.5) and cover[0, 1] == 1 and cover[3, 3] == 0
 
     seeds = torch.tensor([TRAIN_SEEDS[i] for i in range(6)])
     scenes = [sample_scene(int(s)) for s in seeds]
@@ -158,7 +159,7 @@ def test_grounding_loss_rewards_attention_inside_the_box(shipped_pipe):
         assert words == [w for o in sc.objects for w in (o.color, o.shape)]
 
     h = w = 8
-    masks = [[box_cell_coverage(box, h, w).flatten() for _, box in pairs] for pairs in targets]
+    masks = [[box_coverage(box, h, w).flatten() for _, box in pairs] for pairs in targets]
     inside = torch.full((len(seeds), 1, h * w, ids.shape[1]), 1e-6)
     outside = inside.clone()
     best = []  # all attention on the best-covered cell: the loss is (1 - its coverage)^2
@@ -174,6 +175,77 @@ def test_grounding_loss_rewards_attention_inside_the_box(shipped_pipe):
         assert float(grounding_loss(store, targets, keep)) == pytest.approx(expected, abs=1e-3)
     store = AttentionStore(maps={"x8": outside}, layer_hw={"x8": (h, w)})
     assert float(grounding_loss(store, targets, torch.zeros(len(seeds), dtype=torch.bool))) == 0.0
+
+
+def test_box_coverage_is_the_soft_fraction_of_each_cell():
+    from saltdiff.layout import Box, box_coverage
+
+    cover = box_coverage((0.25, 0.0, 0.5, 0.5), 4, 4)
+    assert cover.shape == (4, 4) and cover.dtype == torch.float32
+    assert cover.sum() == pytest.approx(4 * 4 * 0.25 * 0.5) and cover[0, 1] == 1 and cover[3, 3] == 0
+    # A cell cut by an edge counts in proportion (the binary Layout.masks would take it whole or not).
+    edge = box_coverage((0.1, 0.0, 1.0, 1.0), 2, 5)
+    assert edge[:, 0].tolist() == pytest.approx([0.5, 0.5]) and torch.allclose(edge[:, 1:], torch.ones(2, 4))
+    torch.testing.assert_close(
+        box_coverage(Box("dog", (0.1, 0.2, 0.7, 0.9)), 8, 8), box_coverage((0.1, 0.2, 0.7, 0.9), 8, 8)
+    )
+
+
+def test_grounding_loss_is_the_layout_guidance_energy_it_replaced():
+    """``grounding_loss`` (now :func:`saltdiff.losses.layout_guidance_loss` on soft box masks) equals the
+    formula it used to spell out: per layer, the mean over grounded words of ``(1 - inside / total)^2``."""
+    from saltdiff.attention import AttentionStore
+    from saltdiff.layout import box_coverage
+    from saltdiff.training.grounding import grounding_loss
+
+    gen = torch.Generator().manual_seed(0)
+    batch, heads, tokens = 5, 2, 12
+    layers = {"a": (8, 8), "b": (4, 4), "c": (8, 8)}
+    maps = {n: torch.rand(batch, heads, h * w, tokens, generator=gen) for n, (h, w) in layers.items()}
+    maps["c"] = maps["c"] ** 8  # peaky maps, far from uniform
+    targets = []
+    for _ in range(batch):
+        pairs = []
+        for _ in range(int(torch.randint(0, 4, (1,), generator=gen))):
+            x0, y0 = (torch.rand(2, generator=gen) * 0.7).tolist()
+            dx, dy = (0.05 + torch.rand(2, generator=gen) * 0.25).tolist()
+            pairs.append((int(torch.randint(1, tokens, (1,), generator=gen)), (x0, y0, x0 + dx, y0 + dy)))
+        targets.append(pairs)
+    keep = torch.tensor([True, True, False, True, True])
+    assert sum(len(p) for b, p in enumerate(targets) if keep[b]) >= 3
+
+    def old_formula() -> torch.Tensor:
+        rows = [(b, pos, box) for b, pairs in enumerate(targets) if keep[b] for pos, box in pairs]
+        b_idx, t_idx = torch.tensor([r[0] for r in rows]), torch.tensor([r[1] for r in rows])
+        losses = []
+        for name, probs in maps.items():
+            h, w = layers[name]
+            masks = torch.stack([box_coverage(r[2], h, w).flatten() for r in rows])
+            m = probs.mean(dim=1)[b_idx, :, t_idx]
+            inside = (m * masks).sum(-1) / m.sum(-1).clamp_min(1e-8)
+            losses.append(((1.0 - inside) ** 2).mean())
+        return torch.stack(losses).mean()
+
+    store = AttentionStore(maps=maps, layer_hw=layers)
+    new = grounding_loss(store, targets, keep)
+    assert 0.0 < float(new) < 1.0
+    assert abs(float(new) - float(old_formula())) < 1e-6
+
+
+def test_one_sd_ddim_scheduler_config_for_tests_training_and_the_shipped_weights():
+    from saltdiff.components import sd_ddim_scheduler
+    from saltdiff.testing import tiny_sd_components
+
+    config = sd_ddim_scheduler().config
+    shipped = json.loads((MODEL_DIR / "scheduler" / "scheduler_config.json").read_text())
+    assert {k: config[k] for k in shipped if not k.startswith("_")} == {
+        k: v for k, v in shipped.items() if not k.startswith("_")
+    }
+
+    def plain(c) -> dict:  # `_use_default_values` is a list made from a set: compare it as a set
+        return {k: set(v) if k == "_use_default_values" else v for k, v in c.items()}
+
+    assert plain(tiny_sd_components()["scheduler"].config) == plain(config)
 
 
 def test_training_with_grounding_loss_logs_it(tmp_path):

@@ -5,7 +5,7 @@ import pytest
 from PIL import Image
 
 from saltdiff.cli import main
-from saltdiff.viz import read_recipe
+from saltdiff.request import read_recipe
 
 BASE = [
     "generate",
@@ -35,6 +35,9 @@ BASE = [
 ]
 
 
+RANDOM_BASE = BASE[: BASE.index("--object-steps")] + BASE[BASE.index("--guidance-steps") : BASE.index("--background")]
+
+
 def test_generate_writes_png_with_recipe_and_overlay(tiny_pipe_dir, tmp_path):
     out = tmp_path / "img.png"
     code = main(
@@ -56,7 +59,8 @@ def test_generate_writes_png_with_recipe_and_overlay(tiny_pipe_dir, tmp_path):
     assert recipe["prompt"] == "a red circle and a blue square"
     assert recipe["seed"] == 7 and recipe["steps"] == 3 and recipe["init"] == "salt"
     assert recipe["layout"]["boxes"][0]["phrase"] == "red circle"
-    assert recipe["init_config"]["inversion_steps"] == 2
+    assert recipe["init_params"]["inversion_steps"] == 2
+    assert recipe["reference"] == "objects" and recipe["reference_params"]["background"] == "gray"
     assert recipe["guidance"]["guidance_steps"] == 1
     assert Image.open(out).size == (32, 32)
     assert (tmp_path / "img-overlay.png").is_file()
@@ -67,7 +71,7 @@ def test_generate_is_deterministic_per_seed(tiny_pipe_dir, tmp_path):
     paths = [tmp_path / "a.png", tmp_path / "b.png"]
     for p in paths:
         assert (
-            main([*BASE, "--model", tiny_pipe_dir, "--out", str(p), "--seed", "3", "--init", "random"]) == 0
+            main([*RANDOM_BASE, "--model", tiny_pipe_dir, "--out", str(p), "--seed", "3", "--init", "random"]) == 0
         )
     assert Image.open(paths[0]).tobytes() == Image.open(paths[1]).tobytes()
 
@@ -79,8 +83,14 @@ def test_generate_is_deterministic_per_seed(tiny_pipe_dir, tmp_path):
         (["--box", "green dog=0,0,0.5,0.5"], "green dog"),
         (["--box", "red circle=0,0,1.5,1"], "red circle"),
         (["--cfg", "nan"], "guidance_scale"),
-        (["--guidance", "magic"], "guidance loss must be one of"),
-        (["--init", "random", "--inversion-steps", "3"], "need --init salt"),
+        (["--guidance", "magic"], "argument --guidance: invalid choice: 'magic'"),
+        (["--init", "random", "--inversion-steps", "3"], "--inversion-steps applies to the initializer(s) ['salt']"),
+        (["--init", "random"], "need an initializer that uses a reference: --init ['salt']"),
+        (["--guidance", "boxdiff", "--reg-weight", "1"], "--reg-weight applies to the guidance loss(es) ['salt']"),
+        (["--reference-builder", "image"], "--reference-builder image needs --reference IMG"),
+        (["--reference", "ref.png"], "--background applies to the reference builder(s) ['objects'], not ['image']"),
+        (["--step-size", "-1"], "step_size must be a number >= 0, got -1.0"),
+        (["--steps", "many"], "argument --steps: invalid int value: 'many'"),
         (["--out", "/nonexistent/dir/x.png"], "does not exist"),
     ],
 )

@@ -1,61 +1,53 @@
-"""Command-line flags shared by ``saltdiff generate``, ``bench``, ``study`` and ``demo``.
+"""Command-line flags derived from the registry, shared by ``generate``, ``bench``, ``study`` and ``demo``.
 
-Each config dataclass (``GuidanceConfig``, ``SpatialAwareInit``, ``GeneratedObjects``) maps one to
-one onto flags: the field ``guidance_steps`` is the flag ``--guidance-steps``, with the field's
-default shown in ``--help``. Kept apart from ``cli.py`` so the evaluation CLI can import it without
-a cycle.
+Every registered hyper-parameter becomes one flag (``reg_weight`` → ``--reg-weight``, or the
+``Param.flag`` it declares) with its help and default, and every registered name becomes a choice
+(``--init``, ``--guidance``, ``--reference-builder``). Nothing here imports torch, so ``--help`` is
+instant; :func:`method_options` turns the parsed flags back into registered names and params, and
+refuses a flag that does not apply to the chosen name instead of ignoring it.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
-from collections.abc import Sequence
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
 
-GUIDANCE_HELP = {
-    "guidance_steps": "guide the first N denoising steps",
-    "guidance_iters": "at most N gradient updates of the latent per guided step",
-    "step_size": "guidance step size eta (scaled by 1 - alpha_bar_t under the 'sigma' schedule)",
-    "step_size_schedule": "'sigma' (eta * (1 - alpha_bar_t)) or 'constant' (eta)",
-    "loss_threshold": "stop a step's updates once the loss is below this",
-    "layers": "cross-attention layers for the loss: default, all, down, mid, up, x4/x8 tags or names",
-    "reg_weight": "weight of SALT's outside-box regularization term",
-    "unboxed_weight": "weight of SALT's term that keeps unboxed tokens' attention alive",
-    "boxdiff_topk_fraction": "BoxDiff: fraction of pixels in its top-k constraints",
-    "max_grad_norm": "clip the latent gradient to this norm (off by default)",
-}
-SALT_INIT_HELP = {
-    "inversion_steps": "DDIM inversion steps up to the sampler's first timestep",
-    "inversion_prompt": "'empty' or 'prompt': text condition used during inversion (CFG 1)",
-    "noise_outside": "blend this much fresh noise into z_T outside the boxes (0 = off)",
-    "feather": "feather the boxes by this many latent cells when blending noise",
-    "inversion_noise_scale": "SDE-style inversion: add this much fresh noise per step (0 = DDIM ODE)",
-}
-OBJECTS_HELP = {
-    "background": "reference background: generated, gray, white or noise",
-    "object_prompt": "prompt used to generate each object; must contain {phrase}",
-    "object_seed": "seed for the object and background generations",
-    "num_inference_steps": "steps for each object generation",
-    "guidance_scale": "CFG scale for each object generation",
-    "cutout": "how objects are cut out: foreground (border color) or attention (its own map)",
-    "threshold": "cut-out threshold (color distance for foreground, fraction of max for attention)",
-    "fit": "stretch the object to its box, or contain it keeping its aspect ratio",
-    "cache": "cache generated objects on disk",
-    "cache_dir": "object cache folder (default ~/.cache/saltdiff/objects or $SALTDIFF_CACHE)",
-}
-# Fields whose flag name differs from the field name (to keep flags short and unambiguous).
-FLAG_NAMES = {
-    ("GuidanceConfig", "loss"): "guidance",
-    ("GeneratedObjects", "num_inference_steps"): "object-steps",
-    ("GeneratedObjects", "guidance_scale"): "object-cfg",
-    ("GeneratedObjects", "threshold"): "cutout-threshold",
-    ("GeneratedObjects", "cache"): "object-cache",
-    ("GeneratedObjects", "cache_dir"): "object-cache-dir",
-}
+from .loading import DEFAULT_MODEL, DTYPES, SD15_MODEL_ID
+from .registry import GUIDANCE_LOSSES, GUIDANCE_PARAMS, INITIALIZERS, REFERENCE_BUILDERS, Param, Registry
+
+#: (registry, argparse dest prefix, the flag that chooses the name)
+_GROUPS: tuple[tuple[Registry, str, str], ...] = (
+    (GUIDANCE_LOSSES, "loss", "--guidance"),
+    (INITIALIZERS, "init", "--init"),
+    (REFERENCE_BUILDERS, "reference", "--reference-builder"),
+)
 
 
 class CliError(Exception):
     """A user error: printed as one line, exit status 2."""
+
+
+class Parser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line that points at ``--help``."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """Shows a flag's default where it has one (never "default: None" for an unset registry param)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "(default" in text or not action.option_strings:
+            return text
+        if action.default is None or action.default is False or action.default is argparse.SUPPRESS:
+            return text
+        if action.default == []:
+            return text
+        return f"{text} (default: %(default)s)"
 
 
 def _parse_bool(text: str) -> bool:
@@ -66,45 +58,173 @@ def _parse_bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
 
 
-def add_dataclass_args(parser: argparse.ArgumentParser, cls, helps: dict, skip: Sequence[str] = ()) -> None:
-    """Add one ``--flag`` per dataclass field (default: the field's default, shown in --help)."""
-    group = parser.add_argument_group(f"{cls.__name__} options")
-    for f in dataclasses.fields(cls):
-        if f.name in skip or f.name not in helps:
-            continue
-        flag = "--" + FLAG_NAMES.get((cls.__name__, f.name), f.name.replace("_", "-"))
-        default = f.default if f.default is not dataclasses.MISSING else None
-        kind = type(default) if default is not None else str
-        if f.name == "max_grad_norm":
-            kind = float
-        if kind is bool:
-            kind = _parse_bool
+def _arg_type(param: Param):
+    kind = param.value_type
+    if kind is bool:
+        return _parse_bool
+    return kind if kind in (int, float, str) else str
+
+
+def add_param_flags(group, params: Iterable[Param], dest_prefix: str, owners: dict[str, list[str]] | None = None):
+    """One flag per param (default ``None``: only flags the user gives are applied)."""
+    for p in params:
+        extra = f"; {', '.join(owners[p.name])} only" if owners and p.name in owners else ""
+        default = "off" if p.default is None else p.default
         group.add_argument(
-            flag,
-            dest=f"{cls.__name__}.{f.name}",
-            type=kind,
+            p.cli_flag,
+            dest=f"{dest_prefix}.{p.name}",
+            type=_arg_type(p),
+            choices=p.choices,
             default=None,
-            metavar=f.name.upper(),
-            help=f"{helps[f.name]} (default: {default})",
+            metavar=None if p.choices else p.name.upper(),
+            help=f"{p.help} (default: {default}{extra})",
         )
 
 
-def dataclass_kwargs(args: argparse.Namespace, cls) -> dict:
-    prefix = cls.__name__ + "."
-    return {k[len(prefix) :]: v for k, v in vars(args).items() if k.startswith(prefix) and v is not None}
+def _params_of(registry: Registry) -> tuple[list[Param], dict[str, list[str]]]:
+    """Each param name once (first declaration wins for help and default) and the entries that have it."""
+    params: dict[str, Param] = {}
+    owners: dict[str, list[str]] = {}
+    for entry in registry:
+        for p in entry.params:
+            params.setdefault(p.name, p)
+            owners.setdefault(p.name, []).append(entry.name)
+    return list(params.values()), owners
+
+
+def add_method_args(parser: argparse.ArgumentParser, *, choose: bool = True) -> None:
+    """Flags for guidance, initializer and reference builder, with their registered params.
+
+    ``choose=False`` (the bench) leaves out the flags that pick a name: there, each method names
+    its own initializer and loss, and the params are shared defaults for all of them.
+    """
+    guidance = parser.add_argument_group("guidance options (every loss)")
+    if choose:
+        guidance.add_argument(
+            "--guidance",
+            dest="loss",
+            default="salt",
+            choices=GUIDANCE_LOSSES.names(),
+            help="guidance loss: " + "; ".join(f"{e.name}: {e.description}" for e in GUIDANCE_LOSSES),
+        )
+    add_param_flags(guidance, GUIDANCE_PARAMS, "guidance")
+    for registry, prefix, flag in _GROUPS:
+        params, owners = _params_of(registry)
+        if registry is GUIDANCE_LOSSES:
+            title = "loss options"
+        elif registry is INITIALIZERS:
+            title = "initializer options"
+            if choose:
+                parser.add_argument(
+                    "--init",
+                    default="salt",
+                    choices=INITIALIZERS.names(),
+                    help="initial latent: " + "; ".join(f"{e.name}: {e.description}" for e in INITIALIZERS),
+                )
+        else:
+            title = "reference options (initializers that use a reference image)"
+            if choose:
+                parser.add_argument(
+                    flag,
+                    dest="reference_builder",
+                    default=None,
+                    choices=REFERENCE_BUILDERS.names(),
+                    help="how the reference image is made (default: objects; 'image' when --reference "
+                    "is given): " + "; ".join(f"{e.name}: {e.description}" for e in REFERENCE_BUILDERS),
+                )
+        if params:
+            add_param_flags(parser.add_argument_group(title), params, prefix, owners)
+
+
+def given(args: argparse.Namespace, prefix: str) -> dict[str, Any]:
+    """The params of group ``prefix`` that the user set on the command line."""
+    start = prefix + "."
+    return {k[len(start) :]: v for k, v in vars(args).items() if k.startswith(start) and v is not None}
+
+
+def _flag(registry: Registry, name: str) -> str:
+    for entry in registry:
+        for p in entry.params:
+            if p.name == name:
+                return p.cli_flag
+    return "--" + name.replace("_", "-")
+
+
+def _owners(registry: Registry, name: str) -> list[str]:
+    return [e.name for e in registry if any(p.name == name for p in e.params)]
+
+
+def check_applies(registry: Registry, chosen: Iterable[str], values: dict[str, Any], what: str) -> None:
+    """Refuse a flag that none of the ``chosen`` entries has (it would be silently ignored)."""
+    chosen = list(chosen)
+    known = {p.name for name in chosen for p in registry.get(name).params}
+    for name in values:
+        if name not in known:
+            owners = _owners(registry, name)
+            raise CliError(f"{_flag(registry, name)} applies to {what} {owners}, not {chosen}")
+
+
+@dataclass
+class MethodOptions:
+    """Registered names and params chosen on the command line (what a request is built from)."""
+
+    loss: str | None
+    guidance: dict[str, Any] = field(default_factory=dict)
+    loss_params: dict[str, Any] = field(default_factory=dict)
+    init: str | None = None
+    init_params: dict[str, Any] = field(default_factory=dict)
+    reference: str | None = None
+    reference_params: dict[str, Any] = field(default_factory=dict)
+
+
+def method_options(args: argparse.Namespace) -> MethodOptions:
+    """The parsed flags of :func:`add_method_args` as names and params, each flag checked to apply."""
+    loss = getattr(args, "loss", None)
+    init = getattr(args, "init", None)
+    options = MethodOptions(
+        loss=loss,
+        guidance=given(args, "guidance"),
+        loss_params=given(args, "loss"),
+        init=init,
+        init_params=given(args, "init"),
+        reference_params=given(args, "reference"),
+    )
+    if loss is not None:
+        check_applies(GUIDANCE_LOSSES, [loss], options.loss_params, "the guidance loss(es)")
+    if init is None:
+        return options
+    check_applies(INITIALIZERS, [init], options.init_params, "the initializer(s)")
+    builder = getattr(args, "reference_builder", None)
+    image = options.reference_params.get("image")
+    if builder is None:
+        builder = "image" if image is not None else "objects"
+    uses_reference = "reference" in INITIALIZERS.get(init).needs
+    if not uses_reference:
+        if options.reference_params or getattr(args, "reference_builder", None):
+            flags = [_flag(REFERENCE_BUILDERS, n) for n in options.reference_params] or ["--reference-builder"]
+            uses = [e.name for e in INITIALIZERS if "reference" in e.needs]
+            raise CliError(f"{', '.join(flags)} need an initializer that uses a reference: --init {uses}")
+        return options
+    if builder == "image" and image is None:
+        raise CliError("--reference-builder image needs --reference IMG")
+    if builder != "image" and image is not None:
+        raise CliError(f"--reference IMG uses the 'image' reference builder, not {builder!r}")
+    check_applies(REFERENCE_BUILDERS, [builder], options.reference_params, "the reference builder(s)")
+    options.reference = builder
+    return options
 
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--model",
-        default="builtin:shapes",
-        help="hub id, local diffusers folder, or builtin:NAME (default: builtin:shapes; a real "
-        "checkpoint is e.g. stable-diffusion-v1-5/stable-diffusion-v1-5)",
+        default=DEFAULT_MODEL,
+        help=f"hub id, local diffusers folder, or builtin:NAME (default: {DEFAULT_MODEL}; a real "
+        f"checkpoint is e.g. {SD15_MODEL_ID})",
     )
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps (default: cuda if available)")
     parser.add_argument(
         "--dtype",
         default=None,
-        choices=("float32", "float16", "bfloat16"),
+        choices=DTYPES,
         help="weights dtype (default: float16 on cuda, float32 on cpu)",
     )

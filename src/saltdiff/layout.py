@@ -465,3 +465,26 @@ def _suggest(phrase: str, prompt: str) -> str:
         grams = {" ".join(g) for g in zip(words, words[1:])}
         close = difflib.get_close_matches(target, sorted(grams), n=3, cutoff=0.6)
     return f" (did you mean {', '.join(repr(c) for c in close)}?)" if close else ""
+
+
+def box_coverage(box: Box | Sequence[float], h: int, w: int) -> torch.Tensor:
+    """Soft mask ``[h, w]``: the fraction of each cell of an ``h x w`` grid that a normalized box covers.
+
+    ``box`` is a :class:`Box` or its ``(x0, y0, x1, y1)``. Unlike the binary center rule of
+    :meth:`Layout.masks`, a cell cut by a box edge counts in proportion to its covered area, so the
+    mask sums to the box's area in cells and moves smoothly with the box: the token-grounding loss of
+    the trainer (:mod:`saltdiff.training.grounding`) uses it at the coarse 4x4 and 8x8 attention
+    resolutions, where a center rule would snap small boxes to whole cells.
+    """
+    _check_size(h, "h")
+    _check_size(w, "w")
+    coords = box.box if isinstance(box, Box) else box
+    ys = torch.arange(h + 1, dtype=torch.float32) / h
+    xs = torch.arange(w + 1, dtype=torch.float32) / w
+    cover_y = (
+        torch.minimum(ys[1:], torch.tensor(coords[3])) - torch.maximum(ys[:-1], torch.tensor(coords[1]))
+    ).clamp(min=0)
+    cover_x = (
+        torch.minimum(xs[1:], torch.tensor(coords[2])) - torch.maximum(xs[:-1], torch.tensor(coords[0]))
+    ).clamp(min=0)
+    return (cover_y[:, None] * h) * (cover_x[None, :] * w)

@@ -17,10 +17,10 @@ from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
 from .attention import AttentionStore, capture_cross_attention
+from .checkpoints import DEFAULT_MODEL, builtin_models, resolve_model, weights_stamp
 from .guidance import GuidanceConfig, GuidanceTargets, guided_update, layer_losses, step_scale
 from .init import InitResult, SpatialAwareInit
 from .layout import Layout, LayoutError
-from .loading import DEFAULT_MODEL, builtin_models, resolve_model, weights_stamp
 from .losses import layout_guidance_loss
 from .reference import GeneratedObject, UserImages
 from .registry import INITIALIZERS

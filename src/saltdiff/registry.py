@@ -73,7 +73,8 @@ class Param:
     def describe_range(self) -> str:
         if self.choices is not None:
             return f"one of {list(self.choices)}"
-        kind = {int: "an integer", float: "a number", bool: "true or false"}.get(self.value_type, "a string")
+        kinds = {int: "an integer", float: "a number", bool: "true or false", object: "a value"}
+        kind = kinds.get(self.value_type, "a string")
         if self.minimum is not None and self.maximum is not None:
             lo = "(" if self.open_minimum else "["
             hi = ")" if self.open_maximum else "]"
@@ -100,6 +101,7 @@ class Param:
             )
         elif kind is str:
             ok = isinstance(value, str)
+        # kind object: any value (e.g. a path or a PIL image), checked by its owner
         if ok and self.choices is not None:
             ok = value in self.choices
         if ok and self.minimum is not None:
@@ -240,7 +242,7 @@ GUIDANCE_PARAMS: tuple[Param, ...] = (
     Param(
         "max_grad_norm",
         None,
-        "clip the latent gradient to this norm (off by default)",
+        "clip the latent gradient to this norm",
         kind=float,
         minimum=0,
         open_minimum=True,
@@ -407,7 +409,7 @@ REFERENCE_BUILDERS.register(
                 "image",
                 None,
                 "use this whole image as the reference for --init salt (instead of generated objects)",
-                kind=str,
+                kind=object,
                 optional=True,
                 flag="reference",
             ),

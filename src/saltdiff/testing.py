@@ -11,6 +11,8 @@ import tempfile
 
 import torch
 
+from .components import sd_ddim_scheduler
+
 TINY_WORDS = (
     "a an the and of on in with photo picture at left right top bottom background scene "
     "red green blue yellow purple orange white gray black circle square triangle cat dog car "
@@ -28,7 +30,7 @@ def tiny_tokenizer(model_max_length: int = 77):
 
 def tiny_sd_components(seed: int = 0, sample_size: int = 16, model_max_length: int = 77) -> dict:
     """Components of a tiny SD-1.x-shaped pipeline (UNet with cross-attention at two levels)."""
-    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     tokenizer = tiny_tokenizer(model_max_length)
@@ -71,14 +73,7 @@ def tiny_sd_components(seed: int = 0, sample_size: int = 16, model_max_length: i
             max_position_embeddings=model_max_length,
         )
     )
-    scheduler = DDIMScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        clip_sample=False,
-        set_alpha_to_one=False,
-        steps_offset=1,
-    )
+    scheduler = sd_ddim_scheduler()
     return {
         "unet": unet.eval(),
         "vae": vae.eval(),
@@ -107,7 +102,7 @@ def sd15_architecture_components(seed: int = 0, dtype=torch.float32) -> dict:
     each method (seconds per image, peak memory) and checks default layer selection; the tokenizer
     is the generated one (same class and special tokens, smaller vocabulary).
     """
-    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     tokenizer = tiny_tokenizer(77)
@@ -153,14 +148,7 @@ def sd15_architecture_components(seed: int = 0, dtype=torch.float32) -> dict:
             pad_token_id=tokenizer.pad_token_id,
         )
     )
-    scheduler = DDIMScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        clip_sample=False,
-        set_alpha_to_one=False,
-        steps_offset=1,
-    )
+    scheduler = sd_ddim_scheduler()
     return {
         "unet": unet.to(dtype).eval(),
         "vae": vae.to(dtype).eval(),

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import csv
 import datetime
-import glob
 import io
 import json
 import logging
@@ -30,12 +29,12 @@ import math
 import os
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from .. import __version__
 from .detectors import DetectedBox, make_detector, resolve_detector_name
-from .methods import Method, MethodSpec, build_method
+from .methods import MethodSpec, SharedSettings, build_request, describe
 from .metrics import (
     ClipScorer,
     box_ious,
@@ -44,6 +43,15 @@ from .metrics import (
     reset_peak_memory,
     summarize,
     summarize_by_objects,
+)
+from .runs import (
+    atomic_write,
+    clean_temporaries,
+    image_path,
+    jsonable,
+    load_records,
+    png_bytes,
+    record_path,
 )
 from .suites import EvalLayout, load_suite, split_for_process
 
@@ -80,9 +88,7 @@ class BenchConfig:
     width: int | None = None
     detector: str = "auto"
     clip_model: str = "auto"
-    guidance: dict[str, Any] = field(default_factory=dict)
-    salt_init: dict[str, Any] = field(default_factory=dict)
-    reference: dict[str, Any] = field(default_factory=dict)
+    shared: SharedSettings = field(default_factory=SharedSettings)
     coco_annotations: str | None = None
     coco_captions: str | None = None
     coco_min_area: float = 0.02
@@ -109,6 +115,7 @@ class BenchConfig:
             raise ValueError(f"seeds must be distinct non-negative integers, got {seeds}")
         if not self.out:
             raise ValueError("an output folder is required (--out runs/NAME)")
+        self.shared.check_applies(self.methods)
 
 
 def parse_seeds(text: str | int) -> list[int]:
@@ -129,40 +136,6 @@ def parse_seeds(text: str | int) -> list[int]:
     if len(set(seeds)) != len(seeds) or any(s < 0 for s in seeds):
         raise ValueError(f"seeds must be distinct non-negative integers, got {text!r}")
     return seeds
-
-
-# -- files ----------------------------------------------------------------------------------------------
-def atomic_write(path: str, data: bytes | str) -> None:
-    """Write ``data`` to ``path`` through a temporary file and ``os.replace`` (never half a file)."""
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as fh:
-        fh.write(data.encode() if isinstance(data, str) else data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
-def _png_bytes(image) -> bytes:
-    buf = io.BytesIO()
-    image.save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def _jsonable(value):
-    return json.loads(json.dumps(value))
-
-
-def item_stem(layout_id: str, seed: int) -> str:
-    return f"{layout_id}_s{seed}"
-
-
-def record_path(out: str, method: str, layout_id: str, seed: int) -> str:
-    return os.path.join(out, "records", method, item_stem(layout_id, seed) + ".json")
-
-
-def image_path(out: str, method: str, layout_id: str, seed: int, suffix: str = "") -> str:
-    return os.path.join(out, "images", method, item_stem(layout_id, seed) + suffix + ".png")
 
 
 # -- distributed state ----------------------------------------------------------------------------------
@@ -187,35 +160,6 @@ def _process_state(device: str | None = None):
 
 
 # -- the run --------------------------------------------------------------------------------------------
-def _resolve_device(device: str | None, dtype: str | None, fallback: str | None):
-    import torch
-
-    if device is None:
-        device = fallback or ("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"--device {device} requested but CUDA is not available on this machine")
-    if dtype is None:
-        dtype = "float16" if device.startswith("cuda") else "float32"
-    if dtype not in ("float32", "float16", "bfloat16"):
-        raise ValueError(f"dtype must be float32, float16 or bfloat16, got {dtype!r}")
-    return device, dtype
-
-
-def _load_pipeline(model: str, device: str, dtype: str):
-    import torch
-
-    from ..pipeline import SaltPipeline
-
-    if model.startswith((".", "/")) and not os.path.exists(model):
-        raise ValueError(f"model folder {model!r} does not exist")
-    try:
-        pipe = SaltPipeline.from_pretrained(model, torch_dtype=getattr(torch, dtype))
-    except OSError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ValueError(f"cannot load model {model!r}: {first}") from exc
-    return pipe.to(device)
-
-
 def _check_layouts(pipe, layouts: Sequence[EvalLayout]) -> None:
     for lay in layouts:
         try:
@@ -224,7 +168,7 @@ def _check_layouts(pipe, layouts: Sequence[EvalLayout]) -> None:
             raise ValueError(f"layout {lay.id!r} does not fit this model's tokenizer: {exc}") from exc
 
 
-def _run_config(config: BenchConfig, detector: str, text_alignment: str, dtype: str, methods) -> dict:
+def _run_config(config: BenchConfig, detector: str, text_alignment: str, dtype: str, methods: dict) -> dict:
     return {
         "saltdiff_version": __version__,
         "suite": config.suite,
@@ -238,7 +182,7 @@ def _run_config(config: BenchConfig, detector: str, text_alignment: str, dtype: 
         "dtype": dtype,
         "n": config.n,
         "seeds": list(config.seeds),
-        "methods": {m.name: m.describe() for m in methods},
+        "methods": methods,
     }
 
 
@@ -256,16 +200,11 @@ def _check_resume(out: str, current: dict) -> None:
             )
     for name, desc in current["methods"].items():
         old = previous.get("methods", {}).get(name)
-        if old is not None and _jsonable(old) != _jsonable(desc):
+        if old is not None and jsonable(old) != jsonable(desc):
             raise ValueError(
                 f"{out!r} holds results of method {name!r} with other settings: use another --out "
                 "(or delete its records)"
             )
-
-
-def _clean_temporaries(out: str) -> None:
-    for path in glob.glob(os.path.join(out, "*", "*", "*.tmp*")):
-        os.remove(path)
 
 
 def _round(values):
@@ -304,23 +243,23 @@ def evaluate_image(
 
 
 def generate_record(
-    pipe, method: Method, lay: EvalLayout, seed: int, config: BenchConfig, ctx
+    pipe, spec: MethodSpec, shared: SharedSettings, lay: EvalLayout, seed: int, config: BenchConfig, ctx
 ) -> tuple[dict, Any]:
-    """Generate one image with ``method`` and score it: ``(record, SaltOutput)``."""
-    reset_peak_memory(ctx["device"])
-    start = time.perf_counter()
-    result = pipe(
-        lay.prompt,
-        lay.layout,
-        init=method.init,
-        guidance=method.guidance,
+    """Generate one image with method ``spec`` and score it: ``(record, SaltOutput)``."""
+    request = build_request(
+        spec,
+        shared,
+        prompt=lay.prompt,
+        layout=lay.layout,
+        seed=seed,
         num_inference_steps=config.steps,
         guidance_scale=config.cfg,
         height=config.height,
         width=config.width,
-        seed=seed,
-        progress=False,
     )
+    reset_peak_memory(ctx["device"])
+    start = time.perf_counter()
+    result = request.run(pipe, progress=False)
     if str(ctx["device"]).startswith("cuda"):
         import torch
 
@@ -329,7 +268,7 @@ def generate_record(
     peak = peak_memory_mb(ctx["device"])
     image = result.images[0]
     record: dict[str, Any] = {
-        "method": method.name,
+        "method": spec.name,
         "layout_id": lay.id,
         "seed": seed,
         "prompt": lay.prompt,
@@ -347,9 +286,9 @@ def generate_record(
         "peak_mem_mb": round(peak, 1),
         "layout_losses": _round(list(result.layout_losses)),
         "guidance_losses": _round([list(x) for x in result.guidance_losses]),
-        "image": os.path.relpath(image_path(config.out, method.name, lay.id, seed), config.out),
+        "image": os.path.relpath(image_path(config.out, spec.name, lay.id, seed), config.out),
         "reference": None,
-        "method_config": method.describe(),
+        "method_config": ctx["descriptions"][spec.name],
     }
     if result.reference_image is not None:
         ref = result.reference_image
@@ -359,7 +298,7 @@ def generate_record(
         record["ref_box_ious"] = _round(ref_ious)
         record["ref_iou"] = _round(sum(ref_ious) / len(ref_ious)) if ref_ious else None
         record["reference"] = os.path.relpath(
-            image_path(config.out, method.name, lay.id, seed, "_ref"), config.out
+            image_path(config.out, spec.name, lay.id, seed, "_ref"), config.out
         )
     return record, result
 
@@ -389,28 +328,29 @@ def run_bench(config: BenchConfig, pipe=None) -> dict | None:
     else:
         text_kind, clip_model = "clip_score", config.clip_model
     out = config.out
-    reference = dict(config.reference)
-    if not reference.get("cache_dir"):
+    shared = config.shared
+    if not shared.reference_params.get("cache_dir"):
         # A per-run (per-process) object cache: self-contained runs, no two writers on one file.
         sub = "object_cache" if world == 1 else os.path.join("object_cache", f"rank{rank}")
-        reference["cache_dir"] = os.path.join(os.path.abspath(out), sub)
-    methods = [
-        build_method(spec, guidance=config.guidance, salt_init=config.salt_init, reference=reference)
-        for spec in config.methods
-    ]
+        cache_dir = os.path.join(os.path.abspath(out), sub)
+        shared = replace(shared, reference_params={**shared.reference_params, "cache_dir": cache_dir})
+    specs = list(config.methods)
+    descriptions = {spec.name: describe(spec, shared) for spec in specs}
     if pipe is None:
-        device, dtype = _resolve_device(config.device, config.dtype, dist_device)
-        pipe = _load_pipeline(config.model, device, dtype)
-    else:
-        device = str(pipe._execution_device)
-        dtype = str(pipe.unet.dtype).replace("torch.", "")
+        from ..loading import load_pipeline
+
+        pipe = load_pipeline(
+            config.model, device=config.device, dtype=config.dtype, fallback_device=dist_device
+        )
+    device = str(pipe.device)
+    dtype = str(pipe.unet.dtype).replace("torch.", "")
     pipe.set_progress_bar_config(disable=True)
     _check_layouts(pipe, layouts)
-    run_config = _run_config(config, detector_name, text_kind, dtype, methods)
+    run_config = _run_config(config, detector_name, text_kind, dtype, descriptions)
     if is_main:
         os.makedirs(out, exist_ok=True)
         _check_resume(out, run_config)
-        _clean_temporaries(out)
+        clean_temporaries(out)
         if os.path.isfile(os.path.join(out, "config.json")):
             with open(os.path.join(out, "config.json"), encoding="utf-8") as fh:
                 previous = json.load(fh)
@@ -425,9 +365,10 @@ def run_bench(config: BenchConfig, pipe=None) -> dict | None:
         "detector": make_detector(detector_name, device=device),
         "text_kind": text_kind,
         "clip": ClipScorer(clip_model, device=device) if clip_model else None,
+        "descriptions": descriptions,
     }
     mine = split_for_process(layouts, rank, world)
-    todo = [(lay, seed, m) for lay in mine for seed in config.seeds for m in methods]
+    todo = [(lay, seed, m) for lay in mine for seed in config.seeds for m in specs]
     from tqdm.auto import tqdm
 
     bar = tqdm(
@@ -444,13 +385,13 @@ def run_bench(config: BenchConfig, pipe=None) -> dict | None:
                 bar.update()
                 continue
             try:
-                record, result = generate_record(pipe, method, lay, seed, config, ctx)
+                record, result = generate_record(pipe, method, shared, lay, seed, config, ctx)
             except (ValueError, TypeError) as exc:
                 raise type(exc)(f"method {method.name!r}, layout {lay.id!r}, seed {seed}: {exc}") from exc
-            atomic_write(image_path(out, method.name, lay.id, seed), _png_bytes(result.images[0]))
+            atomic_write(image_path(out, method.name, lay.id, seed), png_bytes(result.images[0]))
             if result.reference_image is not None:
                 atomic_write(
-                    image_path(out, method.name, lay.id, seed, "_ref"), _png_bytes(result.reference_image)
+                    image_path(out, method.name, lay.id, seed, "_ref"), png_bytes(result.reference_image)
                 )
             atomic_write(path, json.dumps(record))
             done += 1
@@ -460,30 +401,14 @@ def run_bench(config: BenchConfig, pipe=None) -> dict | None:
     barrier()
     if not is_main:
         return None
-    metrics = aggregate(config, layouts, methods, detector_name, text_kind)
+    metrics = aggregate(config, layouts, specs, detector_name, text_kind)
     from .report import write_report
 
-    write_report(config, metrics, layouts, methods)
+    write_report(config, metrics, layouts, specs, descriptions)
     return metrics
 
 
-def load_records(out: str, layouts: Sequence[EvalLayout], seeds: Sequence[int], method: str) -> list[dict]:
-    records = []
-    missing = []
-    for lay in layouts:
-        for seed in seeds:
-            path = record_path(out, method, lay.id, seed)
-            if not os.path.isfile(path):
-                missing.append(item_stem(lay.id, seed))
-                continue
-            with open(path, encoding="utf-8") as fh:
-                records.append(json.load(fh))
-    if missing:
-        raise RuntimeError(f"method {method!r}: {len(missing)} record(s) missing, e.g. {missing[:3]}")
-    return records
-
-
-def aggregate(config: BenchConfig, layouts, methods: Sequence[Method], detector: str, text_kind: str) -> dict:
+def aggregate(config: BenchConfig, layouts, methods: Sequence[MethodSpec], detector: str, text_kind: str) -> dict:
     """Write ``metrics.json`` and ``results.csv`` from the records; returns the metrics.
 
     ``metrics.json``: ``{"suite", "model", "n_layouts", "seeds", "methods": {NAME: {"miou", "map50",

@@ -16,18 +16,14 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .bench import BenchConfig, parse_seeds
+from ..cli_args import CliError, HelpFormatter, add_method_args, add_model_args, check_applies, given
+from ..registry import GUIDANCE_LOSSES, REFERENCE_BUILDERS
 from .detectors import DETECTOR_NAMES
-from .methods import DEFAULT_METHODS, EXTRA_PRESETS, parse_methods
+from .methods import default_methods, parse_methods, presets
 from .studies import STUDIES, parse_values
 
 
-def _add_run_args(parser: argparse.ArgumentParser, add_model_args) -> None:
-    from ..cli_args import GUIDANCE_HELP, OBJECTS_HELP, SALT_INIT_HELP, add_dataclass_args
-    from ..guidance import GuidanceConfig
-    from ..init import SpatialAwareInit
-    from ..reference import GeneratedObjects
-
+def _add_run_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--suite",
         default="shapes",
@@ -63,24 +59,22 @@ def _add_run_args(parser: argparse.ArgumentParser, add_model_args) -> None:
     )
     parser.add_argument("--grid-rows", type=int, default=8, help="rows per image grid in the report")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
-    add_dataclass_args(parser, GuidanceConfig, GUIDANCE_HELP)
-    add_dataclass_args(parser, SpatialAwareInit, SALT_INIT_HELP)
-    add_dataclass_args(parser, GeneratedObjects, OBJECTS_HELP)
+    add_method_args(parser, choose=False)
 
 
-def add_bench_parser(subparsers, add_model_args) -> None:
+def add_bench_parser(subparsers) -> None:
     """Add ``bench`` and ``study`` to the ``saltdiff`` command."""
     bench = subparsers.add_parser(
         "bench",
         help="benchmark methods on a suite of layouts (mIoU, mAP, text alignment, time, memory)",
         description=__doc__.splitlines()[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
-    _add_run_args(bench, add_model_args)
+    _add_run_args(bench)
     bench.add_argument(
         "--methods",
         default="all",
-        help=f"comma list from {list(DEFAULT_METHODS) + list(EXTRA_PRESETS)}, or all",
+        help=f"comma list from {list(presets())}, or all (= {','.join(default_methods())})",
     )
     bench.set_defaults(func=cmd_bench)
 
@@ -88,15 +82,15 @@ def add_bench_parser(subparsers, add_model_args) -> None:
         "study",
         help="run an ablation study (one report and plot per study)",
         description="Ablation studies: " + ", ".join(f"{k} ({s.description})" for k, s in STUDIES.items()),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     study.add_argument("name", choices=sorted(STUDIES), help="which study")
-    _add_run_args(study, add_model_args)
+    _add_run_args(study)
     study.add_argument("--values", default=None, help="comma list of the swept values (default: per study)")
     study.add_argument(
         "--loss",
         default=None,
-        choices=("salt", "layout-guidance", "boxdiff", "none"),
+        choices=GUIDANCE_LOSSES.names(),
         help="guidance loss of the variants (default: per study; spatial-awareness is always unguided)",
     )
     study.add_argument(
@@ -105,15 +99,20 @@ def add_bench_parser(subparsers, add_model_args) -> None:
     study.set_defaults(func=cmd_study)
 
 
-def _config(args, methods) -> BenchConfig:
-    from ..cli_args import dataclass_kwargs
-    from ..guidance import GuidanceConfig
-    from ..init import SpatialAwareInit
-    from ..reference import GeneratedObjects
+def _config(args, methods):
+    from .bench import BenchConfig, parse_seeds
+    from .methods import SharedSettings
 
-    guidance = dataclass_kwargs(args, GuidanceConfig)
-    if "loss" in guidance:
-        raise ValueError("the guidance loss is part of each method: use --methods, not --guidance")
+    reference_params = given(args, "reference")
+    if reference_params.get("image") is not None:
+        raise CliError("--reference IMG is one image for one layout; a benchmark builds a reference per layout")
+    check_applies(REFERENCE_BUILDERS, ["objects"], reference_params, "the reference builder(s)")
+    shared = SharedSettings(
+        guidance=given(args, "guidance"),
+        loss_params=given(args, "loss"),
+        init_params=given(args, "init"),
+        reference_params=reference_params,
+    )
     return BenchConfig(
         suite=args.suite,
         out=args.out,
@@ -127,9 +126,7 @@ def _config(args, methods) -> BenchConfig:
         width=args.width,
         detector=args.detector,
         clip_model=args.clip_model,
-        guidance=guidance,
-        salt_init=dataclass_kwargs(args, SpatialAwareInit),
-        reference=dataclass_kwargs(args, GeneratedObjects),
+        shared=shared,
         coco_annotations=args.coco_annotations,
         coco_captions=args.coco_captions,
         coco_min_area=args.coco_min_area,
@@ -149,7 +146,19 @@ def _print_summary(metrics: dict | None, out: str) -> None:
     sys.stderr.write(f"saltdiff: wrote {out}/metrics.json, results.csv, report.md\n")
 
 
+def _require_eval_extra(command: str) -> None:
+    missing = []
+    for module in ("pycocotools", "matplotlib"):
+        try:
+            __import__(module)
+        except ImportError:
+            missing.append(module)
+    if missing:
+        raise CliError(f"saltdiff {command} needs the 'eval' extra ({', '.join(missing)}): pip install 'saltdiff[eval]'")
+
+
 def cmd_bench(args) -> int:
+    _require_eval_extra("bench")
     from .bench import run_bench
 
     config = _config(args, parse_methods(args.methods))
@@ -158,6 +167,7 @@ def cmd_bench(args) -> int:
 
 
 def cmd_study(args) -> int:
+    _require_eval_extra("study")
     from .studies import run_study
 
     study = STUDIES[args.name]
@@ -166,7 +176,8 @@ def cmd_study(args) -> int:
         iters = tuple(int(t) for t in args.iters_values.split(",") if t.strip())
     except ValueError:
         raise ValueError(f"--iters-values takes integers, got {args.iters_values!r}") from None
-    config = _config(args, parse_methods("sd"))
+    variants = study.variants(values, args.loss or study.default_loss, iters)
+    config = _config(args, [v.spec for v in variants])
     metrics = run_study(args.name, config, values=values, loss=args.loss, iters=iters)
     _print_summary(metrics, args.out)
     if metrics is not None:

@@ -1,113 +1,121 @@
-"""Named methods of the benchmark: each is an initializer × a guidance configuration.
+"""Named methods of the benchmark: each is an initializer × a guidance loss, built as a request.
 
-Every guided method is built from the *same* shared :class:`~saltdiff.guidance.GuidanceConfig`
-(guidance steps, iterations, step size, threshold, layers …) and only its ``loss`` differs, so all
-methods get the same guidance budget; every ``salt-init`` method uses the same
-:class:`~saltdiff.init.SpatialAwareInit`.
+The presets are derived from the registry (:mod:`saltdiff.registry`): ``sd`` (random init, no
+guidance), ``salt-init`` (spatial-aware init, no guidance), and for every registered guidance loss
+one method under random init and one under spatial-aware init, named by the loss's
+``bench_names`` (``NAME`` and ``salt-init+NAME`` unless it declares others; SALT's loss gives
+``random+salt-loss`` and ``salt``). With the built-in losses:
 
 =========================== ================= =====================
 name                        initial latent    guidance loss
 =========================== ================= =====================
 ``sd``                      random            none
+``random+salt-loss``        random            salt
 ``layout-guidance``         random            layout-guidance (Chen et al.)
 ``boxdiff``                 random            boxdiff
-``random+salt-loss``        random            salt
 ``salt``                    spatial-aware     salt
 ``salt-init+layout-guidance`` spatial-aware   layout-guidance
 ``salt-init+boxdiff``       spatial-aware     boxdiff
 =========================== ================= =====================
 
-Studies add variants (:class:`MethodSpec` with overrides), e.g. ``salt-init`` (spatial-aware, no
-guidance) with 5 inversion steps.
+Every guided method gets the *same* shared guidance settings (steps, iterations, step size,
+threshold, layers …) so all have the same guidance budget, and every spatial-aware method the same
+initializer and reference settings. Studies add variants (:class:`MethodSpec` with overrides).
+This module imports no torch: ``saltdiff bench --help`` lists the presets from here.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..guidance import GuidanceConfig
-from ..init import RandomInit, SpatialAwareInit
-from ..reference import GeneratedObjects
+from ..registry import GUIDANCE_LOSSES, INITIALIZERS
 
-INITS = ("random", "salt")
+RANDOM_INIT = "random"
+SALT_INIT = "salt"
 
-#: name → (init, guidance loss)
-PRESETS: dict[str, tuple[str, str]] = {
-    "sd": ("random", "none"),
-    "layout-guidance": ("random", "layout-guidance"),
-    "boxdiff": ("random", "boxdiff"),
-    "random+salt-loss": ("random", "salt"),
-    "salt": ("salt", "salt"),
-    "salt-init+layout-guidance": ("salt", "layout-guidance"),
-    "salt-init+boxdiff": ("salt", "boxdiff"),
-}
-DEFAULT_METHODS = tuple(PRESETS)
-#: Extra names accepted by ``--methods`` (not in the default list).
-EXTRA_PRESETS: dict[str, tuple[str, str]] = {"salt-init": ("salt", "none")}
+
+def presets() -> dict[str, tuple[str, str]]:
+    """Every preset name → (initializer, guidance loss), derived from the registered losses."""
+    table = {"sd": (RANDOM_INIT, "none")}
+    guided = [e for e in GUIDANCE_LOSSES if e.target is not None]
+    for entry in guided:
+        table[(entry.bench_names or (entry.name, ""))[0]] = (RANDOM_INIT, entry.name)
+    for entry in guided:
+        table[(entry.bench_names or ("", f"salt-init+{entry.name}"))[1]] = (SALT_INIT, entry.name)
+    table["salt-init"] = (SALT_INIT, "none")
+    return table
+
+
+def default_methods() -> tuple[str, ...]:
+    """The methods of ``--methods all``: every preset except the unguided ``salt-init``."""
+    return tuple(name for name in presets() if name != "salt-init")
 
 
 @dataclass(frozen=True)
 class MethodSpec:
-    """A method variant: ``init`` × guidance ``loss`` plus field overrides on the shared defaults.
+    """A method variant: ``init`` × guidance ``loss`` plus overrides of the shared settings.
 
-    ``guidance``, ``salt_init`` and ``reference`` override fields of ``GuidanceConfig``,
-    ``SpatialAwareInit`` and ``GeneratedObjects`` for this variant only.
+    ``guidance`` overrides ``GuidanceConfig`` fields (the loss's own params go in ``loss_params``),
+    ``init_params`` the initializer's params and ``reference_params`` the reference builder's, for
+    this variant only.
     """
 
     name: str
     init: str
     loss: str
     guidance: Mapping[str, Any] = field(default_factory=dict)
-    salt_init: Mapping[str, Any] = field(default_factory=dict)
-    reference: Mapping[str, Any] = field(default_factory=dict)
+    loss_params: Mapping[str, Any] = field(default_factory=dict)
+    init_params: Mapping[str, Any] = field(default_factory=dict)
+    reference_params: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not re.fullmatch(r"[A-Za-z0-9_.+\-=]+", self.name):
             raise ValueError(f"method name {self.name!r} may only use letters, digits and _ . + - =")
-        if self.init not in INITS:
-            raise ValueError(f"method {self.name!r}: init must be one of {INITS}, got {self.init!r}")
-        if self.init == "random" and (self.salt_init or self.reference):
-            raise ValueError(f"method {self.name!r}: inversion/reference options need init 'salt'")
-
-
-@dataclass(frozen=True)
-class Method:
-    """A ready method: what ``SaltPipeline.__call__`` receives as ``init`` and ``guidance``."""
-
-    name: str
-    init: RandomInit | SpatialAwareInit
-    guidance: GuidanceConfig
+        entry = INITIALIZERS.get(self.init)
+        GUIDANCE_LOSSES.get(self.loss)
+        if "reference" not in entry.needs and self.reference_params:
+            raise ValueError(f"method {self.name!r}: reference options need a spatial-aware init")
 
     @property
     def uses_reference(self) -> bool:
-        return isinstance(self.init, SpatialAwareInit)
+        return "reference" in INITIALIZERS.get(self.init).needs
 
-    def describe(self) -> dict[str, Any]:
-        """A JSON-able description (stored with every record, checked when a run resumes)."""
-        init: dict[str, Any] = {"type": type(self.init).__name__}
-        if isinstance(self.init, SpatialAwareInit):
-            init.update({k: v for k, v in dataclasses.asdict(self.init).items() if k != "reference"})
-            ref = self.init.reference
-            init["reference"] = {"type": type(ref).__name__}
-            if dataclasses.is_dataclass(ref):
-                init["reference"].update(
-                    {
-                        k: v
-                        for k, v in dataclasses.asdict(ref).items()
-                        if k not in ("cache", "cache_dir")
-                        and isinstance(v, (int, float, str, bool, type(None)))
-                    }
-                )
-        return {"name": self.name, "init": init, "guidance": self.guidance.to_dict()}
+
+@dataclass(frozen=True)
+class SharedSettings:
+    """What every method of a run shares: guidance knobs, loss params, init and reference params.
+
+    A loss param applies to the methods whose loss has it, an init param to the methods whose
+    initializer has it; a setting that applies to no method of the run is an error.
+    """
+
+    guidance: Mapping[str, Any] = field(default_factory=dict)
+    loss_params: Mapping[str, Any] = field(default_factory=dict)
+    init_params: Mapping[str, Any] = field(default_factory=dict)
+    reference: str = "objects"
+    reference_params: Mapping[str, Any] = field(default_factory=dict)
+
+    def check_applies(self, specs: Sequence[MethodSpec]) -> None:
+        for kind, values, names in (
+            ("loss", self.loss_params, {p.name for s in specs for p in GUIDANCE_LOSSES.get(s.loss).params}),
+            ("init", self.init_params, {p.name for s in specs for p in INITIALIZERS.get(s.init).params}),
+        ):
+            unused = sorted(set(values) - names)
+            if unused:
+                raise ValueError(f"{kind} option(s) {unused} apply to none of the methods {[s.name for s in specs]}")
+        if self.reference_params and not any(s.uses_reference for s in specs):
+            raise ValueError(
+                f"reference option(s) {sorted(self.reference_params)} apply to none of the methods "
+                f"{[s.name for s in specs]} (none uses a spatial-aware init)"
+            )
 
 
 def preset(name: str) -> MethodSpec:
     """The :class:`MethodSpec` of a preset name (``sd``, ``salt``, …)."""
-    table = {**PRESETS, **EXTRA_PRESETS}
+    table = presets()
     if name not in table:
         raise ValueError(f"unknown method {name!r}; choose from {sorted(table)}")
     init, loss = table[name]
@@ -115,9 +123,9 @@ def preset(name: str) -> MethodSpec:
 
 
 def parse_methods(text: str | Sequence[str] | None) -> list[MethodSpec]:
-    """``"sd,salt"`` (or a list) → specs; ``None``/``"all"`` → every preset in :data:`DEFAULT_METHODS`."""
+    """``"sd,salt"`` (or a list) → specs; ``None``/``"all"`` → :func:`default_methods`."""
     if text is None or text == "all":
-        names = list(DEFAULT_METHODS)
+        names = list(default_methods())
     elif isinstance(text, str):
         names = [t.strip() for t in text.split(",") if t.strip()]
     else:
@@ -130,19 +138,37 @@ def parse_methods(text: str | Sequence[str] | None) -> list[MethodSpec]:
     return [preset(n) for n in names]
 
 
-def build_method(
-    spec: MethodSpec,
-    *,
-    guidance: Mapping[str, Any] | None = None,
-    salt_init: Mapping[str, Any] | None = None,
-    reference: Mapping[str, Any] | None = None,
-) -> Method:
-    """The method of ``spec`` on the shared defaults (``guidance``, ``salt_init``, ``reference`` overrides)."""
-    shared = dict(guidance or {})
-    shared.pop("loss", None)
-    config = GuidanceConfig(**{**shared, **dict(spec.guidance), "loss": spec.loss})
-    if spec.init == "random":
-        return Method(spec.name, RandomInit(), config)
-    ref = GeneratedObjects(**{**dict(reference or {}), **dict(spec.reference)})
-    init = SpatialAwareInit(reference=ref, **{**dict(salt_init or {}), **dict(spec.salt_init)})
-    return Method(spec.name, init, config)
+def _own(params: Mapping[str, Any], names: set[str]) -> dict[str, Any]:
+    return {k: v for k, v in params.items() if k in names}
+
+
+def build_request(spec: MethodSpec, shared: SharedSettings, **sampling: Any):
+    """The :class:`~saltdiff.request.GenerationRequest` of ``spec`` on the shared settings.
+
+    ``sampling`` holds the per-image fields (``prompt``, ``layout``, ``seed``, steps, CFG, size).
+    """
+    from ..guidance import GuidanceConfig
+    from ..request import GenerationRequest
+
+    loss_names = {p.name for p in GUIDANCE_LOSSES.get(spec.loss).params}
+    init_names = {p.name for p in INITIALIZERS.get(spec.init).params}
+    guidance = GuidanceConfig(
+        loss=spec.loss,
+        **{**dict(shared.guidance), **dict(spec.guidance)},
+        loss_params={**_own(shared.loss_params, loss_names), **dict(spec.loss_params)},
+    )
+    uses_reference = spec.uses_reference
+    return GenerationRequest(
+        init=spec.init,
+        init_params={**_own(shared.init_params, init_names), **dict(spec.init_params)},
+        reference=shared.reference,
+        reference_params={**dict(shared.reference_params), **dict(spec.reference_params)} if uses_reference else {},
+        guidance=guidance,
+        **sampling,
+    )
+
+
+def describe(spec: MethodSpec, shared: SharedSettings) -> dict[str, Any]:
+    """A JSON-able description of the method (stored with every record, checked when a run resumes)."""
+    request = build_request(spec, shared, prompt="-")
+    return {"name": spec.name, **request.method()}

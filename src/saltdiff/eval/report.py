@@ -128,7 +128,7 @@ def _mean_curve(rows: list[list[float]]) -> list[float]:
 
 
 def loss_curves(out: str, layouts, seeds, methods) -> dict[str, dict[str, list[float]]]:
-    from .bench import load_records
+    from .runs import load_records
 
     curves = {}
     for m in methods:
@@ -143,7 +143,7 @@ def loss_curves(out: str, layouts, seeds, methods) -> dict[str, dict[str, list[f
 def image_grids(out: str, layouts, seeds, methods, rows_per_grid: int = 8, max_grids: int = 4) -> list[str]:
     """PNG grids: one row per (layout, seed), one column per method (+ the first reference), boxes drawn."""
     from ..viz import draw_boxes, image_grid
-    from .bench import image_path
+    from .runs import image_path
 
     items = [(lay, seed) for lay in layouts for seed in seeds]
     ref_method = next((m for m in methods if m.uses_reference), None)
@@ -174,7 +174,7 @@ def image_grids(out: str, layouts, seeds, methods, rows_per_grid: int = 8, max_g
     return paths
 
 
-def write_report(config, metrics: dict, layouts: Sequence, methods: Sequence) -> str:
+def write_report(config, metrics: dict, layouts: Sequence, methods: Sequence, descriptions: dict) -> str:
     """Write ``report.md`` with its plots and grids; returns its path."""
     out = config.out
     plots = os.path.join(out, "plots")
@@ -230,7 +230,7 @@ def write_report(config, metrics: dict, layouts: Sequence, methods: Sequence) ->
         "## Methods",
         "",
         "```json",
-        json.dumps({m.name: m.describe() for m in methods}, indent=1),
+        json.dumps(descriptions, indent=1),
         "```",
         "",
     ]

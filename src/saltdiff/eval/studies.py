@@ -23,9 +23,12 @@ import json
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
-from .bench import BenchConfig, run_bench
 from .methods import MethodSpec
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .bench import BenchConfig
 
 
 @dataclass(frozen=True)
@@ -53,7 +56,7 @@ def _spatial(study, values, loss, iters):
     tag = "" if base_loss == "none" else f"+{base_loss}"
     out = [Variant(MethodSpec(f"random{tag}", "random", base_loss), "random init", None)]
     for k in values:
-        spec = MethodSpec(f"inv={k}{tag}", "salt", base_loss, salt_init={"inversion_steps": int(k)})
+        spec = MethodSpec(f"inv={k}{tag}", "salt", base_loss, init_params={"inversion_steps": int(k)})
         out.append(Variant(spec, "spatial-aware init", int(k)))
     return out
 
@@ -62,7 +65,7 @@ def _background(study, values, loss, iters):
     out = [Variant(MethodSpec(f"random+{loss}", "random", loss), "random init", None)]
     for v in values:
         out.append(
-            Variant(MethodSpec(f"bg={v}", "salt", loss, reference={"background": v}), "spatial-aware init", v)
+            Variant(MethodSpec(f"bg={v}", "salt", loss, reference_params={"background": v}), "spatial-aware init", v)
         )
     return out
 
@@ -85,7 +88,7 @@ def _budget(study, values, loss, iters):
 
 def _reg(study, values, loss, iters):
     return [
-        Variant(MethodSpec(f"reg={v:g}", "salt", "salt", guidance={"reg_weight": float(v)}), "salt", float(v))
+        Variant(MethodSpec(f"reg={v:g}", "salt", "salt", loss_params={"reg_weight": float(v)}), "salt", float(v))
         for v in values
     ]
 
@@ -93,7 +96,7 @@ def _reg(study, values, loss, iters):
 def _sde(study, values, loss, iters):
     out = []
     for v in values:
-        spec = MethodSpec(f"noise={v:g}", "salt", loss, salt_init={"inversion_noise_scale": float(v)})
+        spec = MethodSpec(f"noise={v:g}", "salt", loss, init_params={"inversion_noise_scale": float(v)})
         out.append(Variant(spec, "spatial-aware init", float(v)))
     return out
 
@@ -188,6 +191,8 @@ def run_study(
     values = study.default_values if values is None else tuple(values)
     loss = loss or study.default_loss
     variants = study.variants(values, loss, iters)
+    from .bench import run_bench
+
     cfg = replace(config, methods=[v.spec for v in variants], title=f"Study {name}")
     metrics = run_bench(cfg, pipe=pipe)
     if metrics is None:  # not the main process

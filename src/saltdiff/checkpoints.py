@@ -1,0 +1,59 @@
+"""Names of checkpoints: ``builtin:NAME`` for the models shipped in the package, hub ids, folders.
+
+Kept apart from :mod:`saltdiff.loading` (which builds pipelines) so that the pipeline can resolve
+``builtin:`` names without importing the module that imports it. Standard library only.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+BUILTIN_PREFIX = "builtin:"
+DEFAULT_MODEL = "builtin:shapes"
+SD15_MODEL_ID = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+
+
+
+class ModelLoadError(ValueError):
+    """A model that cannot be found or loaded: one line that names it."""
+
+
+def builtin_models() -> dict[str, str]:
+    """Names of the diffusers folders shipped inside the package (``builtin:NAME``) → their paths."""
+    root = os.path.join(os.path.dirname(__file__), "models")
+    if not os.path.isdir(root):
+        return {}
+    return {
+        name: os.path.join(root, name)
+        for name in sorted(os.listdir(root))
+        if os.path.isfile(os.path.join(root, name, "model_index.json"))
+    }
+
+
+def resolve_model(name_or_path: str | os.PathLike) -> str:
+    """``builtin:NAME`` → the shipped folder; anything else (hub id or folder) is passed through."""
+    name = str(name_or_path)
+    if name.startswith(BUILTIN_PREFIX):
+        key = name[len(BUILTIN_PREFIX) :]
+        models = builtin_models()
+        if key not in models:
+            raise ModelLoadError(
+                f"unknown built-in model {name!r}; available: {[BUILTIN_PREFIX + k for k in models]}"
+            )
+        return models[key]
+    return name
+
+
+def weights_stamp(model_id: str) -> list:
+    """Size and mtime of a local model's weight files: caches keyed on it never serve retrained weights."""
+    if not os.path.isdir(model_id):
+        return []
+    stamp = []
+    for sub in ("unet", "text_encoder"):
+        for path in sorted(Path(model_id, sub).glob("*.safetensors")) + sorted(
+            Path(model_id, sub).glob("*.bin")
+        ):
+            st = path.stat()
+            stamp.append([f"{sub}/{path.name}", st.st_size, st.st_mtime_ns])
+    return stamp

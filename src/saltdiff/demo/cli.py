@@ -1,0 +1,47 @@
+"""``saltdiff demo``: the subcommand (building its parser imports neither torch nor gradio)."""
+
+from __future__ import annotations
+
+from ..cli_args import CliError, HelpFormatter, add_model_args
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 7860
+
+
+def add_demo_parser(subparsers) -> None:
+    """Register ``saltdiff demo``."""
+    parser = subparsers.add_parser(
+        "demo",
+        help="start the interactive web demo (needs the 'demo' extra)",
+        description="Start a Gradio page: draw boxes, generate, compare SALT with random init, inspect. "
+        "Needs the 'demo' extra: pip install 'saltdiff[demo]'.",
+        formatter_class=HelpFormatter,
+    )
+    add_model_args(parser)
+    parser.add_argument("--host", default=DEFAULT_HOST, help="interface to bind")
+    parser.add_argument("--port", type=int, default=DEFAULT_PORT, help="port")
+    parser.add_argument(
+        "--allow-model-paths",
+        action="store_true",
+        help="let the page load other models (hub ids or folders on this machine) typed by the user",
+    )
+    parser.set_defaults(func=cmd_demo)
+
+
+def cmd_demo(args) -> int:
+    try:
+        import gradio  # noqa: F401
+        import gradio_image_annotation  # noqa: F401
+    except ImportError as exc:
+        raise CliError(
+            f"saltdiff demo needs the 'demo' extra: pip install 'saltdiff[demo]' ({exc})"
+        ) from None
+    if not 0 < args.port < 65536:
+        raise CliError(f"--port must be in 1..65535, got {args.port}")
+    from .page import build_app, launch_kwargs
+
+    app = build_app(
+        args.model, allow_model_paths=args.allow_model_paths, device=args.device, dtype=args.dtype
+    )
+    app.launch(**launch_kwargs(args.host, args.port))
+    return 0

@@ -1,0 +1,218 @@
+"""One generation described once: the request that the CLI, the demo and the bench all build.
+
+A :class:`GenerationRequest` holds the prompt, the layout, registered names with their
+hyper-parameters (initializer, reference builder, guidance) and the sampling settings. It builds the
+initializer and guidance objects that ``SaltPipeline.__call__`` takes, and it is the PNG recipe: a
+saved image carries the request that made it, and :meth:`GenerationRequest.from_png` reads it back,
+so ``saltdiff generate``, the demo and every bench image describe a run the same way.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from PIL import Image, PngImagePlugin
+
+from . import __version__
+from .guidance import GuidanceConfig
+from .layout import Layout
+from .registry import INITIALIZERS, REFERENCE_BUILDERS, Entry
+
+RECIPE_KEY = "saltdiff"
+#: Reference-builder params that change where results are stored, not what is generated.
+NON_RECIPE_PARAMS = ("cache", "cache_dir", "batch_size")
+
+
+@dataclass
+class GenerationRequest:
+    """What to generate and how; every name is a registered one and every param is checked.
+
+    ``init`` names an initializer (:data:`~saltdiff.registry.INITIALIZERS`) and ``init_params`` sets
+    its hyper-parameters; when that initializer uses a reference image, ``reference`` names the
+    builder (:data:`~saltdiff.registry.REFERENCE_BUILDERS`) and ``reference_params`` sets its
+    params (``{"image": path_or_PIL}`` for ``"image"``). Unset params take the registered defaults.
+    """
+
+    prompt: str
+    layout: Layout = field(default_factory=Layout)
+    init: str = "salt"
+    init_params: Mapping[str, Any] = field(default_factory=dict)
+    reference: str = "objects"
+    reference_params: Mapping[str, Any] = field(default_factory=dict)
+    guidance: GuidanceConfig = field(default_factory=GuidanceConfig)
+    num_inference_steps: int = 50
+    guidance_scale: float = 7.5
+    negative_prompt: str | None = None
+    seed: int = 0
+    height: int | None = None
+    width: int | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.prompt, str) or not self.prompt.strip():
+            raise ValueError("the prompt is empty: describe the whole image, including the boxed phrases")
+        if not isinstance(self.layout, Layout):
+            raise TypeError(f"layout must be a Layout, got {type(self.layout).__name__}")
+        if not isinstance(self.guidance, GuidanceConfig):
+            raise TypeError(f"guidance must be a GuidanceConfig, got {type(self.guidance).__name__}")
+        entry = INITIALIZERS.get(self.init)
+        entry.resolve(self.init_params, owner=f"init {self.init!r}")
+        if self.uses_reference:
+            REFERENCE_BUILDERS.get(self.reference).resolve(self.reference_params, owner=self._ref_owner)
+        elif self.reference_params:
+            raise ValueError(
+                f"reference options {sorted(self.reference_params)} apply only to an initializer that "
+                f"uses a reference image ({[e.name for e in INITIALIZERS if 'reference' in e.needs]}), "
+                f"not init {self.init!r}"
+            )
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise ValueError(f"seed must be a non-negative integer, got {self.seed!r}")
+
+    @property
+    def _ref_owner(self) -> str:
+        return f"reference builder {self.reference!r}"
+
+    @property
+    def init_entry(self) -> Entry:
+        return INITIALIZERS.get(self.init)
+
+    @property
+    def uses_reference(self) -> bool:
+        return self.init_entry.requires("reference", self.init_entry.resolve(self.init_params))
+
+    # -- what the pipeline takes ---------------------------------------------------------------------
+    def build_reference(self):
+        """The reference builder object (``None`` when the initializer uses no reference)."""
+        if not self.uses_reference:
+            return None
+        entry = REFERENCE_BUILDERS.get(self.reference)
+        return entry.load()(**entry.resolve(self.reference_params, owner=self._ref_owner))
+
+    def build_init(self):
+        """The initializer object that ``SaltPipeline.__call__(init=...)`` takes."""
+        entry = self.init_entry
+        params = entry.resolve(self.init_params, owner=f"init {self.init!r}")
+        if self.uses_reference:
+            params["reference"] = self.build_reference()
+        return entry.load()(**params)
+
+    def pipeline_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments of ``pipe(prompt, layout, **kwargs)`` for this request."""
+        return {
+            "init": self.build_init(),
+            "guidance": self.guidance,
+            "num_inference_steps": self.num_inference_steps,
+            "guidance_scale": self.guidance_scale,
+            "negative_prompt": self.negative_prompt,
+            "height": self.height,
+            "width": self.width,
+            "seed": self.seed,
+        }
+
+    def run(self, pipe, **extra):
+        """``pipe(prompt, layout, ...)`` for this request; ``extra`` adds call options (callbacks, maps)."""
+        return pipe(self.prompt, self.layout, **self.pipeline_kwargs(), **extra)
+
+    # -- the recipe ----------------------------------------------------------------------------------
+    def method(self) -> dict[str, Any]:
+        """The method part of the recipe (initializer, reference, guidance) with every default filled."""
+        init = self.init_entry.resolve(self.init_params)
+        out: dict[str, Any] = {"init": self.init, "init_params": init}
+        if self.uses_reference:
+            ref = REFERENCE_BUILDERS.get(self.reference).resolve(self.reference_params)
+            ref = {k: _jsonable(v) for k, v in ref.items() if k not in NON_RECIPE_PARAMS}
+            out.update(reference=self.reference, reference_params=ref)
+        out["guidance"] = self.guidance.to_dict()
+        return out
+
+    def recipe(self, **extra: Any) -> dict[str, Any]:
+        """Everything needed to make the image again; ``extra`` adds e.g. ``model`` and ``dtype``."""
+        return {
+            "saltdiff_version": __version__,
+            "prompt": self.prompt,
+            "negative_prompt": self.negative_prompt,
+            "layout": self.layout.to_dict(),
+            "seed": self.seed,
+            "steps": self.num_inference_steps,
+            "cfg": self.guidance_scale,
+            "height": self.height,
+            "width": self.width,
+            **self.method(),
+            **extra,
+        }
+
+    @classmethod
+    def from_recipe(cls, recipe: Mapping[str, Any]) -> GenerationRequest:
+        """The request a recipe describes (``model``, ``dtype`` and other extras are ignored)."""
+        init = recipe.get("init", "salt")
+        init_params = dict(recipe.get("init_params") or {})
+        reference = recipe.get("reference") or "objects"
+        reference_params = dict(recipe.get("reference_params") or {})
+        if "init_config" in recipe:  # written by saltdiff 0.1.0 before the registry
+            init_params, reference, reference_params = _legacy_init(init, recipe["init_config"] or {})
+        if reference == "image" and not isinstance(reference_params.get("image"), str):
+            reference_params["image"] = None
+        return cls(
+            prompt=recipe["prompt"],
+            layout=Layout.from_dict(recipe.get("layout") or {"boxes": []}),
+            init=init,
+            init_params=init_params,
+            reference=reference,
+            reference_params=reference_params if INITIALIZERS.get(init).needs else {},
+            guidance=GuidanceConfig.from_dict(recipe.get("guidance") or {}),
+            num_inference_steps=int(recipe.get("steps", 50)),
+            guidance_scale=float(recipe.get("cfg", 7.5)),
+            negative_prompt=recipe.get("negative_prompt"),
+            seed=int(recipe.get("seed", 0)),
+            height=recipe.get("height"),
+            width=recipe.get("width"),
+        )
+
+    def save_png(self, image: Image.Image, path: str, **extra: Any) -> dict[str, Any]:
+        """Save ``image`` with this request's recipe (plus ``extra``) in a PNG text chunk; returns it."""
+        recipe = self.recipe(**{"height": image.height, "width": image.width, **extra})
+        write_png(image, path, recipe)
+        return recipe
+
+    @classmethod
+    def from_png(cls, path_or_image) -> GenerationRequest:
+        return cls.from_recipe(read_recipe(path_or_image))
+
+
+def write_png(image: Image.Image, path: str, recipe: Mapping[str, Any]) -> None:
+    """Save ``image`` as PNG with ``recipe`` (JSON) in a ``saltdiff`` text chunk."""
+    info = PngImagePlugin.PngInfo()
+    info.add_text(RECIPE_KEY, json.dumps(recipe, sort_keys=True))
+    image.save(path, format="PNG", pnginfo=info)
+
+
+def read_recipe(path_or_image) -> dict[str, Any]:
+    """The recipe stored in a PNG written by saltdiff."""
+    image = path_or_image if isinstance(path_or_image, Image.Image) else Image.open(path_or_image)
+    text = getattr(image, "text", {}).get(RECIPE_KEY)
+    if text is None:
+        raise ValueError("this PNG has no saltdiff recipe")
+    return json.loads(text)
+
+
+def _jsonable(value: Any) -> Any:
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, Image.Image):
+        return f"<image {value.width}x{value.height}>"
+    return str(value)
+
+
+def _legacy_init(init: str, config: Mapping[str, Any]) -> tuple[dict, str, dict]:
+    params = {k: v for k, v in config.items() if k != "reference"}
+    ref = dict(config.get("reference") or {})
+    kind = ref.pop("type", "GeneratedObjects")
+    name = "image" if kind == "UserImages" else "objects"
+    known = set(REFERENCE_BUILDERS.get(name).defaults())
+    ref = {k: v for k, v in ref.items() if k in known}
+    if name == "image" and not isinstance(ref.get("image"), str):
+        ref["image"] = None
+    known_init = set(INITIALIZERS.get(init).defaults())
+    return {k: v for k, v in params.items() if k in known_init}, name, ref
