@@ -14,7 +14,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from playwright.sync_api import sync_playwright  # noqa: E402
 
-from saltdiff.demo import build_app, launch_kwargs  # noqa: E402
+from saltdiff.demo.cli import DEFAULT_HOST  # noqa: E402
+from saltdiff.demo.page import build_app, launch_kwargs  # noqa: E402
 from test_demo_browser import CHROMIUM, CHROMIUM_ARGS, _draw_box, _free_port, _image_rect  # noqa: E402
 
 
@@ -22,7 +23,7 @@ def main(out: str = "docs/demo.png") -> None:
     t0 = time.time()
     app = build_app("builtin:shapes", defaults={"steps": 25})
     port = _free_port()
-    app.launch(**launch_kwargs("127.0.0.1", port), prevent_thread_lock=True, quiet=True)
+    app.launch(**launch_kwargs(DEFAULT_HOST, port), prevent_thread_lock=True, quiet=True)
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         page = browser.new_page(viewport={"width": 1500, "height": 1250})

@@ -4,22 +4,27 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from saltdiff.demo import (
+from saltdiff.demo.cli import DEFAULT_HOST, DEFAULT_PORT
+from saltdiff.demo.models import check_model_choice
+from saltdiff.demo.page import CONTROL_DEFAULTS, example_rows, launch_kwargs, queue_settings
+from saltdiff.demo.requests import (
+    BACKGROUND,
     CANVAS_SIZE,
+    INVERSION_STEPS,
     MAX_BOXES,
+    OBJECT_STEPS,
     DemoRequest,
     GenerationCancelled,
     annotation_from_layout,
-    check_model_choice,
-    launch_kwargs,
     layout_from_annotation,
     neutral_canvas,
-    queue_settings,
     run_generation,
     validate_request,
 )
+from saltdiff.guidance import GuidanceConfig
 from saltdiff.layout import Layout, LayoutError
-from saltdiff.viz import read_recipe
+from saltdiff.registry import GUIDANCE_LOSSES, INITIALIZERS, REFERENCE_BUILDERS
+from saltdiff.request import GenerationRequest, read_recipe
 
 PROMPT = "a red circle and a blue square on a white background"
 # Cheap settings for the tiny pipeline.
@@ -102,9 +107,66 @@ def test_annotation_from_layout_round_trips():
 
 def test_validate_request_accepts_a_good_request(tiny_pipe):
     req = validate_request(PROMPT, two_boxes(), tokenizer=tiny_pipe.tokenizer, seed=3.0, guidance_scale=5)
-    assert isinstance(req, DemoRequest)
-    assert (req.seed, req.guidance_scale, req.reference_image) == (3, 5.0, None)
-    assert req.layout.phrases == ["red circle", "blue square"]
+    assert isinstance(req, DemoRequest) and isinstance(req.generation, GenerationRequest)
+    gen = req.generation
+    assert (gen.seed, gen.guidance_scale, req.reference_image) == (3, 5.0, None)
+    assert isinstance(gen.seed, int)
+    assert gen.layout.phrases == ["red circle", "blue square"]
+    assert [label for label, _ in req.runs()] == ["salt"]
+
+
+def test_validate_request_maps_the_page_fields_onto_the_generation_request():
+    req = validate_request(
+        PROMPT,
+        two_boxes(),
+        init="salt",
+        guidance="boxdiff",
+        num_inference_steps=12.0,
+        guidance_scale=6.5,
+        seed=7,
+        inversion_steps=3,
+        object_steps=4,
+        background="gray",
+    )
+    assert req.generation == GenerationRequest(
+        prompt=PROMPT,
+        layout=layout_from_annotation(two_boxes()),
+        init="salt",
+        init_params={"inversion_steps": 3},
+        reference="objects",
+        reference_params={"background": "gray", "num_inference_steps": 4},
+        guidance=GuidanceConfig(loss="boxdiff"),
+        num_inference_steps=12,
+        guidance_scale=6.5,
+        seed=7,
+    )
+    # Random init takes no initializer or reference params.
+    random = validate_request(PROMPT, two_boxes(), init="random", inversion_steps=3).generation
+    assert (random.init, dict(random.init_params), dict(random.reference_params)) == ("random", {}, {})
+
+
+def test_validate_request_compare_runs_random_then_salt_with_the_same_seed():
+    req = validate_request(PROMPT, two_boxes(), init="random", compare=True, seed=5, inversion_steps=2)
+    (first, baseline), (second, salt) = req.runs()
+    assert (first, second) == ("random", "salt")
+    assert salt is req.generation and dict(salt.init_params) == {"inversion_steps": 2}
+    assert (baseline.init, dict(baseline.init_params), dict(baseline.reference_params)) == ("random", {}, {})
+    assert baseline.seed == salt.seed == 5 and baseline.layout == salt.layout
+
+
+def test_the_page_defaults_and_choices_come_from_the_registry():
+    assert CONTROL_DEFAULTS["inversion_steps"] == INITIALIZERS.get("salt").param("inversion_steps").default
+    objects = REFERENCE_BUILDERS.get("objects")
+    assert CONTROL_DEFAULTS["object_steps"] == objects.param("num_inference_steps").default
+    assert CONTROL_DEFAULTS["background"] == objects.param("background").default
+    assert BACKGROUND.choices == objects.param("background").choices
+    assert INVERSION_STEPS is INITIALIZERS.get("salt").param("inversion_steps")
+    assert OBJECT_STEPS is objects.param("num_inference_steps")
+    assert CONTROL_DEFAULTS["init"] in INITIALIZERS and CONTROL_DEFAULTS["guidance"] in GUIDANCE_LOSSES
+    rows = example_rows()
+    assert all(row[2] in INITIALIZERS and row[3] in GUIDANCE_LOSSES for row in rows)
+    for value, prompt, *_ in rows:  # each example's boxed phrases are words of its prompt
+        assert all(phrase in prompt for phrase in layout_from_annotation(value).phrases)
 
 
 @pytest.mark.parametrize(
@@ -113,15 +175,16 @@ def test_validate_request_accepts_a_good_request(tiny_pipe):
         ({"prompt": "  "}, ValueError, "prompt is empty"),
         ({"prompt": "a red circle"}, LayoutError, "blue square"),
         ({"prompt": "x" * 1000}, ValueError, "too long"),
-        ({"init": "zeros"}, ValueError, "init must be one of"),
-        ({"guidance": "magic"}, ValueError, "guidance must be one of"),
+        ({"init": "zeros"}, ValueError, "unknown initializer 'zeros'"),
+        ({"guidance": "magic"}, ValueError, "unknown guidance loss 'magic'"),
         ({"num_inference_steps": 0}, ValueError, "steps must be an integer"),
         ({"num_inference_steps": 2.5}, ValueError, "steps must be an integer"),
         ({"inversion_steps": 1000}, ValueError, "inversion steps"),
+        ({"inversion_steps": 0}, ValueError, "inversion steps"),
         ({"seed": -1}, ValueError, "seed"),
         ({"guidance_scale": float("inf")}, ValueError, "CFG scale"),
         ({"object_steps": 0}, ValueError, "object steps"),
-        ({"background": "plaid"}, ValueError, "reference background"),
+        ({"background": "plaid"}, ValueError, "background must be one of"),
         ({"annotation": annotation()}, LayoutError, "at least one box"),
         ({"annotation": annotation(("dog", (1, 1, 2, 2)), size=(5000, 10))}, ValueError, "at most 4096"),
         ({"use_canvas_as_reference": True, "init": "random"}, ValueError, "only by init 'salt'"),
@@ -135,8 +198,13 @@ def test_validate_request_names_the_bad_value(tiny_pipe, change, error, message)
 
 def test_validate_request_takes_the_canvas_as_reference():
     req = validate_request(PROMPT, two_boxes(), use_canvas_as_reference=True)
+    assert req.generation.reference == "image"
     assert isinstance(req.reference_image, Image.Image)
     assert req.reference_image.size == (CANVAS_SIZE, CANVAS_SIZE)
+    # Compare keeps the canvas for the SALT run; the random run has no reference.
+    req = validate_request(PROMPT, two_boxes(), init="random", compare=True, use_canvas_as_reference=True)
+    (_, baseline), (_, salt) = req.runs()
+    assert salt.reference == "image" and not baseline.uses_reference
 
 
 def test_model_paths_typed_in_the_page_are_refused_unless_allowed():
@@ -149,8 +217,48 @@ def test_model_paths_typed_in_the_page_are_refused_unless_allowed():
         check_model_choice("", served, allow_model_paths=True)
 
 
+class _FakePipe:
+    def __init__(self, name):
+        self.name = name
+
+    def set_progress_bar_config(self, **kwargs):
+        self.bars = kwargs
+
+
+def test_model_pool_loads_through_the_library_and_keeps_one_extra_model(monkeypatch):
+    import saltdiff.demo.models as models
+
+    loaded = []
+
+    def fake_load(name, *, device=None, dtype=None):
+        loaded.append((name, device, dtype))
+        return _FakePipe(name)
+
+    monkeypatch.setattr(models, "load_pipeline", fake_load)
+    pool = models.ModelPool("builtin:shapes", device="cpu", dtype="float32", allow_model_paths=True)
+    assert pool.choices[0] == "builtin:shapes" and pool.get("builtin:shapes").bars == {"disable": True}
+    pool.get("/models/a")
+    pool.get("/models/b")
+    assert loaded == [(n, "cpu", "float32") for n in ("builtin:shapes", "/models/a", "/models/b")]
+    assert set(pool._pipes) == {"builtin:shapes", "/models/b"}
+    closed = models.ModelPool("builtin:shapes")
+    with pytest.raises(ValueError, match="--allow-model-paths"):
+        closed.get("/models/a")
+
+
+def test_model_pool_reports_an_unloadable_model_in_one_line(tiny_pipe):
+    from saltdiff.demo.models import ModelPool
+    from saltdiff.loading import ModelLoadError
+
+    pool = ModelPool(tiny_pipe, name="tiny", allow_model_paths=True)
+    with pytest.raises(ModelLoadError, match="does not exist"):
+        pool.get("./no-such-model-folder")
+    assert pool.get("tiny") is tiny_pipe
+
+
 def test_server_settings_are_local_queued_and_bounded():
-    kwargs = launch_kwargs()
+    assert (DEFAULT_HOST, DEFAULT_PORT) == ("127.0.0.1", 7860)
+    kwargs = launch_kwargs(DEFAULT_HOST, DEFAULT_PORT)
     assert kwargs["server_name"] == "127.0.0.1" and kwargs["server_port"] == 7860
     assert kwargs["share"] is False and kwargs["max_file_size"]
     assert queue_settings()["default_concurrency_limit"] == 1
@@ -174,13 +282,25 @@ def test_run_generation_compare_returns_everything_the_page_shows(tiny_pipe, tmp
     assert series >= {"random init: layout energy", "salt init: layout energy", "salt init: guidance loss"}
     assert sum(row["series"] == "salt init: layout energy" for row in result.losses) == 2
     recipe = read_recipe(result.png_path)
-    # The same keys as `saltdiff generate` writes.
-    assert set(recipe) == {
-        "saltdiff_version", "prompt", "negative_prompt", "layout", "model", "seed", "steps", "cfg",
-        "height", "width", "init", "init_config", "guidance", "dtype",
-    }  # fmt: skip
+    assert recipe == result.recipe
+    # The recipe `saltdiff generate` writes: GenerationRequest.save_png with the model and dtype.
+    assert recipe == req.generation.recipe(height=32, width=32, model="tiny", dtype="float32")
     assert recipe["init"] == "salt" and recipe["model"] == "tiny" and recipe["steps"] == 2
-    assert Layout.from_dict(recipe["layout"]) == req.layout
+    assert recipe["reference_params"]["background"] == "gray"
+    assert Layout.from_dict(recipe["layout"]) == req.generation.layout
+    again = GenerationRequest.from_png(result.png_path)
+    assert again.recipe(model="tiny", dtype="float32") == recipe
+
+
+def test_run_generation_with_the_canvas_as_reference(tiny_pipe, tmp_path):
+    req = validate_request(
+        PROMPT, two_boxes(), tokenizer=tiny_pipe.tokenizer, use_canvas_as_reference=True, **FAST
+    )
+    result = run_generation(tiny_pipe, req, model="tiny", out_dir=str(tmp_path))
+    assert result.reference is not None and [run.init for run in result.runs] == ["salt"]
+    recipe = read_recipe(result.png_path)
+    assert recipe["reference"] == "image"
+    assert recipe["reference_params"] == {"image": f"<image {CANVAS_SIZE}x{CANVAS_SIZE}>"}
 
 
 def test_run_generation_cancel_stops_the_run(tiny_pipe, tmp_path):
@@ -196,7 +316,7 @@ def test_run_generation_cancel_stops_the_run(tiny_pipe, tmp_path):
 def app(tiny_pipe):
     pytest.importorskip("gradio")
     pytest.importorskip("gradio_image_annotation")
-    from saltdiff.demo import build_app
+    from saltdiff.demo.page import build_app
 
     return build_app(tiny_pipe, model_name="tiny")
 
@@ -204,6 +324,18 @@ def app(tiny_pipe):
 def _generate_fn(app):
     fns = app.fns.values() if isinstance(app.fns, dict) else app.fns
     return next(f for f in fns if f.api_name == "generate")
+
+
+def test_app_handlers_get_the_request_and_progress_from_gradio(tiny_pipe):
+    """gradio injects ``gr.Request``/``gr.Progress`` by the handler's real annotations (not strings)."""
+    import warnings
+
+    from saltdiff.demo.page import build_app
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        build_app(tiny_pipe, model_name="tiny")
+    assert not [w for w in caught if "arguments for function" in str(w.message)]
 
 
 def test_app_queues_one_generation_at_a_time(app):
@@ -226,13 +358,25 @@ def test_app_handler_turns_bad_input_into_a_page_error(app):
     args[0], args[1] = "tiny", PROMPT
     outputs = fn(*args, request=None, progress=lambda *a, **k: None)
     assert outputs[0].size == (256, 256)  # the 32x32 result, upscaled for display
-    assert outputs[-1].startswith("Done in")
+    assert outputs[-1].startswith("Done in") and "init salt" in outputs[-1]
     assert read_recipe(outputs[6])["prompt"] == PROMPT
+    args[10] = True  # compare: random vs salt, shown in the gallery
+    outputs = fn(*args, request=None, progress=lambda *a, **k: None)
+    assert outputs[5]["visible"] is True and len(outputs[5]["value"]) == 2
+    assert "init random vs salt" in outputs[-1]
+
+
+def test_app_lists_the_registered_names(app):
+    radios = {c.elem_id: c for c in app.blocks.values() if getattr(c, "elem_id", None)}
+    assert [v for _, v in radios["init"].choices] == list(INITIALIZERS.names())
+    assert [v for _, v in radios["guidance"].choices] == list(GUIDANCE_LOSSES.names())
+    assert [v for _, v in radios["background"].choices] == list(BACKGROUND.choices)
+    assert "spatial-aware init" in radios["init"].info
 
 
 def test_demo_command_is_registered_with_safe_defaults():
     from saltdiff.cli import build_parser
-    from saltdiff.demo import cmd_demo
+    from saltdiff.demo.cli import cmd_demo
 
     args = build_parser().parse_args(["demo"])
     assert (args.host, args.port, args.allow_model_paths, args.model) == (

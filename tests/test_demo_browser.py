@@ -72,7 +72,7 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def server():
-    from saltdiff.demo import build_app, launch_kwargs
+    from saltdiff.demo.page import build_app, launch_kwargs
     from saltdiff.pipeline import SaltPipeline
     from saltdiff.testing import tiny_sd_pipeline
 
@@ -110,7 +110,7 @@ def _image_rect(page):
     canvas.wait_for()
     bb = canvas.bounding_box()
     # The component draws the image centered and scaled to fit its canvas element.
-    from saltdiff.demo import CANVAS_SIZE
+    from saltdiff.demo.requests import CANVAS_SIZE
 
     scale = min(bb["width"] / CANVAS_SIZE, bb["height"] / CANVAS_SIZE)
     w = h = CANVAS_SIZE * scale

@@ -11,8 +11,8 @@ def test_sd15_architecture_generate_salt_end_to_end(tmp_path):
 
     from saltdiff.attention import default_capture_layers
     from saltdiff.cli import main
+    from saltdiff.request import read_recipe
     from saltdiff.testing import sd15_architecture_components
-    from saltdiff.viz import read_recipe
 
     components = sd15_architecture_components()
     layers = default_capture_layers(components["unet"])

@@ -191,9 +191,9 @@ def write_png(image: Image.Image, path: str, recipe: Mapping[str, Any]) -> None:
 def read_recipe(path_or_image) -> dict[str, Any]:
     """The recipe stored in a PNG written by saltdiff."""
     image = path_or_image if isinstance(path_or_image, Image.Image) else Image.open(path_or_image)
-    text = getattr(image, "text", {}).get(RECIPE_KEY)
+    text = getattr(image, "text", {}).get(RECIPE_KEY) or image.info.get(RECIPE_KEY)
     if text is None:
-        raise ValueError("this PNG has no saltdiff recipe")
+        raise ValueError("this PNG carries no saltdiff recipe")
     return json.loads(text)
 
 

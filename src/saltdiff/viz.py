@@ -1,16 +1,14 @@
-"""Pictures a person can look at: boxes over the result, per-phrase attention heat maps, PNG recipes."""
+"""Pictures a person can look at: boxes over the result, per-phrase attention heat maps, image grids."""
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFont, PngImagePlugin
+from PIL import Image, ImageDraw, ImageFont
 
 from .layout import Layout
 
-RECIPE_KEY = "saltdiff"
 PALETTE = [
     (255, 64, 64),
     (64, 160, 255),
@@ -117,19 +115,3 @@ def image_grid(
         for c, img in enumerate(row):
             canvas.paste(img.convert("RGB").resize((w, h)), (left + c * (w + pad), top + r * (h + pad)))
     return canvas
-
-
-def save_png_with_recipe(image: Image.Image, path: str, recipe: dict) -> None:
-    """Save ``image`` as PNG with ``recipe`` (JSON) in a ``saltdiff`` text chunk."""
-    info = PngImagePlugin.PngInfo()
-    info.add_text(RECIPE_KEY, json.dumps(recipe, sort_keys=True))
-    image.save(path, format="PNG", pnginfo=info)
-
-
-def read_recipe(path_or_image) -> dict:
-    """The recipe stored by ``save_png_with_recipe`` (``ValueError`` if the PNG carries none)."""
-    image = Image.open(path_or_image) if not isinstance(path_or_image, Image.Image) else path_or_image
-    text = getattr(image, "text", {}).get(RECIPE_KEY) or image.info.get(RECIPE_KEY)
-    if text is None:
-        raise ValueError("this PNG carries no saltdiff recipe")
-    return json.loads(text)
