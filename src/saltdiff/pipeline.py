@@ -17,7 +17,7 @@ from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
 from .attention import AttentionStore, capture_cross_attention
-from .checkpoints import DEFAULT_MODEL, builtin_models, resolve_model, weights_stamp
+from .checkpoints import BUILTIN_PREFIX, DEFAULT_MODEL, builtin_models, resolve_model, weights_stamp
 from .guidance import GuidanceConfig, GuidanceTargets, guided_update, layer_losses, step_scale
 from .init import InitResult, SpatialAwareInit
 from .layout import Layout, LayoutError
@@ -133,7 +133,11 @@ class SaltPipeline(StableDiffusionPipeline):
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
-        return super().from_pretrained(resolve_model(pretrained_model_name_or_path), **kwargs)
+        name = str(pretrained_model_name_or_path)
+        if name.startswith(BUILTIN_PREFIX) and "torch_dtype" not in kwargs and "dtype" not in kwargs:
+            # shipped in fp16 to keep the wheel small; loaded whole in fp32 so that it runs on a CPU
+            kwargs["torch_dtype"] = torch.float32
+        return super().from_pretrained(resolve_model(name), **kwargs)
 
     # -- inputs --------------------------------------------------------------------------------------
     def _resolve_init(self, init, latents, reference_image, inversion_steps):

@@ -22,18 +22,10 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 
+from ..worlds.detector import box_iou  # noqa: F401  (one IoU for the world's detector and the metrics)
 from .detectors import DetectedBox
 
 logger = logging.getLogger(__name__)
-
-
-def box_iou(a: Sequence[float], b: Sequence[float]) -> float:
-    """Intersection over union of two ``(x0, y0, x1, y1)`` boxes."""
-    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = ix * iy
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / union if union > 0 else 0.0
 
 
 def box_ious(
