@@ -142,7 +142,9 @@ def test_no_module_is_over_600_lines():
 
 def test_nothing_imports_the_cli():
     graph = import_graph(package_modules())
-    importers = sorted(m for m, edges in graph.items() if "saltdiff.cli" in edges and m != "saltdiff.__main__")
+    importers = sorted(
+        m for m, edges in graph.items() if "saltdiff.cli" in edges and m != "saltdiff.__main__"
+    )
     assert importers == []
 
 

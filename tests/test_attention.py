@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from diffusers import UNet2DConditionModel
@@ -192,15 +194,26 @@ def test_phrase_maps_bad_arguments(unet):
         store.phrase_maps([[1]], layers=["up_blocks.9.attn2"])
 
 
-def test_gradient_flows_from_phrase_maps_to_latent(unet):
-    latents, context = _inputs(batch=1)
-    latents.requires_grad_(True)
-    with torch.enable_grad(), capture_cross_attention(unet) as store:
-        unet(latents, 10, encoder_hidden_states=context)
-        loss = store.phrase_maps([[1, 2]])[..., :8, :8].sum()
-        loss.backward()
-    assert latents.grad is not None
-    assert latents.grad.abs().sum() > 0
+def test_gradient_from_phrase_maps_to_latent_matches_finite_differences(unet):
+    """The captured maps keep their graph, and backpropagating through them gives the true
+    derivative (float64 copy of the UNet, central difference along a random direction)."""
+    model = copy.deepcopy(unet).double()
+    latents, context = (x.double() for x in _inputs(batch=1))
+    direction = torch.randn_like(latents)
+
+    def loss_at(z):
+        with capture_cross_attention(model) as store:
+            model(z, 10, encoder_hidden_states=context)
+            return store.phrase_maps([[1, 2]])[..., :8, :8].sum()
+
+    z = latents.clone().requires_grad_(True)
+    with torch.enable_grad():
+        (grad,) = torch.autograd.grad(loss_at(z), z)
+    h = 1e-4
+    with torch.no_grad():
+        numeric = (loss_at(latents + h * direction) - loss_at(latents - h * direction)).item() / (2 * h)
+    assert abs(numeric) > 1e-4
+    assert (grad * direction).sum().item() == pytest.approx(numeric, rel=1e-5)
 
 
 def test_non_square_latent(unet):

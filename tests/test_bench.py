@@ -174,7 +174,9 @@ def test_coco_suite_selection(tmp_path):
 def test_methods_share_one_guidance_budget():
     specs = parse_methods("all")
     assert [s.name for s in specs] == list(default_methods())
-    shared = SharedSettings(guidance={"guidance_steps": 3, "guidance_iters": 2}, loss_params={"reg_weight": 1.5})
+    shared = SharedSettings(
+        guidance={"guidance_steps": 3, "guidance_iters": 2}, loss_params={"reg_weight": 1.5}
+    )
     requests = {s.name: build_request(s, shared, prompt="a red circle") for s in specs}
     guided = [r for r in requests.values() if r.guidance.enabled]
     assert {r.guidance.loss for r in guided} == {"salt", "layout-guidance", "boxdiff"}
@@ -227,7 +229,11 @@ def test_bench_outputs_match_schema(clean_run):
             assert key in m, (name, key)
         assert m["n_images"] == 2
         assert 0 <= m["miou"] <= 1 and 0 <= m["map50"] <= 1 and 0 <= m["text_alignment"] <= 1
-        assert m["sec_per_image"] > 0 and m["peak_mem_mb"] > 0
+        records = [
+            json.loads((clean_run / "records" / name / f"{i}_s0.json").read_text()) for i in ("line-0", "tri")
+        ]
+        assert m["sec_per_image"] == pytest.approx(sum(r["seconds"] for r in records) / 2)
+        assert m["peak_mem_mb"] == max(r["peak_mem_mb"] for r in records)
         assert set(m["by_objects"]) == {"1", "2"}
         assert (m["ref_iou"] is None) == (name != "salt")
     with open(clean_run / "results.csv") as fh:

@@ -300,33 +300,34 @@ def test_config_validation():
         TrainConfig(grounding_weight=-1.0)
 
 
-def test_spatial_aware_init_beats_random_init_under_the_same_guidance(tmp_path, monkeypatch):
+def test_spatial_aware_init_beats_random_init_under_the_same_guidance(shipped_pipe, tmp_path, monkeypatch):
     """Behavioural: on held-out layouts, ``init="salt"`` lands objects in their boxes more than random noise.
 
-    Same seeds, same guidance budget (SALT loss defaults), few steps; only the initial latent differs.
+    Same seeds, same guidance budget (SALT loss defaults, 5 guided steps), 10 steps; only the initial
+    latent differs. Measured: mean IoU 0.87 from the spatial-aware init, 0.36 from random noise.
     """
-    from saltdiff import SaltPipeline
+    from saltdiff import GeneratedObjects, GuidanceConfig, SaltPipeline, SpatialAwareInit
     from saltdiff.eval.detectors import ShapesDetector
     from saltdiff.eval.metrics import box_ious
     from saltdiff.worlds.shapes import heldout_layouts
 
     monkeypatch.setenv("SALTDIFF_CACHE", str(tmp_path / "cache"))
-    pipe = SaltPipeline.from_pretrained("builtin:shapes", torch_dtype=torch.float32)
-    pipe.set_progress_bar_config(disable=True)
+    pipe = SaltPipeline.from_pipe(shipped_pipe)
     detect = ShapesDetector()
+    inits = {"random": "random", "salt": SpatialAwareInit(reference=GeneratedObjects(num_inference_steps=15))}
     layouts = [lay for lay in heldout_layouts(12, extra_unboxed_fraction=0.0) if len(lay["boxes"]) >= 2][:4]
     assert len(layouts) == 4
     mean_iou = {}
-    for init in ("random", "salt"):
+    for init in inits:
         ious = []
         for i, lay in enumerate(layouts):
             targets = [(b["phrase"], b["box"]) for b in lay["boxes"]]
             out = pipe(
                 lay["prompt"],
                 targets,
-                init=init,
-                guidance="salt",
-                num_inference_steps=15,
+                init=inits[init],
+                guidance=GuidanceConfig(guidance_steps=5),
+                num_inference_steps=10,
                 seed=i,
                 progress=False,
             )
@@ -366,7 +367,7 @@ def test_shipped_weights_meet_the_quality_bars(shipped_pipe):
 def test_shipped_weights_draw_captions_and_attend_to_objects(shipped_pipe):
     from saltdiff.eval.builtin_quality import attention_localization, caption_accuracy
 
-    captions, _, _ = caption_accuracy(shipped_pipe, 40, QUALITY_CFG, 25)
+    captions, _, _ = caption_accuracy(shipped_pipe, 30, QUALITY_CFG, 15)  # measured 0.97 (25 steps, 40: 0.90)
     assert captions.all_found >= 0.70, captions
-    attention = attention_localization(shipped_pipe, 20, QUALITY_CFG, 25)
+    attention = attention_localization(shipped_pipe, 12, QUALITY_CFG, 15)  # measured 1.0
     assert attention["fraction"] >= 0.80, attention

@@ -35,7 +35,9 @@ BASE = [
 ]
 
 
-RANDOM_BASE = BASE[: BASE.index("--object-steps")] + BASE[BASE.index("--guidance-steps") : BASE.index("--background")]
+RANDOM_BASE = (
+    BASE[: BASE.index("--object-steps")] + BASE[BASE.index("--guidance-steps") : BASE.index("--background")]
+)
 
 
 def test_generate_writes_png_with_recipe_and_overlay(tiny_pipe_dir, tmp_path):
@@ -71,7 +73,8 @@ def test_generate_is_deterministic_per_seed(tiny_pipe_dir, tmp_path):
     paths = [tmp_path / "a.png", tmp_path / "b.png"]
     for p in paths:
         assert (
-            main([*RANDOM_BASE, "--model", tiny_pipe_dir, "--out", str(p), "--seed", "3", "--init", "random"]) == 0
+            main([*RANDOM_BASE, "--model", tiny_pipe_dir, "--out", str(p), "--seed", "3", "--init", "random"])
+            == 0
         )
     assert Image.open(paths[0]).tobytes() == Image.open(paths[1]).tobytes()
 
@@ -84,11 +87,20 @@ def test_generate_is_deterministic_per_seed(tiny_pipe_dir, tmp_path):
         (["--box", "red circle=0,0,1.5,1"], "red circle"),
         (["--cfg", "nan"], "guidance_scale"),
         (["--guidance", "magic"], "argument --guidance: invalid choice: 'magic'"),
-        (["--init", "random", "--inversion-steps", "3"], "--inversion-steps applies to the initializer(s) ['salt']"),
+        (
+            ["--init", "random", "--inversion-steps", "3"],
+            "--inversion-steps applies to the initializer(s) ['salt']",
+        ),
         (["--init", "random"], "need an initializer that uses a reference: --init ['salt']"),
-        (["--guidance", "boxdiff", "--reg-weight", "1"], "--reg-weight applies to the guidance loss(es) ['salt']"),
+        (
+            ["--guidance", "boxdiff", "--reg-weight", "1"],
+            "--reg-weight applies to the guidance loss(es) ['salt']",
+        ),
         (["--reference-builder", "image"], "--reference-builder image needs --reference IMG"),
-        (["--reference", "ref.png"], "--background applies to the reference builder(s) ['objects'], not ['image']"),
+        (
+            ["--reference", "ref.png"],
+            "--background applies to the reference builder(s) ['objects'], not ['image']",
+        ),
         (["--step-size", "-1"], "step_size must be a number >= 0, got -1.0"),
         (["--steps", "many"], "argument --steps: invalid int value: 'many'"),
         (["--out", "/nonexistent/dir/x.png"], "does not exist"),

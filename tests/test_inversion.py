@@ -121,15 +121,75 @@ def test_round_trip_with_exact_denoiser(components):
     assert errors[5] > 5 * errors[50]
 
 
-def test_round_trip_on_tiny_unet_is_finite_and_sized(components):
+def _gaussian_inversion_factor(alphas_cumprod, clean_alpha, steps, end, sigma):
+    """DDIM inversion by hand for :class:`GaussianDenoiser`: the factor ``c`` with ``x_end = c * x_0``.
+
+    The grid ``end - r (K - k)``, ``r = 1000 // K``, starts from the clean latent at noise level
+    ``clean_alpha``; step k evaluates the model at its *target* timestep ``tau_k`` on the latent at
+    ``tau_{k-1}`` (eps = e * x with e = sqrt(1 - a) / (a sigma^2 + 1 - a)) and applies DDIM's
+    ``x_t = sqrt(a_t) (x_s - sqrt(1 - a_s) eps) / sqrt(a_s) + sqrt(1 - a_t) eps``.
+    """
+    alphas = alphas_cumprod.double()
+    ratio = 1000 // steps
+    factor, a_prev = 1.0, torch.tensor(clean_alpha, dtype=torch.float64)
+    for k in range(1, steps + 1):
+        a = alphas[end - ratio * (steps - k)]
+        e = (1 - a).sqrt() / (a * sigma**2 + 1 - a)
+        factor = factor * (a.sqrt() * (1 - (1 - a_prev).sqrt() * e) / a_prev.sqrt() + (1 - a).sqrt() * e)
+        a_prev = a
+    return float(factor)
+
+
+@pytest.mark.parametrize(
+    ("steps", "end", "alpha_to_one"),
+    [
+        (1, 37, False),
+        (1, 500, False),
+        (2, 777, False),
+        (4, 901, False),
+        (4, 901, True),
+        (10, None, False),
+        (50, 981, False),
+    ],
+)
+def test_inversion_ends_exactly_at_end_timestep(components, steps, end, alpha_to_one):
+    """With the exact Gaussian denoiser every DDIM step is a scalar multiplication, so the whole
+    inversion is ``x_end = c * x_0`` with ``c`` computed by hand from ``alphas_cumprod``. The latent
+    must carry the noise level of ``end_timestep`` (default 999) itself, and start from the sampler's
+    clean level (``alphas_cumprod[0]``, or 1 with ``set_alpha_to_one``): ending or starting one
+    timestep off changes ``c`` by 1e-4 to 2e-3, 20 to 400 times the tolerance."""
+    scheduler = DDIMScheduler.from_config(components["scheduler"].config, set_alpha_to_one=alpha_to_one)
+    alphas = scheduler.alphas_cumprod
+    model = GaussianDenoiser(alphas, sigma=0.5)
+    latents = 0.5 * _inputs()[0]
+    inverted = ddim_invert(
+        model, scheduler, latents, torch.zeros(1, 7, 32), num_inference_steps=steps, end_timestep=end
+    )
+    end = 999 if end is None else end
+    clean = 1.0 if alpha_to_one else float(alphas[0])
+    factor = _gaussian_inversion_factor(alphas, clean, steps, end, 0.5)
+    torch.testing.assert_close(inverted, factor * latents, rtol=5e-6, atol=1e-7)
+    # the tolerance tells neighbouring end points and clean levels apart
+    ratio = 1000 // steps
+    neighbours = [e for e in (end - 1, end + 1) if ratio * (steps - 1) <= e < min(1000, ratio * steps)]
+    assert neighbours
+    for other in neighbours:
+        assert abs(_gaussian_inversion_factor(alphas, clean, steps, other, 0.5) / factor - 1) > 5e-5
+    other_clean = float(alphas[0]) if alpha_to_one else 1.0
+    assert abs(_gaussian_inversion_factor(alphas, other_clean, steps, end, 0.5) / factor - 1) > 5e-5
+
+
+def test_batch_shares_one_prompt_embedding(components):
     """The random tiny UNet is no denoiser (its round trip is off by 0.3-0.97 relative, not improving
-    with steps), so only the loop's mechanics are checked here: shapes, dtype, end timestep use."""
+    with steps), so only the loop's mechanics are checked here: a ``[1, T, D]`` embedding serves
+    every row of the batch, and each row is inverted as if alone."""
     unet, scheduler = components["unet"], components["scheduler"]
     latents, embeds = _inputs(batch=2)
     inverted = ddim_invert(unet, scheduler, latents, embeds[:1], num_inference_steps=3)
     assert inverted.shape == latents.shape and inverted.dtype == latents.dtype
-    assert torch.isfinite(inverted).all()
-    assert not torch.allclose(inverted, latents)
+    alone = ddim_invert(unet, scheduler, latents[1:], embeds[:1], num_inference_steps=3)
+    torch.testing.assert_close(inverted[1:], alone, rtol=1e-4, atol=1e-5)
+    assert torch.isfinite(inverted).all() and not torch.allclose(inverted, latents)
 
 
 def test_end_timestep_sets_the_unet_timesteps(components):

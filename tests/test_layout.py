@@ -68,7 +68,8 @@ def test_layout_sequence_protocol():
     assert layout.phrases == ["dog", "cat"]
     assert layout[1].phrase == "cat"
     assert [b.phrase for b in layout] == ["dog", "cat"]
-    assert isinstance(layout[:1], Layout) and len(layout[:1]) == 1
+    assert layout[:1] == Layout.from_pairs([("dog", (0, 0, 0.5, 0.5))])  # a slice is a Layout
+    assert layout[1:].phrases == ["cat"] and layout[::-1].phrases == ["cat", "dog"]
     assert len(Layout()) == 0 and Layout().phrases == []
 
 

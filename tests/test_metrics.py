@@ -1,8 +1,12 @@
 """Metrics on hand-made detections with known answers."""
 
 import math
+import os
+import subprocess
+import sys
 
 import pytest
+import torch
 
 from saltdiff.eval.detectors import DetectedBox, ShapesDetector, make_detector, resolve_detector_name
 from saltdiff.eval.metrics import box_iou, box_ious, coco_map, object_recall, peak_memory_mb, summarize
@@ -110,5 +114,41 @@ def test_detector_names():
         make_detector("shapes:x")
 
 
-def test_peak_memory_is_positive():
-    assert peak_memory_mb("cpu") > 0
+_PEAK_SCRIPT = """
+import numpy as np
+from saltdiff.eval.metrics import peak_memory_mb
+before = peak_memory_mb("cpu")
+block = np.ones({mib} * 2**20, dtype=np.uint8)  # written, hence resident
+after = peak_memory_mb("cpu")
+print(before, after, int(block[-1]))
+"""
+# Linux's ru_maxrss starts from the peak of the address space a process was exec'd from (the
+# parent's, under vfork): launch the measured process from a small intermediate Python, not pytest.
+_LAUNCHER = "import subprocess, sys; sys.exit(subprocess.run([sys.executable, '-c', sys.argv[1]]).returncode)"
+
+
+def test_cpu_peak_memory_rises_by_a_resident_allocation():
+    """In a fresh process (whose peak is about its current size), writing 128 MiB raises the
+    measured peak by about 128 MiB: the right counter (this process, not its children), in MiB."""
+    mib = 128
+    out = subprocess.run(
+        [sys.executable, "-c", _LAUNCHER, _PEAK_SCRIPT.format(mib=mib)],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=120,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    before, after, last = out.stdout.split()
+    assert last == "1"
+    assert 0.9 * mib <= float(after) - float(before) <= mib + 32  # measured 128.1
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_peak_memory_counts_an_allocation():
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = peak_memory_mb("cuda")
+    block = torch.ones(64 * 2**20, dtype=torch.uint8, device="cuda")
+    assert peak_memory_mb("cuda") - base == pytest.approx(64, abs=0.5)
+    del block

@@ -6,10 +6,10 @@ import pytest
 import torch
 from PIL import Image
 
-from saltdiff import GuidanceConfig, Layout, LayoutError, RandomInit, SpatialAwareInit
+from saltdiff import GuidanceConfig, Layout, LayoutError, SpatialAwareInit
 from saltdiff.init import sampler_start_timestep
 from saltdiff.pipeline import SaltPipeline, resolve_model
-from saltdiff.reference import GeneratedObjects, UserImages, strip_phrases
+from saltdiff.reference import GeneratedObject, GeneratedObjects, UserImages, strip_phrases
 
 PROMPT = "a red circle and a blue square"
 LAYOUT = [("red circle", (0.0, 0.25, 0.5, 0.75)), ("blue square", (0.5, 0.25, 1.0, 0.75))]
@@ -99,7 +99,9 @@ def test_user_object_images_are_pasted_into_boxes(tiny_pipe):
     red = np.full((32, 32, 3), 255, np.uint8)
     red[8:24, 8:24] = (255, 0, 0)
     ref = UserImages(objects={"red circle": Image.fromarray(red), "blue square": Image.fromarray(red)})
-    built = ref.build(tiny_pipe.object_generator(), PROMPT, Layout.from_pairs(LAYOUT), height=32, width=32, generator=None)
+    built = ref.build(
+        tiny_pipe.object_generator(), PROMPT, Layout.from_pairs(LAYOUT), height=32, width=32, generator=None
+    )
     arr = np.asarray(built.image)
     assert built.object_masks[0][12, 4] and not built.object_masks[0][12, 20]
     assert tuple(arr[16, 8]) == (255, 0, 0)
@@ -146,7 +148,9 @@ def test_strip_phrases():
 def test_generated_background_of_a_prompt_made_only_of_boxed_phrases(tiny_pipe):
     # Nothing is left once the phrases are removed: the background is an unconditional sample.
     builder = GeneratedObjects(background="generated", num_inference_steps=2, cache=False)
-    built = builder.build(tiny_pipe.object_generator(), PROMPT, Layout.from_pairs(LAYOUT), height=32, width=32, generator=None)
+    built = builder.build(
+        tiny_pipe.object_generator(), PROMPT, Layout.from_pairs(LAYOUT), height=32, width=32, generator=None
+    )
     assert built.image.size == (32, 32)
 
 
@@ -206,7 +210,15 @@ def test_bad_inputs_raise_clear_errors(tiny_pipe, kwargs, error, match):
 
 def test_from_pretrained_folder_and_builtin_resolution(tiny_pipe_dir):
     pipe = SaltPipeline.from_pretrained(tiny_pipe_dir)
-    assert isinstance(pipe, SaltPipeline)
+    assert type(pipe) is SaltPipeline
+    saved = SaltPipeline.from_pretrained(tiny_pipe_dir).unet.state_dict()
+    assert all(torch.equal(v, saved[k]) for k, v in pipe.unet.state_dict().items())
+    assert (
+        pipe.tokenizer("red circle").input_ids
+        == SaltPipeline.from_pretrained(tiny_pipe_dir).tokenizer("red circle").input_ids
+    )
+    builtin = SaltPipeline.from_pretrained("builtin:shapes")  # shipped fp16, loaded whole in fp32
+    assert {builtin.unet.dtype, builtin.text_encoder.dtype, builtin.vae.dtype} == {torch.float32}
     with pytest.raises(ValueError, match="unknown built-in model"):
         resolve_model("builtin:nope")
     assert (
@@ -222,7 +234,10 @@ def test_spatial_aware_init_validates():
         SpatialAwareInit(inversion_prompt="cat")
     with pytest.raises(ValueError, match="background"):
         GeneratedObjects(background="pink")
-    assert isinstance(RandomInit(), RandomInit)
+    with pytest.raises(ValueError, match=r"fit must be one of \['stretch', 'contain'\], got 'crop'"):
+        UserImages(image="x.png", fit="crop")
+    with pytest.raises(ValueError, match="attention_threshold must be a number in"):
+        GeneratedObjects(attention_threshold=1.5)
 
 
 def test_noise_outside_changes_only_outside(tiny_pipe):
@@ -261,3 +276,53 @@ def test_object_cache_key_changes_when_local_weights_change(tiny_pipe, tiny_pipe
     st = weights.stat()
     os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
     assert builder._cache_path(tiny_pipe.object_generator(), "a red circle", 32, 32) != before
+
+
+class _FakeObjects:
+    """An ObjectGenerator that records its calls: a white image with a centred square, and a radial
+    attention map that falls from 1 at the centre to 0 at the corners."""
+
+    identity = None
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, prompts, *, phrases=None, height, width, num_inference_steps, guidance_scale, seed):
+        self.calls.append(list(prompts))
+        image = np.ones((height, width, 3), dtype=np.float32)
+        image[height // 4 : 3 * height // 4, width // 4 : 3 * width // 4] = (1.0, 0.0, 0.0)
+        yy, xx = np.mgrid[:8, :8]
+        attention = 1.0 - np.hypot(yy - 3.5, xx - 3.5) / np.hypot(3.5, 3.5)
+        return [GeneratedObject(image.copy(), attention.astype(np.float32)) for _ in prompts]
+
+
+def test_generated_objects_come_in_batches_and_a_repeated_phrase_once():
+    fake = _FakeObjects()
+    layout = Layout.from_pairs(
+        [
+            ("red circle", (0, 0, 0.3, 0.3)),
+            ("blue square", (0.4, 0, 0.7, 0.3)),
+            ("red circle", (0.7, 0.7, 1, 1)),
+            ("cat", (0, 0.5, 0.3, 0.8)),
+        ]
+    )
+    GeneratedObjects(batch_size=2, cache=False).build(fake, "x", layout, height=32, width=32, generator=None)
+    assert fake.calls == [
+        ["a red circle on a white background", "a blue square on a white background"],
+        ["a cat on a white background"],
+    ]
+
+
+def test_attention_cutout_honours_its_threshold():
+    layout = Layout.from_pairs([("red circle", (0.0, 0.0, 1.0, 1.0))])
+    red = []  # the cut-out is cropped and stretched to the box: a tighter cut keeps less white border
+    for threshold in (0.2, 0.5, 0.8):
+        builder = GeneratedObjects(cutout="attention", attention_threshold=threshold, cache=False)
+        ref = builder.build(_FakeObjects(), "x", layout, height=32, width=32, generator=None)
+        pixels = np.asarray(ref.image)[ref.object_masks[0]]
+        red.append(float(((pixels[:, 0] > 200) & (pixels[:, 1] < 60)).mean()))
+    assert red[0] < red[1] < red[2]
+    foreground = GeneratedObjects(cache=False).build(
+        _FakeObjects(), "x", layout, height=32, width=32, generator=None
+    )
+    assert foreground.object_masks[0].sum() == 32 * 32  # the red square (cropped, stretched to the box)

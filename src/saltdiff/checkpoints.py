@@ -14,7 +14,6 @@ DEFAULT_MODEL = "builtin:shapes"
 SD15_MODEL_ID = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 
 
-
 class ModelLoadError(ValueError):
     """A model that cannot be found or loaded: one line that names it."""
 

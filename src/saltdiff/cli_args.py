@@ -65,7 +65,9 @@ def _arg_type(param: Param):
     return kind if kind in (int, float, str) else str
 
 
-def add_param_flags(group, params: Iterable[Param], dest_prefix: str, owners: dict[str, list[str]] | None = None):
+def add_param_flags(
+    group, params: Iterable[Param], dest_prefix: str, owners: dict[str, list[str]] | None = None
+):
     """One flag per param (default ``None``: only flags the user gives are applied)."""
     for p in params:
         extra = f"; {', '.join(owners[p.name])} only" if owners and p.name in owners else ""
@@ -201,7 +203,9 @@ def method_options(args: argparse.Namespace) -> MethodOptions:
     uses_reference = "reference" in INITIALIZERS.get(init).needs
     if not uses_reference:
         if options.reference_params or getattr(args, "reference_builder", None):
-            flags = [_flag(REFERENCE_BUILDERS, n) for n in options.reference_params] or ["--reference-builder"]
+            flags = [_flag(REFERENCE_BUILDERS, n) for n in options.reference_params] or [
+                "--reference-builder"
+            ]
             uses = [e.name for e in INITIALIZERS if "reference" in e.needs]
             raise CliError(f"{', '.join(flags)} need an initializer that uses a reference: --init {uses}")
         return options

@@ -22,6 +22,7 @@ from .registry import GUIDANCE_LOSSES, GUIDANCE_PARAMS, check_fields
 
 logger = logging.getLogger(__name__)
 
+
 @dataclass
 class GuidanceConfig:
     """Every knob of the attention-guidance loop; the CLI maps onto these fields one to one.
@@ -51,9 +52,13 @@ class GuidanceConfig:
             raise ValueError(f"guidance loss must be a name, got {self.loss!r}")
         check_fields(self, [p for p in GUIDANCE_PARAMS if p.name != "layers"], "guidance")
         if not isinstance(self.layers, (str, tuple, list)) or not self.layers:
-            raise ValueError(f"guidance: layers must be a selector string or a tuple of names, got {self.layers!r}")
+            raise ValueError(
+                f"guidance: layers must be a selector string or a tuple of names, got {self.layers!r}"
+            )
         if not isinstance(self.loss_params, Mapping):
-            raise ValueError(f"guidance: loss_params must be a mapping, got {type(self.loss_params).__name__}")
+            raise ValueError(
+                f"guidance: loss_params must be a mapping, got {type(self.loss_params).__name__}"
+            )
         entry.resolve(self.loss_params, owner=f"guidance loss {self.loss!r}")
 
     @property

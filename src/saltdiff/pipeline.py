@@ -359,7 +359,12 @@ class SaltPipeline(StableDiffusionPipeline):
         prompt_embeds, negative_embeds = self.encode_prompt(prompts, device, 1, do_cfg, None)
         generators = [torch.Generator("cpu").manual_seed(int(seed)) for _ in prompts]
         scheduler = type(self.scheduler).from_config(self.scheduler.config)
-        shape = (n, self.unet.config.in_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
+        shape = (
+            n,
+            self.unet.config.in_channels,
+            height // self.vae_scale_factor,
+            width // self.vae_scale_factor,
+        )
         latents = randn_tensor(shape, generator=generators, device=device, dtype=self.unet.dtype)
         latents = latents * scheduler.init_noise_sigma
         scheduler.set_timesteps(num_inference_steps, device=device)
@@ -383,9 +388,7 @@ class SaltPipeline(StableDiffusionPipeline):
         images = self._decode(denoised.latents, "np")
         maps = None if denoised.mean_maps is None else denoised.mean_maps.cpu().numpy()
         return [
-            GeneratedObject(
-                np.asarray(images[b], dtype=np.float32), None if maps is None else maps[b, b]
-            )
+            GeneratedObject(np.asarray(images[b], dtype=np.float32), None if maps is None else maps[b, b])
             for b in range(n)
         ]
 

@@ -270,7 +270,15 @@ class GeneratedObjects:
         if not self.cache or not identity:
             return None  # in-memory models have no stable identity: never share a cache entry
         key = json.dumps(
-            [*identity, prompt, self.object_seed, height, width, self.num_inference_steps, self.guidance_scale]
+            [
+                *identity,
+                prompt,
+                self.object_seed,
+                height,
+                width,
+                self.num_inference_steps,
+                self.guidance_scale,
+            ]
         )
         digest = hashlib.sha256(key.encode()).hexdigest()[:24]
         return Path(self.cache_dir or default_cache_dir()) / f"{digest}.npz"
@@ -278,32 +286,35 @@ class GeneratedObjects:
     def generate(
         self, objects: ObjectGenerator, prompts: Sequence[str], phrases: Sequence[str] | None, height, width
     ) -> list[GeneratedObject]:
-        """One :class:`GeneratedObject` per prompt: cached ones read from disk, the rest generated in batches."""
-        paths = [self._cache_path(objects, p, height, width) for p in prompts]
-        results: list[GeneratedObject | None] = []
-        for path in paths:
+        """One :class:`GeneratedObject` per prompt: cached ones read from disk, the others generated in
+        batches of ``batch_size`` (a prompt that occurs twice is generated once)."""
+        unique = list(dict.fromkeys(prompts))
+        phrase_of = {} if phrases is None else dict(zip(prompts, phrases))
+        made: dict[str, GeneratedObject] = {}
+        paths = {p: self._cache_path(objects, p, height, width) for p in unique}
+        for p, path in paths.items():
             if path is not None and path.is_file():
                 data = np.load(path)
-                results.append(GeneratedObject(data["image"], data["attention"] if data["attention"].size else None))
-            else:
-                results.append(None)
-        todo = [i for i, r in enumerate(results) if r is None]
+                made[p] = GeneratedObject(
+                    data["image"], data["attention"] if data["attention"].size else None
+                )
+        todo = [p for p in unique if p not in made]
         for start in range(0, len(todo), self.batch_size):
             batch = todo[start : start + self.batch_size]
-            made = objects(
-                [prompts[i] for i in batch],
-                phrases=None if phrases is None else [phrases[i] for i in batch],
+            outputs = objects(
+                batch,
+                phrases=None if phrases is None else [phrase_of[p] for p in batch],
                 height=height,
                 width=width,
                 num_inference_steps=self.num_inference_steps,
                 guidance_scale=self.guidance_scale,
                 seed=self.object_seed,
             )
-            for i, obj in zip(batch, made):
-                results[i] = obj
-                if paths[i] is not None:
-                    _save_object(paths[i], obj)
-        return results  # type: ignore[return-value]
+            for p, obj in zip(batch, outputs):
+                made[p] = obj
+                if paths[p] is not None:
+                    _save_object(paths[p], obj)
+        return [made[p] for p in prompts]
 
     def build(self, objects, prompt, layout, *, height, width, generator) -> ReferenceImage:
         if self.background == "generated":

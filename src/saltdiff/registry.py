@@ -97,7 +97,9 @@ class Param:
             ok = isinstance(value, numbers.Integral) and not isinstance(value, bool)
         elif kind is float:
             ok = (
-                isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(float(value))
+                isinstance(value, numbers.Real)
+                and not isinstance(value, bool)
+                and math.isfinite(float(value))
             )
         elif kind is str:
             ok = isinstance(value, str)
@@ -317,7 +319,9 @@ INITIALIZERS.register(
                 minimum=0,
                 maximum=1,
             ),
-            Param("feather", 0.0, "feather the boxes by this many latent cells when blending noise", minimum=0),
+            Param(
+                "feather", 0.0, "feather the boxes by this many latent cells when blending noise", minimum=0
+            ),
             Param(
                 "inversion_noise_scale",
                 0.0,
@@ -344,10 +348,18 @@ REFERENCE_BUILDERS.register(
                 "reference background: generated, gray, white or noise",
                 choices=REFERENCE_BACKGROUNDS,
             ),
-            Param("object_prompt", "a {phrase} on a white background", "prompt of each object; contains {phrase}"),
+            Param(
+                "object_prompt",
+                "a {phrase} on a white background",
+                "prompt of each object; contains {phrase}",
+            ),
             Param("object_seed", 0, "seed for the object and background generations", minimum=0),
-            Param("num_inference_steps", 25, "steps for each object generation", minimum=1, flag="object-steps"),
-            Param("guidance_scale", 7.5, "CFG scale for each object generation", minimum=0, flag="object-cfg"),
+            Param(
+                "num_inference_steps", 25, "steps for each object generation", minimum=1, flag="object-steps"
+            ),
+            Param(
+                "guidance_scale", 7.5, "CFG scale for each object generation", minimum=0, flag="object-cfg"
+            ),
             Param(
                 "cutout",
                 "foreground",

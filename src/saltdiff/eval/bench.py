@@ -408,7 +408,9 @@ def run_bench(config: BenchConfig, pipe=None) -> dict | None:
     return metrics
 
 
-def aggregate(config: BenchConfig, layouts, methods: Sequence[MethodSpec], detector: str, text_kind: str) -> dict:
+def aggregate(
+    config: BenchConfig, layouts, methods: Sequence[MethodSpec], detector: str, text_kind: str
+) -> dict:
     """Write ``metrics.json`` and ``results.csv`` from the records; returns the metrics.
 
     ``metrics.json``: ``{"suite", "model", "n_layouts", "seeds", "methods": {NAME: {"miou", "map50",

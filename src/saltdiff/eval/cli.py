@@ -105,7 +105,9 @@ def _config(args, methods):
 
     reference_params = given(args, "reference")
     if reference_params.get("image") is not None:
-        raise CliError("--reference IMG is one image for one layout; a benchmark builds a reference per layout")
+        raise CliError(
+            "--reference IMG is one image for one layout; a benchmark builds a reference per layout"
+        )
     check_applies(REFERENCE_BUILDERS, ["objects"], reference_params, "the reference builder(s)")
     shared = SharedSettings(
         guidance=given(args, "guidance"),
@@ -154,7 +156,9 @@ def _require_eval_extra(command: str) -> None:
         except ImportError:
             missing.append(module)
     if missing:
-        raise CliError(f"saltdiff {command} needs the 'eval' extra ({', '.join(missing)}): pip install 'saltdiff[eval]'")
+        raise CliError(
+            f"saltdiff {command} needs the 'eval' extra ({', '.join(missing)}): pip install 'saltdiff[eval]'"
+        )
 
 
 def cmd_bench(args) -> int:

@@ -105,7 +105,9 @@ class SharedSettings:
         ):
             unused = sorted(set(values) - names)
             if unused:
-                raise ValueError(f"{kind} option(s) {unused} apply to none of the methods {[s.name for s in specs]}")
+                raise ValueError(
+                    f"{kind} option(s) {unused} apply to none of the methods {[s.name for s in specs]}"
+                )
         if self.reference_params and not any(s.uses_reference for s in specs):
             raise ValueError(
                 f"reference option(s) {sorted(self.reference_params)} apply to none of the methods "
@@ -162,7 +164,9 @@ def build_request(spec: MethodSpec, shared: SharedSettings, **sampling: Any):
         init=spec.init,
         init_params={**_own(shared.init_params, init_names), **dict(spec.init_params)},
         reference=shared.reference,
-        reference_params={**dict(shared.reference_params), **dict(spec.reference_params)} if uses_reference else {},
+        reference_params={**dict(shared.reference_params), **dict(spec.reference_params)}
+        if uses_reference
+        else {},
         guidance=guidance,
         **sampling,
     )

@@ -45,7 +45,6 @@ def image_path(out: str, method: str, layout_id: str, seed: int, suffix: str = "
     return os.path.join(out, "images", method, item_stem(layout_id, seed) + suffix + ".png")
 
 
-
 def clean_temporaries(out: str) -> None:
     """Remove the temporary files a killed run left behind."""
     for path in glob.glob(os.path.join(out, "*", "*", "*.tmp*")):

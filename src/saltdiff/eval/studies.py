@@ -65,7 +65,11 @@ def _background(study, values, loss, iters):
     out = [Variant(MethodSpec(f"random+{loss}", "random", loss), "random init", None)]
     for v in values:
         out.append(
-            Variant(MethodSpec(f"bg={v}", "salt", loss, reference_params={"background": v}), "spatial-aware init", v)
+            Variant(
+                MethodSpec(f"bg={v}", "salt", loss, reference_params={"background": v}),
+                "spatial-aware init",
+                v,
+            )
         )
     return out
 
@@ -88,7 +92,9 @@ def _budget(study, values, loss, iters):
 
 def _reg(study, values, loss, iters):
     return [
-        Variant(MethodSpec(f"reg={v:g}", "salt", "salt", loss_params={"reg_weight": float(v)}), "salt", float(v))
+        Variant(
+            MethodSpec(f"reg={v:g}", "salt", "salt", loss_params={"reg_weight": float(v)}), "salt", float(v)
+        )
         for v in values
     ]
 
