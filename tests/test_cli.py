@@ -150,3 +150,18 @@ def test_help_documents_every_flag():
         "--background",
     ]:
         assert flag in out, flag
+
+
+@pytest.mark.parametrize(
+    ("argv", "module", "extra"),
+    [
+        (["demo"], "gradio", "pip install 'saltdiff[demo]'"),
+        (["bench", "--out", "unused"], "pycocotools", "pip install 'saltdiff[eval]'"),
+        (["study", "reg-weight", "--out", "unused"], "matplotlib", "pip install 'saltdiff[eval]'"),
+    ],
+)
+def test_a_missing_extra_names_the_extra_to_install(monkeypatch, capsys, argv, module, extra):
+    monkeypatch.setitem(sys.modules, module, None)  # `import module` now raises ImportError
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert extra in err and err.strip().count("\n") == 0

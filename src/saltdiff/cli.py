@@ -23,7 +23,11 @@ logger = logging.getLogger("saltdiff")
 
 
 def build_parser() -> Parser:
-    parser = Parser(prog="saltdiff", description=__doc__.splitlines()[0])
+    parser = Parser(
+        prog="saltdiff",
+        description="Layout-controlled text-to-image generation with spatial-aware latent initialization "
+        "(SALT): generate an image, benchmark methods, run studies, or start the demo.",
+    )
     parser.add_argument("--version", action="version", version=f"saltdiff {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 

@@ -67,7 +67,8 @@ def add_bench_parser(subparsers) -> None:
     bench = subparsers.add_parser(
         "bench",
         help="benchmark methods on a suite of layouts (mIoU, mAP, text alignment, time, memory)",
-        description=__doc__.splitlines()[0],
+        description="Benchmark methods on a suite of layouts: images, per-image records, metrics.json, "
+        "results.csv and report.md in --out; a rerun with the same --out resumes.",
         formatter_class=HelpFormatter,
     )
     _add_run_args(bench)
