@@ -292,8 +292,10 @@ def test_bench_user_errors(tiny_pipe_dir, tmp_path, capsys, layouts_file):
 
 
 def _env():
+    """The child processes use the thread count of this process's runs (conftest), so that their float
+    sums, and records, are the same bit for bit whatever OMP_NUM_THREADS the caller has."""
     env = dict(os.environ)
-    env.setdefault("OMP_NUM_THREADS", "1")
+    env["OMP_NUM_THREADS"] = os.environ.get("SALTDIFF_TEST_THREADS", "1")
     return env
 
 
