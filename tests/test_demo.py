@@ -330,6 +330,8 @@ def test_app_handlers_get_the_request_and_progress_from_gradio(tiny_pipe):
     """gradio injects ``gr.Request``/``gr.Progress`` by the handler's real annotations (not strings)."""
     import warnings
 
+    pytest.importorskip("gradio")
+    pytest.importorskip("gradio_image_annotation")
     from saltdiff.demo.page import build_app
 
     with warnings.catch_warnings(record=True) as caught:

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
+import numpy as np
 import torch
 from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
@@ -84,9 +85,14 @@ class SpatialAwareInit:
 
     The inversion runs with guidance scale 1 on the empty prompt (or the full prompt) up to the
     sampler's first timestep, so sampling starts exactly at the noise level the latent has. Few
-    steps keep the layout and drop the details (the paper's "finite" inversion). Optional extras,
-    off by default: ``noise_outside`` blends fresh noise into the latent outside the boxes (variance
-    preserving: ``sqrt(1-w) z + sqrt(w) eps``), feathered over ``feather`` latent cells.
+    steps keep the layout and drop the details (the paper's "finite" inversion).
+
+    Fresh noise from the call's generator is blended in, variance preserving
+    (``sqrt(1-w) z + sqrt(w) eps``): ``noise_outside`` outside the kept region and ``noise_inside``
+    within it, feathered over ``feather`` latent cells. ``keep_region`` is ``"boxes"`` (the layout's
+    boxes) or ``"objects"`` (only the pixels where an object was pasted, so that a box's corners
+    follow the prompt's background too). Without fresh noise the start is the same for every seed
+    and the rest of the prompt is whatever the reference shows.
 
     ``inversion_steps`` trades layout for freedom: with SALT guidance on the built-in model
     (``saltdiff study inversion-steps``, 50 layouts, white reference, shipped grounded weights)
@@ -99,6 +105,8 @@ class SpatialAwareInit:
     inversion_steps: int = 5
     inversion_prompt: str = "empty"
     noise_outside: float = 0.0
+    noise_inside: float = 0.0
+    keep_region: str = "boxes"
     feather: float = 0.0
     inversion_noise_scale: float = 0.0
 
@@ -106,6 +114,18 @@ class SpatialAwareInit:
         check_fields(self, INITIALIZERS.get("salt").params, "SpatialAwareInit")
         if not callable(getattr(self.reference, "build", None)):
             raise TypeError(f"reference must be a reference builder, got {type(self.reference).__name__}")
+
+    def kept_region(self, layout: Layout, reference: ReferenceImage, size) -> torch.Tensor:
+        """``[h, w]`` in [0, 1]: where z_T* is kept (1) rather than renewed, at the latent's size."""
+        h, w = int(size[0]), int(size[1])
+        if not len(layout):
+            return torch.zeros(h, w)
+        if self.keep_region == "objects":
+            pixels = torch.from_numpy(np.asarray(reference.object_masks, dtype=np.float32))
+            masks = torch.nn.functional.adaptive_avg_pool2d(pixels[None], (h, w))[0]
+        else:
+            masks = layout.masks(h, w)
+        return gaussian_blur(masks, self.feather, truncate=3.0).amax(0).clamp(0, 1)
 
     def invert(
         self, pipe, image: Image.Image, prompt: str, generator, *, num_inference_steps: int
@@ -139,15 +159,13 @@ class SpatialAwareInit:
             pipe, reference.image, prompt, generator, num_inference_steps=num_inference_steps
         )
         latents = latents.expand(num_images, -1, -1, -1).clone()
-        if self.noise_outside > 0 and len(layout):
-            h, w = latents.shape[-2:]
-            inside = gaussian_blur(layout.masks(h, w), self.feather, truncate=3.0).amax(0).clamp(0, 1)
-            inside = inside.to(device=latents.device, dtype=latents.dtype)
+        if self.noise_outside > 0 or self.noise_inside > 0:
+            keep = self.kept_region(layout, reference, latents.shape[-2:]).to(latents)
+            weight = self.noise_inside * keep + self.noise_outside * (1 - keep)
             noise = randn_tensor(
                 latents.shape, generator=generator, device=latents.device, dtype=latents.dtype
             )
-            w_out = self.noise_outside * (1 - inside)
-            latents = torch.sqrt(1 - w_out) * latents + torch.sqrt(w_out) * noise
+            latents = torch.sqrt(1 - weight) * latents + torch.sqrt(weight) * noise
         info = {
             "init": "salt",
             "inversion_steps": self.inversion_steps,

@@ -315,7 +315,7 @@ INITIALIZERS.register(
             Param(
                 "noise_outside",
                 0.0,
-                "blend this much fresh noise into z_T outside the boxes (0 = off)",
+                "blend this much fresh noise into z_T outside the kept region (0 = off)",
                 minimum=0,
                 maximum=1,
             ),
