@@ -289,22 +289,34 @@ class SaltPipeline(StableDiffusionPipeline):
         with capture as store, bar as progress_bar:
             store.latent_hw = tuple(latents.shape[-2:])
             for i, t in enumerate(timesteps):
+
+                def denoise_pass(z, t=t):
+                    store.batch_rows = slice(n, 2 * n) if do_cfg else None
+                    store.reset()
+                    z_in = scheduler.scale_model_input(torch.cat([z] * 2) if do_cfg else z, t)
+                    return self.unet(z_in, t, encoder_hidden_states=embeds).sample
+
+                noise_pred = denoise_pass(latents)
                 if guide and i < guidance.guidance_steps:
-                    store.batch_rows = None
+                    # The pass above already holds this step's conditional attention: when its loss is
+                    # under the threshold no gradient is needed (the usual case from z_T*), else the
+                    # latent gets its gradient steps and the pass is redone on the updated latent.
+                    loss_now = float(layer_losses(store, targets, guidance.loss_fn(), []))
+                    if not loss_now < guidance.loss_threshold:
+                        store.batch_rows = None
 
-                    def unet_cond(z, t=t):
-                        self.unet(scheduler.scale_model_input(z, t), t, encoder_hidden_states=prompt_embeds)
+                        def unet_cond(z, t=t):
+                            self.unet(
+                                scheduler.scale_model_input(z, t), t, encoder_hidden_states=prompt_embeds
+                            )
 
-                    scale = step_scale(scheduler.alphas_cumprod, t, guidance.step_size_schedule)
-                    result = guided_update(unet_cond, latents, store, targets, guidance, scale)
-                    latents = result.latents
-                    guidance_losses.append(result.losses)
-
-                store.batch_rows = slice(n, 2 * n) if do_cfg else None
-                store.reset()
-                latent_in = torch.cat([latents] * 2) if do_cfg else latents
-                latent_in = scheduler.scale_model_input(latent_in, t)
-                noise_pred = self.unet(latent_in, t, encoder_hidden_states=embeds).sample
+                        scale = step_scale(scheduler.alphas_cumprod, t, guidance.step_size_schedule)
+                        result = guided_update(unet_cond, latents, store, targets, guidance, scale)
+                        guidance_losses.append(result.losses)
+                        latents = result.latents
+                        noise_pred = denoise_pass(latents)
+                    else:
+                        guidance_losses.append([loss_now])
                 if track:
                     if tracking is not None:
                         layout_losses.append(float(layer_losses(store, tracking, layout_guidance_loss)))

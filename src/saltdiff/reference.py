@@ -317,10 +317,12 @@ class GeneratedObjects:
         return [made[p] for p in prompts]
 
     def build(self, objects, prompt, layout, *, height, width, generator) -> ReferenceImage:
-        if self.background == "generated":
+        if self.background in ("generated", "prompt-color"):
             bg_prompt = strip_phrases(prompt, layout.phrases)
             (background,) = self.generate(objects, [bg_prompt], None, height, width)
             canvas = background.image.copy()
+            if self.background == "prompt-color":  # the scene's colour, flat: no stray shapes to invert
+                canvas[:] = np.median(canvas.reshape(-1, 3), axis=0)
         else:
             canvas = solid_background(self.background, height, width, generator)
         masks = np.zeros((len(layout), height, width), dtype=bool)
@@ -369,7 +371,7 @@ class UserImages:
     def __post_init__(self) -> None:
         if (self.image is None) == (self.objects is None):
             raise ValueError("UserImages needs exactly one of `image` (whole reference) or `objects`")
-        if self.background not in BACKGROUNDS or self.background == "generated":
+        if self.background not in BACKGROUNDS or self.background in ("generated", "prompt-color"):
             raise ValueError(f"UserImages background must be gray, white or noise, got {self.background!r}")
         BUILDER.param("threshold").check(self.threshold, "UserImages")
         BUILDER.param("fit").check(self.fit, "UserImages")

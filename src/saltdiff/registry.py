@@ -334,7 +334,7 @@ INITIALIZERS.register(
 )
 INITIALIZERS.register(Entry("random", "saltdiff.init:RandomInit", "z_T ~ N(0, I): the usual baseline"))
 
-REFERENCE_BACKGROUNDS = ("generated", "gray", "white", "noise")
+REFERENCE_BACKGROUNDS = ("generated", "prompt-color", "gray", "white", "noise")
 REFERENCE_BUILDERS = Registry("reference builder")
 REFERENCE_BUILDERS.register(
     Entry(
@@ -345,7 +345,8 @@ REFERENCE_BUILDERS.register(
             Param(
                 "background",
                 "white",
-                "reference background: generated, gray, white or noise",
+                "reference background: generated (a scene of the prompt without the boxed phrases), "
+                "prompt-color (that scene's median colour, flat), gray, white or noise",
                 choices=REFERENCE_BACKGROUNDS,
             ),
             Param(
