@@ -3,6 +3,7 @@
 import csv
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -16,7 +17,8 @@ from saltdiff.eval.suites import coco_suite, jsonl_suite, load_suite, shapes_sui
 
 LAYOUTS = [
     {
-        "prompt": "a red circle and a blue square",
+        "prompt": "a red circle and a blue square on a gray background",
+        "background": "gray",
         "boxes": [
             {"phrase": "red circle", "box": [0.05, 0.3, 0.45, 0.7]},
             {"phrase": "blue square", "box": [0.55, 0.3, 0.95, 0.7]},
@@ -96,10 +98,26 @@ def test_shapes_suite_is_deterministic_with_unboxed_objects():
     assert all(u in lay.prompt for lay in suite for u in lay.unboxed)
 
 
+def test_shapes_suite_names_backgrounds_and_unboxed_objects():
+    """About 60 % of the prompts name the background, at least 25 % an object without a box."""
+    suite = shapes_suite(200)
+    named = [lay for lay in suite if lay.background is not None]
+    assert 0.5 <= len(named) / len(suite) <= 0.7  # 111 of 200
+    assert sum(bool(lay.unboxed) for lay in suite) >= 0.25 * len(suite)
+    for lay in suite:
+        scene_bg = lay.meta["scene_background"]
+        if lay.background is None:
+            assert not re.search(rf"\b{scene_bg}\b", lay.prompt), lay
+        else:
+            assert lay.background == scene_bg and re.search(rf"\b{scene_bg}\b", lay.prompt), lay
+
+
 def test_jsonl_suite_and_errors(tmp_path, layouts_file):
     suite = jsonl_suite(layouts_file)
     assert [lay.id for lay in suite] == ["line-0", "tri"]
     assert suite[1].mentioned == ["green triangle", "yellow circle"]
+    assert suite[0].background == "gray" and suite[1].background is None
+    assert suite[0].to_dict()["background"] == "gray" and "background" not in suite[1].to_dict()
     assert len(load_suite(layouts_file, 1)) == 1
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "a dog", "boxes": [{"phrase": "dog", "box": [0.5, 0.5, 0.2, 0.9]}]}\n')
@@ -110,6 +128,9 @@ def test_jsonl_suite_and_errors(tmp_path, layouts_file):
         jsonl_suite(bad)
     bad.write_text('{"prompt": "a dog", "boxs": []}\n')
     with pytest.raises(ValueError, match="unknown key"):
+        jsonl_suite(bad)
+    bad.write_text('{"prompt": "a dog", "boxes": [], "background": 3}\n')
+    with pytest.raises(ValueError, match="'background' must be"):
         jsonl_suite(bad)
     with pytest.raises(ValueError, match="not found"):
         load_suite(str(tmp_path / "missing.jsonl"))
@@ -236,14 +257,27 @@ def test_bench_outputs_match_schema(clean_run):
         assert m["peak_mem_mb"] == max(r["peak_mem_mb"] for r in records)
         assert set(m["by_objects"]) == {"1", "2"}
         assert (m["ref_iou"] is None) == (name != "salt")
+        # One layout names a background: the accuracy is that image's verdict; no seed pairs with one seed.
+        assert m["background_accuracy"] == float(records[0]["background_ok"])
+        assert m["prompt_accuracy"] == sum(r["prompt_ok"] for r in records) / 2
+        assert m["seed_diversity"] is None and m["seed_diversity_image"] is None
+        assert m["identical_seed_pairs"] is None and m["seed_pairs"] == 0
+        assert records[0]["background_named"] == "gray" and records[1]["background_named"] is None
+        for r in records:
+            assert r["background_found"] in ("white", "light gray", "gray", "dark gray", "beige")
+            assert isinstance(r["prompt_ok"], bool)
+        assert records[1]["background_ok"] is None
+        assert isinstance(records[0]["background_ok"], bool)
     with open(clean_run / "results.csv") as fh:
         rows = list(csv.DictReader(fh))
     assert len(rows) == 2 * 3
+    assert {"background_ok", "prompt_ok"} <= set(rows[0])
     assert {(r["method"], r["layout_id"]) for r in rows} == {
         (m, i) for m in METHODS.split(",") for i in ("line-0", "tri")
     }
     report = (clean_run / "report.md").read_text()
     assert "| salt |" in report and "plots/losses.png" in report
+    assert "| bg acc. | prompt acc. | seed div. |" in report and "no pairs to compare" in report
     for f in (
         "plots/metrics_by_method.png",
         "plots/by_object_count.png",
@@ -258,6 +292,35 @@ def test_bench_outputs_match_schema(clean_run):
         and record["unboxed"] == ["yellow circle"]
         and len(record["layout_losses"]) == 2
     )
+
+
+def test_two_seeds_give_seed_diversity(tiny_pipe_dir, layouts_file, tmp_path):
+    """Seed diversity and identical pairs from the saved images, per method and per object count."""
+    import numpy as np
+    from PIL import Image
+
+    from saltdiff.eval.fidelity import pair_stats
+
+    out = tmp_path / "seeds"
+    args = bench_args(layouts_file, tiny_pipe_dir, out, methods="sd,salt", seeds="2")
+    assert main([*args, "--n", "1"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    boxes = [b["box"] for b in LAYOUTS[0]["boxes"]]
+    for name, m in metrics["methods"].items():
+        images = [
+            np.asarray(Image.open(out / "images" / name / f"line-0_s{s}.png").convert("RGB")) for s in (0, 1)
+        ]
+        expected = pair_stats(*images, boxes)
+        assert m["seed_pairs"] == 1 and m["by_objects"]["2"]["seed_pairs"] == 1
+        assert m["seed_diversity"] == pytest.approx(expected["outside"])
+        assert m["seed_diversity_image"] == pytest.approx(expected["image"])
+        assert m["identical_seed_pairs"] == int(expected["identical"])
+        assert m["by_objects"]["2"]["seed_diversity"] == m["seed_diversity"]
+    # Random initial noise: the two seeds of plain SD give visibly different pictures.
+    assert metrics["methods"]["sd"]["identical_seed_pairs"] == 0
+    assert metrics["methods"]["sd"]["seed_diversity"] > 0.1
+    report = (out / "report.md").read_text()
+    assert "## Seed diversity" in report and "| identical pairs |" in report
 
 
 def test_rerun_skips_finished_records(clean_run, tiny_pipe_dir, layouts_file):
@@ -289,6 +352,11 @@ def test_bench_user_errors(tiny_pipe_dir, tmp_path, capsys, layouts_file):
     bad.write_text('{"prompt": "a dog", "boxes": [{"phrase": "zebra", "box": [0, 0, 1, 1]}]}\n')
     assert main(bench_args(str(bad), tiny_pipe_dir, tmp_path / "o")) == 2
     assert "layout 'line-0'" in capsys.readouterr().err
+    bad.write_text(
+        '{"prompt": "a red circle", "background": "sky", "boxes": [{"phrase": "red circle", "box": [0, 0, 1, 1]}]}\n'
+    )
+    assert main(bench_args(str(bad), tiny_pipe_dir, tmp_path / "o")) == 2
+    assert "names background 'sky', which the shapes detector cannot classify" in capsys.readouterr().err
 
 
 def _env():

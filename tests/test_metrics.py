@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -152,3 +153,166 @@ def test_cuda_peak_memory_counts_an_allocation():
     block = torch.ones(64 * 2**20, dtype=torch.uint8, device="cuda")
     assert peak_memory_mb("cuda") - base == pytest.approx(64, abs=0.5)
     del block
+
+
+# -- whole-prompt fidelity and seed diversity -------------------------------------------------------------
+def _scene(background="white", style="plain", seed=0, objects=None):
+    from saltdiff.worlds.shapes import SceneObject, render_objects
+
+    if objects is None:
+        objects = [SceneObject("red", "circle", A), SceneObject("blue", "square", B)]
+    return render_objects(objects, background=background, background_style=style, seed=seed)
+
+
+def _layout(background=None, unboxed=()):
+    from saltdiff.eval.suites import EvalLayout
+
+    return EvalLayout(
+        "x",
+        "a red circle and a blue square",
+        (("red circle", A), ("blue square", B)),
+        tuple(unboxed),
+        background,
+    )
+
+
+def test_prompt_ok_needs_every_object_on_its_box_and_the_named_background():
+    from saltdiff.eval.fidelity import prompt_fields
+    from saltdiff.worlds.shapes import SceneObject
+
+    detector = ShapesDetector()
+    good = _scene("gray")
+    fields = prompt_fields(good, _layout("gray"), detector(good), shapes=True)
+    assert fields == {
+        "background_named": "gray",
+        "background_found": "gray",
+        "background_ok": True,
+        "prompt_ok": True,
+    }
+    # Unnamed background: nothing to get wrong, still reported.
+    fields = prompt_fields(good, _layout(None), detector(good), shapes=True)
+    assert fields["background_ok"] is None and fields["background_found"] == "gray" and fields["prompt_ok"]
+    # The named background is another one.
+    fields = prompt_fields(good, _layout("dark gray"), detector(good), shapes=True)
+    assert fields["background_ok"] is False and fields["prompt_ok"] is False
+    # One object off its box (IoU 1/3 < 0.5): not the whole prompt.
+    moved = _scene(
+        "gray", objects=[SceneObject("red", "circle", (0.3, 0.1, 0.7, 0.5)), SceneObject("blue", "square", B)]
+    )
+    assert prompt_fields(moved, _layout("gray"), detector(moved), shapes=True)["prompt_ok"] is False
+    # An unboxed object that is not drawn.
+    assert (
+        prompt_fields(good, _layout("gray", ["green triangle"]), detector(good), shapes=True)["prompt_ok"]
+        is False
+    )
+    # Other detectors: no background classifier, no whole-prompt verdict.
+    assert prompt_fields(good, _layout("gray"), detector(good), shapes=False) == {
+        "background_named": "gray",
+        "background_found": None,
+        "background_ok": None,
+        "prompt_ok": None,
+    }
+
+
+def test_boxes_matched_is_one_to_one():
+    from saltdiff.eval.fidelity import boxes_matched
+
+    one = [DetectedBox("red circle", A, 0.9)]
+    assert boxes_matched([("red circle", A), ("red circle", A)], one) == [True, False]
+    assert boxes_matched([("red circle", A)], [DetectedBox("red circle", (0.3, 0.1, 0.7, 0.5), 0.9)]) == [
+        False
+    ]
+    assert boxes_matched([("red circle", A)], [DetectedBox("blue circle", A, 0.9)]) == [False]
+
+
+def test_seed_diversity_separates_copies_noise_and_other_pictures():
+    from saltdiff.eval.fidelity import layout_pairs, pair_stats, summarize_seed_pairs
+    from saltdiff.worlds.shapes import SceneObject
+
+    boxes = [A, B]
+    img = _scene("white")
+    same = pair_stats(img, img.copy(), boxes)
+    assert same == {"outside": 0.0, "image": 0.0, "identical": True}
+    off_by_one = np.clip(img.astype(int) + 1, 0, 255).astype(np.uint8)
+    assert (
+        pair_stats(img, off_by_one, boxes)["identical"]
+        and pair_stats(img, off_by_one, boxes)["outside"] == 0.0
+    )
+    off_by_two = np.clip(img.astype(int) - 2, 0, 255).astype(np.uint8)
+    assert not pair_stats(img, off_by_two, boxes)["identical"]
+    # Another background, every background pair (the closest: light gray vs beige).
+    for a, b in [("white", "light gray"), ("light gray", "beige"), ("white", "beige"), ("gray", "dark gray")]:
+        assert pair_stats(_scene(a), _scene(b), boxes)["outside"] > 0.9, (a, b)
+        assert pair_stats(_scene(a, "gradient", 1), _scene(b, "texture", 2), boxes)["outside"] > 0.3, (a, b)
+    # Same background, another seed of its texture or gradient: not a different picture.
+    for bg in ("white", "beige", "gray"):
+        assert pair_stats(_scene(bg, "texture", 1), _scene(bg, "texture", 2), boxes)["outside"] < 0.05
+        assert pair_stats(_scene(bg, "gradient", 1), _scene(bg, "plain"), boxes)["outside"] < 0.1
+    # An object that moves inside its box changes the image but not the pixels outside every box.
+    inside = _scene(
+        objects=[SceneObject("red", "circle", (0.1, 0.1, 0.4, 0.4)), SceneObject("blue", "square", B)]
+    )
+    moved = pair_stats(img, inside, boxes)
+    assert moved["outside"] == 0.0 and moved["image"] > 0.01
+    # An extra object outside the boxes counts.
+    extra = _scene(
+        objects=[
+            SceneObject("red", "circle", A),
+            SceneObject("blue", "square", B),
+            SceneObject("green", "triangle", (0.1, 0.6, 0.45, 0.95)),
+        ]
+    )
+    assert pair_stats(img, extra, boxes)["outside"] > 0.05
+
+    pairs = layout_pairs([img, img.copy(), _scene("dark gray")], boxes)
+    assert len(pairs) == 3 and sum(p["identical"] for p in pairs) == 1
+    summary = summarize_seed_pairs(pairs)
+    assert summary["seed_pairs"] == 3 and summary["identical_seed_pairs"] == 1
+    assert summary["seed_diversity"] == pytest.approx(2 / 3, abs=0.01)
+    assert 0 < summary["seed_diversity_image"] < summary["seed_diversity"]  # the objects stay put
+    assert summarize_seed_pairs([]) == {
+        "seed_diversity": None,
+        "seed_diversity_image": None,
+        "identical_seed_pairs": None,
+        "seed_pairs": 0,
+    }
+    full = pair_stats(img, _scene("dark gray"), [(0.0, 0.0, 1.0, 1.0)])
+    assert full["outside"] is None and full["image"] > 0.5
+    with pytest.raises(ValueError, match="shapes"):
+        pair_stats(img, img[:32], boxes)
+
+
+def test_lab_conversion_known_values():
+    from saltdiff.eval.fidelity import srgb_to_lab
+
+    np.testing.assert_allclose(srgb_to_lab(np.array([255.0, 255.0, 255.0])), [100.0, 0.0, 0.0], atol=0.05)
+    np.testing.assert_allclose(srgb_to_lab(np.array([0.0, 0.0, 0.0])), [0.0, 0.0, 0.0], atol=1e-6)
+    np.testing.assert_allclose(srgb_to_lab(np.array([255.0, 0.0, 0.0])), [53.24, 80.09, 67.20], atol=0.1)
+
+
+def test_summarize_background_and_prompt_accuracy():
+    base = {
+        "box_ious": [1.0],
+        "width": 64,
+        "height": 64,
+        "boxes": [{"phrase": "red circle", "box": list(A)}],
+        "detections": [DetectedBox("red circle", A, 0.9).to_dict()],
+        "text_alignment_kind": "object_recall",
+        "text_found": 1,
+        "text_total": 1,
+        "ref_box_ious": None,
+        "seconds": 1.0,
+        "peak_mem_mb": 10.0,
+        "n_objects": 1,
+        "unboxed": [],
+    }
+    flags = [(True, True), (False, False), (None, True), (None, False)]
+    records = [{**base, "background_ok": b, "prompt_ok": p} for b, p in flags]
+    s = summarize(records)
+    assert s["background_accuracy"] == 0.5  # only the images whose prompt names a background
+    assert s["prompt_accuracy"] == 0.5
+    real = summarize(
+        [{**base, "background_ok": None, "prompt_ok": None}, base]
+    )  # other detector; old records
+    assert real["background_accuracy"] is None and real["prompt_accuracy"] is None
+    assert summarize([])["prompt_accuracy"] is None

@@ -162,8 +162,26 @@ def test_heldout_layouts():
             assert phrase in lay["prompt"]
             assert phrase not in {b["phrase"] for b in lay["boxes"]}
     assert all(not lay["unboxed"] for lay in heldout_layouts(20, extra_unboxed_fraction=0.0))
+    # background_named says whether the prompt names the scene's background; no prompt names another.
+    for lay in heldout_layouts(200):
+        names = [bg for bg in BACKGROUNDS if re.search(rf"\b{bg}\b", lay["prompt"])]
+        assert (lay["background"] in names) == lay["background_named"], lay
+        assert set(names) <= {lay["background"], "gray"}, lay  # "light gray" and "dark gray" contain "gray"
     with pytest.raises(ValueError, match="1.5"):
         heldout_layouts(3, extra_unboxed_fraction=1.5)
+
+
+def test_heldout_layouts_are_unchanged_by_the_background_flag():
+    """The benchmark's layouts are pinned: prompts, boxes, unboxed objects, backgrounds and seeds of
+    the first 200 (hash of the dicts as they were before ``background_named`` was added)."""
+    import hashlib
+    import json
+
+    layouts = heldout_layouts(200)
+    for lay in layouts:
+        del lay["background_named"]
+    digest = hashlib.sha256(json.dumps(layouts, sort_keys=True).encode()).hexdigest()
+    assert digest == "63b351a8975774947ff8e143dba597d893eb5747f8b4b2ec98d8a38b0b65a942"
 
 
 def test_render_batch_is_fast():

@@ -4,7 +4,8 @@ Layout of a run folder ``OUT``::
 
     config.json                    what was run (checked when a run is resumed)
     images/METHOD/ID_sSEED.png     every generated image (and ID_sSEED_ref.png, its reference)
-    records/METHOD/ID_sSEED.json   one record per image: detections, IoUs, text alignment, time, losses
+    records/METHOD/ID_sSEED.json   one record per image: detections, IoUs, text alignment, background
+                                   and whole-prompt fidelity (shapes world), time, losses
     metrics.json                   aggregated metrics (schema in :func:`aggregate`)
     results.csv                    one row per image × method
     report.md, plots/, grids/      the comparison table, plots and image grids
@@ -34,6 +35,7 @@ from typing import Any
 
 from .. import __version__
 from .detectors import DetectedBox, make_detector, resolve_detector_name
+from .fidelity import prompt_fields, seed_pairs, summarize_seed_pairs
 from .methods import MethodSpec, SharedSettings, build_request, describe
 from .metrics import (
     ClipScorer,
@@ -68,6 +70,12 @@ SCHEMA_KEYS = (
     "sec_per_image",
     "peak_mem_mb",
     "n_images",
+    "background_accuracy",
+    "prompt_accuracy",
+    "seed_diversity",
+    "seed_diversity_image",
+    "identical_seed_pairs",
+    "seed_pairs",
 )
 DEFAULT_CLIP_MODEL = "openai/clip-vit-large-patch14"
 
@@ -160,12 +168,21 @@ def _process_state(device: str | None = None):
 
 
 # -- the run --------------------------------------------------------------------------------------------
-def _check_layouts(pipe, layouts: Sequence[EvalLayout]) -> None:
+def _check_layouts(pipe, layouts: Sequence[EvalLayout], detector: str) -> None:
     for lay in layouts:
         try:
             lay.layout.resolve_tokens(pipe.tokenizer, lay.prompt)
         except ValueError as exc:
             raise ValueError(f"layout {lay.id!r} does not fit this model's tokenizer: {exc}") from exc
+    if detector == "shapes":
+        from ..worlds.shapes import BACKGROUNDS
+
+        for lay in layouts:
+            if lay.background is not None and lay.background not in BACKGROUNDS:
+                raise ValueError(
+                    f"layout {lay.id!r} names background {lay.background!r}, which the shapes detector "
+                    f"cannot classify; expected one of {BACKGROUNDS}"
+                )
 
 
 def _run_config(config: BenchConfig, detector: str, text_alignment: str, dtype: str, methods: dict) -> dict:
@@ -221,7 +238,8 @@ def evaluate_image(
     text_kind: str,
     clip: Callable | None = None,
 ) -> dict[str, Any]:
-    """Detections, per-box IoU and text alignment of one image (the metric part of a record)."""
+    """Detections, per-box IoU, text alignment, background and whole-prompt fidelity of one image
+    (the metric part of a record; the last two only with the shapes detector, see :mod:`.fidelity`)."""
     phrases = lay.mentioned
     dets = detector(image, phrases)
     ious = box_ious(list(lay.boxes), dets)
@@ -239,6 +257,7 @@ def evaluate_image(
         "text_found": found,
         "text_total": total,
         "unboxed_found": unboxed_found,
+        **prompt_fields(image, lay, dets, shapes=getattr(detector, "name", None) == "shapes"),
     }
 
 
@@ -345,7 +364,7 @@ def run_bench(config: BenchConfig, pipe=None) -> dict | None:
     device = str(pipe.device)
     dtype = str(pipe.unet.dtype).replace("torch.", "")
     pipe.set_progress_bar_config(disable=True)
-    _check_layouts(pipe, layouts)
+    _check_layouts(pipe, layouts, detector_name)
     run_config = _run_config(config, detector_name, text_kind, dtype, descriptions)
     if is_main:
         os.makedirs(out, exist_ok=True)
@@ -411,20 +430,30 @@ def run_bench(config: BenchConfig, pipe=None) -> dict | None:
 def aggregate(
     config: BenchConfig, layouts, methods: Sequence[MethodSpec], detector: str, text_kind: str
 ) -> dict:
-    """Write ``metrics.json`` and ``results.csv`` from the records; returns the metrics.
+    """Write ``metrics.json`` and ``results.csv`` from the records and images; returns the metrics.
 
     ``metrics.json``: ``{"suite", "model", "n_layouts", "seeds", "methods": {NAME: {"miou", "map50",
     "map50_95", "text_alignment", "ref_iou", "sec_per_image", "peak_mem_mb", "n_images",
-    "text_alignment_kind", "unboxed_recall", "final_layout_loss", "by_objects": {"1": {...}, ...}}},
-    "steps", "cfg", "detector", "text_alignment"}``.
+    "text_alignment_kind", "unboxed_recall", "background_accuracy", "prompt_accuracy",
+    "seed_diversity", "seed_diversity_image", "identical_seed_pairs", "seed_pairs",
+    "final_layout_loss", "by_objects": {"1": {...}, ...}}}, "steps", "cfg", "detector",
+    "text_alignment"}``. Seed diversity compares the saved images of every pair of seeds of a layout
+    (:mod:`.fidelity`); it is ``None`` with one seed.
     """
     out = config.out
     per_method: dict[str, Any] = {}
     rows = []
+    n_objects = {lay.id: lay.n_objects for lay in layouts}
     for method in methods:
         records = load_records(out, layouts, config.seeds, method.name)
+        pairs = seed_pairs(out, layouts, config.seeds, method.name)
         summary = summarize(records)
+        summary.update(summarize_seed_pairs([p for ps in pairs.values() for p in ps]))
         summary["by_objects"] = summarize_by_objects(records)
+        for count, group in summary["by_objects"].items():
+            group.update(
+                summarize_seed_pairs([p for i, ps in pairs.items() if str(n_objects[i]) == count for p in ps])
+            )
         per_method[method.name] = summary
         for r in records:
             rows.append(
@@ -438,6 +467,10 @@ def aggregate(
                     "box_ious": ";".join(f"{v:.4f}" for v in r["box_ious"]),
                     "text_alignment": r["text_alignment"],
                     "ref_iou": r["ref_iou"],
+                    "background_named": r.get("background_named"),
+                    "background_found": r.get("background_found"),
+                    "background_ok": r.get("background_ok"),
+                    "prompt_ok": r.get("prompt_ok"),
                     "seconds": r["seconds"],
                     "peak_mem_mb": r["peak_mem_mb"],
                     "image": r["image"],

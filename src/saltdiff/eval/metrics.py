@@ -9,6 +9,10 @@
   not) among the detections (pooled over objects); on real images, CLIP score
   (``100 * max(cos(image, text), 0)``) with a transformers CLIP model.
 * **Reference fidelity** (``ref_iou``): the same IoU, computed on the reference image itself.
+* **Background accuracy**: of the images whose prompt names a background, the share whose
+  background the classifier finds to be that one; **prompt accuracy**: the share of images where
+  everything the prompt asks for is right (per-image fields in :mod:`.fidelity`; shapes detector only,
+  else ``None``). Seed diversity is aggregated from the images by the bench (:mod:`.fidelity`).
 """
 
 from __future__ import annotations
@@ -165,6 +169,12 @@ def _mean(values: Sequence[float]) -> float | None:
     return float(np.mean(values)) if values else None
 
 
+def _share(flags: Sequence[bool | None]) -> float | None:
+    """Share of ``True`` among the flags that are not ``None`` (``None`` when all are)."""
+    known = [bool(f) for f in flags if f is not None]
+    return sum(known) / len(known) if known else None
+
+
 def _targets(record: dict) -> list[tuple[str, list[float]]]:
     return [(b["phrase"], b["box"]) for b in record["boxes"]]
 
@@ -181,6 +191,8 @@ def summarize(records: Sequence[dict]) -> dict:
             "sec_per_image": None,
             "peak_mem_mb": None,
             "n_images": 0,
+            "background_accuracy": None,
+            "prompt_accuracy": None,
         }
     ious = [v for r in records for v in r["box_ious"]]
     maps = coco_map(
@@ -216,6 +228,8 @@ def summarize(records: Sequence[dict]) -> dict:
         found = sum(r["unboxed_found"] for r in unboxed)
         total = sum(len(r["unboxed"]) for r in unboxed)
         out["unboxed_recall"] = found / total if total else None
+    out["background_accuracy"] = _share([r.get("background_ok") for r in records])
+    out["prompt_accuracy"] = _share([r.get("prompt_ok") for r in records])
     final = [r["layout_losses"][-1] for r in records if r.get("layout_losses")]
     out["final_layout_loss"] = _mean(final)
     return out

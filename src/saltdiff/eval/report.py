@@ -14,6 +14,9 @@ COLUMNS = (
     ("map50", "mAP@0.5", "{:.3f}"),
     ("map50_95", "mAP@[.5:.95]", "{:.3f}"),
     ("text_alignment", "text align.", "{:.3f}"),
+    ("background_accuracy", "bg acc.", "{:.3f}"),
+    ("prompt_accuracy", "prompt acc.", "{:.3f}"),
+    ("seed_diversity", "seed div.", "{:.3f}"),
     ("ref_iou", "ref IoU", "{:.3f}"),
     ("sec_per_image", "s / image", "{:.2f}"),
     ("peak_mem_mb", "peak MB", "{:.0f}"),
@@ -174,6 +177,31 @@ def image_grids(out: str, layouts, seeds, methods, rows_per_grid: int = 8, max_g
     return paths
 
 
+def _diversity_lines(per: dict[str, dict]) -> list[str]:
+    if not any(m.get("seed_pairs") for m in per.values()):
+        return [
+            "Seed diversity: one seed per layout, no pairs to compare (run with `--seeds 2` or more).",
+            "",
+        ]
+    rows = [
+        f"| {name} | {_fmt(m.get('seed_diversity'), '{:.3f}')} | {_fmt(m.get('seed_diversity_image'), '{:.3f}')} "
+        f"| {_fmt(m.get('identical_seed_pairs'), '{}')} | {m.get('seed_pairs', 0)} |"
+        for name, m in per.items()
+    ]
+    return [
+        "## Seed diversity",
+        "",
+        "Mean over every pair of seeds of a layout of the share of pixels whose colour differs visibly "
+        "(CIELAB ΔE*76 > 8) between the two images, outside every box (where the layout pins nothing) "
+        "and over the whole image; identical pairs differ by at most 1/255 everywhere.",
+        "",
+        "| method | outside boxes | whole image | identical pairs | pairs |",
+        "|---|---:|---:|---:|---:|",
+        *rows,
+        "",
+    ]
+
+
 def write_report(config, metrics: dict, layouts: Sequence, methods: Sequence, descriptions: dict) -> str:
     """Write ``report.md`` with its plots and grids; returns its path."""
     out = config.out
@@ -214,6 +242,18 @@ def write_report(config, metrics: dict, layouts: Sequence, methods: Sequence, de
             + ", ".join(f"{n} {v:.3f}" for n, v in unboxed.items()),
             "",
         ]
+    if any(m.get("prompt_accuracy") is not None for m in per.values()):
+        lines += [
+            "## Prompt accuracy by number of boxed objects",
+            "",
+            "Share of images where every boxed object is found with its colour and shape at IoU ≥ 0.5, "
+            "every unboxed object is found, and the background is the named one (bg acc.: over the "
+            "prompts that name a background).",
+            "",
+            by_objects_table(per, "prompt_accuracy"),
+            "",
+        ]
+    lines += _diversity_lines(per)
     lines += [
         "## Plots",
         "",

@@ -6,11 +6,16 @@ name                variants (x axis)
 spatial-awareness   *unguided* sampling from z_T* vs inversion steps (1, 2, 5, 10, 25, 50),
                     against random init: does the inverted latent alone carry the layout?
 inversion-steps     the same sweep with guidance (``--loss``, default salt) vs random init
-background          reference background: generated, gray, noise, white (guided)
+background          reference background: generated, prompt-color, gray, noise, white (guided)
 guidance-budget     guidance steps × iterations, random vs spatial-aware init (does the
                     better start need fewer?)
 reg-weight          SALT loss regularization weight (0, 0.25, 0.5, 1, 2)
 sde-inversion       DDIM (ODE, noise 0) vs SDE-style inversion (``inversion_noise_scale`` > 0)
+noise-outside       fresh noise outside the kept region of z_T* (0 … 1), against ``sd`` and the
+                    same loss from random noise: background, unboxed objects, seed diversity
+noise-inside        fresh noise inside the kept region (object variants per seed)
+feather             feathering of the kept region (latent cells)
+keep-region         z_T* kept in the whole boxes or only on the pasted objects' pixels
 =================== ======================================================================
 
 Every study writes the bench outputs (records, metrics.json, report.md) plus ``study.md`` and
@@ -107,7 +112,29 @@ def _sde(study, values, loss, iters):
     return out
 
 
+def _init_sweep(param: str, cast):
+    """Spatial-aware init with one initializer param swept, against plain sampling (``sd``) and the
+    same guidance from random noise: the fidelity studies (background, unboxed objects, seeds)."""
+
+    def variants(study, values, loss, iters):
+        out = [
+            Variant(MethodSpec("sd", "random", "none"), "random init, no guidance", None),
+            Variant(MethodSpec(f"random+{loss}", "random", loss), "random init", None),
+        ]
+        for v in values:
+            label = f"{v:g}" if isinstance(v, float) else str(v)
+            spec = MethodSpec(f"{param}={label}", "salt", loss, init_params={param: cast(v)})
+            out.append(Variant(spec, "spatial-aware init", cast(v)))
+        return out
+
+    return variants
+
+
 _VARIANTS = {
+    "noise-outside": _init_sweep("noise_outside", float),
+    "noise-inside": _init_sweep("noise_inside", float),
+    "feather": _init_sweep("feather", float),
+    "keep-region": _init_sweep("keep_region", str),
     "spatial-awareness": _spatial,
     "inversion-steps": _spatial,
     "background": _background,
@@ -139,7 +166,7 @@ STUDIES: dict[str, Study] = {
             "background",
             "reference background",
             "background",
-            ("generated", "gray", "noise", "white"),
+            ("generated", "prompt-color", "gray", "noise", "white"),
             str,
             "salt",
         ),
@@ -150,6 +177,38 @@ STUDIES: dict[str, Study] = {
             "reg_weight",
             (0.0, 0.25, 0.5, 1.0, 2.0),
             float,
+            "salt",
+        ),
+        Study(
+            "noise-outside",
+            "fresh noise outside the kept region of z_T* (seeds, background, unboxed objects)",
+            "noise_outside",
+            (0.0, 0.5, 0.8, 0.9, 1.0),
+            float,
+            "salt",
+        ),
+        Study(
+            "noise-inside",
+            "fresh noise inside the kept region of z_T* (object variants per seed)",
+            "noise_inside",
+            (0.0, 0.1, 0.2, 0.4),
+            float,
+            "salt",
+        ),
+        Study(
+            "feather",
+            "feathering of the kept region, latent cells",
+            "feather",
+            (0.0, 0.5, 1.0, 2.0),
+            float,
+            "salt",
+        ),
+        Study(
+            "keep-region",
+            "z_T* kept in the boxes or only on the pasted objects",
+            "keep_region",
+            ("boxes", "objects"),
+            str,
             "salt",
         ),
         Study(
@@ -255,8 +314,9 @@ def write_study_report(
         f"Suite {metrics['suite']}, model {metrics['model']}, {metrics['n_layouts']} layouts × seeds "
         f"{metrics['seeds']}, {metrics['steps']} steps, CFG {metrics['cfg']}, guidance loss `{loss}`.",
         "",
-        f"| variant | series | {study.x_label} | mIoU | mAP@0.5 | mAP@[.5:.95] | text | ref IoU | s / image |",
-        "|---|---|---|---:|---:|---:|---:|---:|---:|",
+        f"| variant | series | {study.x_label} | mIoU | mAP@0.5 | mAP@[.5:.95] | text | unboxed | bg acc. | "
+        "prompt acc. | seed div. | ref IoU | s / image |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
 
     def f(value, pat="{:.3f}"):
@@ -266,8 +326,9 @@ def write_study_report(
         m = per[v.spec.name]
         lines.append(
             f"| {v.spec.name} | {v.series} | {'baseline' if v.x is None else v.x} | {f(m['miou'])} | "
-            f"{f(m['map50'])} | {f(m['map50_95'])} | {f(m['text_alignment'])} | {f(m['ref_iou'])} | "
-            f"{f(m['sec_per_image'], '{:.2f}')} |"
+            f"{f(m['map50'])} | {f(m['map50_95'])} | {f(m['text_alignment'])} | {f(m.get('unboxed_recall'))} | "
+            f"{f(m.get('background_accuracy'))} | {f(m.get('prompt_accuracy'))} | {f(m.get('seed_diversity'))} | "
+            f"{f(m['ref_iou'])} | {f(m['sec_per_image'], '{:.2f}')} |"
         )
     lines += ["", "![study](study.png)", "", "Full bench report: [report.md](report.md).", ""]
     path = os.path.join(config.out, "study.md")

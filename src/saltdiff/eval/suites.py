@@ -3,10 +3,15 @@
 Three sources, all deterministic:
 
 * ``shapes``: held-out layouts of the synthetic shapes world (:func:`saltdiff.worlds.shapes.heldout_layouts`):
-  1–3 boxed objects; a quarter of the prompts also name an unboxed object (text alignment).
+  1–3 boxed objects; a quarter of the prompts also name an unboxed object (text alignment), and
+  about 60 % name the background (``EvalLayout.background``; ``None`` when the prompt does not name
+  it, the scene's own background is then kept in ``meta["scene_background"]``).
 * a **JSONL file**: one layout per line, ``{"prompt": str, "boxes": [{"phrase": str, "box": [x0, y0, x1, y1]}]}``
-  with normalized coordinates (origin top-left), plus optional ``"id"`` (default: ``line-N``, 0-based)
-  and ``"unboxed": [phrases]`` (other objects the prompt mentions, counted by text alignment).
+  with normalized coordinates (origin top-left), plus optional ``"id"`` (default: ``line-N``, 0-based),
+  ``"unboxed": [phrases]`` (other objects the prompt mentions, counted by text alignment),
+  ``"background": str`` (the background the prompt names, scored by ``background_accuracy``; with
+  the shapes detector it must be a shapes-world background such as ``"dark gray"``; ``null`` or
+  absent: none named) and ``"seed"`` (kept in ``meta``).
   Blank lines and lines starting with ``#`` are skipped; the first ``n`` layouts are used.
 * ``coco``: COCO-format ``instances_*.json`` and ``captions_*.json`` files the user supplies
   (:func:`coco_suite`, selection rules in its docstring).
@@ -18,7 +23,7 @@ import json
 import os
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from ..layout import Layout
@@ -29,12 +34,14 @@ DEFAULT_N = 200
 
 @dataclass(frozen=True)
 class EvalLayout:
-    """One evaluation item: ``boxes`` are ``(phrase, (x0, y0, x1, y1))`` pairs; ``unboxed`` are other mentioned phrases."""
+    """One evaluation item: ``boxes`` are ``(phrase, (x0, y0, x1, y1))`` pairs; ``unboxed`` are other
+    mentioned phrases; ``background`` is the background the prompt names (``None``: none named)."""
 
     id: str
     prompt: str
     boxes: tuple[tuple[str, tuple[float, float, float, float]], ...]
     unboxed: tuple[str, ...] = ()
+    background: str | None = None
     meta: dict[str, Any] = field(default_factory=dict, compare=False)
 
     @property
@@ -51,12 +58,16 @@ class EvalLayout:
         return [p for p, _ in self.boxes] + list(self.unboxed)
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        """The layout as a JSONL line (``background`` only when the prompt names one)."""
+        out: dict[str, Any] = {
             "id": self.id,
             "prompt": self.prompt,
             "boxes": [{"phrase": p, "box": list(b)} for p, b in self.boxes],
             "unboxed": list(self.unboxed),
         }
+        if self.background is not None:
+            out["background"] = self.background
+        return out
 
 
 def _from_dict(data: dict, default_id: str, where: str) -> EvalLayout:
@@ -64,7 +75,9 @@ def _from_dict(data: dict, default_id: str, where: str) -> EvalLayout:
         raise ValueError(f"{where}: expected a JSON object, got {type(data).__name__}")
     unknown = set(data) - {"id", "prompt", "boxes", "unboxed", "background", "seed"}
     if unknown:
-        raise ValueError(f"{where}: unknown key(s) {sorted(unknown)}; expected prompt, boxes, id, unboxed")
+        raise ValueError(
+            f"{where}: unknown key(s) {sorted(unknown)}; expected prompt, boxes, id, unboxed, background, seed"
+        )
     prompt = data.get("prompt")
     if not isinstance(prompt, str) or not prompt.strip():
         raise ValueError(f"{where}: 'prompt' must be a non-empty string, got {prompt!r}")
@@ -75,6 +88,9 @@ def _from_dict(data: dict, default_id: str, where: str) -> EvalLayout:
     unboxed = data.get("unboxed", [])
     if not isinstance(unboxed, list) or not all(isinstance(u, str) for u in unboxed):
         raise ValueError(f"{where}: 'unboxed' must be a list of phrases, got {unboxed!r}")
+    background = data.get("background")
+    if background is not None and (not isinstance(background, str) or not background.strip()):
+        raise ValueError(f"{where}: 'background' must be a non-empty string or null, got {background!r}")
     layout_id = str(data.get("id", default_id))
     if not re.fullmatch(r"[A-Za-z0-9_.\-]+", layout_id):
         raise ValueError(f"{where}: id {layout_id!r} may only use letters, digits, '_', '-' and '.'")
@@ -83,15 +99,29 @@ def _from_dict(data: dict, default_id: str, where: str) -> EvalLayout:
         prompt=prompt,
         boxes=tuple((b.phrase, tuple(b.box)) for b in layout),
         unboxed=tuple(unboxed),
-        meta={k: data[k] for k in ("background", "seed") if k in data},
+        background=background.strip() if background is not None else None,
+        meta={k: data[k] for k in ("seed",) if k in data},
     )
 
 
 def shapes_suite(n: int = DEFAULT_N) -> list[EvalLayout]:
-    """The first ``n`` held-out layouts of the shapes world (ids ``shapes-0000`` …)."""
+    """The first ``n`` held-out layouts of the shapes world (ids ``shapes-0000`` …).
+
+    ``background`` is the scene's background when the prompt names it, else ``None``;
+    ``meta["scene_background"]`` is the scene's background either way.
+    """
     from ..worlds.shapes import heldout_layouts
 
-    return [_from_dict(d, f"shapes-{i:04d}", f"shapes layout {i}") for i, d in enumerate(heldout_layouts(n))]
+    layouts = []
+    for i, d in enumerate(heldout_layouts(n)):
+        named = d["background"] if d["background_named"] else None
+        lay = _from_dict(
+            {**{k: d[k] for k in ("prompt", "boxes", "unboxed", "seed")}, "background": named},
+            f"shapes-{i:04d}",
+            f"shapes layout {i}",
+        )
+        layouts.append(replace(lay, meta={**lay.meta, "scene_background": d["background"]}))
+    return layouts
 
 
 def jsonl_suite(path: str | os.PathLike, n: int | None = None) -> list[EvalLayout]:

@@ -1,4 +1,5 @@
-"""Synthetic worlds with exact ground truth: scenes, captions and detectors."""
+"""Synthetic worlds with exact ground truth: scenes, captions, detectors (``detector``) and a
+background classifier (``background``)."""
 
 from .shapes import (
     BACKGROUND_STYLES,

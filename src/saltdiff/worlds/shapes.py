@@ -11,6 +11,7 @@ scenes lie on the 64-pixel grid (multiples of 1/64) and are tight: the shape tou
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -377,7 +378,9 @@ def render_single_object(color: str, shape: str, size: int = 64, background: str
 def heldout_layouts(n: int, *, extra_unboxed_fraction: float = 0.25) -> list[dict]:
     """``n`` deterministic evaluation layouts from :data:`HELDOUT_SEEDS` (never used in training).
 
-    Each is ``{"prompt", "boxes": [{"phrase", "box"}], "unboxed": [phrases], "background", "seed"}``.
+    Each is ``{"prompt", "boxes": [{"phrase", "box"}], "unboxed": [phrases], "background",
+    "background_named", "seed"}``: ``background`` is the scene's background whether or not the prompt
+    names it, ``background_named`` whether it does (with probability :data:`P_MENTION_BACKGROUND`).
     In an evenly spread ``extra_unboxed_fraction`` of them (layout ``i`` has one when
     ``floor((i + 1) * f) > floor(i * f)``), the scene has at most two objects and the prompt also
     names a third, different object that has no box, to measure text alignment outside the layout.
@@ -394,6 +397,9 @@ def heldout_layouts(n: int, *, extra_unboxed_fraction: float = 0.25) -> list[dic
         scene = sample_scene(seed, max_objects=2 if extra else 3)
         unboxed: list[str] = []
         prompt = scene.caption
+        # Object phrases and background-free templates hold no background word: the caption names
+        # the background exactly when the background's name appears in it.
+        named = re.search(rf"\b{scene.background}\b", scene.caption) is not None
         if extra:
             rng = np.random.default_rng([seed, 11])
             used = {(o.color, o.shape) for o in scene.objects}
@@ -404,12 +410,14 @@ def heldout_layouts(n: int, *, extra_unboxed_fraction: float = 0.25) -> list[dic
             order = rng.permutation(len(mentioned))
             bg = scene.background if rng.random() < P_MENTION_BACKGROUND else None
             prompt = caption_for([mentioned[j] for j in order], bg, int(rng.integers(NUM_TEMPLATES)))
+            named = bg is not None
         layouts.append(
             {
                 "prompt": prompt,
                 "boxes": [{"phrase": o.phrase, "box": [float(v) for v in o.box]} for o in scene.objects],
                 "unboxed": unboxed,
                 "background": scene.background,
+                "background_named": named,
                 "seed": int(seed),
             }
         )
