@@ -320,7 +320,23 @@ INITIALIZERS.register(
                 maximum=1,
             ),
             Param(
-                "feather", 0.0, "feather the boxes by this many latent cells when blending noise", minimum=0
+                "noise_inside",
+                0.0,
+                "blend this much fresh noise into z_T inside the kept region (0 = off)",
+                minimum=0,
+                maximum=1,
+            ),
+            Param(
+                "keep_region",
+                "boxes",
+                "where z_T* is kept: the boxes, or only the pasted objects' pixels",
+                choices=("boxes", "objects"),
+            ),
+            Param(
+                "feather",
+                0.0,
+                "feather the kept region by this many latent cells when blending noise",
+                minimum=0,
             ),
             Param(
                 "inversion_noise_scale",
