@@ -27,7 +27,8 @@ def _add_run_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--suite",
         default="shapes",
-        help="shapes (held-out shapes-world layouts), coco (with --coco-annotations/--coco-captions), "
+        help="shapes (held-out shapes-world layouts), shapes-hard (3-4 small, partly overlapping boxes, "
+        "background always named), coco (with --coco-annotations/--coco-captions), "
         "or a .jsonl file with one {'prompt', 'boxes': [{'phrase', 'box': [x0,y0,x1,y1]}]} per line",
     )
     parser.add_argument("--n", type=int, default=None, help="number of layouts (default: 200; JSONL: all)")

@@ -28,6 +28,8 @@ DETECTOR_NAMES = ("auto", "shapes", "owlv2", "grounding-dino", "yolo")
 OWLV2_DEFAULT = "google/owlv2-base-patch16-ensemble"
 GROUNDING_DINO_DEFAULT = "IDEA-Research/grounding-dino-tiny"
 YOLO_DEFAULT = "yolov8x.pt"
+#: Suites of the shapes world, scored with the exact shapes detector under ``auto``.
+SHAPES_WORLD_SUITES = ("shapes", "shapes-hard")
 
 
 @dataclass(frozen=True)
@@ -196,10 +198,11 @@ class YoloDetector:
 
 
 def resolve_detector_name(name: str, *, suite: str, model: str) -> str:
-    """``auto`` → ``shapes`` for the shapes suite or the built-in shapes model, else ``owlv2``."""
+    """``auto`` → ``shapes`` for the shapes suites (``shapes``, ``shapes-hard``) or the built-in shapes
+    model, else ``owlv2``."""
     if name != "auto":
         return name
-    if suite == "shapes" or str(model).startswith("builtin:shapes"):
+    if suite in SHAPES_WORLD_SUITES or str(model).startswith("builtin:shapes"):
         return "shapes"
     return "owlv2"
 

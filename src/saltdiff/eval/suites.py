@@ -1,11 +1,15 @@
 """Evaluation suites: lists of layouts (a prompt and boxed phrases) to generate and score.
 
-Three sources, all deterministic:
+Four sources, all deterministic:
 
 * ``shapes``: held-out layouts of the synthetic shapes world (:func:`saltdiff.worlds.shapes.heldout_layouts`):
   1–3 boxed objects; a quarter of the prompts also name an unboxed object (text alignment), and
   about 60 % name the background (``EvalLayout.background``; ``None`` when the prompt does not name
   it, the scene's own background is then kept in ``meta["scene_background"]``).
+* ``shapes-hard``: harder held-out layouts of the same world, from their own seeds
+  (:func:`saltdiff.worlds.shapes.heldout_hard_layouts`): 3–4 boxed objects, box sides 0.12–0.3 of
+  the image, partly overlapping boxes (pairwise IoU up to 0.3; about nine layouts in ten have an
+  overlapping pair), no unboxed object, and every prompt names the background.
 * a **JSONL file**: one layout per line, ``{"prompt": str, "boxes": [{"phrase": str, "box": [x0, y0, x1, y1]}]}``
   with normalized coordinates (origin top-left), plus optional ``"id"`` (default: ``line-N``, 0-based),
   ``"unboxed": [phrases]`` (other objects the prompt mentions, counted by text alignment),
@@ -28,7 +32,7 @@ from typing import Any
 
 from ..layout import Layout
 
-SUITE_NAMES = ("shapes", "coco")
+SUITE_NAMES = ("shapes", "shapes-hard", "coco")
 DEFAULT_N = 200
 
 
@@ -104,6 +108,20 @@ def _from_dict(data: dict, default_id: str, where: str) -> EvalLayout:
     )
 
 
+def _world_suite(dicts: Sequence[dict], prefix: str) -> list[EvalLayout]:
+    """Shapes-world layout dicts (:func:`saltdiff.worlds.shapes.heldout_layouts`) → ids ``PREFIX-0000`` …"""
+    layouts = []
+    for i, d in enumerate(dicts):
+        named = d["background"] if d["background_named"] else None
+        lay = _from_dict(
+            {**{k: d[k] for k in ("prompt", "boxes", "unboxed", "seed")}, "background": named},
+            f"{prefix}-{i:04d}",
+            f"{prefix} layout {i}",
+        )
+        layouts.append(replace(lay, meta={**lay.meta, "scene_background": d["background"]}))
+    return layouts
+
+
 def shapes_suite(n: int = DEFAULT_N) -> list[EvalLayout]:
     """The first ``n`` held-out layouts of the shapes world (ids ``shapes-0000`` …).
 
@@ -112,16 +130,18 @@ def shapes_suite(n: int = DEFAULT_N) -> list[EvalLayout]:
     """
     from ..worlds.shapes import heldout_layouts
 
-    layouts = []
-    for i, d in enumerate(heldout_layouts(n)):
-        named = d["background"] if d["background_named"] else None
-        lay = _from_dict(
-            {**{k: d[k] for k in ("prompt", "boxes", "unboxed", "seed")}, "background": named},
-            f"shapes-{i:04d}",
-            f"shapes layout {i}",
-        )
-        layouts.append(replace(lay, meta={**lay.meta, "scene_background": d["background"]}))
-    return layouts
+    return _world_suite(heldout_layouts(n), "shapes")
+
+
+def shapes_hard_suite(n: int = DEFAULT_N) -> list[EvalLayout]:
+    """The first ``n`` harder held-out layouts of the shapes world (ids ``hard-0000`` …).
+
+    3–4 small, partly overlapping boxes; ``background`` is always the named scene background (also
+    in ``meta["scene_background"]``).
+    """
+    from ..worlds.shapes import heldout_hard_layouts
+
+    return _world_suite(heldout_hard_layouts(n), "hard")
 
 
 def jsonl_suite(path: str | os.PathLike, n: int | None = None) -> list[EvalLayout]:
@@ -260,9 +280,11 @@ def load_suite(
     coco_captions: str | None = None,
     coco_min_area: float = 0.02,
 ) -> list[EvalLayout]:
-    """``shapes``, ``coco`` or a path to a ``.jsonl`` file → its first ``n`` layouts."""
+    """``shapes``, ``shapes-hard``, ``coco`` or a path to a ``.jsonl`` file → its first ``n`` layouts."""
     if suite == "shapes":
         return shapes_suite(DEFAULT_N if n is None else n)
+    if suite == "shapes-hard":
+        return shapes_hard_suite(DEFAULT_N if n is None else n)
     if suite == "coco":
         return coco_suite(
             coco_annotations, coco_captions, DEFAULT_N if n is None else n, min_area=coco_min_area

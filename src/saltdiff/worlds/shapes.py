@@ -21,6 +21,7 @@ __all__ = [
     "BACKGROUNDS",
     "BACKGROUND_STYLES",
     "COLORS",
+    "HARD_HELDOUT_SEEDS",
     "HELDOUT_SEEDS",
     "NUM_TEMPLATES",
     "SHAPES",
@@ -29,6 +30,7 @@ __all__ = [
     "Scene",
     "SceneObject",
     "caption_for",
+    "heldout_hard_layouts",
     "heldout_layouts",
     "render",
     "render_batch",
@@ -64,6 +66,8 @@ BACKGROUND_STYLES: tuple[str, ...] = ("plain", "gradient", "texture")
 TRAIN_SEEDS = range(0, 1_000_000)
 VAL_SEEDS = range(1_000_000, 1_100_000)
 HELDOUT_SEEDS = range(2_000_000, 2_100_000)
+#: Seeds of the harder held-out layouts (:func:`heldout_hard_layouts`), disjoint from the ranges above.
+HARD_HELDOUT_SEEDS = range(2_100_000, 2_200_000)
 
 #: Grid on which sampled boxes are snapped (pixels of a 64x64 image).
 GRID = 64
@@ -418,6 +422,118 @@ def heldout_layouts(n: int, *, extra_unboxed_fraction: float = 0.25) -> list[dic
                 "unboxed": unboxed,
                 "background": scene.background,
                 "background_named": named,
+                "seed": int(seed),
+            }
+        )
+    return layouts
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Harder held-out layouts: small, partly overlapping boxes
+
+#: Box side of hard layouts in grid pixels: 8/64 = 0.125 to 19/64 = 0.297 of the image.
+HARD_MIN_SIDE_PX = 8
+HARD_MAX_SIDE_PX = 19
+#: Largest IoU of two boxes, and largest share of either box's area that may lie inside the other
+#: (partial overlap, never one box nested in another).
+HARD_MAX_IOU = 0.3
+HARD_MAX_COVERED = 0.5
+#: Smallest IoU of a pair placed to overlap on purpose.
+HARD_MIN_OVERLAP_IOU = 0.05
+#: Probability that the second object overlaps the first, and that each later one overlaps an earlier one.
+P_HARD_OVERLAP_FIRST = 0.8
+P_HARD_OVERLAP_LATER = 0.4
+
+
+def _int_overlap(a: tuple[int, int, int, int], b: tuple[int, int, int, int]) -> tuple[float, float]:
+    """``(IoU, intersection / smaller area)`` of two integer boxes."""
+    ix = max(0, min(a[2], b[2]) - max(a[0], b[0]))
+    iy = max(0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = ix * iy
+    area_a, area_b = (a[2] - a[0]) * (a[3] - a[1]), (b[2] - b[0]) * (b[3] - b[1])
+    return inter / (area_a + area_b - inter), inter / min(area_a, area_b)
+
+
+def _place_hard_boxes(
+    rng: np.random.Generator, kinds: Sequence[tuple[str, str]]
+) -> list[tuple[int, int, int, int]]:
+    """Integer boxes on the 64-pixel grid for :func:`heldout_hard_layouts`, one per ``(color, shape)``.
+
+    Each object after the first overlaps a random earlier one on purpose (IoU at least
+    :data:`HARD_MIN_OVERLAP_IOU`) with probability :data:`P_HARD_OVERLAP_FIRST` (the second) or
+    :data:`P_HARD_OVERLAP_LATER` (later ones), else lies anywhere. Every pair keeps IoU at most
+    :data:`HARD_MAX_IOU` and at most :data:`HARD_MAX_COVERED` of either box inside the other; two
+    objects of the same color stay ``GAP_PX`` apart (touching, they would merge into one blob).
+    """
+    lo, hi = HARD_MIN_SIDE_PX, HARD_MAX_SIDE_PX
+    while True:
+        placed: list[tuple[int, int, int, int]] = []
+        for k, (color, shape) in enumerate(kinds):
+            p_overlap = P_HARD_OVERLAP_FIRST if k == 1 else P_HARD_OVERLAP_LATER
+            anchor = int(rng.integers(k)) if k > 0 and rng.random() < p_overlap else None
+            for _ in range(100):
+                w = int(rng.integers(lo, hi + 1))
+                h = int(np.clip(round(w * rng.uniform(0.85, 1.15)), lo, hi)) if shape == "triangle" else w
+                x_lo, x_hi = BORDER_PX, GRID - BORDER_PX - w
+                y_lo, y_hi = BORDER_PX, GRID - BORDER_PX - h
+                if anchor is not None:  # the new box shares at least one grid pixel with the anchor
+                    a = placed[anchor]
+                    x_lo, x_hi = max(x_lo, a[0] - w + 1), min(x_hi, a[2] - 1)
+                    y_lo, y_hi = max(y_lo, a[1] - h + 1), min(y_hi, a[3] - 1)
+                    if x_lo > x_hi or y_lo > y_hi:
+                        continue
+                x0, y0 = int(rng.integers(x_lo, x_hi + 1)), int(rng.integers(y_lo, y_hi + 1))
+                box = (x0, y0, x0 + w, y0 + h)
+                ok = anchor is None or _int_overlap(box, placed[anchor])[0] >= HARD_MIN_OVERLAP_IOU
+                for j, other in enumerate(placed):
+                    if not ok:
+                        break
+                    if kinds[j][0] == color:
+                        ok = _separated(box, other, GAP_PX)
+                    else:
+                        iou, covered = _int_overlap(box, other)
+                        ok = iou <= HARD_MAX_IOU and covered <= HARD_MAX_COVERED
+                if ok:
+                    placed.append(box)
+                    break
+            else:
+                break
+        if len(placed) == len(kinds):
+            return placed
+
+
+def heldout_hard_layouts(n: int) -> list[dict]:
+    """``n`` deterministic harder evaluation layouts from :data:`HARD_HELDOUT_SEEDS` (never used in training).
+
+    Same dicts as :func:`heldout_layouts`. Layout ``i`` is drawn from
+    ``numpy.random.default_rng(HARD_HELDOUT_SEEDS[i])``: 3 or 4 boxed objects with distinct
+    ``(color, shape)`` phrases, box sides 0.125 to 0.297 of the image (the 64-pixel grid's
+    :data:`HARD_MIN_SIDE_PX` to :data:`HARD_MAX_SIDE_PX`), partly overlapping boxes (see
+    :func:`_place_hard_boxes`: pairwise IoU at most 0.3, about nine layouts in ten with at least one
+    overlapping pair), no unboxed object, and a prompt that always names the background.
+    Later boxes are meant to be drawn over earlier ones (:func:`render_objects` order).
+    """
+    if not isinstance(n, (int, np.integer)) or n < 0 or n > len(HARD_HELDOUT_SEEDS):
+        raise ValueError(f"n must be an integer in [0, {len(HARD_HELDOUT_SEEDS)}], got {n!r}")
+    pairs = [(c, s) for c in COLORS for s in SHAPES]
+    layouts = []
+    for i in range(n):
+        seed = HARD_HELDOUT_SEEDS[i]
+        rng = np.random.default_rng(seed)
+        count = int(rng.integers(3, 5))
+        kinds = [pairs[j] for j in rng.choice(len(pairs), size=count, replace=False)]
+        boxes = _place_hard_boxes(rng, kinds)
+        background = BACKGROUNDS[int(rng.integers(len(BACKGROUNDS)))]
+        phrases = [f"{c} {s}" for c, s in kinds]
+        order = rng.permutation(count)
+        prompt = caption_for([phrases[j] for j in order], background, int(rng.integers(NUM_TEMPLATES)))
+        layouts.append(
+            {
+                "prompt": prompt,
+                "boxes": [{"phrase": p, "box": [v / GRID for v in b]} for p, b in zip(phrases, boxes)],
+                "unboxed": [],
+                "background": background,
+                "background_named": True,
                 "seed": int(seed),
             }
         )
