@@ -50,11 +50,11 @@ def test_same_seed_same_bytes_and_other_seed_differs(tiny_pipe):
     )
     a = tiny_pipe(PROMPT, LAYOUT, seed=3, output_type="np", **kwargs).images
     b = tiny_pipe(PROMPT, LAYOUT, seed=3, output_type="np", **kwargs).images
-    c = tiny_pipe(
-        PROMPT, LAYOUT, init="random", seed=4, output_type="np", num_inference_steps=4, height=32, width=32
-    ).images
+    c = tiny_pipe(PROMPT, LAYOUT, seed=4, output_type="np", **kwargs).images
     assert a.tobytes() == b.tobytes()
-    assert not np.array_equal(a, c)
+    assert np.abs(a - c).max() > 0.05  # the spatial-aware init follows the seed too
+    batch = tiny_pipe(PROMPT, LAYOUT, seed=3, output_type="np", num_images_per_prompt=2, **kwargs).images
+    assert np.abs(batch[0] - batch[1]).max() > 0.05  # and the images of one batch differ
 
 
 def test_user_latent_is_used_as_is(tiny_pipe):
@@ -240,30 +240,36 @@ def test_spatial_aware_init_validates():
         GeneratedObjects(attention_threshold=1.5)
 
 
-def test_noise_outside_changes_only_outside(tiny_pipe):
-    base = gray_reference_init()
-    blended = SpatialAwareInit(reference=base.reference, inversion_steps=3, noise_outside=1.0)
-    layout = [("red circle", (0.0, 0.0, 0.5, 0.5))]
-    z0 = base(
-        tiny_pipe,
-        PROMPT,
-        Layout.from_pairs(layout),
-        torch.Generator().manual_seed(0),
-        height=32,
-        width=32,
-        num_inference_steps=4,
-    ).latents
-    z1 = blended(
-        tiny_pipe,
-        PROMPT,
-        Layout.from_pairs(layout),
-        torch.Generator().manual_seed(0),
-        height=32,
-        width=32,
-        num_inference_steps=4,
-    ).latents
-    assert torch.allclose(z0[..., :8, :8], z1[..., :8, :8])
-    assert not torch.allclose(z0[..., 8:, 8:], z1[..., 8:, 8:])
+def test_fresh_noise_renews_z_t_outside_or_inside_the_kept_region(tiny_pipe):
+    ref = gray_reference_init().reference
+    layout = Layout.from_pairs([("red circle", (0.0, 0.0, 0.5, 0.5))])
+
+    def start(seed=0, **knobs):
+        init = SpatialAwareInit(reference=ref, inversion_steps=3, **knobs)
+        gen = torch.Generator().manual_seed(seed)
+        return init(tiny_pipe, PROMPT, layout, gen, height=32, width=32, num_inference_steps=4).latents
+
+    plain = start(noise_outside=0.0)
+    assert torch.equal(plain, start(seed=5, noise_outside=0.0))  # no fresh noise: the seed does nothing
+    outside = start(noise_outside=1.0, keep_region="boxes", feather=0.0)
+    assert torch.equal(outside[..., :8, :8], plain[..., :8, :8])  # the box keeps z_T*
+    assert not torch.allclose(outside[..., 8:, 8:], plain[..., 8:, 8:])
+    assert not torch.allclose(start(seed=1, noise_outside=1.0, keep_region="boxes", feather=0.0), outside)
+    assert torch.equal(
+        outside, start(noise_outside=1.0, keep_region="boxes", feather=0.0)
+    )  # same seed, same z_T
+    inside = start(noise_outside=0.0, noise_inside=1.0, keep_region="boxes", feather=0.0)
+    assert torch.equal(inside[..., 8:, 8:], plain[..., 8:, 8:]) and not torch.allclose(
+        inside[..., :8, :8], plain[..., :8, :8]
+    )
+    # keep_region="objects": only where the reference pasted an object (not the box's corners)
+    objects = start(noise_outside=1.0, keep_region="objects", feather=0.0)
+    init = SpatialAwareInit(reference=ref, keep_region="objects", feather=0.0)
+    reference = ref.build(tiny_pipe.object_generator(), PROMPT, layout, height=32, width=32, generator=None)
+    kept = init.kept_region(layout, reference, (16, 16))
+    assert 0 < float(kept.sum()) < 64 and bool((kept == 1).any())  # part of its 8x8-cell box
+    assert torch.equal(objects[..., kept == 1], plain[..., kept == 1])
+    assert not torch.allclose(objects[..., kept == 0], plain[..., kept == 0])
 
 
 def test_object_cache_key_changes_when_local_weights_change(tiny_pipe, tiny_pipe_dir, tmp_path, monkeypatch):
@@ -306,7 +312,9 @@ def test_generated_objects_come_in_batches_and_a_repeated_phrase_once():
             ("cat", (0, 0.5, 0.3, 0.8)),
         ]
     )
-    GeneratedObjects(batch_size=2, cache=False).build(fake, "x", layout, height=32, width=32, generator=None)
+    GeneratedObjects(batch_size=2, background="white", cache=False).build(
+        fake, "x", layout, height=32, width=32, generator=None
+    )
     assert fake.calls == [
         ["a red circle on a white background", "a blue square on a white background"],
         ["a cat on a white background"],

@@ -50,7 +50,9 @@ def _field_defaults(cls) -> dict:
 def test_registered_params_are_the_dataclass_fields_with_the_same_defaults(registry, name):
     entry = registry.get(name)
     fields = _field_defaults(entry.load())
-    api_only = {"salt": {"reference"}, "image": {"objects", "background", "threshold", "fit"}}.get(name, set())
+    api_only = {"salt": {"reference"}, "image": {"objects", "background", "threshold", "fit"}}.get(
+        name, set()
+    )
     assert {p.name for p in entry.params} == set(fields) - api_only, "a field is not registered (no CLI flag)"
     for p in entry.params:
         assert p.name in fields, f"{name}: registered param {p.name!r} is not a field"

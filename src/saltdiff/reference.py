@@ -235,18 +235,19 @@ class GeneratedObjects:
     The layout's objects (``object_prompt`` with ``{phrase}``) are generated in batches of
     ``batch_size`` through the pipeline's object generator, each from the same fixed seed, so a
     layout's reference is reproducible and objects can be cached on disk, keyed by (model, prompt,
-    seed, size, steps, cfg). The background is a flat white (default), gray or noise canvas, or
-    ``"generated"``: a scene of the prompt without the boxed phrases. White is the default because
-    it measured best for layout (``saltdiff study background``, built-in model with its shipped
-    grounded weights, 50 layouts: mIoU 0.826 white, 0.754 gray, 0.650 noise, 0.661 generated). The
-    others keep room for objects the prompt names without a box: 7 of 12 such objects appear with
-    gray, 8 with generated, 0 with white.
+    seed, size, steps, cfg). The background is ``"prompt-color"`` (default): the median colour of a
+    scene generated from the prompt without the boxed phrases, flat; ``"generated"``: that scene
+    itself; or a flat white, gray or noise canvas. A flat canvas inverts into a clean start for the
+    objects, and the prompt's colour keeps the prompt's background where the objects' own z_T* is
+    kept (``SpatialAwareInit`` renews the rest with fresh noise). With white, the output copied the
+    white canvas whatever the prompt said (background right in 35 % of images on the shapes suite,
+    against 100 % for plain sampling); ``benchmarks/RESULTS.md`` has the studies.
 
     Hyper-parameters, their bounds and help are declared once in
     :data:`saltdiff.registry.REFERENCE_BUILDERS` (entry ``"objects"``).
     """
 
-    background: str = "white"
+    background: str = "prompt-color"
     object_prompt: str = "a {phrase} on a white background"
     object_seed: int = 0
     num_inference_steps: int = 25

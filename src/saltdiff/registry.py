@@ -314,7 +314,7 @@ INITIALIZERS.register(
             ),
             Param(
                 "noise_outside",
-                0.0,
+                1.0,
                 "blend this much fresh noise into z_T outside the kept region (0 = off)",
                 minimum=0,
                 maximum=1,
@@ -328,13 +328,13 @@ INITIALIZERS.register(
             ),
             Param(
                 "keep_region",
-                "boxes",
+                "objects",
                 "where z_T* is kept: the boxes, or only the pasted objects' pixels",
                 choices=("boxes", "objects"),
             ),
             Param(
                 "feather",
-                0.0,
+                2.0,
                 "feather the kept region by this many latent cells when blending noise",
                 minimum=0,
             ),
@@ -360,7 +360,7 @@ REFERENCE_BUILDERS.register(
         params=(
             Param(
                 "background",
-                "white",
+                "prompt-color",
                 "reference background: generated (a scene of the prompt without the boxed phrases), "
                 "prompt-color (that scene's median colour, flat), gray, white or noise",
                 choices=REFERENCE_BACKGROUNDS,
