@@ -132,7 +132,7 @@ def test_validate_request_maps_the_page_fields_onto_the_generation_request():
         prompt=PROMPT,
         layout=layout_from_annotation(two_boxes()),
         init="salt",
-        init_params={"inversion_steps": 3},
+        init_params={"inversion_steps": 3, "noise_outside": 1.0},
         reference="objects",
         reference_params={"background": "gray", "num_inference_steps": 4},
         guidance=GuidanceConfig(loss="boxdiff"),
@@ -149,7 +149,7 @@ def test_validate_request_compare_runs_random_then_salt_with_the_same_seed():
     req = validate_request(PROMPT, two_boxes(), init="random", compare=True, seed=5, inversion_steps=2)
     (first, baseline), (second, salt) = req.runs()
     assert (first, second) == ("random", "salt")
-    assert salt is req.generation and dict(salt.init_params) == {"inversion_steps": 2}
+    assert salt is req.generation and dict(salt.init_params) == {"inversion_steps": 2, "noise_outside": 1.0}
     assert (baseline.init, dict(baseline.init_params), dict(baseline.reference_params)) == ("random", {}, {})
     assert baseline.seed == salt.seed == 5 and baseline.layout == salt.layout
 
@@ -351,7 +351,7 @@ def test_app_handler_turns_bad_input_into_a_page_error(app):
     import gradio as gr
 
     fn = _generate_fn(app).fn
-    args = ["tiny", "a red circle", two_boxes(), False, "salt", "salt", 2, 7.5, 0, 2, False, 1, "gray"]
+    args = ["tiny", "a red circle", two_boxes(), False, "salt", "salt", 2, 7.5, 0, 2, False, 1, "gray", 0.5]
     with pytest.raises(gr.Error, match="blue square"):
         fn(*args, request=None, progress=lambda *a, **k: None)
     args[0] = "/etc/passwd"
@@ -388,3 +388,13 @@ def test_demo_command_is_registered_with_safe_defaults():
         "builtin:shapes",
     )
     assert args.func is cmd_demo
+
+
+def test_fresh_noise_outside_reaches_the_initializer_and_is_checked():
+    req = validate_request(PROMPT, two_boxes(), noise_outside=0.25)
+    assert req.generation.init_params["noise_outside"] == 0.25
+    assert (
+        validate_request(PROMPT, two_boxes(), init="random", noise_outside=0.25).generation.init_params == {}
+    )
+    with pytest.raises(ValueError, match=r"noise_outside must be a number in \[0, 1\], got 1.5"):
+        validate_request(PROMPT, two_boxes(), noise_outside=1.5)

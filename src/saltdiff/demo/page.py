@@ -30,6 +30,7 @@ from .requests import (
     MAX_PROMPT_CHARS,
     MAX_SEED,
     MAX_STEPS,
+    NOISE_OUTSIDE,
     OBJECT_STEPS,
     RANDOM_INIT,
     SALT_INIT,
@@ -70,6 +71,7 @@ CONTROL_DEFAULTS = {
     "compare": False,
     "object_steps": OBJECT_STEPS.default,
     "background": BACKGROUND.default,
+    "noise_outside": NOISE_OUTSIDE.default,
 }
 
 
@@ -153,6 +155,7 @@ def build_app(
         compare,
         object_steps,
         background,
+        noise_outside,
         request: gr.Request,
         progress=gr.Progress(),
     ):
@@ -175,6 +178,7 @@ def build_app(
                 use_canvas_as_reference=use_reference,
                 object_steps=object_steps,
                 background=background,
+                noise_outside=noise_outside,
             )
             progress(0, desc="starting")
             result = run_generation(
@@ -279,6 +283,16 @@ def build_app(
                         info=INVERSION_STEPS.help,
                         elem_id="inv-steps",
                     )
+                noise_outside = gr.Slider(
+                    NOISE_OUTSIDE.minimum or 0,
+                    NOISE_OUTSIDE.maximum or 1,
+                    value=d["noise_outside"],
+                    step=0.05,
+                    label="Fresh noise outside the objects (SALT)",
+                    info="1: the prompt's background and the seed decide everything outside the objects; "
+                    "0: the reference is copied (same picture for every seed)",
+                    elem_id="noise-outside",
+                )
                 compare = gr.Checkbox(
                     label=f"Compare: {RANDOM_INIT} init vs SALT, same seed",
                     value=d["compare"],
@@ -348,6 +362,7 @@ def build_app(
             compare,
             object_steps,
             background,
+            noise_outside,
         ]
         outputs = [
             out_image,

@@ -57,6 +57,7 @@ RANDOM_INIT = "random"
 INVERSION_STEPS = INITIALIZERS.get(SALT_INIT).param("inversion_steps")
 OBJECT_STEPS = REFERENCE_BUILDERS.get("objects").param("num_inference_steps")
 BACKGROUND = REFERENCE_BUILDERS.get("objects").param("background")
+NOISE_OUTSIDE = INITIALIZERS.get(SALT_INIT).param("noise_outside")
 
 
 class GenerationCancelled(Exception):
@@ -254,11 +255,13 @@ def validate_request(
     use_canvas_as_reference: bool = False,
     object_steps: Any = OBJECT_STEPS.default,
     background: str = BACKGROUND.default,
+    noise_outside: Any = NOISE_OUTSIDE.default,
 ) -> DemoRequest:
     """Check a request from the page; ``ValueError`` (``LayoutError`` for the layout) names the bad value.
 
-    ``init`` and ``guidance`` are registered names; ``inversion_steps`` goes to the initializer when
-    it has that param, ``object_steps`` and ``background`` to the ``objects`` reference builder.
+    ``init`` and ``guidance`` are registered names; ``inversion_steps`` and ``noise_outside`` go to
+    the initializer when it has those params, ``object_steps`` and ``background`` to the ``objects``
+    reference builder.
     With a ``tokenizer`` each boxed phrase must be found in the prompt as that model tokenizes it.
     ``use_canvas_as_reference`` makes the canvas image (an uploaded picture) the reference image
     (the ``image`` reference builder) instead of generated objects.
@@ -277,6 +280,9 @@ def validate_request(
     seed = _as_int(seed, "seed", 0, MAX_SEED)
     object_steps = _as_int(object_steps, "object steps", _low(OBJECT_STEPS), MAX_STEPS)
     BACKGROUND.check(background, "reference builder 'objects'")
+    if isinstance(noise_outside, numbers.Real) and not isinstance(noise_outside, bool):
+        noise_outside = float(noise_outside)
+    NOISE_OUTSIDE.check(noise_outside, "fresh noise outside the objects")
     if (
         isinstance(guidance_scale, bool)
         or not isinstance(guidance_scale, numbers.Real)
@@ -298,7 +304,8 @@ def validate_request(
     # The page's fields → registered names and params (only those the chosen entry has).
     chosen = SALT_INIT if compare else init
     entry = INITIALIZERS.get(chosen)
-    init_params = {k: v for k, v in {INVERSION_STEPS.name: inv}.items() if k in entry.defaults()}
+    page_init = {INVERSION_STEPS.name: inv, NOISE_OUTSIDE.name: noise_outside}
+    init_params = {k: v for k, v in page_init.items() if k in entry.defaults()}
     uses_reference = entry.requires("reference", entry.resolve(init_params))
     if use_canvas_as_reference:
         if not uses_reference:
