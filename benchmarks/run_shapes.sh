@@ -3,13 +3,16 @@
 # built-in model, on a CPU machine: PROCS processes (default 2) with one thread each; layouts are
 # split by index and the main process merges (set PROCS=1 for a single process).
 #
-#   bash benchmarks/run_shapes.sh [RUNS_DIR] [WHAT...]      # WHAT: table spatial inversion background budget reg sde
+#   bash benchmarks/run_shapes.sh [RUNS_DIR] [WHAT...]
+#   WHAT: table hard noise feather keep spatial inversion background budget reg sde
 #
 # Every command resumes: rerun the script after a kill and finished images are skipped.
+# The studies spatial … sde in RESULTS.md ran with the first version's init (white reference, no fresh
+# noise); EXTRA="--noise-outside 0 --background white --keep-region boxes --feather 0" reproduces them.
 set -euo pipefail
 RUNS=${1:-runs}
 shift || true
-WHAT=${*:-table spatial inversion background budget reg sde}
+WHAT=${*:-table hard noise feather keep spatial inversion background budget reg sde}
 PROCS=${PROCS:-2}
 STEPS=${STEPS:-25}
 STUDY_N=${STUDY_N:-50}
@@ -21,11 +24,21 @@ if [ "$PROCS" -gt 1 ]; then
 else
     LAUNCH=(python -m saltdiff)
 fi
-COMMON=(--suite shapes --seeds 1 --steps "$STEPS" --device cpu -q)
+COMMON=(--suite shapes --seeds 1 --steps "$STEPS" --device cpu -q ${EXTRA:-})
+TWO=(--suite shapes --seeds 2 --steps "$STEPS" --device cpu -q)   # seed diversity needs two seeds
+FID_N=${FID_N:-40}
 
 for what in $WHAT; do
     case $what in
-        table)      "${LAUNCH[@]}" bench "${COMMON[@]}" --n 200 --methods all --out "$RUNS/shapes-n200" ;;
+        table)      "${LAUNCH[@]}" bench "${TWO[@]}" --n 200 --methods all --out "$RUNS/fidelity-n200" ;;
+        hard)       "${LAUNCH[@]}" bench --suite shapes-hard --seeds 2 --steps "$STEPS" --device cpu -q --n 100 \
+                        --methods sd,random+salt-loss,layout-guidance,salt --out "$RUNS/hard-n100" ;;
+        noise)      "${LAUNCH[@]}" study noise-outside "${TWO[@]}" --n "$FID_N" --values 0.8,0.9,1.0 --keep-region objects \
+                        --feather 1 --background prompt-color --out "$RUNS/s-noise-out" ;;
+        feather)    "${LAUNCH[@]}" study feather "${TWO[@]}" --n "$FID_N" --values 1,2,3 --noise-outside 1.0 \
+                        --keep-region objects --background prompt-color --out "$RUNS/s-feather-n1" ;;
+        keep)       "${LAUNCH[@]}" study feather "${TWO[@]}" --n "$FID_N" --values 0,1,2 --noise-outside 1.0 \
+                        --keep-region boxes --background prompt-color --out "$RUNS/s-feather-boxes" ;;
         spatial)    "${LAUNCH[@]}" study spatial-awareness "${COMMON[@]}" --n "$STUDY_N" --out "$RUNS/study-spatial" ;;
         inversion)  "${LAUNCH[@]}" study inversion-steps "${COMMON[@]}" --n "$STUDY_N" --values 1,5,10,25 --out "$RUNS/study-inversion" ;;
         background) "${LAUNCH[@]}" study background "${COMMON[@]}" --n "$STUDY_N" --out "$RUNS/study-background" ;;
