@@ -240,8 +240,8 @@ class GeneratedObjects:
     itself; or a flat white, gray or noise canvas. A flat canvas inverts into a clean start for the
     objects, and the prompt's colour keeps the prompt's background where the objects' own z_T* is
     kept (``SpatialAwareInit`` renews the rest with fresh noise). With white, the output copied the
-    white canvas whatever the prompt said (background right in 35 % of images on the shapes suite,
-    against 100 % for plain sampling); ``benchmarks/RESULTS.md`` has the studies.
+    white canvas whatever the prompt said (background right in 29 % of images on the shapes suite,
+    against 98 % for plain sampling); ``benchmarks/RESULTS.md`` has the studies.
 
     Hyper-parameters, their bounds and help are declared once in
     :data:`saltdiff.registry.REFERENCE_BUILDERS` (entry ``"objects"``).
