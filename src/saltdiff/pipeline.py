@@ -285,6 +285,7 @@ class SaltPipeline(StableDiffusionPipeline):
         maps_sum: torch.Tensor | None = None
         layers = guidance.layers if guidance is not None else "default"
         capture = capture_cross_attention(self.unet, layers) if track else nullcontext(AttentionStore())
+        check_loss = guidance.loss_fn() if guide else None
         bar = self.progress_bar(total=len(timesteps)) if progress else _NoBar()
         with capture as store, bar as progress_bar:
             store.latent_hw = tuple(latents.shape[-2:])
@@ -301,7 +302,7 @@ class SaltPipeline(StableDiffusionPipeline):
                     # The pass above already holds this step's conditional attention: when its loss is
                     # under the threshold no gradient is needed (the usual case from z_T*), else the
                     # latent gets its gradient steps and the pass is redone on the updated latent.
-                    loss_now = float(layer_losses(store, targets, guidance.loss_fn(), []))
+                    loss_now = float(layer_losses(store, targets, check_loss, []))
                     if not loss_now < guidance.loss_threshold:
                         store.batch_rows = None
 
