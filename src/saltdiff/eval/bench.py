@@ -61,22 +61,6 @@ logger = logging.getLogger(__name__)
 
 #: Keys of config.json that must match for a folder to be resumed.
 RESUME_KEYS = ("suite", "model", "steps", "cfg", "height", "width", "detector", "text_alignment", "dtype")
-SCHEMA_KEYS = (
-    "miou",
-    "map50",
-    "map50_95",
-    "text_alignment",
-    "ref_iou",
-    "sec_per_image",
-    "peak_mem_mb",
-    "n_images",
-    "background_accuracy",
-    "prompt_accuracy",
-    "seed_diversity",
-    "seed_diversity_image",
-    "identical_seed_pairs",
-    "seed_pairs",
-)
 DEFAULT_CLIP_MODEL = "openai/clip-vit-large-patch14"
 
 
