@@ -102,6 +102,10 @@ def test_generate_is_deterministic_per_seed(tiny_pipe_dir, tmp_path):
             "--background applies to the reference builder(s) ['objects'], not ['image']",
         ),
         (["--step-size", "-1"], "step_size must be a number >= 0, got -1.0"),
+        (
+            ["--background", "plaid"],
+            "background must be generated, prompt-color, gray, white, noise, a colour",
+        ),
         (["--steps", "many"], "argument --steps: invalid int value: 'many'"),
         (["--out", "/nonexistent/dir/x.png"], "does not exist"),
     ],

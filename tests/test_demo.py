@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from saltdiff.colors import background_suggestions
 from saltdiff.demo.cli import DEFAULT_HOST, DEFAULT_PORT
 from saltdiff.demo.models import check_model_choice
 from saltdiff.demo.page import CONTROL_DEFAULTS, example_rows, launch_kwargs, queue_settings
@@ -159,7 +160,7 @@ def test_the_page_defaults_and_choices_come_from_the_registry():
     objects = REFERENCE_BUILDERS.get("objects")
     assert CONTROL_DEFAULTS["object_steps"] == objects.param("num_inference_steps").default
     assert CONTROL_DEFAULTS["background"] == objects.param("background").default
-    assert BACKGROUND.choices == objects.param("background").choices
+    assert BACKGROUND is objects.param("background")
     assert INVERSION_STEPS is INITIALIZERS.get("salt").param("inversion_steps")
     assert OBJECT_STEPS is objects.param("num_inference_steps")
     assert CONTROL_DEFAULTS["init"] in INITIALIZERS and CONTROL_DEFAULTS["guidance"] in GUIDANCE_LOSSES
@@ -184,7 +185,7 @@ def test_the_page_defaults_and_choices_come_from_the_registry():
         ({"seed": -1}, ValueError, "seed"),
         ({"guidance_scale": float("inf")}, ValueError, "CFG scale"),
         ({"object_steps": 0}, ValueError, "object steps"),
-        ({"background": "plaid"}, ValueError, "background must be one of"),
+        ({"background": "plaid"}, ValueError, "background must be generated, prompt-color, .* got 'plaid'"),
         ({"annotation": annotation()}, LayoutError, "at least one box"),
         ({"annotation": annotation(("dog", (1, 1, 2, 2)), size=(5000, 10))}, ValueError, "at most 4096"),
         ({"use_canvas_as_reference": True, "init": "random"}, ValueError, "only by init 'salt'"),
@@ -372,7 +373,8 @@ def test_app_lists_the_registered_names(app):
     radios = {c.elem_id: c for c in app.blocks.values() if getattr(c, "elem_id", None)}
     assert [v for _, v in radios["init"].choices] == list(INITIALIZERS.names())
     assert [v for _, v in radios["guidance"].choices] == list(GUIDANCE_LOSSES.names())
-    assert [v for _, v in radios["background"].choices] == list(BACKGROUND.choices)
+    assert [v for _, v in radios["background"].choices] == background_suggestions()
+    assert radios["background"].allow_custom_value  # any colour name or #rrggbb can be typed
     assert "spatial-aware init" in radios["init"].info
 
 
@@ -398,3 +400,9 @@ def test_fresh_noise_outside_reaches_the_initializer_and_is_checked():
     )
     with pytest.raises(ValueError, match=r"noise_outside must be a number in \[0, 1\], got 1.5"):
         validate_request(PROMPT, two_boxes(), noise_outside=1.5)
+
+
+def test_the_page_takes_any_colour_as_the_reference_background():
+    for colour in ("beige", "dark gray", "#336699"):
+        req = validate_request(PROMPT, two_boxes(), background=colour)
+        assert req.generation.reference_params["background"] == colour

@@ -213,8 +213,8 @@ def test_request_refuses_params_that_do_not_apply():
         GenerationRequest(PROMPT, init="random", init_params={"inversion_steps": 2})
     with pytest.raises(ValueError, match=r"reference options \['background'\] apply only to an initializer"):
         GenerationRequest(PROMPT, init="random", reference_params={"background": "gray"})
-    with pytest.raises(ValueError, match="reference builder 'objects': background must be one of"):
-        GenerationRequest(PROMPT, reference_params={"background": "purple"})
+    with pytest.raises(ValueError, match="reference builder 'objects': background must be generated, "):
+        GenerationRequest(PROMPT, reference_params={"background": "plaid"})
 
 
 def test_recipe_round_trip_and_legacy_recipe(tmp_path):

@@ -45,7 +45,9 @@ class Param:
     ``kind`` is the value type (``int``, ``float``, ``str``, ``bool``; by default the default's
     type); ``optional`` allows ``None``; ``minimum``/``maximum`` bound numbers (``open_minimum`` /
     ``open_maximum`` exclude the bound); ``choices`` lists the allowed strings; ``flag`` overrides
-    the CLI flag (``--name-with-dashes`` otherwise).
+    the CLI flag (``--name-with-dashes`` otherwise). ``accepts`` is a predicate for values a list
+    cannot hold (a callable, or ``"module:function"`` imported on first use) and ``accepts_help``
+    says in words what it takes (errors and help texts use it).
     """
 
     name: str
@@ -59,6 +61,8 @@ class Param:
     open_maximum: bool = False
     optional: bool = False
     flag: str | None = None
+    accepts: Callable[[Any], bool] | str | None = None
+    accepts_help: str | None = None
 
     @property
     def value_type(self) -> type:
@@ -71,6 +75,8 @@ class Param:
         return "--" + (self.flag or self.name.replace("_", "-"))
 
     def describe_range(self) -> str:
+        if self.accepts_help is not None:
+            return self.accepts_help
         if self.choices is not None:
             return f"one of {list(self.choices)}"
         kinds = {int: "an integer", float: "a number", bool: "true or false", object: "a value"}
@@ -106,6 +112,12 @@ class Param:
         # kind object: any value (e.g. a path or a PIL image), checked by its owner
         if ok and self.choices is not None:
             ok = value in self.choices
+        if ok and self.accepts is not None:
+            accepts = self.accepts
+            if isinstance(accepts, str):
+                module, _, attr = accepts.partition(":")
+                accepts = getattr(importlib.import_module(module), attr)
+            ok = bool(accepts(value))
         if ok and self.minimum is not None:
             ok = value > self.minimum if self.open_minimum else value >= self.minimum
         if ok and self.maximum is not None:
@@ -350,7 +362,7 @@ INITIALIZERS.register(
 )
 INITIALIZERS.register(Entry("random", "saltdiff.init:RandomInit", "z_T ~ N(0, I): the usual baseline"))
 
-REFERENCE_BACKGROUNDS = ("generated", "prompt-color", "gray", "white", "noise")
+REFERENCE_BACKGROUNDS = ("generated", "prompt-color", "gray", "white", "noise")  # and any colour
 REFERENCE_BUILDERS = Registry("reference builder")
 REFERENCE_BUILDERS.register(
     Entry(
@@ -362,8 +374,11 @@ REFERENCE_BUILDERS.register(
                 "background",
                 "prompt-color",
                 "reference background: generated (a scene of the prompt without the boxed phrases), "
-                "prompt-color (that scene's median colour, flat), gray, white or noise",
-                choices=REFERENCE_BACKGROUNDS,
+                "prompt-color (that scene's median colour, flat), gray, white, noise, or a flat colour: "
+                "beige, dark gray (the built-in model's names), any CSS name or #rrggbb",
+                accepts="saltdiff.colors:is_background",
+                accepts_help="generated, prompt-color, gray, white, noise, a colour of the built-in "
+                "model's prompts (beige, light gray, dark gray), any CSS colour name or #rrggbb",
             ),
             Param(
                 "object_prompt",

@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from ..colors import background_suggestions
 from ..layout import Layout
 from ..registry import GUIDANCE_LOSSES, INITIALIZERS, Registry
 from .models import ModelPool
@@ -300,10 +301,11 @@ def build_app(
                 )
                 with gr.Accordion("Reference objects (SALT)", open=False):
                     with gr.Row():
-                        background = gr.Radio(
-                            list(BACKGROUND.choices or ()),
+                        background = gr.Dropdown(
+                            background_suggestions(),
                             value=d["background"],
-                            label="Reference background",
+                            allow_custom_value=True,
+                            label="Reference background (or type a colour name or #rrggbb)",
                             info=BACKGROUND.help,
                             elem_id="background",
                         )
