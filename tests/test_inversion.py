@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import pytest
 import torch
 from diffusers import DDIMScheduler
 
 from saltdiff.inversion import ddim_invert, inversion_timesteps
-from saltdiff.testing import tiny_sd_components
+from saltdiff.testing import GaussianDenoiser, tiny_sd_components
 
 
 @pytest.fixture(scope="module")
@@ -26,24 +24,6 @@ def _sampler(scheduler, steps, **overrides):
     sampler = DDIMScheduler.from_config(scheduler.config, **overrides)
     sampler.set_timesteps(steps)
     return sampler
-
-
-class GaussianDenoiser(torch.nn.Module):
-    """The exact noise predictor for data ~ N(0, sigma^2 I), with the UNet's call signature.
-
-    ``eps(x_t, t) = sqrt(1 - a_t) x_t / (a_t sigma^2 + 1 - a_t)``. Its DDIM trajectories discretize an exact
-    ODE that maps the data onto N(0, I), so a correct inversion must round-trip with an error that
-    vanishes as the number of steps grows -- unlike a random UNet, whose predictions are no score at all.
-    """
-
-    def __init__(self, alphas_cumprod: torch.Tensor, sigma: float = 0.5):
-        super().__init__()
-        self.alphas_cumprod = alphas_cumprod
-        self.sigma = sigma
-
-    def forward(self, sample, timestep, encoder_hidden_states=None):
-        a = self.alphas_cumprod[int(timestep)]
-        return SimpleNamespace(sample=(1 - a).sqrt() * sample / (a * self.sigma**2 + 1 - a))
 
 
 def _sample(unet, sampler, latents, embeds):

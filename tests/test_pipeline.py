@@ -7,9 +7,9 @@ import torch
 from PIL import Image
 
 from saltdiff import GuidanceConfig, Layout, LayoutError, SpatialAwareInit
-from saltdiff.init import sampler_start_timestep
 from saltdiff.pipeline import SaltPipeline, resolve_model
 from saltdiff.reference import GeneratedObject, GeneratedObjects, UserImages, strip_phrases
+from saltdiff.samplers import sampler_start_timestep
 
 PROMPT = "a red circle and a blue square"
 LAYOUT = [("red circle", (0.0, 0.25, 0.5, 0.75)), ("blue square", (0.5, 0.25, 1.0, 0.75))]
@@ -233,7 +233,7 @@ def test_spatial_aware_init_validates():
     with pytest.raises(ValueError, match="inversion_prompt"):
         SpatialAwareInit(inversion_prompt="cat")
     with pytest.raises(ValueError, match="background"):
-        GeneratedObjects(background="pink")
+        GeneratedObjects(background="plaid")
     with pytest.raises(ValueError, match=r"fit must be one of \['stretch', 'contain'\], got 'crop'"):
         UserImages(image="x.png", fit="crop")
     with pytest.raises(ValueError, match="attention_threshold must be a number in"):

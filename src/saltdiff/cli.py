@@ -103,6 +103,7 @@ def build_request(args):
         guidance_scale=args.cfg,
         negative_prompt=args.negative_prompt,
         seed=args.seed,
+        scheduler=args.scheduler,
         height=args.height,
         width=args.width,
     )

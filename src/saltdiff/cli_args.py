@@ -15,7 +15,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .loading import DEFAULT_MODEL, DTYPES, SD15_MODEL_ID
-from .registry import GUIDANCE_LOSSES, GUIDANCE_PARAMS, INITIALIZERS, REFERENCE_BUILDERS, Param, Registry
+from .registry import (
+    GUIDANCE_LOSSES,
+    GUIDANCE_PARAMS,
+    INITIALIZERS,
+    REFERENCE_BUILDERS,
+    SCHEDULERS,
+    Param,
+    Registry,
+)
 
 #: (registry, argparse dest prefix, the flag that chooses the name)
 _GROUPS: tuple[tuple[Registry, str, str], ...] = (
@@ -224,6 +232,12 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
         default=DEFAULT_MODEL,
         help=f"hub id, local diffusers folder, or builtin:NAME (default: {DEFAULT_MODEL}; a real "
         f"checkpoint is e.g. {SD15_MODEL_ID})",
+    )
+    parser.add_argument(
+        "--scheduler",
+        default="ddim",
+        choices=SCHEDULERS.names(),
+        help="sampler, built from the model's scheduler config; SALT's start is converted into its noise space",
     )
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps (default: cuda if available)")
     parser.add_argument(

@@ -173,7 +173,7 @@ def step_scale(alphas_cumprod: torch.Tensor, timestep: int | torch.Tensor, sched
     """``s(t)`` of the update: ``1 - alpha_bar_t`` ("sigma") or 1 ("constant")."""
     if schedule == "constant":
         return 1.0
-    t = int(timestep)
+    t = int(round(float(timestep)))  # Euler-type samplers' timesteps are floats
     return float(1.0 - alphas_cumprod[t])
 
 

@@ -20,6 +20,7 @@ from .layout import Layout
 from .losses import gaussian_blur
 from .reference import GeneratedObjects, ReferenceBuilder, ReferenceImage
 from .registry import INITIALIZERS, check_fields
+from .samplers import sampler_start_timestep, to_sampler_space
 
 if TYPE_CHECKING:  # pragma: no cover
     from .pipeline import SaltPipeline
@@ -27,7 +28,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 @dataclass
 class InitResult:
-    latents: torch.Tensor  # [num_images, C, h, w], already scaled by the scheduler's init_noise_sigma
+    latents: torch.Tensor  # [num_images, C, h, w], in the sampler's noise space (see saltdiff.samplers)
     reference: ReferenceImage | None = None
     info: dict[str, Any] = field(default_factory=dict)
 
@@ -72,19 +73,13 @@ class RandomInit:
         return InitResult(latents * pipe.scheduler.init_noise_sigma, None, {"init": "random"})
 
 
-def sampler_start_timestep(scheduler, num_inference_steps: int) -> int:
-    """The first timestep the sampler will use, computed on a copy (the pipe's scheduler is untouched)."""
-    probe = type(scheduler).from_config(scheduler.config)
-    probe.set_timesteps(num_inference_steps)
-    return int(probe.timesteps[0])
-
-
 @dataclass
 class SpatialAwareInit:
     """SALT's initializer: z_T* = DDIM-inversion(VAE(reference image)) in ``inversion_steps`` steps.
 
     The inversion runs with guidance scale 1 on the empty prompt (or the full prompt) up to the
-    sampler's first timestep, so sampling starts exactly at the noise level the latent has. Few
+    sampler's first timestep, so sampling starts exactly at the noise level the latent has, and the
+    result is put into the sampler's noise space (Euler-type samplers scale it by ``sqrt(1 + sigma^2)``). Few
     steps keep the layout and drop the details (the paper's "finite" inversion).
 
     Fresh noise from the call's generator is blended in, variance preserving
@@ -172,6 +167,7 @@ class SpatialAwareInit:
                 latents.shape, generator=generator, device=latents.device, dtype=latents.dtype
             )
             latents = torch.sqrt(1 - weight) * latents + torch.sqrt(weight) * noise
+        latents = to_sampler_space(pipe.scheduler, latents, num_inference_steps)
         info = {
             "init": "salt",
             "inversion_steps": self.inversion_steps,

@@ -24,6 +24,7 @@ from .layout import Layout, LayoutError
 from .losses import layout_guidance_loss
 from .reference import GeneratedObject, UserImages
 from .registry import INITIALIZERS
+from .samplers import model_input_scale
 
 logger = logging.getLogger(__name__)
 
@@ -220,10 +221,9 @@ class SaltPipeline(StableDiffusionPipeline):
                 init = init[None]
             if init.shape[1:] != expected[1:] or init.shape[0] not in (1, n):
                 raise ValueError(f"init latent has shape {tuple(init.shape)}, expected {expected}")
-            latents = (
-                init.to(device=self._execution_device, dtype=self.unet.dtype).expand(n, -1, -1, -1).clone()
-            )
-            return InitResult(latents, None, {"init": "tensor"})
+            latents = init.to(device=self._execution_device, dtype=self.unet.dtype).expand(n, -1, -1, -1)
+            # unit-variance noise, scaled into the sampler's noise space as diffusers does with `latents`
+            return InitResult(latents * self.scheduler.init_noise_sigma, None, {"init": "tensor"})
         result = init(
             self,
             prompt,
@@ -307,14 +307,14 @@ class SaltPipeline(StableDiffusionPipeline):
                         store.batch_rows = None
 
                         def unet_cond(z, t=t):
-                            self.unet(
-                                scheduler.scale_model_input(z, t), t, encoder_hidden_states=prompt_embeds
-                            )
+                            self.unet(z, t, encoder_hidden_states=prompt_embeds)
 
+                        # gradient steps in the UNet's (VP) input space, whatever the sampler's own space
+                        to_vp = model_input_scale(scheduler, t, latents)
                         scale = step_scale(scheduler.alphas_cumprod, t, guidance.step_size_schedule)
-                        result = guided_update(unet_cond, latents, store, targets, guidance, scale)
+                        result = guided_update(unet_cond, latents * to_vp, store, targets, guidance, scale)
                         guidance_losses.append(result.losses)
-                        latents = result.latents
+                        latents = (result.latents / to_vp).to(latents.dtype)
                         noise_pred = denoise_pass(latents)
                     else:
                         guidance_losses.append([loss_now])
@@ -484,15 +484,15 @@ class SaltPipeline(StableDiffusionPipeline):
         # 2. Encode the prompt
         prompt_embeds, negative_embeds = self.encode_prompt(prompt, device, n, do_cfg, negative_prompt)
 
-        # 3. Initial latents (reference builders generate objects on a copy of the scheduler)
+        # 3. Timesteps (before the initial latents: Euler-type samplers' init_noise_sigma depends on them)
+        self.scheduler.set_timesteps(num_inference_steps, device=device)
+        extra_step_kwargs = self.prepare_extra_step_kwargs(generator, eta)
+
+        # 4. Initial latents (reference builders generate objects on a copy of the scheduler)
         init_result = self._init_latents(
             init, prompt, layout, generator, height, width, num_inference_steps, n
         )
         init_latent = init_result.latents.detach().cpu().clone()
-
-        # 4. Timesteps
-        self.scheduler.set_timesteps(num_inference_steps, device=device)
-        extra_step_kwargs = self.prepare_extra_step_kwargs(generator, eta)
 
         # 5. Denoising loop with attention guidance on the first steps
         on_step = None

@@ -34,6 +34,7 @@ __all__ = [
     "Param",
     "REFERENCE_BUILDERS",
     "Registry",
+    "SCHEDULERS",
     "check_fields",
 ]
 
@@ -136,7 +137,8 @@ class Entry:
     ``needs`` maps a need (``"unboxed_tokens"``: the attention of the prompt's other words) to the
     param that switches it on (``None``: always needed). ``bench_names`` names the benchmark presets
     of a guidance loss under random and spatial-aware init (default ``NAME`` and
-    ``salt-init+NAME``).
+    ``salt-init+NAME``). ``options`` are fixed keyword arguments that go with the target (a sampler's
+    ``use_karras_sigmas=True``), not knobs a user sets.
     """
 
     name: str
@@ -145,6 +147,7 @@ class Entry:
     params: tuple[Param, ...] = ()
     needs: Mapping[str, str | None] = field(default_factory=dict)
     bench_names: tuple[str, str] | None = None
+    options: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         names = [p.name for p in self.params]
@@ -460,3 +463,30 @@ REFERENCE_BUILDERS.register(
         ),
     )
 )
+
+#: Samplers: a diffusers scheduler class built from the pipeline's scheduler config (same noise
+#: schedule, so the model and z_T* stay valid) plus fixed options. SALT's latent is put into each
+#: sampler's noise space by :func:`saltdiff.samplers.to_sampler_space`.
+SCHEDULERS = Registry("scheduler")
+for _name, _cls, _options, _text in (
+    ("ddim", "DDIMScheduler", {}, "DDIM (deterministic; the mirror of SALT's DDIM inversion)"),
+    ("pndm", "PNDMScheduler", {"skip_prk_steps": True}, "PNDM (SD 1.x checkpoints' shipped sampler)"),
+    (
+        "dpm++2m",
+        "DPMSolverMultistepScheduler",
+        {"algorithm_type": "dpmsolver++", "solver_order": 2, "use_karras_sigmas": False},
+        "DPM-Solver++ (2M)",
+    ),
+    (
+        "dpm++2m-karras",
+        "DPMSolverMultistepScheduler",
+        {"algorithm_type": "dpmsolver++", "solver_order": 2, "use_karras_sigmas": True},
+        "DPM-Solver++ (2M) with Karras sigmas",
+    ),
+    ("euler", "EulerDiscreteScheduler", {"use_karras_sigmas": False}, "Euler (SDXL's default sampler)"),
+    ("euler-a", "EulerAncestralDiscreteScheduler", {}, "Euler ancestral (stochastic: fresh noise each step)"),
+    ("heun", "HeunDiscreteScheduler", {}, "Heun (2nd order: two UNet calls per step)"),
+    ("lms", "LMSDiscreteScheduler", {}, "linear multistep (k-diffusion's LMS)"),
+    ("unipc", "UniPCMultistepScheduler", {}, "UniPC (multistep predictor-corrector)"),
+):
+    SCHEDULERS.register(Entry(_name, f"diffusers:{_cls}", _text, options=_options))

@@ -19,7 +19,7 @@ from PIL import Image, PngImagePlugin
 from . import __version__
 from .guidance import GuidanceConfig
 from .layout import Layout
-from .registry import INITIALIZERS, REFERENCE_BUILDERS, Entry
+from .registry import INITIALIZERS, REFERENCE_BUILDERS, SCHEDULERS, Entry
 
 RECIPE_KEY = "saltdiff"
 #: Reference-builder params that change where results are stored, not what is generated.
@@ -47,6 +47,7 @@ class GenerationRequest:
     guidance_scale: float = 7.5
     negative_prompt: str | None = None
     seed: int = 0
+    scheduler: str = "ddim"
     height: int | None = None
     width: int | None = None
 
@@ -69,6 +70,7 @@ class GenerationRequest:
             )
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise ValueError(f"seed must be a non-negative integer, got {self.seed!r}")
+        SCHEDULERS.get(self.scheduler)
 
     @property
     def _ref_owner(self) -> str:
@@ -111,8 +113,16 @@ class GenerationRequest:
             "seed": self.seed,
         }
 
+    def use_scheduler(self, pipe) -> None:
+        """Give ``pipe`` this request's sampler (built from its own scheduler config) unless it has it."""
+        from .samplers import make_scheduler, scheduler_name
+
+        if scheduler_name(pipe.scheduler) != self.scheduler:
+            pipe.scheduler = make_scheduler(self.scheduler, pipe.scheduler.config)
+
     def run(self, pipe, **extra):
-        """``pipe(prompt, layout, ...)`` for this request; ``extra`` adds call options (callbacks, maps)."""
+        """``pipe(prompt, layout, ...)`` for this request, with its sampler; ``extra`` adds call options."""
+        self.use_scheduler(pipe)
         return pipe(self.prompt, self.layout, **self.pipeline_kwargs(), **extra)
 
     # -- the recipe ----------------------------------------------------------------------------------
@@ -137,6 +147,7 @@ class GenerationRequest:
             "seed": self.seed,
             "steps": self.num_inference_steps,
             "cfg": self.guidance_scale,
+            "scheduler": self.scheduler,
             "height": self.height,
             "width": self.width,
             **self.method(),
@@ -166,6 +177,7 @@ class GenerationRequest:
             guidance_scale=float(recipe.get("cfg", 7.5)),
             negative_prompt=recipe.get("negative_prompt"),
             seed=int(recipe.get("seed", 0)),
+            scheduler=recipe.get("scheduler", "ddim"),  # not recorded before; the built-in model used DDIM
             height=recipe.get("height"),
             width=recipe.get("width"),
         )

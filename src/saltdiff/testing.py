@@ -156,3 +156,48 @@ def sd15_architecture_components(seed: int = 0, dtype=torch.float32) -> dict:
         "tokenizer": tokenizer,
         "scheduler": scheduler,
     }
+
+
+class GaussianDenoiser(torch.nn.Module):
+    """The exact denoiser for data ~ N(0, sigma^2 I), with the UNet's call signature.
+
+    ``eps(x_t, t) = sqrt(1 - a_t) x_t / (a_t sigma^2 + 1 - a_t)`` (``prediction_type="epsilon"``) or
+    the matching ``v = sqrt(a_t) eps - sqrt(1 - a_t) x0_hat`` (``"v_prediction"``). Its sampler
+    trajectories discretize an exact ODE that maps the data onto N(0, I), so inversion followed by
+    sampling must return to the start with an error that vanishes as steps grow -- a random UNet's
+    predictions are no score at all, and would hide a sampler fed a latent in the wrong space.
+
+    Fractional timesteps (Euler-type samplers) read the noise level the way those samplers do:
+    ``sigma_t = sqrt((1 - a_t) / a_t)`` interpolated linearly between integer timesteps.
+    """
+
+    def __init__(self, alphas_cumprod: torch.Tensor, sigma: float = 0.5, prediction_type: str = "epsilon"):
+        super().__init__()
+        if prediction_type not in ("epsilon", "v_prediction"):
+            raise ValueError(f"prediction_type must be 'epsilon' or 'v_prediction', got {prediction_type!r}")
+        self.alphas_cumprod = alphas_cumprod.double()
+        self.sigma = sigma
+        self.prediction_type = prediction_type
+
+    def alpha(self, timestep) -> torch.Tensor:
+        t = float(timestep)
+        lo = int(t)
+        if t == lo:
+            return self.alphas_cumprod[lo]
+        sigmas = ((1 - self.alphas_cumprod) / self.alphas_cumprod).sqrt()
+        frac = t - lo
+        s = (1 - frac) * sigmas[lo] + frac * sigmas[min(lo + 1, len(sigmas) - 1)]
+        return 1 / (1 + s**2)
+
+    def forward(self, sample, timestep, encoder_hidden_states=None, **kwargs):
+        from types import SimpleNamespace
+
+        a = self.alpha(timestep)
+        denom = a * self.sigma**2 + 1 - a
+        eps = (1 - a).sqrt() * sample.double() / denom
+        if self.prediction_type == "v_prediction":
+            x0 = a.sqrt() * self.sigma**2 * sample.double() / denom
+            out = a.sqrt() * eps - (1 - a).sqrt() * x0
+        else:
+            out = eps
+        return SimpleNamespace(sample=out.to(sample.dtype))

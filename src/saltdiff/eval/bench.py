@@ -34,6 +34,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from .. import __version__
+from ..registry import SCHEDULERS
 from .detectors import DetectedBox, make_detector, resolve_detector_name
 from .fidelity import prompt_fields, seed_pairs, summarize_seed_pairs
 from .methods import MethodSpec, SharedSettings, build_request, describe
@@ -60,7 +61,20 @@ from .suites import EvalLayout, load_suite, split_for_process
 logger = logging.getLogger(__name__)
 
 #: Keys of config.json that must match for a folder to be resumed.
-RESUME_KEYS = ("suite", "model", "steps", "cfg", "height", "width", "detector", "text_alignment", "dtype")
+RESUME_KEYS = (
+    "suite",
+    "model",
+    "steps",
+    "cfg",
+    "scheduler",
+    "height",
+    "width",
+    "detector",
+    "text_alignment",
+    "dtype",
+)
+#: Values a config.json written before a key existed is read with.
+RESUME_DEFAULTS = {"scheduler": "ddim"}
 DEFAULT_CLIP_MODEL = "openai/clip-vit-large-patch14"
 
 
@@ -76,6 +90,7 @@ class BenchConfig:
     seeds: Sequence[int] = (0,)
     steps: int = 50
     cfg: float = 7.5
+    scheduler: str = "ddim"
     height: int | None = None
     width: int | None = None
     detector: str = "auto"
@@ -100,6 +115,7 @@ class BenchConfig:
             raise ValueError(f"steps must be an integer >= 1, got {self.steps!r}")
         if not math.isfinite(self.cfg) or self.cfg < 0:
             raise ValueError(f"cfg must be a finite number >= 0, got {self.cfg!r}")
+        SCHEDULERS.get(self.scheduler)
         if self.n is not None and self.n < 1:
             raise ValueError(f"n must be >= 1, got {self.n!r}")
         seeds = list(self.seeds)
@@ -176,6 +192,7 @@ def _run_config(config: BenchConfig, detector: str, text_alignment: str, dtype: 
         "model": config.model,
         "steps": config.steps,
         "cfg": config.cfg,
+        "scheduler": config.scheduler,
         "height": config.height,
         "width": config.width,
         "detector": detector,
@@ -194,7 +211,7 @@ def _check_resume(out: str, current: dict) -> None:
     with open(path, encoding="utf-8") as fh:
         previous = json.load(fh)
     for key in RESUME_KEYS:
-        if previous.get(key) != current.get(key):
+        if previous.get(key, RESUME_DEFAULTS.get(key)) != current.get(key):
             raise ValueError(
                 f"{out!r} holds a run with {key}={previous.get(key)!r}, this one has {current.get(key)!r}: "
                 "use another --out (or delete the folder)"
@@ -257,6 +274,7 @@ def generate_record(
         seed=seed,
         num_inference_steps=config.steps,
         guidance_scale=config.cfg,
+        scheduler=config.scheduler,
         height=config.height,
         width=config.width,
     )
@@ -468,6 +486,7 @@ def aggregate(
         "methods": per_method,
         "steps": config.steps,
         "cfg": config.cfg,
+        "scheduler": config.scheduler,
         "detector": detector,
         "text_alignment": text_kind,
     }

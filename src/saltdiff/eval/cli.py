@@ -126,6 +126,7 @@ def _config(args, methods):
         seeds=parse_seeds(args.seeds),
         steps=args.steps,
         cfg=args.cfg,
+        scheduler=args.scheduler,
         height=args.height,
         width=args.width,
         detector=args.detector,

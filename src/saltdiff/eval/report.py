@@ -220,8 +220,8 @@ def write_report(config, metrics: dict, layouts: Sequence, methods: Sequence, de
     lines = [
         f"# {config.title or 'Benchmark'}: {metrics['suite']} suite, {metrics['model']}",
         "",
-        f"{metrics['n_layouts']} layouts × seeds {metrics['seeds']}, {metrics['steps']} steps, "
-        f"CFG {metrics['cfg']}, detector `{metrics['detector']}`.",
+        f"{metrics['n_layouts']} layouts × seeds {metrics['seeds']}, {metrics['steps']} steps "
+        f"({metrics.get('scheduler', 'ddim')}), CFG {metrics['cfg']}, detector `{metrics['detector']}`.",
         f"Text alignment: {text_note}. ref IoU: the detector on the reference image (spatial-aware init only).",
         "",
         metrics_table(per),

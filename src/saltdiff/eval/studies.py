@@ -312,7 +312,7 @@ def write_study_report(
         f"# Study `{study.name}`: {study.description}",
         "",
         f"Suite {metrics['suite']}, model {metrics['model']}, {metrics['n_layouts']} layouts × seeds "
-        f"{metrics['seeds']}, {metrics['steps']} steps, CFG {metrics['cfg']}, guidance loss `{loss}`.",
+        f"{metrics['seeds']}, {metrics['steps']} steps ({metrics.get('scheduler', 'ddim')}), CFG {metrics['cfg']}, guidance loss `{loss}`.",
         "",
         f"| variant | series | {study.x_label} | mIoU | mAP@0.5 | mAP@[.5:.95] | text | unboxed | bg acc. | "
         "prompt acc. | seed div. | ref IoU | s / image |",
