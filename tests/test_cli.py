@@ -107,6 +107,7 @@ def test_generate_is_deterministic_per_seed(tiny_pipe_dir, tmp_path):
             "background must be generated, prompt-color, gray, white, noise, a colour",
         ),
         (["--steps", "many"], "argument --steps: invalid int value: 'many'"),
+        (["--height", "10000"], "height 10000 is more than 4x the size this model was trained at"),
         (["--out", "/nonexistent/dir/x.png"], "does not exist"),
     ],
 )

@@ -9,6 +9,7 @@ out = pipe("a red circle and a blue square", [("red circle", (0.05, 0.3, 0.45, 0
 from __future__ import annotations
 
 import importlib
+import sys
 
 __version__ = "0.1.0"
 
@@ -42,5 +43,11 @@ __all__ = sorted(_EXPORTS) + ["__version__"]
 
 def __getattr__(name: str):
     if name in _EXPORTS:
-        return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+        module = f"{__name__}.{_EXPORTS[name]}"
+        if module == f"{__name__}.pipeline" and module not in sys.modules:
+            from .loading import quiet_loading
+
+            with quiet_loading():  # no notes from image processors saltdiff never uses (torchvision)
+                importlib.import_module(module)
+        return getattr(importlib.import_module(module), name)
     raise AttributeError(f"module 'saltdiff' has no attribute {name!r}")

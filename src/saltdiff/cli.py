@@ -56,6 +56,11 @@ def build_parser() -> Parser:
     gen.add_argument("--seed", type=int, default=0, help="random seed (same seed → same image)")
     gen.add_argument("--height", type=int, default=None, help="image height (default: the model's)")
     gen.add_argument("--width", type=int, default=None, help="image width (default: the model's)")
+    gen.add_argument(
+        "--force",
+        action="store_true",
+        help="run a height or width more than 4x the model's trained size (refused otherwise: slow)",
+    )
     gen.add_argument("--out", default="out.png", help="output PNG, recipe in its metadata")
     gen.add_argument(
         "--overlay",
@@ -109,25 +114,16 @@ def build_request(args):
     )
 
 
-def quiet_loading_bars() -> None:
-    from diffusers.utils import logging as diffusers_logging
-    from transformers.utils import logging as transformers_logging
-
-    diffusers_logging.disable_progress_bar()
-    transformers_logging.disable_progress_bar()
-
-
 def cmd_generate(args) -> int:
-    from .loading import load_pipeline
+    from .loading import check_image_size, load_pipeline
     from .viz import overlay_figure
 
     request = build_request(args)
     out_dir = os.path.dirname(os.path.abspath(args.out))
     if not os.path.isdir(out_dir):
         raise CliError(f"output folder {out_dir!r} does not exist")
-    if args.quiet:
-        quiet_loading_bars()
-    pipe = load_pipeline(args.model, device=args.device, dtype=args.dtype)
+    pipe = load_pipeline(args.model, device=args.device, dtype=args.dtype)  # quiet: no loading bars
+    check_image_size(pipe, args.height, args.width, force=args.force)
     if args.quiet:
         pipe.set_progress_bar_config(disable=True)
     start = time.perf_counter()

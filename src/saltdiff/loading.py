@@ -9,6 +9,9 @@ reads :data:`DEFAULT_MODEL` from here without paying for them.
 from __future__ import annotations
 
 import os
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
 from .checkpoints import (  # noqa: F401  (re-exported: loading is where users look for them)
@@ -25,6 +28,14 @@ if TYPE_CHECKING:  # pragma: no cover
     from .pipeline import SaltPipeline
 
 DTYPES = ("float32", "float16", "bfloat16")
+#: An image side more than this many times the model's trained size is refused unless forced.
+MAX_SIZE_FACTOR = 4
+#: Signs, anywhere in a load error's chain, that the Hub could not be reached (or may not be).
+_OFFLINE = re.compile(
+    r"Connect(ion)?Error|ConnectTimeout|ReadTimeout|Name or service not known|Temporary failure in name "
+    r"resolution|Network is unreachable|OfflineModeIsEnabled|outgoing traffic has been disabled"
+)
+_NOT_FOUND = re.compile(r"RepositoryNotFoundError|404 Client Error|is not a valid model identifier")
 
 
 def resolve_device_dtype(
@@ -47,6 +58,55 @@ def resolve_device_dtype(
     return device, dtype
 
 
+@contextmanager
+def quiet_loading() -> Iterator[None]:
+    """diffusers' and transformers' loading chatter off inside the block, their settings restored after.
+
+    Silenced at the source, only while saltdiff imports and loads a pipeline: the per-component
+    progress bars, transformers' notes that its image processors fall back without torchvision
+    (saltdiff uses none), "Couldn't connect to the Hub ... Will try to load from local cache" (a
+    failure becomes one :class:`ModelLoadError` line) and diffusers' "float16 ... cannot run with
+    cpu" on ``.to("cpu")`` (it runs: the fast tests do). Errors still show.
+    """
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    libraries = (diffusers_logging, transformers_logging)
+    saved = [(lib.get_verbosity(), lib.is_progress_bar_enabled()) for lib in libraries]
+    for lib in libraries:
+        lib.set_verbosity_error()
+        lib.disable_progress_bar()
+    try:
+        yield
+    finally:
+        for lib, (verbosity, bars) in zip(libraries, saved):
+            lib.set_verbosity(verbosity)
+            if bars:
+                lib.enable_progress_bar()
+
+
+def load_error_message(model: str, exc: BaseException) -> str:
+    """One line for a failed load: no network or no such hub model (and what to do), else the cause."""
+    chain: list[BaseException] = []
+    cause: BaseException | None = exc
+    while cause is not None and cause not in chain:
+        chain.append(cause)
+        cause = cause.__cause__ or cause.__context__
+    text = " ".join(f"{type(e).__name__}: {e}" for e in chain)
+    folder = "use a local diffusers folder instead (--model /path/to/folder) or builtin:shapes"
+    if not os.path.isdir(os.path.expanduser(model)):
+        if _NOT_FOUND.search(text):
+            return f"cannot load model {model!r}: no such model on the Hugging Face Hub; {folder}"
+        if _OFFLINE.search(text):
+            return (
+                f"cannot load model {model!r}: the Hugging Face Hub cannot be reached (no network, or "
+                f"HF_HUB_OFFLINE is set) and no such model is in the local cache; {folder}"
+            )
+    message = str(exc).replace("Please check out the root cause in the stacktrace above.", "").strip()
+    first = message.splitlines()[0] if message else type(exc).__name__
+    return f"cannot load model {model!r}: {first}"
+
+
 def load_pipeline(
     model: str = DEFAULT_MODEL,
     *,
@@ -57,14 +117,33 @@ def load_pipeline(
     """A ``SaltPipeline`` for ``model`` on ``device`` in ``dtype``, or a one-line :class:`ModelLoadError`."""
     import torch
 
-    from .pipeline import SaltPipeline
+    from .components import dtype_keyword
 
     device, dtype = resolve_device_dtype(device, dtype, fallback_device)
     if model.startswith((".", "/", "~")) and not os.path.exists(os.path.expanduser(model)):
         raise ModelLoadError(f"model folder {model!r} does not exist")
-    try:
-        pipe = SaltPipeline.from_pretrained(model, torch_dtype=getattr(torch, dtype))
-    except OSError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ModelLoadError(f"cannot load model {model!r}: {first}") from exc
-    return pipe.to(device)
+    with quiet_loading():
+        from .pipeline import SaltPipeline
+
+        try:
+            pipe = SaltPipeline.from_pretrained(model, **{dtype_keyword(): getattr(torch, dtype)})
+        except OSError as exc:
+            raise ModelLoadError(load_error_message(model, exc)) from exc
+        return pipe.to(device)
+
+
+def check_image_size(pipe, height: int | None, width: int | None, *, force: bool = False) -> None:
+    """Refuse (``ValueError``) a side more than :data:`MAX_SIZE_FACTOR` times the model's trained size.
+
+    Such a run takes minutes (the cost grows with the pixel count, attention with its square) and
+    asks for what the model never saw; ``force=True`` (``--force``) runs it anyway.
+    """
+    trained = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    limit = MAX_SIZE_FACTOR * trained
+    sides = (("height", height), ("width", width))
+    over = [f"{name} {value}" for name, value in sides if (value or 0) > limit]
+    if over and not force:
+        raise ValueError(
+            f"{' and '.join(over)} is more than {MAX_SIZE_FACTOR}x the size this model was trained at "
+            f"({trained}, so at most {limit}): pass --force (API: force=True) to run it anyway"
+        )

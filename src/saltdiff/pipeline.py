@@ -17,7 +17,8 @@ from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
 from .attention import AttentionStore, capture_cross_attention
-from .checkpoints import BUILTIN_PREFIX, DEFAULT_MODEL, builtin_models, resolve_model, weights_stamp
+from .checkpoints import DEFAULT_MODEL, builtin_models, resolve_model, weights_stamp
+from .components import check_component_dtypes, dtype_keyword, fit_tokenizer_length
 from .guidance import GuidanceConfig, GuidanceTargets, guided_update, layer_losses, step_scale
 from .init import InitResult, SpatialAwareInit
 from .layout import Layout, LayoutError
@@ -135,10 +136,13 @@ class SaltPipeline(StableDiffusionPipeline):
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
         name = str(pretrained_model_name_or_path)
-        if name.startswith(BUILTIN_PREFIX) and "torch_dtype" not in kwargs and "dtype" not in kwargs:
-            # shipped in fp16 to keep the wheel small; loaded whole in fp32 so that it runs on a CPU
-            kwargs["torch_dtype"] = torch.float32
-        return super().from_pretrained(resolve_model(name), **kwargs)
+        if "torch_dtype" not in kwargs and "dtype" not in kwargs:
+            # One dtype throughout, whatever the files hold (transformers loads a text encoder in its
+            # files' dtype, diffusers its models in fp32; the built-in model is fp16 on disk): fp32.
+            kwargs[dtype_keyword()] = torch.float32
+        pipe = super().from_pretrained(resolve_model(name), **kwargs)
+        fit_tokenizer_length(pipe.tokenizer, pipe.text_encoder)
+        return pipe
 
     # -- inputs --------------------------------------------------------------------------------------
     def _resolve_init(self, init, latents, reference_image, inversion_steps):
@@ -180,6 +184,8 @@ class SaltPipeline(StableDiffusionPipeline):
     ):
         if not isinstance(prompt, str):
             raise TypeError(f"prompt must be a string (one prompt per call), got {type(prompt).__name__}")
+        check_component_dtypes(self)
+        fit_tokenizer_length(self.tokenizer, self.text_encoder)  # pipelines built by hand or from_pipe
         multiple = self.vae_scale_factor * 2 ** (len(self.unet.config.down_block_types) - 1)
         for name, value in (("height", height), ("width", width)):
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0 or value % multiple:

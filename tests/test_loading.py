@@ -1,0 +1,172 @@
+"""Loading: one dtype throughout, a usable prompt length, quiet loads, one-line errors, size limits."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from saltdiff.components import check_component_dtypes, fit_tokenizer_length
+from saltdiff.loading import (
+    ModelLoadError,
+    check_image_size,
+    load_error_message,
+    load_pipeline,
+    quiet_loading,
+)
+from saltdiff.pipeline import SaltPipeline
+from saltdiff.testing import tiny_sd_pipeline
+
+LONG_PROMPT = " ".join(["a red circle and a blue square on a white background"] * 12)  # > 77 tokens
+FAST = {"init": "random", "guidance": "none", "num_inference_steps": 2, "height": 32, "width": 32}
+
+
+def _dtypes(pipe):
+    return {name: getattr(pipe, name).dtype for name in ("unet", "vae", "text_encoder")}
+
+
+@pytest.fixture(scope="module")
+def fp16_dir(tmp_path_factory):
+    """The tiny pipeline saved in float16 (as the built-in model and many hub folders ship)."""
+    path = tmp_path_factory.mktemp("tiny-fp16")
+    torch.manual_seed(0)
+    tiny_sd_pipeline().to(torch.float16).save_pretrained(path)
+    return str(path)
+
+
+def test_from_pretrained_gives_one_dtype_whatever_the_files_hold(fp16_dir):
+    # Without a dtype, transformers would load the text encoder in its files' fp16 and diffusers the
+    # UNet and VAE in fp32: the README's first call then failed in a matrix product.
+    assert set(_dtypes(SaltPipeline.from_pretrained(fp16_dir)).values()) == {torch.float32}
+    assert set(_dtypes(SaltPipeline.from_pretrained(fp16_dir, dtype=torch.float16)).values()) == {
+        torch.float16
+    }
+
+
+def test_mixed_dtypes_fail_with_one_line_naming_the_components():
+    torch.manual_seed(0)
+    pipe = SaltPipeline.from_pipe(tiny_sd_pipeline())
+    pipe.text_encoder.to(torch.float16)
+    with pytest.raises(ValueError, match=r"unet float32, vae float32, text_encoder float16") as info:
+        pipe("a red circle", **FAST)
+    assert "\n" not in str(info.value) and "pipe.to(torch.float32)" in str(info.value)
+    pipe.text_encoder.to(torch.float32)
+    check_component_dtypes(pipe)  # one dtype again: no error
+
+
+def test_a_tokenizer_config_without_model_max_length_takes_the_text_encoders_limit(tmp_path):
+    torch.manual_seed(0)
+    tiny_sd_pipeline().save_pretrained(tmp_path)
+    config_path = tmp_path / "tokenizer" / "tokenizer_config.json"
+    config = json.loads(config_path.read_text())
+    config.pop("model_max_length")
+    config_path.write_text(json.dumps(config))
+    pipe = SaltPipeline.from_pretrained(str(tmp_path))
+    assert pipe.tokenizer.model_max_length == pipe.text_encoder.config.max_position_embeddings == 77
+    pipe.set_progress_bar_config(disable=True)
+    assert pipe(LONG_PROMPT, **FAST).images[0].size == (32, 32)  # was OverflowError: int too big
+
+
+def test_a_hand_built_pipeline_with_the_sentinel_length_runs():
+    torch.manual_seed(0)
+    sd = tiny_sd_pipeline()
+    sd.tokenizer.model_max_length = int(1e30)  # transformers' VERY_LARGE_INTEGER
+    pipe = SaltPipeline.from_pipe(sd)
+    pipe.set_progress_bar_config(disable=True)
+    assert pipe(LONG_PROMPT, **FAST).images[0].size == (32, 32)
+    assert pipe.tokenizer.model_max_length == 77
+    assert not fit_tokenizer_length(pipe.tokenizer, pipe.text_encoder)  # a valid length stays
+
+
+def test_quiet_loading_restores_the_libraries_settings():
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    before = [
+        (lib.get_verbosity(), lib.is_progress_bar_enabled())
+        for lib in (diffusers_logging, transformers_logging)
+    ]
+    with quiet_loading():
+        assert diffusers_logging.get_verbosity() == diffusers_logging.ERROR
+        assert not transformers_logging.is_progress_bar_enabled()
+    after = [
+        (lib.get_verbosity(), lib.is_progress_bar_enabled())
+        for lib in (diffusers_logging, transformers_logging)
+    ]
+    assert after == before
+
+
+def _chained(outer: str, inner: BaseException) -> OSError:
+    try:
+        try:
+            raise inner
+        except BaseException as cause:
+            raise OSError(outer) from cause
+    except OSError as exc:
+        return exc
+
+
+def test_an_unreachable_hub_is_one_line_that_says_how_to_use_a_folder():
+    diffusers_message = (
+        "Cannot load model org/model: the model is not fully cached locally (...) and an error occurred "
+        "while trying to fetch metadata from the Hub. Please check out the root cause in the stacktrace above."
+    )
+    offline = load_error_message(
+        "org/model", _chained(diffusers_message, ConnectionError("Name or service not known"))
+    )
+    assert "cannot be reached" in offline and "--model /path/to/folder" in offline
+    assert "stacktrace" not in offline and "\n" not in offline
+    missing = load_error_message(
+        "org/model", _chained("x", OSError("404 Client Error: Repository Not Found"))
+    )
+    assert "no such model on the Hugging Face Hub" in missing
+
+
+def test_an_offline_hub_id_through_the_cli_is_one_line_and_nothing_else(tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "saltdiff",
+            "generate",
+            "--prompt",
+            "a cat",
+            "--model",
+            "nosuchorg/nosuchmodel",
+            "--out",
+            str(tmp_path / "x.png"),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr  # no "Couldn't connect to the Hub", no warnings, no traceback
+    assert "nosuchorg/nosuchmodel" in lines[0] and "--model /path/to/folder" in lines[0]
+
+
+def test_load_pipeline_is_quiet_and_float16_loads_on_cpu(tiny_pipe_dir, capfd):
+    pipe = load_pipeline(tiny_pipe_dir, device="cpu", dtype="float16")
+    assert set(_dtypes(pipe).values()) == {torch.float16}
+    err = capfd.readouterr().err
+    assert "Loading" not in err and "cannot run with" not in err and "deprecated" not in err, err
+
+
+def test_a_size_far_beyond_the_trained_one_is_refused_unless_forced(tiny_pipe):
+    trained = tiny_pipe.unet.config.sample_size * tiny_pipe.vae_scale_factor  # 32
+    check_image_size(tiny_pipe, 4 * trained, None)
+    with pytest.raises(
+        ValueError, match=r"height 136 is more than 4x .* \(32, so at most 128\): pass --force"
+    ):
+        check_image_size(tiny_pipe, 4 * trained + 8, trained)
+    check_image_size(tiny_pipe, 10_000, 10_000, force=True)
+
+
+def test_missing_folder_is_a_model_load_error():
+    with pytest.raises(ModelLoadError, match="does not exist"):
+        load_pipeline("./no/such/folder")
