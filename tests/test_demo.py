@@ -406,3 +406,21 @@ def test_the_page_takes_any_colour_as_the_reference_background():
     for colour in ("beige", "dark gray", "#336699"):
         req = validate_request(PROMPT, two_boxes(), background=colour)
         assert req.generation.reference_params["background"] == colour
+
+
+def test_a_repeated_phrase_is_labelled_apart_on_the_canvas():
+    layout = Layout.from_pairs(
+        [("red circle", (0.05, 0.3, 0.45, 0.7)), ("red circle", (0.55, 0.3, 0.95, 0.7))]
+    )
+    value = annotation_from_layout(layout)
+    assert [b["label"] for b in value["boxes"]] == ["red circle", "red circle#2"]
+    assert layout_from_annotation(value).labels == ["red circle", "red circle#2"]
+
+
+def test_run_generation_captions_a_repeated_phrase_apart(tiny_pipe, tmp_path):
+    value = annotation(("red circle", (32, 128, 224, 384)), ("red circle#2", (288, 128, 480, 384)))
+    req = validate_request(
+        "a red circle and a red circle", value, tokenizer=tiny_pipe.tokenizer, init="random", **FAST
+    )
+    result = run_generation(tiny_pipe, req, model="tiny", out_dir=str(tmp_path))
+    assert [caption for _, caption in result.heatmaps] == ["attention: red circle", "attention: red circle#2"]

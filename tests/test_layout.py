@@ -323,3 +323,12 @@ def test_resolution_uses_pipeline_tokenizer_positions(tokenizer):
     light, house = layout.resolve_tokens(tokenizer, prompt)
     assert tokenizer.decode([padded[i] for i in house]).strip() == "house"
     assert tokenizer.decode([padded[i] for i in light]).strip() == "yellow traffic light"
+
+
+def test_labels_tell_repeated_phrases_apart():
+    box = (0.1, 0.1, 0.4, 0.4)
+    implicit = Layout.from_pairs([("red circle", box), ("blue square", box), ("red circle", box)])
+    assert implicit.labels == ["red circle", "blue square", "red circle#2"]
+    specs = Layout.from_specs(["red circle#2=0.5,0.5,0.9,0.9", "red circle=0.1,0.1,0.4,0.4"])
+    assert specs.labels == ["red circle#2", "red circle"]  # the unnumbered box takes the first one
+    assert Layout((Box("dog", box, occurrence=2),)).labels == ["dog#3"]

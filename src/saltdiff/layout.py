@@ -182,6 +182,24 @@ class Layout:
     def phrases(self) -> list[str]:
         return [b.phrase for b in self.boxes]
 
+    @property
+    def labels(self) -> list[str]:
+        """Each box's phrase as ``--box`` writes it: ``"dog"``, or ``"dog#2"`` for the second "dog".
+
+        A box without ``occurrence`` counts as the first occurrence no earlier box took, as in
+        :meth:`resolve_tokens`, so two boxes of one phrase are labelled apart in every picture.
+        """
+        taken: dict[str, set[int]] = {}
+        labels = []
+        for b in self.boxes:
+            used = taken.setdefault(_normalize_phrase(b.phrase), set())
+            occurrence = b.occurrence
+            if occurrence is None:
+                occurrence = min(set(range(len(used) + 1)) - used)
+            used.add(occurrence)
+            labels.append(b.phrase if occurrence == 0 else f"{b.phrase}#{occurrence + 1}")
+        return labels
+
     # -- construction and I/O ----------------------------------------------------------------------
     @classmethod
     def from_pairs(cls, pairs: Iterable[tuple[str, Sequence[float]]]) -> Layout:

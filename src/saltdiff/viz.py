@@ -38,16 +38,16 @@ def draw_boxes(
     draw = ImageDraw.Draw(out)
     line = width or max(1, out.width // 128)
     font = _font(max(10, out.width // 24))
-    for k, box in enumerate(layout):
+    for k, (box, label) in enumerate(zip(layout, layout.labels)):
         color = PALETTE[k % len(PALETTE)]
         x0, y0, x1, y1 = box.to_pixels(out.width, out.height)
         draw.rectangle([x0, y0, x1 - 1, y1 - 1], outline=color, width=line)
-        if labels:
-            tw = draw.textlength(box.phrase, font=font)
+        if labels:  # "red circle#2" for a repeated phrase's second box
+            tw = draw.textlength(label, font=font)
             th = font.size if hasattr(font, "size") else 10
             ty = max(0, y0 - th - 2)
             draw.rectangle([x0, ty, x0 + tw + 4, ty + th + 2], fill=color)
-            draw.text((x0 + 2, ty), box.phrase, fill=(0, 0, 0), font=font)
+            draw.text((x0 + 2, ty), label, fill=(0, 0, 0), font=font)
     return out
 
 
@@ -76,10 +76,10 @@ def overlay_figure(
         tiles.append(draw_boxes(reference_image, layout, scale=scale, labels=False).resize((tile, th)))
         captions.append("reference")
     if attention_maps is not None:
-        for k, box in enumerate(layout):
+        for k, (box, label) in enumerate(zip(layout, layout.labels)):
             heat = heatmap(attention_maps[k], (tile, th))
             tiles.append(draw_boxes(heat, Layout((box,)), labels=False))
-            captions.append(f"attn: {box.phrase}")
+            captions.append(f"attn: {label}")
     pad = 22
     canvas = Image.new("RGB", (tile * len(tiles) + 4 * (len(tiles) - 1), th + pad), (255, 255, 255))
     draw = ImageDraw.Draw(canvas)

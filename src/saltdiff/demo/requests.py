@@ -179,9 +179,8 @@ def annotation_from_layout(layout: Layout, image: Image.Image | None = None) -> 
     """The component's value showing ``layout`` on ``image`` (default: the neutral canvas)."""
     image = image if image is not None else neutral_canvas()
     boxes = []
-    for k, box in enumerate(layout):
+    for k, (box, label) in enumerate(zip(layout, layout.labels)):  # a repeated phrase: "dog", "dog#2"
         x0, y0, x1, y1 = box.to_pixels(image.width, image.height)
-        label = box.phrase if box.occurrence is None else f"{box.phrase}#{box.occurrence + 1}"
         boxes.append(
             {
                 "xmin": x0,
@@ -430,9 +429,9 @@ def run_generation(
     heatmaps = []
     maps = main.output.attention_maps
     if maps is not None:
-        for k, box in enumerate(layout):
+        for k, (box, label) in enumerate(zip(layout, layout.labels)):
             heat = heatmap(maps[0, k], (image.width * scale, image.height * scale))
-            heatmaps.append((draw_boxes(heat, Layout((box,)), labels=False), f"attention: {box.phrase}"))
+            heatmaps.append((draw_boxes(heat, Layout((box,)), labels=False), f"attention: {label}"))
     compare = [
         (draw_boxes(run.output.images[0], layout, scale=scale), f"{run.init} init, seed {run.request.seed}")
         for run in runs
