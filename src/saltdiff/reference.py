@@ -24,6 +24,7 @@ import torch
 from PIL import Image
 
 from .colors import BACKGROUND_HELP, GENERATED_BACKGROUNDS, SPECIAL_BACKGROUNDS, background_rgb
+from .cutout import border_color_mask, cut_out
 from .layout import Layout
 from .registry import REFERENCE_BUILDERS, check_fields
 
@@ -135,43 +136,8 @@ def solid_background(kind: str, height: int, width: int, generator: torch.Genera
 
 
 def foreground_mask(image: np.ndarray, threshold: float = 0.15) -> np.ndarray:
-    """Pixels that differ from the image's border color by more than ``threshold`` (RGB in [0,1]).
-
-    Object images are generated "on a plain background", so the border median is the background;
-    the largest connected component is kept and its holes filled, giving one solid object.
-    """
-
-    border = np.concatenate(
-        [
-            image[:2].reshape(-1, 3),
-            image[-2:].reshape(-1, 3),
-            image[:, :2].reshape(-1, 3),
-            image[:, -2:].reshape(-1, 3),
-        ]
-    )
-    background = np.median(border, axis=0)
-    distance = np.sqrt(((image - background) ** 2).sum(-1))
-    mask = distance > threshold
-    return largest_component(mask)
-
-
-def attention_mask(attention: np.ndarray, height: int, width: int, threshold: float = 0.5) -> np.ndarray:
-    """The phrase's own cross-attention map, upsampled and thresholded at ``threshold`` × its max."""
-    tensor = torch.from_numpy(np.asarray(attention, dtype=np.float32))[None, None]
-    up = torch.nn.functional.interpolate(tensor, size=(height, width), mode="bilinear", align_corners=False)
-    up = up[0, 0].numpy()
-    return largest_component(up >= threshold * up.max())
-
-
-def largest_component(mask: np.ndarray) -> np.ndarray:
-    from scipy import ndimage
-
-    labels, count = ndimage.label(mask)
-    if count == 0:
-        return mask
-    sizes = ndimage.sum(mask, labels, index=range(1, count + 1))
-    keep = labels == (int(np.argmax(sizes)) + 1)
-    return ndimage.binary_fill_holes(keep)
+    """The border-colour cut-out (:func:`saltdiff.cutout.border_color_mask`), for user object images."""
+    return border_color_mask(image, threshold)
 
 
 def paste_object(
@@ -258,7 +224,7 @@ class GeneratedObjects:
     object_seed: int = 0
     num_inference_steps: int = 25
     guidance_scale: float = 7.5
-    cutout: str = "foreground"
+    cutout: str = "attention-color"
     threshold: float = 0.15
     attention_threshold: float = 0.5
     fit: str = "stretch"
@@ -339,10 +305,13 @@ class GeneratedObjects:
         for k, (box, made) in enumerate(zip(layout, generated)):
             obj = made.image
             images.append(Image.fromarray((np.clip(obj, 0, 1) * 255).astype(np.uint8)))
-            if self.cutout == "attention" and made.attention is not None:
-                mask = attention_mask(made.attention, height, width, threshold=self.attention_threshold)
-            else:
-                mask = foreground_mask(obj, self.threshold)
+            mask = cut_out(
+                obj,
+                made.attention,
+                self.cutout,
+                threshold=self.threshold,
+                attention_threshold=self.attention_threshold,
+            )
             if not mask.any():
                 logger.warning(
                     "no object found in the generated image for %r; using the whole image", box.phrase

@@ -397,9 +397,11 @@ REFERENCE_BUILDERS.register(
             ),
             Param(
                 "cutout",
-                "foreground",
-                "how objects are cut out: foreground (border color) or attention (its own map)",
-                choices=("foreground", "attention"),
+                "attention-color",
+                "how objects are cut out: attention-color (the phrase's attention locates it, colour "
+                "and edges outline it; survives shadows, gradients, clutter, white on white), "
+                "foreground (border colour only) or attention (its own map only)",
+                choices=("attention-color", "foreground", "attention"),
             ),
             Param(
                 "threshold",
