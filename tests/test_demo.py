@@ -424,3 +424,59 @@ def test_run_generation_captions_a_repeated_phrase_apart(tiny_pipe, tmp_path):
     )
     result = run_generation(tiny_pipe, req, model="tiny", out_dir=str(tmp_path))
     assert [caption for _, caption in result.heatmaps] == ["attention: red circle", "attention: red circle#2"]
+
+
+def test_example_thumbnail_draws_the_layout_into_the_canvas():
+    from saltdiff.demo.requests import CANVAS_COLOR, example_thumbnail
+    from saltdiff.viz import PALETTE
+
+    value = example_rows()[0][0]
+    thumb = np.asarray(example_thumbnail(value)["image"])
+    colours = {tuple(int(v) for v in c) for c in thumb.reshape(-1, 3)}
+    assert PALETTE[0] in colours and PALETTE[1] in colours
+    assert tuple(thumb[4, 4]) == CANVAS_COLOR  # outside the boxes: the plain canvas
+    assert PALETTE[0] not in {tuple(int(v) for v in c) for c in np.asarray(value["image"]).reshape(-1, 3)}
+
+
+def test_example_rows_show_their_boxes_in_the_page(app):
+    from gradio.components import Dataset
+
+    from saltdiff.viz import PALETTE
+
+    dataset = next(c for c in app.blocks.values() if isinstance(c, Dataset))
+    for sample in dataset.samples:
+        thumb = sample[0]
+        path = thumb["path"] if isinstance(thumb, dict) else thumb.path
+        pixels = np.asarray(Image.open(path).convert("RGB")).reshape(-1, 3).astype(int)
+        near_box_colour = np.abs(pixels - np.array(PALETTE[0])).max(axis=1) < 24  # stored as lossy webp
+        assert near_box_colour.sum() > 500  # every example draws its first box (the canvas has none)
+
+
+def test_the_page_starts_with_the_readme_screenshots_steps():
+    assert CONTROL_DEFAULTS["steps"] == 25
+
+
+def test_the_demo_log_drops_gradios_debug_lines_and_keeps_the_rest():
+    import io
+
+    from saltdiff.demo.cli import GradioDebugFilter
+
+    out = io.StringIO()
+    stream = GradioDebugFilter(out)
+    print("* Running on local URL:  http://127.0.0.1:7860", file=stream)
+    print("id=2417001, environment=client, type=index.js, file_name=index.js", file=stream)
+    print("id=2417001, environment=server, type=style.css, file_name=style.css", file=stream)
+    print("saltdiff: wrote x.png", file=stream)
+    stream.write("50%|█████")  # a progress bar's partial line goes out at once
+    assert (
+        out.getvalue() == "* Running on local URL:  http://127.0.0.1:7860\nsaltdiff: wrote x.png\n50%|█████"
+    )
+
+
+def test_gradio_still_prints_the_line_the_demo_filters():
+    pytest.importorskip("gradio")
+    import inspect
+
+    import gradio.routes
+
+    assert "environment={environment}, type={type}, file_name={file_name}" in inspect.getsource(gradio.routes)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import re
+import sys
+
 from ..cli_args import CliError, HelpFormatter, add_model_args
 
 DEFAULT_HOST = "127.0.0.1"
@@ -28,6 +31,38 @@ def add_demo_parser(subparsers) -> None:
     parser.set_defaults(func=cmd_demo)
 
 
+class GradioDebugFilter:
+    """``sys.stdout`` while ``saltdiff demo`` serves: every line passes except gradio's debug print.
+
+    gradio 6 prints ``id=…, environment=client, type=…, file_name=…`` (a bare ``print`` in its
+    routes) for every custom-component file a browser fetches, on every page load; they say nothing
+    a user can act on. Whole lines are matched; everything else goes through unchanged.
+    """
+
+    DEBUG_LINE = re.compile(r"id=[^,\n]*, environment=(client|server), type=[^,\n]*, file_name=[^\n]*")
+
+    def __init__(self, stream) -> None:
+        self._stream = stream
+        self._pending = ""
+
+    def write(self, text: str) -> int:
+        self._pending += text
+        *lines, self._pending = self._pending.split("\n")
+        for line in lines:
+            if not self.DEBUG_LINE.fullmatch(line):
+                self._stream.write(line + "\n")
+        if self._pending and not "id=".startswith(self._pending[:3]):
+            self._stream.write(self._pending)  # a partial line that cannot be gradio's: no delay
+            self._pending = ""
+        return len(text)
+
+    def flush(self) -> None:
+        self._stream.flush()
+
+    def __getattr__(self, name):  # encoding, isatty, fileno, … of the real stream
+        return getattr(self._stream, name)
+
+
 def cmd_demo(args) -> int:
     try:
         import gradio  # noqa: F401
@@ -43,5 +78,9 @@ def cmd_demo(args) -> int:
     app = build_app(
         args.model, allow_model_paths=args.allow_model_paths, device=args.device, dtype=args.dtype
     )
-    app.launch(**launch_kwargs(args.host, args.port))
+    stdout, sys.stdout = sys.stdout, GradioDebugFilter(sys.stdout)
+    try:
+        app.launch(**launch_kwargs(args.host, args.port))
+    finally:
+        sys.stdout = stdout
     return 0

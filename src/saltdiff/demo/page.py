@@ -38,6 +38,7 @@ from .requests import (
     GenerationCancelled,
     annotation_from_layout,
     display_image,
+    example_thumbnail,
     neutral_canvas,
     run_generation,
     user_message,
@@ -389,6 +390,9 @@ def build_app(
         )
         stop_btn.click(cancel, None, status, cancels=[gen_event], queue=False, api_name=False)
         annotator.upload(lambda: True, None, use_reference, queue=False, api_name=False)
+        # Example thumbnails show each layout's boxes (the component's own shows its image alone).
+        plain_example = annotator.process_example
+        annotator.process_example = lambda value: plain_example(value and example_thumbnail(value))
         gr.Examples(
             examples=example_rows(),
             inputs=[annotator, prompt, init, guidance, compare],

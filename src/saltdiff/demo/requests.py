@@ -47,8 +47,9 @@ MAX_SEED = 2**32 - 1
 MAX_CANVAS_SIDE = 4096
 #: Pixels a drawn box may overshoot the canvas edge (mouse rounding) before it counts as outside.
 EDGE_TOLERANCE_PX = 2.0
-#: Denoising steps the page starts with (fewer than ``saltdiff generate``'s 50: a page is interactive).
-DEFAULT_STEPS = 30
+#: Denoising steps the page starts with: those of the README's benchmark table and demo screenshot
+#: (``saltdiff bench``'s default; ``saltdiff generate`` and the API default to 50).
+DEFAULT_STEPS = 25
 
 #: The initializer that compare mode pits against random init, and the registered params the page
 #: sets (their defaults, help texts and lower bounds come from the registry).
@@ -192,6 +193,18 @@ def annotation_from_layout(layout: Layout, image: Image.Image | None = None) -> 
             }
         )
     return {"image": np.asarray(image.convert("RGB")), "boxes": boxes}
+
+
+def example_thumbnail(value: Mapping) -> dict:
+    """The component's value with its boxes drawn into the image: what an example row shows.
+
+    The box-drawing component's example thumbnail is its image alone, so every example looked like
+    the same empty canvas; the page's examples draw their layout in (the value loaded on a click
+    keeps the plain canvas).
+    """
+    layout = layout_from_annotation(value)
+    boxed = draw_boxes(annotation_image(value), layout, width=max(2, CANVAS_SIZE // 128))
+    return {**value, "image": np.asarray(boxed)}
 
 
 @dataclass(frozen=True)
