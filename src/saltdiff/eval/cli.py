@@ -37,7 +37,8 @@ def _add_run_args(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--out", required=True, help="run folder (a rerun with the same folder resumes)")
     add_model_args(parser)
-    parser.add_argument("--steps", type=int, default=50, help="denoising steps")
+    # 25: every table in README.md and benchmarks/RESULTS.md (saltdiff generate defaults to 50)
+    parser.add_argument("--steps", type=int, default=25, help="denoising steps")
     parser.add_argument("--cfg", type=float, default=7.5, help="classifier-free guidance scale")
     parser.add_argument("--height", type=int, default=None, help="image height (default: the model's)")
     parser.add_argument("--width", type=int, default=None, help="image width (default: the model's)")
@@ -73,6 +74,7 @@ def add_bench_parser(subparsers) -> None:
         formatter_class=HelpFormatter,
     )
     _add_run_args(bench)
+    bench.set_defaults(seeds="2")  # with --n 200 and --steps 25: README.md's table as printed there
     bench.add_argument(
         "--methods",
         default="all",
