@@ -1,3 +1,4 @@
+import re
 import subprocess
 import sys
 
@@ -170,3 +171,31 @@ def test_a_missing_extra_names_the_extra_to_install(monkeypatch, capsys, argv, m
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert extra in err and err.strip().count("\n") == 0
+
+
+def _subparsers():
+    from saltdiff.cli import build_parser
+
+    parser = build_parser()
+    (action,) = [a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction"]
+    return parser, action.choices
+
+
+def test_top_level_help_lists_only_commands_that_run():
+    parser, commands = _subparsers()
+    listed = re.search(r"\{([a-z,-]+)\}", parser.format_help()).group(1).split(",")
+    assert listed == list(commands)
+    for name, sub in commands.items():
+        assert callable(sub.get_default("func")), name
+
+
+def test_help_shows_each_default_once_in_user_words():
+    _, commands = _subparsers()
+    for name, sub in commands.items():
+        text = " ".join(sub.format_help().split())
+        for entry in re.split(r" (?=--?[a-z])", text):
+            assert entry.count("(default") <= 1, (name, entry)
+        for wrong in ("default: None", "default: True", "default: False"):
+            assert wrong not in text, (name, wrong)
+        for field in ("NUM_INFERENCE_STEPS", "GUIDANCE_SCALE", "BATCH_SIZE", "TOPK_FRACTION", " CACHE "):
+            assert field not in text, (name, field)  # internal field names as metavars

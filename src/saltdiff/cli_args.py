@@ -78,17 +78,36 @@ def add_param_flags(
 ):
     """One flag per param (default ``None``: only flags the user gives are applied)."""
     for p in params:
-        extra = f"; {', '.join(owners[p.name])} only" if owners and p.name in owners else ""
-        default = "off" if p.default is None else p.default
+        only = f"{', '.join(owners[p.name])} only" if owners and p.name in owners else ""
+        if "(default" in p.help:  # the help says its default in its own words: once is enough
+            note = f" ({only})" if only else ""
+        else:
+            note = f" (default: {_user_value(p.default)}{'; ' + only if only else ''})"
         group.add_argument(
             p.cli_flag,
             dest=f"{dest_prefix}.{p.name}",
             type=_arg_type(p),
             choices=p.choices,
             default=None,
-            metavar=None if p.choices else p.name.upper(),
-            help=f"{p.help} (default: {default}{extra})",
+            metavar=_metavar(p),
+            help=p.help + note,
         )
+
+
+def _user_value(value: Any) -> str:
+    """A default as a user types it: ``off`` for None, ``true``/``false`` for booleans."""
+    if value is None:
+        return "off"
+    if isinstance(value, bool):
+        return str(value).lower()
+    return str(value)
+
+
+def _metavar(p: Param) -> str | None:
+    """What a flag's value is, in user words (``N``, ``X``, ``{true,false}``), not a field name."""
+    if p.choices:
+        return None
+    return {bool: "{true,false}", int: "N", float: "X"}.get(p.value_type, p.name.upper())
 
 
 def _params_of(registry: Registry) -> tuple[list[Param], dict[str, list[str]]]:
