@@ -150,11 +150,15 @@ def test_an_offline_hub_id_through_the_cli_is_one_line_and_nothing_else(tmp_path
     assert "nosuchorg/nosuchmodel" in lines[0] and "--model /path/to/folder" in lines[0]
 
 
-def test_load_pipeline_is_quiet_and_float16_loads_on_cpu(tiny_pipe_dir, capfd):
+def test_load_pipeline_is_quiet_and_float16_loads_on_cpu(tiny_pipe_dir, capfd, caplog):
     pipe = load_pipeline(tiny_pipe_dir, device="cpu", dtype="float16")
     assert set(_dtypes(pipe).values()) == {torch.float16}
     err = capfd.readouterr().err
     assert "Loading" not in err and "cannot run with" not in err and "deprecated" not in err, err
+    # what applies is said once, by saltdiff: it runs, slowly
+    assert [r.getMessage()[:42] for r in caplog.records if r.name == "saltdiff.loading"] == [
+        "float16 on the CPU runs, but much slower t"
+    ]
 
 
 def test_a_size_far_beyond_the_trained_one_is_refused_unless_forced(tiny_pipe):
