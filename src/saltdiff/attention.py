@@ -181,12 +181,14 @@ class CrossAttentionCaptureProcessor:
             to recover ``(h, w)`` of non-square latents from ``store.latent_hw``.
     """
 
-    def __init__(self, store: AttentionStore, name: str, downsample_factor: int = 1):
+    def __init__(self, store: AttentionStore, name: str, downsample_factor: int = 1, ip_adapter=None):
         if downsample_factor < 1:
             raise ValueError(f"downsample_factor must be >= 1, got {downsample_factor}")
         self.store = store
         self.name = name
         self.downsample_factor = int(downsample_factor)
+        # an IP-Adapter processor this one replaces: its image key/value projections are applied too
+        self.ip_adapter = ip_adapter if hasattr(ip_adapter, "to_k_ip") else None
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r}, downsample_factor={self.downsample_factor})"
@@ -200,6 +202,9 @@ class CrossAttentionCaptureProcessor:
         temb: torch.Tensor | None = None,
     ) -> torch.Tensor:
         is_cross = encoder_hidden_states is not None
+        ip_hidden_states = None
+        if isinstance(encoder_hidden_states, tuple):  # IP-Adapter: (text, [image tokens per adapter])
+            encoder_hidden_states, ip_hidden_states = encoder_hidden_states
         residual = hidden_states
 
         if attn.spatial_norm is not None:
@@ -245,6 +250,8 @@ class CrossAttentionCaptureProcessor:
 
         hidden_states = torch.bmm(attention_probs, value)
         hidden_states = attn.batch_to_head_dim(hidden_states)
+        if ip_hidden_states is not None and self.ip_adapter is not None:
+            hidden_states = hidden_states + self._image_attention(attn, query, ip_hidden_states)
 
         # linear proj
         hidden_states = attn.to_out[0](hidden_states)
@@ -259,6 +266,21 @@ class CrossAttentionCaptureProcessor:
 
         hidden_states = hidden_states / attn.rescale_output_factor
         return hidden_states
+
+    def _image_attention(self, attn, query: torch.Tensor, ip_hidden_states) -> torch.Tensor:
+        """IP-Adapter's decoupled attention to the image tokens (as ``IPAdapterAttnProcessor``, no masks)."""
+        ip = self.ip_adapter
+        out = 0
+        for tokens, scale, to_k, to_v in zip(ip_hidden_states, ip.scale, ip.to_k_ip, ip.to_v_ip):
+            if scale == 0:
+                continue
+            if tokens.ndim == 4:  # [B, images, tokens, D]: the images' tokens side by side
+                tokens = tokens.reshape(tokens.shape[0], -1, tokens.shape[-1])
+            key = attn.head_to_batch_dim(to_k(tokens))
+            value = attn.head_to_batch_dim(to_v(tokens))
+            probs = attn.get_attention_scores(query, key, None)
+            out = out + scale * attn.batch_to_head_dim(torch.bmm(probs, value))
+        return out
 
     def _record(self, probs: torch.Tensor, heads: int, spatial_hw: tuple[int, int] | None) -> None:
         rows, queries, tokens = probs.shape
@@ -417,7 +439,9 @@ def capture_cross_attention(
     original = dict(unet.attn_processors)
     replaced = dict(original)
     for name in names:
-        replaced[name + _PROCESSOR_SUFFIX] = CrossAttentionCaptureProcessor(store, name, factors[name])
+        replaced[name + _PROCESSOR_SUFFIX] = CrossAttentionCaptureProcessor(
+            store, name, factors[name], ip_adapter=original[name + _PROCESSOR_SUFFIX]
+        )
     # set_attn_processor pops entries from the dict it is given: always hand it a copy
     unet.set_attn_processor(dict(replaced))
     try:

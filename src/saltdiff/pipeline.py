@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections.abc import Callable, Mapping, Sequence
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -13,19 +12,19 @@ import numpy as np
 import PIL.Image
 import torch
 from diffusers import StableDiffusionPipeline
+from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
-from .attention import AttentionStore, capture_cross_attention
 from .checkpoints import DEFAULT_MODEL, builtin_models, resolve_model, weights_stamp
 from .components import check_component_dtypes, dtype_keyword, fit_tokenizer_length
-from .guidance import GuidanceConfig, GuidanceTargets, guided_update, layer_losses, step_scale
-from .init import InitResult, SpatialAwareInit
+from .denoising import Denoised, UNetExtras, denoise
+from .guidance import GuidanceConfig
+from .init import InitResult, RandomInit, SpatialAwareInit
 from .layout import Layout, LayoutError
-from .losses import layout_guidance_loss
 from .reference import GeneratedObject, UserImages
 from .registry import INITIALIZERS
-from .samplers import model_input_scale
+from .samplers import check_supported, scheduler_name
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +47,7 @@ class SaltOutput(BaseOutput):
         attention_maps: ``[num_images, K, h, w]`` cross-attention of each boxed phrase averaged over
             steps and the captured layers (when ``return_attention_maps=True``).
         phrases: the boxed phrases, in layout order; ``token_indices``: their prompt token positions.
+        nsfw_content_detected: the safety checker's verdict per image (``None`` without one).
     """
 
     images: list[PIL.Image.Image] | np.ndarray
@@ -58,18 +58,8 @@ class SaltOutput(BaseOutput):
     attention_maps: np.ndarray | None = None
     phrases: list[str] = field(default_factory=list)
     token_indices: list[list[int]] = field(default_factory=list)
+    nsfw_content_detected: list[bool] | None = None
     info: dict[str, Any] = field(default_factory=dict)
-
-
-class _NoBar:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-    def update(self, n: int = 1) -> None:
-        pass
 
 
 def as_layout(layout: Layout | Mapping | Sequence | None) -> Layout:
@@ -103,7 +93,8 @@ class _ObjectGenerator:
         model_id = getattr(pipe, "name_or_path", None) or pipe.config.get("_name_or_path")
         if not model_id:
             return None
-        return [str(model_id), weights_stamp(str(model_id)), str(pipe.unet.dtype)]
+        sampler = scheduler_name(pipe.scheduler) or type(pipe.scheduler).__name__
+        return [str(model_id), weights_stamp(str(model_id)), str(pipe.unet.dtype), sampler]
 
     def __call__(self, prompts, *, phrases=None, height, width, num_inference_steps, guidance_scale, seed):
         return self._pipe.generate_objects(
@@ -115,14 +106,6 @@ class _ObjectGenerator:
             guidance_scale=guidance_scale,
             seed=seed,
         )
-
-
-@dataclass
-class _Denoised:
-    latents: torch.Tensor
-    layout_losses: list[float]
-    guidance_losses: list[list[float]]
-    mean_maps: torch.Tensor | None  # [B, K, h, w] phrase maps averaged over steps
 
 
 class SaltPipeline(StableDiffusionPipeline):
@@ -248,98 +231,31 @@ class SaltPipeline(StableDiffusionPipeline):
         boxed = {i for group in token_indices for i in group}
         return [i for i in range(1, len(ids) - 1) if i not in boxed]
 
+    def _uses_cfg(self, guidance_scale: float) -> bool:
+        """Classifier-free guidance, as diffusers decides it (an LCM-distilled UNet takes w instead)."""
+        return guidance_scale > 1.0 and self.unet.config.time_cond_proj_dim is None
+
+    def _unet_extras(self, n: int, guidance_scale: float, **kwargs) -> UNetExtras:
+        """The UNet inputs of a batch of ``n``; an LCM UNet's ``timestep_cond`` embeds ``w = scale - 1``."""
+        extras = UNetExtras(**kwargs)
+        dim = self.unet.config.time_cond_proj_dim
+        if dim is not None:
+            w = torch.full((n,), float(guidance_scale) - 1.0)
+            extras.timestep_cond = self.get_guidance_scale_embedding(w, embedding_dim=dim).to(
+                device=self._execution_device, dtype=self.unet.dtype
+            )
+        return extras
+
     def object_generator(self) -> _ObjectGenerator:
         """What a reference builder may use of this pipeline: :meth:`generate_objects` and an identity."""
         return _ObjectGenerator(self)
 
     # -- the denoising loop --------------------------------------------------------------------------
-    def _denoise(
-        self,
-        latents: torch.Tensor,
-        *,
-        scheduler,
-        prompt_embeds: torch.Tensor,
-        negative_embeds: torch.Tensor | None,
-        guidance_scale: float,
-        extra_step_kwargs: dict,
-        token_indices: list[list[int]] | None = None,
-        layout_masks: Callable[[int, int], torch.Tensor] | None = None,
-        guidance: GuidanceConfig | None = None,
-        unboxed_indices: Sequence[int] = (),
-        collect_maps: bool = False,
-        on_step: Callable[[int, Any, torch.Tensor], torch.Tensor] | None = None,
-        progress: bool = True,
-    ) -> _Denoised:
-        """The sampling loop: guided updates on the first steps, then one CFG step of ``scheduler``.
-
-        Attention is captured only when ``token_indices`` is given (the capture processor computes
-        attention explicitly, the default one does not); ``layout_masks`` turns on the per-step layout
-        energy, ``guidance`` the guided updates, ``collect_maps`` the step-averaged phrase maps.
-        """
-        n = latents.shape[0]
-        do_cfg = negative_embeds is not None
-        embeds = torch.cat([negative_embeds, prompt_embeds]) if do_cfg else prompt_embeds
-        timesteps = scheduler.timesteps
-        track = token_indices is not None
-        guide = track and guidance is not None and guidance.enabled and layout_masks is not None
-        targets = tracking = None
-        if layout_masks is not None:
-            tracking = GuidanceTargets(token_indices=token_indices, layout_masks=layout_masks)
-            targets = GuidanceTargets(token_indices, layout_masks, list(unboxed_indices))
-        layout_losses: list[float] = []
-        guidance_losses: list[list[float]] = []
-        maps_sum: torch.Tensor | None = None
-        layers = guidance.layers if guidance is not None else "default"
-        capture = capture_cross_attention(self.unet, layers) if track else nullcontext(AttentionStore())
-        check_loss = guidance.loss_fn() if guide else None
-        bar = self.progress_bar(total=len(timesteps)) if progress else _NoBar()
-        with capture as store, bar as progress_bar:
-            store.latent_hw = tuple(latents.shape[-2:])
-            for i, t in enumerate(timesteps):
-
-                def denoise_pass(z, t=t):
-                    store.batch_rows = slice(n, 2 * n) if do_cfg else None
-                    store.reset()
-                    z_in = scheduler.scale_model_input(torch.cat([z] * 2) if do_cfg else z, t)
-                    return self.unet(z_in, t, encoder_hidden_states=embeds).sample
-
-                noise_pred = denoise_pass(latents)
-                if guide and i < guidance.guidance_steps:
-                    # The pass above already holds this step's conditional attention: when its loss is
-                    # under the threshold no gradient is needed (the usual case from z_T*), else the
-                    # latent gets its gradient steps and the pass is redone on the updated latent.
-                    loss_now = float(layer_losses(store, targets, check_loss, []))
-                    if not loss_now < guidance.loss_threshold:
-                        store.batch_rows = None
-
-                        def unet_cond(z, t=t):
-                            self.unet(z, t, encoder_hidden_states=prompt_embeds)
-
-                        # gradient steps in the UNet's (VP) input space, whatever the sampler's own space
-                        to_vp = model_input_scale(scheduler, t, latents)
-                        scale = step_scale(scheduler.alphas_cumprod, t, guidance.step_size_schedule)
-                        result = guided_update(unet_cond, latents * to_vp, store, targets, guidance, scale)
-                        guidance_losses.append(result.losses)
-                        latents = (result.latents / to_vp).to(latents.dtype)
-                        noise_pred = denoise_pass(latents)
-                    else:
-                        guidance_losses.append([loss_now])
-                if track:
-                    if tracking is not None:
-                        layout_losses.append(float(layer_losses(store, tracking, layout_guidance_loss)))
-                    if collect_maps:
-                        maps = store.phrase_maps(token_indices, size=tuple(latents.shape[-2:])).float()
-                        maps_sum = maps if maps_sum is None else maps_sum + maps
-                    store.reset()
-                if do_cfg:
-                    noise_uncond, noise_text = noise_pred.chunk(2)
-                    noise_pred = noise_uncond + guidance_scale * (noise_text - noise_uncond)
-                latents = scheduler.step(noise_pred, t, latents, **extra_step_kwargs, return_dict=False)[0]
-                if on_step is not None:
-                    latents = on_step(i, t, latents)
-                progress_bar.update()
-        mean_maps = None if maps_sum is None else maps_sum / len(timesteps)
-        return _Denoised(latents, layout_losses, guidance_losses, mean_maps)
+    def _denoise(self, latents: torch.Tensor, *, progress: bool = True, **kwargs) -> Denoised:
+        """:func:`saltdiff.denoising.denoise` on this pipeline's UNet, with its progress bar."""
+        total = len(kwargs["scheduler"].timesteps)
+        bar = self.progress_bar(total=total) if progress else None
+        return denoise(self.unet, latents, progress_bar=bar, **kwargs)
 
     def _decode(self, latents: torch.Tensor, output_type: str):
         if output_type == "latent":
@@ -374,7 +290,7 @@ class SaltPipeline(StableDiffusionPipeline):
         self.check_salt_inputs(prompts[0], height, width, num_inference_steps, guidance_scale, 1)
         device = self._execution_device
         n = len(prompts)
-        do_cfg = guidance_scale > 1.0
+        do_cfg = self._uses_cfg(guidance_scale)
         prompt_embeds, negative_embeds = self.encode_prompt(prompts, device, 1, do_cfg, None)
         generators = [torch.Generator("cpu").manual_seed(int(seed)) for _ in prompts]
         scheduler = type(self.scheduler).from_config(self.scheduler.config)
@@ -396,10 +312,10 @@ class SaltPipeline(StableDiffusionPipeline):
         denoised = self._denoise(
             latents,
             scheduler=scheduler,
-            prompt_embeds=prompt_embeds,
-            negative_embeds=negative_embeds if do_cfg else None,
+            embeds=torch.cat([negative_embeds, prompt_embeds]) if do_cfg else prompt_embeds,
             guidance_scale=guidance_scale,
             extra_step_kwargs=self.prepare_extra_step_kwargs(generators, 0.0),
+            extras=self._unet_extras(n, guidance_scale),
             token_indices=token_indices,
             collect_maps=phrases is not None,
             progress=False,
@@ -415,7 +331,7 @@ class SaltPipeline(StableDiffusionPipeline):
     @torch.no_grad()
     def __call__(
         self,
-        prompt: str,
+        prompt: str | None = None,
         layout: Layout | Mapping | Sequence | None = None,
         *,
         init: str | Callable | torch.Tensor | None = None,
@@ -429,6 +345,12 @@ class SaltPipeline(StableDiffusionPipeline):
         generator: torch.Generator | None = None,
         seed: int | None = None,
         latents: torch.Tensor | None = None,
+        prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        ip_adapter_image=None,
+        ip_adapter_image_embeds: list[torch.Tensor] | None = None,
+        cross_attention_kwargs: dict[str, Any] | None = None,
+        clip_skip: int | None = None,
         reference_image: PIL.Image.Image | str | None = None,
         inversion_steps: int | None = None,
         eta: float = 0.0,
@@ -443,6 +365,8 @@ class SaltPipeline(StableDiffusionPipeline):
 
         Args:
             prompt: the text prompt (one per call; use ``num_images_per_prompt`` for several images).
+                With ``prompt_embeds`` it is still needed when the layout has boxes or the
+                initializer builds a reference: the boxed phrases' tokens are found in it.
             layout: boxed phrases of the prompt (``Layout``, its dict form, or ``[(phrase, box), ...]``
                 with normalized ``x0, y0, x1, y1``); phrases are found with the pipeline's tokenizer.
             init: ``"salt"`` (spatial-aware init, the default), ``"random"``, any initializer
@@ -452,14 +376,35 @@ class SaltPipeline(StableDiffusionPipeline):
                 ``"none"``) or a ``GuidanceConfig``.
             seed: shorthand for ``generator=torch.Generator("cpu").manual_seed(seed)``.
             latents: the initial latent, as in diffusers (the same as ``init=tensor``; not with ``init``).
+            prompt_embeds, negative_prompt_embeds: text embeddings ``[1, T, D]`` used instead of
+                encoding ``prompt`` / ``negative_prompt`` (prompt weighting, textual inversion, ...).
+            ip_adapter_image, ip_adapter_image_embeds: IP-Adapter inputs, as in diffusers (after
+                ``load_ip_adapter``); they condition sampling, not the reference or its inversion.
+            cross_attention_kwargs: passed to every UNet call (e.g. ``{"scale": 0.7}`` for a LoRA).
+            clip_skip: text-encoder layers to skip, as in diffusers.
             reference_image: a whole reference image for ``init="salt"`` (instead of generated objects).
             inversion_steps: override ``SpatialAwareInit.inversion_steps`` for ``init="salt"``.
             return_attention_maps: also return per-phrase attention maps averaged over steps.
+            callback_on_step_end: a function ``(pipe, i, t, tensors) -> dict`` or a diffusers
+                ``PipelineCallback``; ``prompt_embeds`` is diffusers' CFG batch (negative rows first).
         """
         # 1. Check inputs
+        if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
+            callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
         height, width = self._default_size(height, width)
+        layout = as_layout(layout)
+        init = self._resolve_init(init, latents, reference_image, inversion_steps)
+        needs_text = len(layout) > 0 or not (torch.is_tensor(init) or isinstance(init, RandomInit))
+        prompt_text = prompt
+        if prompt is None and prompt_embeds is not None:
+            if needs_text:
+                raise ValueError(
+                    "with prompt_embeds, also pass the prompt it encodes when the layout has boxes or the "
+                    "initializer builds a reference: the boxed phrases' tokens are found in its text"
+                )
+            prompt_text = ""
         self.check_salt_inputs(
-            prompt,
+            prompt_text,
             height,
             width,
             num_inference_steps,
@@ -468,35 +413,65 @@ class SaltPipeline(StableDiffusionPipeline):
             output_type,
             callback_on_step_end_tensor_inputs,
         )
-        layout = as_layout(layout)
-        if not prompt.strip() and len(layout):
+        self._check_embeds(prompt_embeds, negative_prompt_embeds, negative_prompt)
+        if not prompt_text.strip() and len(layout):
             raise ValueError(
                 "prompt is empty but the layout has boxes: every boxed phrase must be in the prompt"
             )
-        token_indices = layout.resolve_tokens(self.tokenizer, prompt)
+        token_indices = layout.resolve_tokens(self.tokenizer, prompt_text)
         if isinstance(guidance, str):
             guidance = GuidanceConfig(loss=guidance)
         elif not isinstance(guidance, GuidanceConfig):
             raise TypeError(f"guidance must be a name or a GuidanceConfig, got {type(guidance).__name__}")
-        init = self._resolve_init(init, latents, reference_image, inversion_steps)
+        if len(layout) and guidance.enabled:
+            check_supported(self.scheduler)  # guided steps read its alphas_cumprod
         if seed is not None:
             if generator is not None:
                 raise ValueError("pass either seed or generator, not both")
             generator = torch.Generator("cpu").manual_seed(int(seed))
+        self._guidance_scale = guidance_scale
+        self._guidance_rescale = 0.0
+        self._clip_skip = clip_skip
+        self._cross_attention_kwargs = cross_attention_kwargs
+        self._interrupt = False
         device = self._execution_device
         n = num_images_per_prompt
-        do_cfg = guidance_scale > 1.0
+        do_cfg = self._uses_cfg(guidance_scale)
 
-        # 2. Encode the prompt
-        prompt_embeds, negative_embeds = self.encode_prompt(prompt, device, n, do_cfg, negative_prompt)
+        # 2. Encode the prompt (and the IP-Adapter image)
+        lora_scale = (cross_attention_kwargs or {}).get("scale")
+        prompt_embeds, negative_embeds = self.encode_prompt(
+            prompt_text if prompt_embeds is None else None,
+            device,
+            n,
+            do_cfg,
+            negative_prompt,
+            prompt_embeds=prompt_embeds,
+            negative_prompt_embeds=negative_prompt_embeds,
+            lora_scale=lora_scale,
+            clip_skip=clip_skip,
+        )
+        image_embeds = None
+        if ip_adapter_image is not None or ip_adapter_image_embeds is not None:
+            image_embeds = self.prepare_ip_adapter_image_embeds(
+                ip_adapter_image, ip_adapter_image_embeds, device, n, do_cfg
+            )
+        extras = self._unet_extras(
+            n,
+            guidance_scale,
+            cross_attention_kwargs=cross_attention_kwargs,
+            image_embeds=image_embeds,
+            image_embeds_cfg=do_cfg,
+        )
 
         # 3. Timesteps (before the initial latents: Euler-type samplers' init_noise_sigma depends on them)
         self.scheduler.set_timesteps(num_inference_steps, device=device)
+        self._num_timesteps = len(self.scheduler.timesteps)
         extra_step_kwargs = self.prepare_extra_step_kwargs(generator, eta)
 
         # 4. Initial latents (reference builders generate objects on a copy of the scheduler)
         init_result = self._init_latents(
-            init, prompt, layout, generator, height, width, num_inference_steps, n
+            init, prompt_text, layout, generator, height, width, num_inference_steps, n
         )
         init_latent = init_result.latents.detach().cpu().clone()
 
@@ -504,38 +479,50 @@ class SaltPipeline(StableDiffusionPipeline):
         on_step = None
         if callback_on_step_end is not None:
 
-            def on_step(i, t, latents):
+            def on_step(i, t, latents, state):
                 local = {
                     "latents": latents,
-                    "prompt_embeds": prompt_embeds,
+                    "prompt_embeds": state.embeds,
                     "negative_prompt_embeds": negative_embeds,
                 }
                 callback_kwargs = {k: local[k] for k in callback_on_step_end_tensor_inputs}
                 callback_outputs = callback_on_step_end(self, i, t, callback_kwargs) or {}
+                state.embeds = callback_outputs.pop("prompt_embeds", state.embeds)
+                state.guidance_scale = self._guidance_scale
                 return callback_outputs.pop("latents", latents)
 
         has_boxes = len(layout) > 0
         unboxed = []
         if has_boxes and guidance.enabled and guidance.needs_unboxed_tokens:
-            unboxed = self._unboxed_indices(prompt, token_indices)
+            unboxed = self._unboxed_indices(prompt_text, token_indices)
         denoised = self._denoise(
             init_result.latents,
             scheduler=self.scheduler,
-            prompt_embeds=prompt_embeds,
-            negative_embeds=negative_embeds if do_cfg else None,
+            embeds=torch.cat([negative_embeds, prompt_embeds]) if do_cfg else prompt_embeds,
             guidance_scale=guidance_scale,
             extra_step_kwargs=extra_step_kwargs,
+            extras=extras,
             token_indices=token_indices if has_boxes else None,
             layout_masks=(lambda h, w: layout.masks(h, w)) if has_boxes else None,
             guidance=guidance,
             unboxed_indices=unboxed,
             collect_maps=return_attention_maps and has_boxes,
             on_step=on_step,
+            interrupted=lambda: self.interrupt,
             progress=progress,
         )
 
-        # 6. Decode
-        images = self._decode(denoised.latents, output_type)
+        # 6. Decode, and the safety checker as in the parent pipeline
+        nsfw = None
+        if output_type == "latent":
+            images = denoised.latents
+        else:
+            decoded = self.vae.decode(denoised.latents / self.vae.config.scaling_factor, return_dict=False)[0]
+            decoded, nsfw = self.run_safety_checker(decoded, device, prompt_embeds.dtype)
+            denormalize = [True] * decoded.shape[0] if nsfw is None else [not flag for flag in nsfw]
+            images = self.image_processor.postprocess(
+                decoded, output_type=output_type, do_denormalize=denormalize
+            )
         self.maybe_free_model_hooks()
 
         attention_maps = None if denoised.mean_maps is None else denoised.mean_maps.cpu().numpy()
@@ -548,11 +535,34 @@ class SaltPipeline(StableDiffusionPipeline):
             attention_maps=attention_maps,
             phrases=layout.phrases,
             token_indices=token_indices,
+            nsfw_content_detected=nsfw,
             info={**init_result.info, "guidance": guidance.to_dict()},
         )
         if not return_dict:
             return (output.images, output.reference_image)
         return output
+
+    def _check_embeds(self, prompt_embeds, negative_prompt_embeds, negative_prompt) -> None:
+        for name, value in (
+            ("prompt_embeds", prompt_embeds),
+            ("negative_prompt_embeds", negative_prompt_embeds),
+        ):
+            if value is None:
+                continue
+            if not torch.is_tensor(value) or value.ndim != 3 or value.shape[0] != 1:
+                shape = tuple(value.shape) if torch.is_tensor(value) else type(value).__name__
+                raise ValueError(f"{name} must be a [1, T, D] tensor (one prompt per call), got {shape}")
+        if negative_prompt is not None and negative_prompt_embeds is not None:
+            raise ValueError("pass either negative_prompt or negative_prompt_embeds, not both")
+        if (
+            prompt_embeds is not None
+            and negative_prompt_embeds is not None
+            and prompt_embeds.shape != negative_prompt_embeds.shape
+        ):
+            raise ValueError(
+                f"prompt_embeds {tuple(prompt_embeds.shape)} and negative_prompt_embeds "
+                f"{tuple(negative_prompt_embeds.shape)} must have the same shape"
+            )
 
 
 __all__ = ["SaltPipeline", "SaltOutput", "LayoutError", "DEFAULT_MODEL", "resolve_model", "builtin_models"]

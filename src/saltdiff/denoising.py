@@ -1,0 +1,180 @@
+"""The sampling loop shared by a layout call and by object generation: CFG, guidance, callbacks.
+
+One function, :func:`denoise`, runs a scheduler over its timesteps with classifier-free guidance;
+given a layout it also captures cross-attention, takes SALT's guided gradient steps on the first
+steps and records the layout energy. It knows nothing about how the initial latent was made (plug-and-play).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .attention import AttentionStore, capture_cross_attention
+from .guidance import GuidanceConfig, GuidanceTargets, guided_update, layer_losses, step_scale
+from .losses import layout_guidance_loss
+from .samplers import model_input_scale
+
+__all__ = ["Denoised", "LoopState", "NoBar", "UNetExtras", "denoise"]
+
+
+class NoBar:
+    """A progress bar that shows nothing (object generations, quiet runs)."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def update(self, n: int = 1) -> None:
+        pass
+
+
+@dataclass
+class LoopState:
+    """What a step callback may change between steps, as in diffusers' loops."""
+
+    embeds: torch.Tensor
+    guidance_scale: float
+
+
+@dataclass
+class UNetExtras:
+    """UNet inputs besides latent, timestep and text: LoRA scale, LCM's ``timestep_cond``, IP-Adapter.
+
+    ``image_embeds`` are diffusers' IP-Adapter embeddings (``[negative; conditional]`` rows when
+    ``image_embeds_cfg``); :meth:`kwargs` gives the rows a CFG batch or a conditional-only pass needs.
+    """
+
+    cross_attention_kwargs: dict | None = None
+    timestep_cond: torch.Tensor | None = None
+    image_embeds: list[torch.Tensor] | None = None
+    image_embeds_cfg: bool = False
+
+    def kwargs(self, cfg_batch: bool) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        if self.cross_attention_kwargs:
+            out["cross_attention_kwargs"] = self.cross_attention_kwargs
+        if self.timestep_cond is not None:
+            out["timestep_cond"] = torch.cat([self.timestep_cond] * 2) if cfg_batch else self.timestep_cond
+        if self.image_embeds is not None:
+            embeds = self.image_embeds
+            if self.image_embeds_cfg and not cfg_batch:
+                embeds = [e.chunk(2)[1] for e in embeds]
+            elif cfg_batch and not self.image_embeds_cfg:
+                embeds = [torch.cat([e] * 2) for e in embeds]
+            out["added_cond_kwargs"] = {"image_embeds": embeds}
+        return out
+
+
+@dataclass
+class Denoised:
+    latents: torch.Tensor
+    layout_losses: list[float]
+    guidance_losses: list[list[float]]
+    mean_maps: torch.Tensor | None  # [B, K, h, w] phrase maps averaged over steps
+
+
+def denoise(
+    unet,
+    latents: torch.Tensor,
+    *,
+    scheduler,
+    embeds: torch.Tensor,
+    guidance_scale: float,
+    extra_step_kwargs: dict,
+    extras: UNetExtras | None = None,
+    token_indices: list[list[int]] | None = None,
+    layout_masks: Callable[[int, int], torch.Tensor] | None = None,
+    guidance: GuidanceConfig | None = None,
+    unboxed_indices: Sequence[int] = (),
+    collect_maps: bool = False,
+    on_step: Callable[[int, Any, torch.Tensor, LoopState], torch.Tensor] | None = None,
+    interrupted: Callable[[], bool] = lambda: False,
+    progress_bar=None,
+) -> Denoised:
+    """The sampling loop: guided updates on the first steps, then one CFG step of ``scheduler``.
+
+    ``embeds`` is diffusers' text batch: ``[negative; conditional]`` rows under classifier-free
+    guidance, the conditional rows alone otherwise. A step callback (``on_step``) may replace the
+    embeddings and the guidance scale as diffusers' callbacks do (``SDCFGCutoffCallback``).
+    Attention is captured only when ``token_indices`` is given (the capture processor computes
+    attention explicitly, the default one does not); ``layout_masks`` turns on the per-step layout
+    energy, ``guidance`` the guided updates, ``collect_maps`` the step-averaged phrase maps.
+    """
+    n = latents.shape[0]
+    extras = extras or UNetExtras()
+    state = LoopState(embeds, guidance_scale)
+    timesteps = scheduler.timesteps
+    track = token_indices is not None
+    guide = track and guidance is not None and guidance.enabled and layout_masks is not None
+    targets = tracking = None
+    if layout_masks is not None:
+        tracking = GuidanceTargets(token_indices=token_indices, layout_masks=layout_masks)
+        targets = GuidanceTargets(token_indices, layout_masks, list(unboxed_indices))
+    layout_losses: list[float] = []
+    guidance_losses: list[list[float]] = []
+    maps_sum: torch.Tensor | None = None
+    layers = guidance.layers if guidance is not None else "default"
+    capture = capture_cross_attention(unet, layers) if track else nullcontext(AttentionStore())
+    check_loss = guidance.loss_fn() if guide else None
+    bar = progress_bar if progress_bar is not None else NoBar()
+    steps_run = 0
+    with capture as store, bar as progress_bar:
+        store.latent_hw = tuple(latents.shape[-2:])
+        for i, t in enumerate(timesteps):
+            if interrupted():
+                continue
+            steps_run += 1
+            do_cfg = state.guidance_scale > 1.0 and state.embeds.shape[0] == 2 * n
+            cond_embeds = state.embeds[-n:]
+
+            def denoise_pass(z, t=t, do_cfg=do_cfg, cond_embeds=cond_embeds):
+                store.batch_rows = slice(n, 2 * n) if do_cfg else None
+                store.reset()
+                z_in = scheduler.scale_model_input(torch.cat([z] * 2) if do_cfg else z, t)
+                embeds_in = state.embeds if do_cfg else cond_embeds
+                return unet(z_in, t, encoder_hidden_states=embeds_in, **extras.kwargs(do_cfg)).sample
+
+            noise_pred = denoise_pass(latents)
+            if guide and i < guidance.guidance_steps:
+                # The pass above already holds this step's conditional attention: when its loss is
+                # under the threshold no gradient is needed (the usual case from z_T*), else the
+                # latent gets its gradient steps and the pass is redone on the updated latent.
+                loss_now = float(layer_losses(store, targets, check_loss, []))
+                if not loss_now < guidance.loss_threshold:
+                    store.batch_rows = None
+
+                    def unet_cond(z, t=t, cond_embeds=cond_embeds):
+                        unet(z, t, encoder_hidden_states=cond_embeds, **extras.kwargs(False))
+
+                    # gradient steps in the UNet's (VP) input space, whatever the sampler's own space
+                    to_vp = model_input_scale(scheduler, t, latents)
+                    scale = step_scale(scheduler.alphas_cumprod, t, guidance.step_size_schedule)
+                    result = guided_update(unet_cond, latents * to_vp, store, targets, guidance, scale)
+                    guidance_losses.append(result.losses)
+                    latents = (result.latents / to_vp).to(latents.dtype)
+                    noise_pred = denoise_pass(latents)
+                else:
+                    guidance_losses.append([loss_now])
+            if track:
+                if tracking is not None:
+                    layout_losses.append(float(layer_losses(store, tracking, layout_guidance_loss)))
+                if collect_maps:
+                    maps = store.phrase_maps(token_indices, size=tuple(latents.shape[-2:])).float()
+                    maps_sum = maps if maps_sum is None else maps_sum + maps
+                store.reset()
+            if do_cfg:
+                noise_uncond, noise_text = noise_pred.chunk(2)
+                noise_pred = noise_uncond + state.guidance_scale * (noise_text - noise_uncond)
+            latents = scheduler.step(noise_pred, t, latents, **extra_step_kwargs, return_dict=False)[0]
+            if on_step is not None:
+                latents = on_step(i, t, latents, state)
+            progress_bar.update()
+    mean_maps = None if maps_sum is None else maps_sum / max(steps_run, 1)
+    return Denoised(latents, layout_losses, guidance_losses, mean_maps)

@@ -1,0 +1,237 @@
+"""diffusers parity on tiny components: prompt_embeds, cross_attention_kwargs, PipelineCallbacks,
+interrupt and num_timesteps, IP-Adapter, LCM's timestep_cond, the safety checker."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from saltdiff import GuidanceConfig
+from saltdiff.pipeline import SaltPipeline
+from saltdiff.testing import tiny_sd_components, tiny_sd_pipeline
+
+PROMPT = "a red circle and a blue square"
+LAYOUT = [("red circle", (0.0, 0.25, 0.5, 0.75)), ("blue square", (0.5, 0.25, 1.0, 0.75))]
+FAST = dict(num_inference_steps=4, height=32, width=32, seed=0, output_type="np")
+GUIDED = GuidanceConfig(loss="layout-guidance", guidance_steps=2, guidance_iters=1, loss_threshold=0.0)
+
+
+def _pipe(**component_overrides):
+    """A fresh tiny SaltPipeline (tests here change its components)."""
+    pipe = SaltPipeline.from_pipe(tiny_sd_pipeline())
+    for name, value in component_overrides.items():
+        setattr(pipe, name, value)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+class UNetCalls:
+    """Records the batch size and the keyword arguments of every UNet forward."""
+
+    def __init__(self, unet):
+        self.calls = []
+        self.handle = unet.register_forward_pre_hook(self, with_kwargs=True)
+
+    def __call__(self, module, args, kwargs):
+        sample = args[0] if args else kwargs["sample"]
+        self.calls.append((sample.shape[0], dict(kwargs)))
+
+    def remove(self):
+        self.handle.remove()
+
+
+def test_prompt_embeds_give_the_same_image_as_the_prompt(tiny_pipe):
+    embeds, negative = tiny_pipe.encode_prompt(PROMPT, tiny_pipe.device, 1, True, "a cat")
+    by_text = tiny_pipe(PROMPT, LAYOUT, init="random", guidance=GUIDED, negative_prompt="a cat", **FAST)
+    by_embeds = tiny_pipe(
+        PROMPT,
+        LAYOUT,
+        init="random",
+        guidance=GUIDED,
+        prompt_embeds=embeds,
+        negative_prompt_embeds=negative,
+        **FAST,
+    )
+    np.testing.assert_allclose(by_embeds.images, by_text.images, atol=1e-5)
+    # without boxes and with a random start, no prompt text is needed at all
+    plain = tiny_pipe(prompt_embeds=embeds, negative_prompt_embeds=negative, init="random", **FAST)
+    assert plain.images.shape == (1, 32, 32, 3)
+    with pytest.raises(ValueError, match="also pass the prompt it encodes"):
+        tiny_pipe(None, LAYOUT, prompt_embeds=embeds, **FAST)
+    with pytest.raises(ValueError, match=r"prompt_embeds must be a \[1, T, D\] tensor"):
+        tiny_pipe(PROMPT, LAYOUT, prompt_embeds=embeds[0], **FAST)
+    with pytest.raises(ValueError, match="either negative_prompt or negative_prompt_embeds"):
+        tiny_pipe(PROMPT, negative_prompt="x", negative_prompt_embeds=negative, **FAST)
+
+
+def test_cross_attention_kwargs_reach_every_unet_call_and_scale_a_lora():
+    from peft import LoraConfig
+
+    reference = _pipe()(PROMPT, LAYOUT, init="random", guidance=GUIDED, **FAST).images
+    pipe = _pipe()
+    torch.manual_seed(0)
+    lora = LoraConfig(
+        r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"], init_lora_weights=False
+    )
+    pipe.unet.add_adapter(lora)
+    calls = UNetCalls(pipe.unet)
+    try:
+        off = pipe(
+            PROMPT, LAYOUT, init="random", guidance=GUIDED, cross_attention_kwargs={"scale": 0.0}, **FAST
+        )
+    finally:
+        calls.remove()
+    assert len(calls.calls) > 4  # sampling passes plus guided passes
+    assert all(kw.get("cross_attention_kwargs") == {"scale": 0.0} for _, kw in calls.calls)
+    np.testing.assert_allclose(off.images, reference, atol=1e-5)  # LoRA at scale 0: the base model
+    on = pipe(PROMPT, LAYOUT, init="random", guidance=GUIDED, cross_attention_kwargs={"scale": 1.0}, **FAST)
+    assert np.abs(on.images - reference).max() > 1e-3
+
+
+def test_diffusers_cfg_cutoff_callback_and_num_timesteps():
+    from diffusers.callbacks import SDCFGCutoffCallback
+
+    pipe = _pipe()
+    calls = UNetCalls(pipe.unet)
+    try:
+        out = pipe(
+            PROMPT,
+            LAYOUT,
+            init="random",
+            guidance="none",
+            callback_on_step_end=SDCFGCutoffCallback(0.5),
+            **FAST,
+        )
+    finally:
+        calls.remove()
+    assert pipe.num_timesteps == 4
+    batches = [b for b, _ in calls.calls]
+    # the callback cuts CFG at the end of step int(4 * 0.5) = 2: conditional rows only afterwards
+    assert batches == [2, 2, 2, 1]
+    assert np.isfinite(out.images).all()
+
+
+def test_interrupt_stops_the_loop():
+    pipe = _pipe()
+    seen = []
+
+    def stop_after_first(p, i, t, tensors):
+        seen.append(i)
+        p._interrupt = True
+        return tensors
+
+    calls = UNetCalls(pipe.unet)
+    try:
+        pipe(PROMPT, LAYOUT, init="random", guidance="none", callback_on_step_end=stop_after_first, **FAST)
+    finally:
+        calls.remove()
+    assert seen == [0] and len(calls.calls) == 1
+    assert pipe.interrupt
+    pipe(PROMPT, LAYOUT, init="random", guidance="none", **FAST)  # the next call starts afresh
+    assert not pipe.interrupt
+
+
+def _with_ip_adapter(pipe, image_dim=8, tokens=4):
+    """A tiny IP-Adapter built in code: image projection plus decoupled attention on every attn2."""
+    from diffusers.models.attention_processor import AttnProcessor2_0, IPAdapterAttnProcessor2_0
+    from diffusers.models.embeddings import ImageProjection, MultiIPAdapterImageProjection
+
+    unet = pipe.unet
+    torch.manual_seed(1)
+    projection = ImageProjection(
+        image_embed_dim=image_dim, cross_attention_dim=32, num_image_text_embeds=tokens
+    )
+    unet.encoder_hid_proj = MultiIPAdapterImageProjection([projection])
+    unet.register_to_config(encoder_hid_dim_type="ip_image_proj")
+    channels = unet.config.block_out_channels
+    processors = {}
+    for name in unet.attn_processors:
+        if not name.endswith("attn2.processor"):
+            processors[name] = AttnProcessor2_0()
+            continue
+        if name.startswith("mid_block"):
+            hidden = channels[-1]
+        elif name.startswith("up_blocks"):
+            hidden = list(reversed(channels))[int(name.split(".")[1])]
+        else:
+            hidden = channels[int(name.split(".")[1])]
+        proc = IPAdapterAttnProcessor2_0(hidden, 32, num_tokens=(tokens,), scale=1.0)
+        for layer in (*proc.to_k_ip, *proc.to_v_ip):
+            torch.nn.init.normal_(layer.weight, std=0.5)
+        processors[name] = proc
+    unet.set_attn_processor(processors)
+    return pipe
+
+
+def test_ip_adapter_conditions_sampling_and_capture_keeps_its_attention():
+    pipe = _with_ip_adapter(_pipe())
+    image_embeds = [torch.randn(2, 1, 8, generator=torch.Generator().manual_seed(0))]  # [negative; image]
+    other_embeds = [torch.randn(2, 1, 8, generator=torch.Generator().manual_seed(1))]
+    unguided = dict(init="random", guidance="none", **FAST)
+    # with boxes the capture processor replaces the IP-Adapter's; without boxes nothing is captured:
+    # both must compute the same attention
+    captured = pipe(PROMPT, LAYOUT, ip_adapter_image_embeds=image_embeds, **unguided).images
+    plain = pipe(PROMPT, ip_adapter_image_embeds=image_embeds, **unguided).images
+    np.testing.assert_allclose(captured, plain, atol=1e-5)
+    other = pipe(PROMPT, LAYOUT, ip_adapter_image_embeds=other_embeds, **unguided).images
+    assert np.abs(other - captured).max() > 1e-3  # the image embedding matters
+    guided = pipe(
+        PROMPT, LAYOUT, ip_adapter_image_embeds=image_embeds, init="random", guidance=GUIDED, **FAST
+    )
+    assert len(guided.guidance_losses) == 2
+
+
+def test_lcm_unet_gets_timestep_cond_and_no_cfg_batch():
+    components = tiny_sd_components()
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel.from_config(components["unet"].config, time_cond_proj_dim=8)
+    pipe = _pipe(unet=unet)
+    calls = UNetCalls(pipe.unet)
+    try:
+        pipe(PROMPT, LAYOUT, init="random", guidance=GUIDED, guidance_scale=4.0, **FAST)
+    finally:
+        calls.remove()
+    assert all(b == 1 for b, _ in calls.calls)  # the guidance scale goes in as w, not as a CFG batch
+    conds = [kw.get("timestep_cond") for _, kw in calls.calls]
+    assert all(c is not None and c.shape == (1, 8) for c in conds)
+    expected = pipe.get_guidance_scale_embedding(torch.tensor([3.0]), embedding_dim=8)
+    torch.testing.assert_close(conds[0], expected)
+
+
+class FlagEverything(torch.nn.Module):
+    """A safety checker that flags every image and blacks it out, as diffusers' does for NSFW ones."""
+
+    def __init__(self):
+        super().__init__()
+        self.dummy = torch.nn.Parameter(torch.zeros(1))
+
+    @property
+    def device(self):
+        return self.dummy.device
+
+    @property
+    def dtype(self):
+        return self.dummy.dtype
+
+    def forward(self, images, clip_input):
+        return torch.zeros_like(images), [True] * len(images)
+
+
+class PixelMean:
+    def __call__(self, images, return_tensors="pt"):
+        from types import SimpleNamespace
+
+        values = torch.tensor(np.stack([np.asarray(im, dtype=np.float32).mean((0, 1)) for im in images]))
+        return SimpleNamespace(pixel_values=values, to=lambda device: SimpleNamespace(pixel_values=values))
+
+
+def test_safety_checker_runs_as_in_the_parent_pipeline(tiny_pipe):
+    pipe = _pipe()
+    pipe.register_modules(safety_checker=FlagEverything(), feature_extractor=PixelMean())
+    out = pipe(PROMPT, LAYOUT, init="random", guidance="none", **FAST)
+    assert out.nsfw_content_detected == [True]
+    assert out.images.max() == 0.0  # blacked out, not denormalized to gray
+    assert tiny_pipe(PROMPT, LAYOUT, init="random", guidance="none", **FAST).nsfw_content_detected is None
