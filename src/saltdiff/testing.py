@@ -201,3 +201,70 @@ class GaussianDenoiser(torch.nn.Module):
         else:
             out = eps
         return SimpleNamespace(sample=out.to(sample.dtype))
+
+
+def sd2_architecture_components(seed: int = 0, dtype=torch.float32) -> dict:
+    """The Stable Diffusion 2.x 768-v architecture (random weights): v-prediction, 768 default size.
+
+    SD 2.x differs from 1.5 where saltdiff could go wrong: the UNet predicts ``v`` (inversion must
+    convert it at the model's own timestep), its transformer blocks use linear projections and
+    per-level head sizes, the text encoder is OpenCLIP ViT-H (1024 wide, 23 layers), and the default
+    size is 768 (``sample_size`` 96).
+    """
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    tokenizer = tiny_tokenizer(77)
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=96,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(320, 640, 1280, 1280),
+        layers_per_block=2,
+        down_block_types=(
+            "CrossAttnDownBlock2D",
+            "CrossAttnDownBlock2D",
+            "CrossAttnDownBlock2D",
+            "DownBlock2D",
+        ),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=1024,
+        attention_head_dim=(5, 10, 20, 20),
+        use_linear_projection=True,
+        upcast_attention=True,
+    )
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(128, 256, 512, 512),
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        latent_channels=4,
+        layers_per_block=2,
+        sample_size=768,
+        scaling_factor=0.18215,
+    )
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=1024,
+            intermediate_size=4096,
+            num_hidden_layers=23,
+            num_attention_heads=16,
+            max_position_embeddings=77,
+            hidden_act="gelu",
+            projection_dim=512,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    )
+    scheduler = DDIMScheduler.from_config(sd_ddim_scheduler().config, prediction_type="v_prediction")
+    return {
+        "unet": unet.to(dtype).eval(),
+        "vae": vae.to(dtype).eval(),
+        "text_encoder": text_encoder.to(dtype).eval(),
+        "tokenizer": tokenizer,
+        "scheduler": scheduler,
+    }
