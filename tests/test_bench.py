@@ -357,6 +357,10 @@ def test_bench_user_errors(tiny_pipe_dir, tmp_path, capsys, layouts_file):
     )
     assert main(bench_args(str(bad), tiny_pipe_dir, tmp_path / "o")) == 2
     assert "names background 'sky', which the shapes detector cannot classify" in capsys.readouterr().err
+    too_big = [*bench_args(layouts_file, tiny_pipe_dir, tmp_path / "o"), "--height", "1024"]
+    assert main(too_big) == 2  # the tiny model is trained at 32: 1024 is over 4x
+    assert "height 1024 is more than 4x" in capsys.readouterr().err
+    assert not (tmp_path / "o" / "records").exists()  # refused before any image
 
 
 def _env():

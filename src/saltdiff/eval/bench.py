@@ -93,6 +93,7 @@ class BenchConfig:
     scheduler: str = "ddim"
     height: int | None = None
     width: int | None = None
+    force: bool = False
     detector: str = "auto"
     clip_model: str = "auto"
     shared: SharedSettings = field(default_factory=SharedSettings)
@@ -363,6 +364,9 @@ def run_bench(config: BenchConfig, pipe=None) -> dict | None:
         pipe = load_pipeline(
             config.model, device=config.device, dtype=config.dtype, fallback_device=dist_device
         )
+    from ..loading import check_image_size
+
+    check_image_size(pipe, config.height, config.width, force=config.force)
     device = str(pipe.device)
     dtype = str(pipe.unet.dtype).replace("torch.", "")
     pipe.set_progress_bar_config(disable=True)

@@ -43,6 +43,11 @@ def _add_run_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--height", type=int, default=None, help="image height (default: the model's)")
     parser.add_argument("--width", type=int, default=None, help="image width (default: the model's)")
     parser.add_argument(
+        "--force",
+        action="store_true",
+        help="run a height or width more than 4x the model's trained size (refused otherwise: slow)",
+    )
+    parser.add_argument(
         "--detector",
         default="auto",
         help=f"one of {DETECTOR_NAMES}, optionally NAME:MODEL_ID (auto: shapes for the shapes suite or "
@@ -131,6 +136,7 @@ def _config(args, methods):
         scheduler=args.scheduler,
         height=args.height,
         width=args.width,
+        force=args.force,
         detector=args.detector,
         clip_model=args.clip_model,
         shared=shared,
