@@ -24,7 +24,7 @@ from .init import InitResult, RandomInit, SpatialAwareInit
 from .layout import Layout, LayoutError
 from .reference import GeneratedObject, UserImages
 from .registry import INITIALIZERS
-from .samplers import check_supported, scheduler_name
+from .samplers import check_supported, ddim_twin
 
 logger = logging.getLogger(__name__)
 
@@ -93,8 +93,7 @@ class _ObjectGenerator:
         model_id = getattr(pipe, "name_or_path", None) or pipe.config.get("_name_or_path")
         if not model_id:
             return None
-        sampler = scheduler_name(pipe.scheduler) or type(pipe.scheduler).__name__
-        return [str(model_id), weights_stamp(str(model_id)), str(pipe.unet.dtype), sampler]
+        return [str(model_id), weights_stamp(str(model_id)), str(pipe.unet.dtype)]
 
     def __call__(self, prompts, *, phrases=None, height, width, num_inference_steps, guidance_scale, seed):
         return self._pipe.generate_objects(
@@ -278,7 +277,7 @@ class SaltPipeline(StableDiffusionPipeline):
         """Plain text-to-image of ``prompts`` in one batch, each from the same noise (``seed``).
 
         What a reference builder needs and no more: random init, classifier-free guidance, no
-        layout and no guidance, a copy of the scheduler (a call in progress keeps its own). With
+        layout and no guidance, DDIM on the pipeline's noise schedule (whatever the call's sampler). With
         ``phrases`` (one per prompt) each image also gets its phrase's cross-attention map, averaged
         over steps, for attention cut-outs.
         """
@@ -293,7 +292,7 @@ class SaltPipeline(StableDiffusionPipeline):
         do_cfg = self._uses_cfg(guidance_scale)
         prompt_embeds, negative_embeds = self.encode_prompt(prompts, device, 1, do_cfg, None)
         generators = [torch.Generator("cpu").manual_seed(int(seed)) for _ in prompts]
-        scheduler = type(self.scheduler).from_config(self.scheduler.config)
+        scheduler = ddim_twin(self.scheduler)  # the same objects under every sampler
         shape = (
             n,
             self.unet.config.in_channels,
