@@ -95,35 +95,22 @@ def tiny_sd_pipeline(seed: int = 0, **kwargs):
     )
 
 
-def sd15_architecture_components(seed: int = 0, dtype=torch.float32) -> dict:
-    """The full Stable Diffusion 1.5 architecture (UNet 860M, VAE, CLIP ViT-L text encoder), random weights.
+#: The SD 1.x/2.x UNet layout: four levels, cross-attention on the first three and in the mid block.
+_SD_UNET_LEVELS = dict(
+    in_channels=4,
+    out_channels=4,
+    block_out_channels=(320, 640, 1280, 1280),
+    layers_per_block=2,
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+)
 
-    Shapes, layer names and attention layout are exactly SD 1.5's, so this measures the real cost of
-    each method (seconds per image, peak memory) and checks default layer selection; the tokenizer
-    is the generated one (same class and special tokens, smaller vocabulary).
-    """
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
 
-    tokenizer = tiny_tokenizer(77)
-    torch.manual_seed(seed)
-    unet = UNet2DConditionModel(
-        sample_size=64,
-        in_channels=4,
-        out_channels=4,
-        block_out_channels=(320, 640, 1280, 1280),
-        layers_per_block=2,
-        down_block_types=(
-            "CrossAttnDownBlock2D",
-            "CrossAttnDownBlock2D",
-            "CrossAttnDownBlock2D",
-            "DownBlock2D",
-        ),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=768,
-        attention_head_dim=8,
-    )
-    vae = AutoencoderKL(
+def _sd_vae(sample_size: int):
+    """The SD 1.x/2.x VAE (8x downsampling, 4 latent channels, scaling 0.18215)."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
         in_channels=3,
         out_channels=3,
         block_out_channels=(128, 256, 512, 512),
@@ -131,24 +118,28 @@ def sd15_architecture_components(seed: int = 0, dtype=torch.float32) -> dict:
         up_block_types=("UpDecoderBlock2D",) * 4,
         latent_channels=4,
         layers_per_block=2,
-        sample_size=512,
+        sample_size=sample_size,
         scaling_factor=0.18215,
     )
-    text_encoder = CLIPTextModel(
+
+
+def _clip_text_encoder(tokenizer, **config):
+    """A CLIP text encoder of the given width and depth on ``tokenizer``'s vocabulary and specials."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    return CLIPTextModel(
         CLIPTextConfig(
             vocab_size=len(tokenizer),
-            hidden_size=768,
-            intermediate_size=3072,
-            num_hidden_layers=12,
-            num_attention_heads=12,
             max_position_embeddings=77,
-            hidden_act="quick_gelu",
             bos_token_id=tokenizer.bos_token_id,
             eos_token_id=tokenizer.eos_token_id,
             pad_token_id=tokenizer.pad_token_id,
+            **config,
         )
     )
-    scheduler = sd_ddim_scheduler()
+
+
+def _components(unet, vae, text_encoder, tokenizer, scheduler, dtype) -> dict:
     return {
         "unet": unet.to(dtype).eval(),
         "vae": vae.to(dtype).eval(),
@@ -156,6 +147,32 @@ def sd15_architecture_components(seed: int = 0, dtype=torch.float32) -> dict:
         "tokenizer": tokenizer,
         "scheduler": scheduler,
     }
+
+
+def sd15_architecture_components(seed: int = 0, dtype=torch.float32) -> dict:
+    """The full Stable Diffusion 1.5 architecture (UNet 860M, VAE, CLIP ViT-L text encoder), random weights.
+
+    Shapes, layer names and attention layout are exactly SD 1.5's, so this measures the real cost of
+    each method (seconds per image, peak memory) and checks default layer selection; the tokenizer
+    is the generated one (same class and special tokens, smaller vocabulary).
+    """
+    from diffusers import UNet2DConditionModel
+
+    tokenizer = tiny_tokenizer(77)
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=64, cross_attention_dim=768, attention_head_dim=8, **_SD_UNET_LEVELS
+    )
+    vae = _sd_vae(512)
+    text_encoder = _clip_text_encoder(
+        tokenizer,
+        hidden_size=768,
+        intermediate_size=3072,
+        num_hidden_layers=12,
+        num_attention_heads=12,
+        hidden_act="quick_gelu",
+    )
+    return _components(unet, vae, text_encoder, tokenizer, sd_ddim_scheduler(), dtype)
 
 
 class GaussianDenoiser(torch.nn.Module):
@@ -211,60 +228,27 @@ def sd2_architecture_components(seed: int = 0, dtype=torch.float32) -> dict:
     per-level head sizes, the text encoder is OpenCLIP ViT-H (1024 wide, 23 layers), and the default
     size is 768 (``sample_size`` 96).
     """
-    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from diffusers import DDIMScheduler, UNet2DConditionModel
 
     tokenizer = tiny_tokenizer(77)
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
         sample_size=96,
-        in_channels=4,
-        out_channels=4,
-        block_out_channels=(320, 640, 1280, 1280),
-        layers_per_block=2,
-        down_block_types=(
-            "CrossAttnDownBlock2D",
-            "CrossAttnDownBlock2D",
-            "CrossAttnDownBlock2D",
-            "DownBlock2D",
-        ),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
         cross_attention_dim=1024,
         attention_head_dim=(5, 10, 20, 20),
         use_linear_projection=True,
         upcast_attention=True,
+        **_SD_UNET_LEVELS,
     )
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        block_out_channels=(128, 256, 512, 512),
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        latent_channels=4,
-        layers_per_block=2,
-        sample_size=768,
-        scaling_factor=0.18215,
-    )
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=1024,
-            intermediate_size=4096,
-            num_hidden_layers=23,
-            num_attention_heads=16,
-            max_position_embeddings=77,
-            hidden_act="gelu",
-            projection_dim=512,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        )
+    vae = _sd_vae(768)
+    text_encoder = _clip_text_encoder(
+        tokenizer,
+        hidden_size=1024,
+        intermediate_size=4096,
+        num_hidden_layers=23,
+        num_attention_heads=16,
+        hidden_act="gelu",
+        projection_dim=512,
     )
     scheduler = DDIMScheduler.from_config(sd_ddim_scheduler().config, prediction_type="v_prediction")
-    return {
-        "unet": unet.to(dtype).eval(),
-        "vae": vae.to(dtype).eval(),
-        "text_encoder": text_encoder.to(dtype).eval(),
-        "tokenizer": tokenizer,
-        "scheduler": scheduler,
-    }
+    return _components(unet, vae, text_encoder, tokenizer, scheduler, dtype)
