@@ -16,12 +16,13 @@ x at ``end_timestep``: the latent to start a sampler whose first timestep is ``e
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable, Iterable
 
 import torch
 from diffusers import DDIMInverseScheduler
 from diffusers.utils.torch_utils import randn_tensor
+
+from .samplers import known_config
 
 __all__ = ["ddim_invert", "inverse_scheduler", "inversion_timesteps", "predicted_epsilon"]
 
@@ -37,8 +38,7 @@ def inverse_scheduler(scheduler) -> DDIMInverseScheduler:
     DPM-Solver or Euler config carries others, which diffusers would warn about on every call), and
     it always takes an epsilon: :func:`ddim_invert` converts other predictions itself.
     """
-    known = inspect.signature(DDIMInverseScheduler.__init__).parameters
-    config = {k: v for k, v in scheduler.config.items() if k in known}
+    config = known_config(DDIMInverseScheduler, scheduler.config)
     config.update(clip_sample=False, timestep_spacing="trailing", prediction_type="epsilon")
     return DDIMInverseScheduler.from_config(config)
 

@@ -256,11 +256,19 @@ class SaltPipeline(StableDiffusionPipeline):
         bar = self.progress_bar(total=total) if progress else None
         return denoise(self.unet, latents, progress_bar=bar, **kwargs)
 
-    def _decode(self, latents: torch.Tensor, output_type: str):
+    def _decode(self, latents: torch.Tensor, output_type: str, *, safety_dtype=None):
+        """``(images, nsfw flags)``; with ``safety_dtype`` the safety checker runs as in the parent
+        pipeline (flagged images are left as it returns them, not denormalized)."""
         if output_type == "latent":
-            return latents
+            return latents, None
         decoded = self.vae.decode(latents / self.vae.config.scaling_factor, return_dict=False)[0]
-        return self.image_processor.postprocess(decoded, output_type=output_type)
+        nsfw = None
+        if safety_dtype is not None:
+            decoded, nsfw = self.run_safety_checker(decoded, self._execution_device, safety_dtype)
+        denormalize = [True] * decoded.shape[0] if nsfw is None else [not flag for flag in nsfw]
+        return self.image_processor.postprocess(
+            decoded, output_type=output_type, do_denormalize=denormalize
+        ), nsfw
 
     @torch.no_grad()
     def generate_objects(
@@ -319,7 +327,7 @@ class SaltPipeline(StableDiffusionPipeline):
             collect_maps=phrases is not None,
             progress=False,
         )
-        images = self._decode(denoised.latents, "np")
+        images, _ = self._decode(denoised.latents, "np")
         maps = None if denoised.mean_maps is None else denoised.mean_maps.cpu().numpy()
         return [
             GeneratedObject(np.asarray(images[b], dtype=np.float32), None if maps is None else maps[b, b])
@@ -512,16 +520,7 @@ class SaltPipeline(StableDiffusionPipeline):
         )
 
         # 6. Decode, and the safety checker as in the parent pipeline
-        nsfw = None
-        if output_type == "latent":
-            images = denoised.latents
-        else:
-            decoded = self.vae.decode(denoised.latents / self.vae.config.scaling_factor, return_dict=False)[0]
-            decoded, nsfw = self.run_safety_checker(decoded, device, prompt_embeds.dtype)
-            denormalize = [True] * decoded.shape[0] if nsfw is None else [not flag for flag in nsfw]
-            images = self.image_processor.postprocess(
-                decoded, output_type=output_type, do_denormalize=denormalize
-            )
+        images, nsfw = self._decode(denoised.latents, output_type, safety_dtype=prompt_embeds.dtype)
         self.maybe_free_model_hooks()
 
         attention_maps = None if denoised.mean_maps is None else denoised.mean_maps.cpu().numpy()

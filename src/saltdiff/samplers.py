@@ -26,6 +26,7 @@ from .registry import SCHEDULERS
 __all__ = [
     "check_supported",
     "ddim_twin",
+    "known_config",
     "make_scheduler",
     "model_input_scale",
     "sampler_start_timestep",
@@ -49,8 +50,13 @@ def ddim_twin(scheduler):
     """
     from diffusers import DDIMScheduler
 
-    known = inspect.signature(DDIMScheduler.__init__).parameters
-    return DDIMScheduler.from_config({k: v for k, v in scheduler.config.items() if k in known})
+    return DDIMScheduler.from_config(known_config(DDIMScheduler, scheduler.config))
+
+
+def known_config(cls, config) -> dict:
+    """The entries of a scheduler ``config`` that ``cls`` takes (diffusers warns about the others)."""
+    known = inspect.signature(cls.__init__).parameters
+    return {k: v for k, v in config.items() if k in known}
 
 
 def scheduler_name(scheduler) -> str | None:
