@@ -24,7 +24,7 @@ from saltdiff.demo.requests import (
 )
 from saltdiff.guidance import GuidanceConfig
 from saltdiff.layout import Layout, LayoutError
-from saltdiff.registry import GUIDANCE_LOSSES, INITIALIZERS, REFERENCE_BUILDERS
+from saltdiff.registry import GUIDANCE_LOSSES, INITIALIZERS, REFERENCE_BUILDERS, SCHEDULERS
 from saltdiff.request import GenerationRequest, read_recipe
 
 PROMPT = "a red circle and a blue square on a white background"
@@ -352,7 +352,23 @@ def test_app_handler_turns_bad_input_into_a_page_error(app):
     import gradio as gr
 
     fn = _generate_fn(app).fn
-    args = ["tiny", "a red circle", two_boxes(), False, "salt", "salt", 2, 7.5, 0, 2, False, 1, "gray", 0.5]
+    args = [
+        "tiny",
+        "a red circle",
+        two_boxes(),
+        False,
+        "salt",
+        "salt",
+        2,
+        7.5,
+        0,
+        2,
+        False,
+        1,
+        "gray",
+        0.5,
+        "euler",
+    ]
     with pytest.raises(gr.Error, match="blue square"):
         fn(*args, request=None, progress=lambda *a, **k: None)
     args[0] = "/etc/passwd"
@@ -363,6 +379,7 @@ def test_app_handler_turns_bad_input_into_a_page_error(app):
     assert outputs[0].size == (256, 256)  # the 32x32 result, upscaled for display
     assert outputs[-1].startswith("Done in") and "init salt" in outputs[-1]
     assert read_recipe(outputs[6])["prompt"] == PROMPT
+    assert read_recipe(outputs[6])["scheduler"] == "euler"  # the page's sampler reaches the request
     args[10] = True  # compare: random vs salt, shown in the gallery
     outputs = fn(*args, request=None, progress=lambda *a, **k: None)
     assert outputs[5]["visible"] is True and len(outputs[5]["value"]) == 2
@@ -373,6 +390,7 @@ def test_app_lists_the_registered_names(app):
     radios = {c.elem_id: c for c in app.blocks.values() if getattr(c, "elem_id", None)}
     assert [v for _, v in radios["init"].choices] == list(INITIALIZERS.names())
     assert [v for _, v in radios["guidance"].choices] == list(GUIDANCE_LOSSES.names())
+    assert [v for _, v in radios["scheduler"].choices] == list(SCHEDULERS.names())
     assert [v for _, v in radios["background"].choices] == background_suggestions()
     assert radios["background"].allow_custom_value  # any colour name or #rrggbb can be typed
     assert "spatial-aware init" in radios["init"].info
@@ -480,3 +498,18 @@ def test_gradio_still_prints_the_line_the_demo_filters():
     import gradio.routes
 
     assert "environment={environment}, type={type}, file_name={file_name}" in inspect.getsource(gradio.routes)
+
+
+def test_the_sampler_is_a_registered_name_and_the_demo_flag_sets_the_page_default(tiny_pipe):
+    assert validate_request(PROMPT, two_boxes(), scheduler="heun").generation.scheduler == "heun"
+    with pytest.raises(ValueError, match="unknown scheduler 'dpm3'"):
+        validate_request(PROMPT, two_boxes(), scheduler="dpm3")
+    pytest.importorskip("gradio")
+    pytest.importorskip("gradio_image_annotation")
+    from saltdiff.cli import build_parser
+    from saltdiff.demo.page import build_app
+
+    args = build_parser().parse_args(["demo", "--scheduler", "euler-a"])
+    page = build_app(tiny_pipe, model_name="tiny", defaults={"scheduler": args.scheduler})
+    controls = {c.elem_id: c for c in page.blocks.values() if getattr(c, "elem_id", None)}
+    assert controls["scheduler"].value == "euler-a"

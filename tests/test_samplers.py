@@ -188,15 +188,20 @@ def test_cli_scheduler_flag_is_used_and_recorded(tiny_pipe_dir, tmp_path):
     assert main([*base, "--scheduler", "dpm3", "--out", str(out)]) == 2
 
 
-def test_request_sets_the_pipes_sampler(tiny_pipe):
-    from saltdiff.pipeline import SaltPipeline
+def test_request_runs_with_its_sampler_and_restores_the_pipes(tiny_pipe):
     from saltdiff.request import GenerationRequest
 
-    pipe = SaltPipeline.from_pipe(tiny_pipe)
-    pipe.set_progress_bar_config(disable=True)
-    request = GenerationRequest(PROMPT, init="random", scheduler="dpm++2m-karras", num_inference_steps=2)
-    request.use_scheduler(pipe)
-    assert scheduler_name(pipe.scheduler) == "dpm++2m-karras"
-    assert pipe.scheduler.config.beta_schedule == tiny_pipe.scheduler.config.beta_schedule
+    original = tiny_pipe.scheduler
+    request = GenerationRequest(
+        PROMPT, init="random", scheduler="dpm++2m-karras", num_inference_steps=2, height=32, width=32
+    )
+    with request.using_scheduler(tiny_pipe) as pipe:
+        assert scheduler_name(pipe.scheduler) == "dpm++2m-karras"
+        assert pipe.scheduler.config.beta_schedule == original.config.beta_schedule
+    assert tiny_pipe.scheduler is original
+    seen = []
+    request.run(tiny_pipe, output_type="np",
+                callback_on_step_end=lambda p, i, t, kw: seen.append(scheduler_name(p.scheduler)) or kw)  # fmt: skip
+    assert seen == ["dpm++2m-karras"] * 2 and tiny_pipe.scheduler is original
     with pytest.raises(ValueError, match="unknown scheduler 'dpm3'"):
         GenerationRequest(PROMPT, scheduler="dpm3")

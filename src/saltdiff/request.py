@@ -9,6 +9,7 @@ so ``saltdiff generate``, the demo and every bench image describe a run the same
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -113,17 +114,23 @@ class GenerationRequest:
             "seed": self.seed,
         }
 
-    def use_scheduler(self, pipe) -> None:
-        """Give ``pipe`` this request's sampler (built from its own scheduler config) unless it has it."""
+    @contextlib.contextmanager
+    def using_scheduler(self, pipe):
+        """``pipe`` with this request's sampler (built from its own scheduler config), restored after."""
         from .samplers import make_scheduler, scheduler_name
 
-        if scheduler_name(pipe.scheduler) != self.scheduler:
-            pipe.scheduler = make_scheduler(self.scheduler, pipe.scheduler.config)
+        original = pipe.scheduler
+        if scheduler_name(original) != self.scheduler:
+            pipe.scheduler = make_scheduler(self.scheduler, original.config)
+        try:
+            yield pipe
+        finally:
+            pipe.scheduler = original
 
     def run(self, pipe, **extra):
         """``pipe(prompt, layout, ...)`` for this request, with its sampler; ``extra`` adds call options."""
-        self.use_scheduler(pipe)
-        return pipe(self.prompt, self.layout, **self.pipeline_kwargs(), **extra)
+        with self.using_scheduler(pipe):
+            return pipe(self.prompt, self.layout, **self.pipeline_kwargs(), **extra)
 
     # -- the recipe ----------------------------------------------------------------------------------
     def method(self) -> dict[str, Any]:

@@ -76,7 +76,11 @@ def cmd_demo(args) -> int:
     from .page import build_app, launch_kwargs
 
     app = build_app(
-        args.model, allow_model_paths=args.allow_model_paths, device=args.device, dtype=args.dtype
+        args.model,
+        allow_model_paths=args.allow_model_paths,
+        device=args.device,
+        dtype=args.dtype,
+        defaults={"scheduler": args.scheduler},
     )
     stdout, sys.stdout = sys.stdout, GradioDebugFilter(sys.stdout)
     try:

@@ -20,7 +20,7 @@ import numpy as np
 
 from ..colors import background_suggestions
 from ..layout import Layout
-from ..registry import GUIDANCE_LOSSES, INITIALIZERS, Registry
+from ..registry import GUIDANCE_LOSSES, INITIALIZERS, SCHEDULERS, Registry
 from .models import ModelPool
 from .requests import (
     BACKGROUND,
@@ -74,6 +74,7 @@ CONTROL_DEFAULTS = {
     "object_steps": OBJECT_STEPS.default,
     "background": BACKGROUND.default,
     "noise_outside": NOISE_OUTSIDE.default,
+    "scheduler": "ddim",
 }
 
 
@@ -158,6 +159,7 @@ def build_app(
         object_steps,
         background,
         noise_outside,
+        scheduler,
         request: gr.Request,
         progress=gr.Progress(),
     ):
@@ -181,6 +183,7 @@ def build_app(
                 object_steps=object_steps,
                 background=background,
                 noise_outside=noise_outside,
+                scheduler=scheduler,
             )
             progress(0, desc="starting")
             result = run_generation(
@@ -273,6 +276,13 @@ def build_app(
                 with gr.Row():
                     steps = gr.Slider(1, MAX_STEPS, value=d["steps"], step=1, label="Steps", elem_id="steps")
                     cfg = gr.Slider(0, MAX_CFG, value=d["cfg"], step=0.5, label="CFG scale", elem_id="cfg")
+                    scheduler = gr.Dropdown(
+                        list(SCHEDULERS.names()),
+                        value=d["scheduler"],
+                        label="Sampler",
+                        info="SALT's start is converted into the sampler's noise space",
+                        elem_id="scheduler",
+                    )
                     seed = gr.Number(
                         d["seed"], precision=0, minimum=0, maximum=MAX_SEED, label="Seed", elem_id="seed"
                     )
@@ -366,6 +376,7 @@ def build_app(
             object_steps,
             background,
             noise_outside,
+            scheduler,
         ]
         outputs = [
             out_image,

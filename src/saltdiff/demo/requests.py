@@ -28,7 +28,7 @@ from PIL import Image, ImageDraw
 from ..guidance import GuidanceConfig
 from ..layout import Box, Layout, LayoutError
 from ..loading import DEFAULT_MODEL
-from ..registry import GUIDANCE_LOSSES, INITIALIZERS, REFERENCE_BUILDERS
+from ..registry import GUIDANCE_LOSSES, INITIALIZERS, REFERENCE_BUILDERS, SCHEDULERS
 from ..request import GenerationRequest
 from ..viz import PALETTE, draw_boxes, heatmap
 
@@ -268,10 +268,11 @@ def validate_request(
     object_steps: Any = OBJECT_STEPS.default,
     background: str = BACKGROUND.default,
     noise_outside: Any = NOISE_OUTSIDE.default,
+    scheduler: str = "ddim",
 ) -> DemoRequest:
     """Check a request from the page; ``ValueError`` (``LayoutError`` for the layout) names the bad value.
 
-    ``init`` and ``guidance`` are registered names; ``inversion_steps`` and ``noise_outside`` go to
+    ``init``, ``guidance`` and ``scheduler`` are registered names; ``inversion_steps`` and ``noise_outside`` go to
     the initializer when it has those params, ``object_steps`` and ``background`` to the ``objects``
     reference builder.
     With a ``tokenizer`` each boxed phrase must be found in the prompt as that model tokenizes it.
@@ -287,6 +288,7 @@ def validate_request(
         raise ValueError(f"init and guidance must be names, got {init!r} and {guidance!r}")
     INITIALIZERS.get(init)  # an unknown name lists the registered ones
     GUIDANCE_LOSSES.get(guidance)
+    SCHEDULERS.get(scheduler)
     steps = _as_int(num_inference_steps, "steps", 1, MAX_STEPS)
     inv = _as_int(inversion_steps, "inversion steps", _low(INVERSION_STEPS), MAX_INVERSION_STEPS)
     seed = _as_int(seed, "seed", 0, MAX_SEED)
@@ -338,6 +340,7 @@ def validate_request(
         num_inference_steps=steps,
         guidance_scale=float(guidance_scale),
         seed=seed,
+        scheduler=scheduler,
     )
     return DemoRequest(generation, compare=bool(compare))
 
