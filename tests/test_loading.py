@@ -174,3 +174,43 @@ def test_a_size_far_beyond_the_trained_one_is_refused_unless_forced(tiny_pipe):
 def test_missing_folder_is_a_model_load_error():
     with pytest.raises(ModelLoadError, match="does not exist"):
         load_pipeline("./no/such/folder")
+
+
+@pytest.mark.parametrize(
+    ("class_name", "components", "family"),
+    [
+        ("StableDiffusionXLPipeline", ["unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2"], "SDXL"),
+        ("FluxPipeline", ["transformer", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2"], "Flux"),
+        ("StableDiffusion3Pipeline", ["transformer", "vae", "text_encoder", "text_encoder_3"], "Stable Diffusion 3"),
+        ("PixArtSigmaPipeline", ["transformer", "vae", "text_encoder", "tokenizer"], "PixArt"),
+        ("KandinskyV22Pipeline", ["unet", "movq", "scheduler"], "Kandinsky"),
+    ],
+)  # fmt: skip
+def test_other_families_are_refused_in_one_line_before_loading(tmp_path, class_name, components, family):
+    import json
+
+    from saltdiff.cli import main
+    from saltdiff.pipeline import SaltPipeline
+
+    folder = tmp_path / "model"
+    folder.mkdir()
+    index = {"_class_name": class_name, "_diffusers_version": "0.30.0"}
+    index.update({name: ["diffusers", "Whatever"] for name in components})
+    (folder / "model_index.json").write_text(json.dumps(index))  # no weights: refused before loading any
+    with pytest.raises(
+        ValueError, match=rf"is a {family} pipeline \({class_name}\): not supported; saltdiff runs"
+    ):
+        SaltPipeline.from_pretrained(str(folder))
+    code = main(["generate", "--prompt", "a cat", "--model", str(folder), "--out", str(tmp_path / "x.png")])
+    assert code == 2
+
+
+def test_from_pipe_refuses_another_family(tiny_pipe):
+    from saltdiff.pipeline import SaltPipeline
+
+    class FluxPipeline:
+        components = {"transformer": None, "vae": None, "text_encoder": None, "text_encoder_2": None}
+
+    with pytest.raises(ValueError, match=r"the FluxPipeline given is a Flux pipeline"):
+        SaltPipeline.from_pipe(FluxPipeline())
+    assert isinstance(SaltPipeline.from_pipe(tiny_pipe), SaltPipeline)  # SD 1.x-style: accepted

@@ -56,3 +56,43 @@ def weights_stamp(model_id: str) -> list:
             st = path.stat()
             stamp.append([f"{sub}/{path.name}", st.st_size, st.st_mtime_ns])
     return stamp
+
+
+#: Pipeline class-name prefixes of families saltdiff does not run, and what to call them.
+UNSUPPORTED_FAMILIES = (
+    ("StableDiffusionXL", "SDXL"),
+    ("StableDiffusion3", "Stable Diffusion 3"),
+    ("Flux", "Flux"),
+    ("PixArt", "PixArt"),
+    ("Kandinsky", "Kandinsky"),
+    ("Sana", "Sana"),
+    ("HunyuanDiT", "Hunyuan-DiT"),
+    ("Lumina", "Lumina"),
+    ("AuraFlow", "AuraFlow"),
+    ("Wuerstchen", "Würstchen"),
+    ("StableCascade", "Stable Cascade"),
+    ("IF", "DeepFloyd IF"),
+)
+SUPPORTED_TEXT = (
+    "saltdiff runs Stable Diffusion 1.x/2.x-style checkpoints (one UNet2DConditionModel with one CLIP "
+    "text encoder: SD 1.5, SD 2.1, their fine-tunes, LCM); SDXL is planned"
+)
+
+
+def check_family(class_name: str, components, source: str) -> None:
+    """One ``ValueError`` line when a pipeline (its class name and component names) is not SD 1.x/2.x.
+
+    Read from ``model_index.json`` before any weight is loaded, or from a pipeline given to
+    ``from_pipe``: a wrong family otherwise fails deep inside diffusers (SDXL's second text encoder is
+    dropped silently and the UNet dies on its missing added conditions).
+    """
+    names = set(components)
+    family = next((label for prefix, label in UNSUPPORTED_FAMILIES if class_name.startswith(prefix)), None)
+    if family is None and "text_encoder_2" in names:
+        family = "SDXL"
+    if family is None and not {"unet", "text_encoder", "tokenizer"} <= names:
+        family = class_name or "this"
+    if family is not None:
+        raise ModelLoadError(
+            f"{source} is a {family} pipeline ({class_name}): not supported; {SUPPORTED_TEXT}"
+        )

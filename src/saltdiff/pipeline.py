@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
+import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -15,8 +17,9 @@ from diffusers import StableDiffusionPipeline
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
+from huggingface_hub import try_to_load_from_cache
 
-from .checkpoints import DEFAULT_MODEL, builtin_models, resolve_model, weights_stamp
+from .checkpoints import DEFAULT_MODEL, builtin_models, check_family, resolve_model, weights_stamp
 from .components import check_component_dtypes, dtype_keyword, fit_tokenizer_length
 from .denoising import Denoised, UNetExtras, denoise
 from .guidance import GuidanceConfig
@@ -107,6 +110,23 @@ class _ObjectGenerator:
         )
 
 
+def _check_model_index(path: str, kwargs, name: str) -> bool:
+    """:func:`check_family` on ``model_index.json`` of a folder or a cached hub id (never the network);
+    ``False`` when it is not at hand."""
+    if os.path.isdir(path):
+        file = os.path.join(path, "model_index.json")
+    else:
+        file = try_to_load_from_cache(
+            path, "model_index.json", cache_dir=kwargs.get("cache_dir"), revision=kwargs.get("revision")
+        )
+    if not isinstance(file, str) or not os.path.isfile(file):
+        return False
+    with open(file, encoding="utf-8") as fh:
+        index = json.load(fh)
+    check_family(str(index.get("_class_name", "")), [k for k in index if not k.startswith("_")], name)
+    return True
+
+
 class SaltPipeline(StableDiffusionPipeline):
     """Layout-controlled Stable Diffusion with spatial-aware latent initialization (SALT).
 
@@ -122,9 +142,18 @@ class SaltPipeline(StableDiffusionPipeline):
             # One dtype throughout, whatever the files hold (transformers loads a text encoder in its
             # files' dtype, diffusers its models in fp32; the built-in model is fp16 on disk): fp32.
             kwargs[dtype_keyword()] = torch.float32
-        pipe = super().from_pretrained(resolve_model(name), **kwargs)
+        path = resolve_model(name)
+        checked = _check_model_index(path, kwargs, name)  # a folder or a cached hub id: before loading
+        pipe = super().from_pretrained(path, **kwargs)
+        if not checked:  # a hub id fetched just now: its index is cached now
+            _check_model_index(path, kwargs, name)
         fit_tokenizer_length(pipe.tokenizer, pipe.text_encoder)
         return pipe
+
+    @classmethod
+    def from_pipe(cls, pipeline, **kwargs):
+        check_family(type(pipeline).__name__, pipeline.components, f"the {type(pipeline).__name__} given")
+        return super().from_pipe(pipeline, **kwargs)
 
     # -- inputs --------------------------------------------------------------------------------------
     def _resolve_init(self, init, latents, reference_image, inversion_steps):
