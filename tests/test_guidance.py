@@ -416,6 +416,7 @@ def test_to_dict_lists_every_field_with_resolved_loss_params():
         "step_size": 30.0,
         "step_size_schedule": "sigma",
         "loss_threshold": 0.2,
+        "outside_prompt_steps": 0,
         "layers": "default",
         "max_grad_norm": None,
         "loss_params": {"reg_weight": 0.5, "unboxed_weight": 0.0},

@@ -235,3 +235,37 @@ def test_safety_checker_runs_as_in_the_parent_pipeline(tiny_pipe):
     assert out.nsfw_content_detected == [True]
     assert out.images.max() == 0.0  # blacked out, not denormalized to gray
     assert tiny_pipe(PROMPT, LAYOUT, init="random", guidance="none", **FAST).nsfw_content_detected is None
+
+
+def test_outside_prompt_adds_a_row_with_the_prompt_minus_its_boxes_on_the_first_steps():
+    from saltdiff.reference import strip_phrases
+
+    pipe = _pipe()
+    calls = UNetCalls(pipe.unet)
+    guidance = GuidanceConfig(loss="none", outside_prompt_steps=2)
+    try:
+        pipe(PROMPT, LAYOUT, init="random", guidance=guidance, **FAST)
+    finally:
+        calls.remove()
+    assert [b for b, _ in calls.calls] == [3, 3, 2, 2]  # uncond, cond, outside; then plain CFG
+    outside_text = strip_phrases(PROMPT, [p for p, _ in LAYOUT])
+    expected, _ = pipe.encode_prompt(outside_text, pipe.device, 1, False)
+    torch.testing.assert_close(calls.calls[0][1]["encoder_hidden_states"][2:], expected)
+
+
+def test_outside_prompt_changes_nothing_inside_a_box_that_covers_the_image():
+    pipe = _pipe()
+    whole = [("red circle", (0.0, 0.0, 1.0, 1.0))]
+    plain = pipe(PROMPT, whole, init="random", guidance="none", **FAST).images
+    regional = pipe(
+        PROMPT, whole, init="random", guidance=GuidanceConfig(loss="none", outside_prompt_steps=4), **FAST
+    ).images
+    np.testing.assert_allclose(regional, plain, atol=1e-4)
+    half = pipe(
+        PROMPT,
+        LAYOUT[:1],
+        init="random",
+        guidance=GuidanceConfig(loss="none", outside_prompt_steps=4),
+        **FAST,
+    ).images
+    assert np.abs(half - pipe(PROMPT, LAYOUT[:1], init="random", guidance="none", **FAST).images).max() > 1e-3

@@ -1,11 +1,13 @@
 """Names of checkpoints: ``builtin:NAME`` for the models shipped in the package, hub ids, folders.
 
 Kept apart from :mod:`saltdiff.loading` (which builds pipelines) so that the pipeline can resolve
-``builtin:`` names without importing the module that imports it. Standard library only.
+``builtin:`` names without importing the module that imports it. Standard library only (plus
+``huggingface_hub``'s cache lookup, imported when a hub id is checked).
 """
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -96,3 +98,20 @@ def check_family(class_name: str, components, source: str) -> None:
         raise ModelLoadError(
             f"{source} is a {family} pipeline ({class_name}): not supported; {SUPPORTED_TEXT}"
         )
+
+
+def check_model_index(path: str, name: str, cache_dir=None, revision=None) -> bool:
+    """:func:`check_family` on ``model_index.json`` of a folder or a cached hub id (never the network);
+    ``False`` when it is not at hand."""
+    if os.path.isdir(path):
+        file = os.path.join(path, "model_index.json")
+    else:
+        from huggingface_hub import try_to_load_from_cache
+
+        file = try_to_load_from_cache(path, "model_index.json", cache_dir=cache_dir, revision=revision)
+    if not isinstance(file, str) or not os.path.isfile(file):
+        return False
+    with open(file, encoding="utf-8") as fh:
+        index = json.load(fh)
+    check_family(str(index.get("_class_name", "")), [k for k in index if not k.startswith("_")], name)
+    return True

@@ -19,7 +19,7 @@ from .guidance import GuidanceConfig, GuidanceTargets, guided_update, layer_loss
 from .losses import layout_guidance_loss
 from .samplers import model_input_scale
 
-__all__ = ["Denoised", "LoopState", "NoBar", "UNetExtras", "denoise"]
+__all__ = ["Denoised", "LoopState", "NoBar", "OutsidePrompt", "UNetExtras", "denoise"]
 
 
 class NoBar:
@@ -56,20 +56,41 @@ class UNetExtras:
     image_embeds: list[torch.Tensor] | None = None
     image_embeds_cfg: bool = False
 
-    def kwargs(self, cfg_batch: bool) -> dict[str, Any]:
+    def kwargs(self, cfg_batch: bool, outside_rows: bool = False) -> dict[str, Any]:
+        """For a batch ``[uncond;] cond [; outside]``: the outside rows repeat the conditional ones."""
         out: dict[str, Any] = {}
         if self.cross_attention_kwargs:
             out["cross_attention_kwargs"] = self.cross_attention_kwargs
         if self.timestep_cond is not None:
-            out["timestep_cond"] = torch.cat([self.timestep_cond] * 2) if cfg_batch else self.timestep_cond
+            out["timestep_cond"] = torch.cat([self.timestep_cond] * (int(cfg_batch) + 1 + int(outside_rows)))
         if self.image_embeds is not None:
             embeds = self.image_embeds
-            if self.image_embeds_cfg and not cfg_batch:
-                embeds = [e.chunk(2)[1] for e in embeds]
-            elif cfg_batch and not self.image_embeds_cfg:
-                embeds = [torch.cat([e] * 2) for e in embeds]
-            out["added_cond_kwargs"] = {"image_embeds": embeds}
+            if self.image_embeds_cfg:
+                embeds = [e.chunk(2) for e in embeds]
+            else:
+                embeds = [(e, e) for e in embeds]
+            out["added_cond_kwargs"] = {
+                "image_embeds": [
+                    torch.cat([*([neg] if cfg_batch else []), cond, *([cond] if outside_rows else [])])
+                    for neg, cond in embeds
+                ]
+            }
         return out
+
+
+@dataclass
+class OutsidePrompt:
+    """A second text condition for the area outside every box, on the first ``steps`` steps.
+
+    ``embeds`` (``[n, T, D]``) encode the prompt without its boxed phrases; ``mask(h, w)`` is 1 inside
+    the boxes. The conditional noise prediction becomes ``m * eps(prompt) + (1 - m) * eps(outside)``:
+    the background and the unboxed objects are still asked for everywhere, the boxed objects only in
+    their boxes, so the fresh noise outside the boxes grows no copies of them.
+    """
+
+    embeds: torch.Tensor
+    mask: Callable[[int, int], torch.Tensor]
+    steps: int
 
 
 @dataclass
@@ -96,6 +117,7 @@ def denoise(
     collect_maps: bool = False,
     on_step: Callable[[int, Any, torch.Tensor, LoopState], torch.Tensor] | None = None,
     interrupted: Callable[[], bool] = lambda: False,
+    outside: OutsidePrompt | None = None,
     progress_bar=None,
 ) -> Denoised:
     """The sampling loop: guided updates on the first steps, then one CFG step of ``scheduler``.
@@ -133,13 +155,24 @@ def denoise(
             steps_run += 1
             do_cfg = state.guidance_scale > 1.0 and state.embeds.shape[0] == 2 * n
             cond_embeds = state.embeds[-n:]
+            regional = outside is not None and i < outside.steps
 
-            def denoise_pass(z, t=t, do_cfg=do_cfg, cond_embeds=cond_embeds):
-                store.batch_rows = slice(n, 2 * n) if do_cfg else None
+            def denoise_pass(z, t=t, do_cfg=do_cfg, cond_embeds=cond_embeds, regional=regional):
+                store.batch_rows = slice(n, 2 * n) if do_cfg else slice(0, n)
                 store.reset()
-                z_in = scheduler.scale_model_input(torch.cat([z] * 2) if do_cfg else z, t)
+                rows = int(do_cfg) + 1 + int(regional)
+                z_in = scheduler.scale_model_input(torch.cat([z] * rows) if rows > 1 else z, t)
                 embeds_in = state.embeds if do_cfg else cond_embeds
-                return unet(z_in, t, encoder_hidden_states=embeds_in, **extras.kwargs(do_cfg)).sample
+                if regional:
+                    embeds_in = torch.cat([embeds_in, outside.embeds])
+                kwargs = extras.kwargs(do_cfg, regional)
+                pred = unet(z_in, t, encoder_hidden_states=embeds_in, **kwargs).sample
+                if not regional:
+                    return pred
+                pred, pred_outside = pred[:-n], pred[-n:]
+                inside = outside.mask(*z.shape[-2:]).to(pred)
+                text = pred[-n:] * inside + pred_outside * (1 - inside)
+                return torch.cat([pred[:-n], text]) if do_cfg else text
 
             noise_pred = denoise_pass(latents)
             if guide and i < guidance.guidance_steps:

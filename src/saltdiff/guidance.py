@@ -42,6 +42,7 @@ class GuidanceConfig:
     step_size: float = 30.0
     step_size_schedule: str = "sigma"
     loss_threshold: float = 0.2
+    outside_prompt_steps: int = 0
     layers: str | tuple[str, ...] = "default"
     max_grad_norm: float | None = None
     loss_params: Mapping[str, Any] = field(default_factory=dict)

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
-import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,15 +15,21 @@ from diffusers import StableDiffusionPipeline
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
-from huggingface_hub import try_to_load_from_cache
 
-from .checkpoints import DEFAULT_MODEL, builtin_models, check_family, resolve_model, weights_stamp
+from .checkpoints import (
+    DEFAULT_MODEL,
+    builtin_models,
+    check_family,
+    check_model_index,
+    resolve_model,
+    weights_stamp,
+)
 from .components import check_component_dtypes, dtype_keyword, fit_tokenizer_length
-from .denoising import Denoised, UNetExtras, denoise
+from .denoising import Denoised, OutsidePrompt, UNetExtras, denoise
 from .guidance import GuidanceConfig
 from .init import InitResult, RandomInit, SpatialAwareInit
 from .layout import Layout, LayoutError
-from .reference import GeneratedObject, UserImages
+from .reference import GeneratedObject, UserImages, strip_phrases
 from .registry import INITIALIZERS
 from .samplers import check_supported, ddim_twin
 
@@ -110,23 +114,6 @@ class _ObjectGenerator:
         )
 
 
-def _check_model_index(path: str, kwargs, name: str) -> bool:
-    """:func:`check_family` on ``model_index.json`` of a folder or a cached hub id (never the network);
-    ``False`` when it is not at hand."""
-    if os.path.isdir(path):
-        file = os.path.join(path, "model_index.json")
-    else:
-        file = try_to_load_from_cache(
-            path, "model_index.json", cache_dir=kwargs.get("cache_dir"), revision=kwargs.get("revision")
-        )
-    if not isinstance(file, str) or not os.path.isfile(file):
-        return False
-    with open(file, encoding="utf-8") as fh:
-        index = json.load(fh)
-    check_family(str(index.get("_class_name", "")), [k for k in index if not k.startswith("_")], name)
-    return True
-
-
 class SaltPipeline(StableDiffusionPipeline):
     """Layout-controlled Stable Diffusion with spatial-aware latent initialization (SALT).
 
@@ -143,10 +130,11 @@ class SaltPipeline(StableDiffusionPipeline):
             # files' dtype, diffusers its models in fp32; the built-in model is fp16 on disk): fp32.
             kwargs[dtype_keyword()] = torch.float32
         path = resolve_model(name)
-        checked = _check_model_index(path, kwargs, name)  # a folder or a cached hub id: before loading
+        where = {"cache_dir": kwargs.get("cache_dir"), "revision": kwargs.get("revision")}
+        checked = check_model_index(path, name, **where)  # a folder or a cached hub id: before loading
         pipe = super().from_pretrained(path, **kwargs)
         if not checked:  # a hub id fetched just now: its index is cached now
-            _check_model_index(path, kwargs, name)
+            check_model_index(path, name, **where)
         fit_tokenizer_length(pipe.tokenizer, pipe.text_encoder)
         return pipe
 
@@ -528,6 +516,13 @@ class SaltPipeline(StableDiffusionPipeline):
                 return callback_outputs.pop("latents", latents)
 
         has_boxes = len(layout) > 0
+        outside = None
+        if has_boxes and guidance.outside_prompt_steps > 0:
+            outside_text = strip_phrases(prompt_text, layout.phrases)
+            outside_embeds, _ = self.encode_prompt(outside_text, device, n, False, clip_skip=clip_skip)
+            outside = OutsidePrompt(
+                outside_embeds, lambda h, w: layout.masks(h, w).amax(0), guidance.outside_prompt_steps
+            )
         unboxed = []
         if has_boxes and guidance.enabled and guidance.needs_unboxed_tokens:
             unboxed = self._unboxed_indices(prompt_text, token_indices)
@@ -545,6 +540,7 @@ class SaltPipeline(StableDiffusionPipeline):
             collect_maps=return_attention_maps and has_boxes,
             on_step=on_step,
             interrupted=lambda: self.interrupt,
+            outside=outside,
             progress=progress,
         )
 

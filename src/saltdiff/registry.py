@@ -252,6 +252,13 @@ GUIDANCE_PARAMS: tuple[Param, ...] = (
     ),
     Param("loss_threshold", 0.2, "stop a step's updates once the loss is below this", minimum=0),
     Param(
+        "outside_prompt_steps",
+        0,
+        "for the first N steps, denoise outside the boxes with the prompt minus its boxed phrases "
+        "(no copies of boxed objects there; costs a third batch row on those steps)",
+        minimum=0,
+    ),
+    Param(
         "layers",
         "default",
         "cross-attention layers for the loss: default, all, down, mid, up, x4/x8 tags or names",

@@ -16,6 +16,7 @@ noise-outside       fresh noise outside the kept region of z_T* (0 … 1), again
 noise-inside        fresh noise inside the kept region (object variants per seed)
 feather             feathering of the kept region (latent cells)
 keep-region         z_T* kept in the whole boxes or only on the pasted objects' pixels
+outside-prompt      outside the boxes, the prompt without its boxed phrases for the first N steps
 =================== ======================================================================
 
 Every study writes the bench outputs (records, metrics.json, report.md) plus ``study.md`` and
@@ -130,7 +131,31 @@ def _init_sweep(param: str, cast):
     return variants
 
 
+def _guidance_sweep(param: str, cast):
+    """Spatial-aware init with one guidance knob swept, against ``sd`` and the same loss from random
+    noise, plus random noise with the sweep's largest value (does the knob need the better start?)."""
+
+    def variants(study, values, loss, iters):
+        top = max(cast(v) for v in values)
+        out = [
+            Variant(MethodSpec("sd", "random", "none"), "random init, no guidance", None),
+            Variant(MethodSpec(f"random+{loss}", "random", loss), "random init", None),
+            Variant(
+                MethodSpec(f"random+{loss}+{param}={top:g}", "random", loss, guidance={param: top}),
+                f"random init, {param}={top:g}",
+                None,
+            ),
+        ]
+        for v in values:
+            spec = MethodSpec(f"{param}={cast(v):g}", "salt", loss, guidance={param: cast(v)})
+            out.append(Variant(spec, "spatial-aware init", cast(v)))
+        return out
+
+    return variants
+
+
 _VARIANTS = {
+    "outside-prompt": _guidance_sweep("outside_prompt_steps", int),
     "noise-outside": _init_sweep("noise_outside", float),
     "noise-inside": _init_sweep("noise_inside", float),
     "feather": _init_sweep("feather", float),
@@ -212,6 +237,14 @@ STUDIES: dict[str, Study] = {
             "salt",
         ),
         Study(
+            "outside-prompt",
+            "outside the boxes, the prompt without its boxed phrases for the first N steps",
+            "outside_prompt_steps",
+            (0, 5, 10, 25),
+            int,
+            "salt",
+        ),
+        Study(
             "sde-inversion",
             "ODE (0) vs SDE-style inversion noise",
             "inversion_noise_scale",
@@ -235,7 +268,11 @@ def parse_values(study: Study, text: str | None) -> tuple:
         raise ValueError(
             f"study {study.name!r} takes {study.value_type.__name__} values, got {text!r}"
         ) from None
-    if study.value_type is int and any(v < 1 for v in values) and study.name != "guidance-budget":
+    if (
+        study.value_type is int
+        and any(v < 1 for v in values)
+        and study.name not in ("guidance-budget", "outside-prompt")
+    ):
         raise ValueError(f"study {study.name!r} needs values >= 1, got {text!r}")
     return values
 
