@@ -20,6 +20,7 @@ _EXPORTS = {
     "LayoutError": "layout",
     "SaltPipeline": "pipeline",
     "SaltOutput": "pipeline",
+    "SaltXLPipeline": "pipeline_xl",
     "resolve_model": "checkpoints",
     "load_pipeline": "loading",
     "GenerationRequest": "request",
@@ -44,7 +45,7 @@ __all__ = sorted(_EXPORTS) + ["__version__"]
 def __getattr__(name: str):
     if name in _EXPORTS:
         module = f"{__name__}.{_EXPORTS[name]}"
-        if module == f"{__name__}.pipeline" and module not in sys.modules:
+        if _EXPORTS[name] in ("pipeline", "pipeline_xl") and module not in sys.modules:
             from .loading import quiet_loading
 
             with quiet_loading():  # no notes from image processors saltdiff never uses (torchvision)

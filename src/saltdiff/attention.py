@@ -20,6 +20,13 @@ level). The 8x8 level alone is too coarse for small boxes (a box under 1/8 of th
 vanish), and adding the 32x32 level roughly doubles the cost of a guidance step. For the tiny test
 UNet and the built-in model, which carry cross-attention at two levels only, the default is all
 of their cross-attention layers.
+
+SDXL-style UNets (added ``text_time`` conditioning) stack up to 10 transformer blocks per attention
+module: their two levels with cross-attention (latent/2 and /4) hold 70 layers, and capturing all of
+them materializes 70 probability tensors per pass. Their default is the coarsest level's mid block
+and the first transformer stack of the first up block (SDXL: ``mid_block`` and
+``up_blocks.0.attentions.0``, 20 layers at 32x32 for a 1024² image) -- the layers layout guidance
+reads in SD (mid block and first up level), at the resolution where SDXL's maps follow the layout.
 """
 
 from __future__ import annotations
@@ -359,11 +366,18 @@ def default_capture_layers(unet) -> list[str]:
 
     SD 1.x / 2.x: ``down_blocks.2``, ``mid_block``, ``up_blocks.1`` (16x16 and 8x8 of a 64x64
     latent). UNets with cross-attention at two levels only (the tiny test UNet, the built-in
-    model): all of their cross-attention layers. See the module docstring for why.
+    model): all of their cross-attention layers. SDXL-style UNets (``addition_embed_type`` "text_time"):
+    the coarsest level's mid-block layers and the first attention module of the first up block there.
+    See the module docstring for why.
     """
     layers = cross_attention_layers(unet)
     if not layers:
         raise ValueError(f"{type(unet).__name__} has no cross-attention layers")
+    if getattr(getattr(unet, "config", None), "addition_embed_type", None) == "text_time":
+        factor = max(layers.values())
+        ups = [n.split(".attentions.")[0] for n, f in layers.items() if f == factor and n.startswith("up_")]
+        keep = ("mid_block.", *([f"{ups[0]}.attentions.0."] if ups else []))
+        return [name for name, f in layers.items() if f == factor and name.startswith(keep)]
     coarsest = sorted(set(layers.values()), reverse=True)[:2]
     return [name for name, factor in layers.items() if factor in coarsest]
 

@@ -14,6 +14,8 @@ from pathlib import Path
 BUILTIN_PREFIX = "builtin:"
 DEFAULT_MODEL = "builtin:shapes"
 SD15_MODEL_ID = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+#: The documented SDXL default (``--model`` / ``SaltXLPipeline.from_pretrained``).
+SDXL_MODEL_ID = "stabilityai/stable-diffusion-xl-base-1.0"
 
 
 class ModelLoadError(ValueError):
@@ -60,9 +62,13 @@ def weights_stamp(model_id: str) -> list:
     return stamp
 
 
+#: The model families saltdiff runs: name → (what users call it, the pipeline class that runs it).
+FAMILIES = {
+    "sd": ("Stable Diffusion 1.x/2.x", "SaltPipeline"),
+    "sdxl": ("SDXL", "SaltXLPipeline"),
+}
 #: Pipeline class-name prefixes of families saltdiff does not run, and what to call them.
 UNSUPPORTED_FAMILIES = (
-    ("StableDiffusionXL", "SDXL"),
     ("StableDiffusion3", "Stable Diffusion 3"),
     ("Flux", "Flux"),
     ("PixArt", "PixArt"),
@@ -77,32 +83,49 @@ UNSUPPORTED_FAMILIES = (
 )
 SUPPORTED_TEXT = (
     "saltdiff runs Stable Diffusion 1.x/2.x-style checkpoints (one UNet2DConditionModel with one CLIP "
-    "text encoder: SD 1.5, SD 2.1, their fine-tunes, LCM); SDXL is planned"
+    "text encoder: SD 1.5, SD 2.1, their fine-tunes, LCM) with SaltPipeline and SDXL base-style ones "
+    f"(two CLIP text encoders, e.g. {SDXL_MODEL_ID}) with SaltXLPipeline"
 )
+_SD_COMPONENTS = {"unet", "text_encoder", "tokenizer"}
+_SDXL_COMPONENTS = _SD_COMPONENTS | {"text_encoder_2", "tokenizer_2"}
 
 
-def check_family(class_name: str, components, source: str) -> None:
-    """One ``ValueError`` line when a pipeline (its class name and component names) is not SD 1.x/2.x.
+def model_family(class_name: str, components, source: str) -> str:
+    """``"sd"`` or ``"sdxl"`` for a pipeline's class name and component names, else one ``ValueError`` line.
 
     Read from ``model_index.json`` before any weight is loaded, or from a pipeline given to
-    ``from_pipe``: a wrong family otherwise fails deep inside diffusers (SDXL's second text encoder is
-    dropped silently and the UNet dies on its missing added conditions).
+    ``from_pipe``: a wrong family otherwise fails deep inside diffusers (loaded as SD, SDXL's second
+    text encoder is dropped silently and the UNet dies on its missing added conditions).
     """
     names = set(components)
     family = next((label for prefix, label in UNSUPPORTED_FAMILIES if class_name.startswith(prefix)), None)
-    if family is None and "text_encoder_2" in names:
-        family = "SDXL"
-    if family is None and not {"unet", "text_encoder", "tokenizer"} <= names:
+    if family is None and (class_name.startswith("StableDiffusionXL") or "text_encoder_2" in names):
+        if _SDXL_COMPONENTS <= names:
+            return "sdxl"
+        family = f"SDXL (without {sorted(_SDXL_COMPONENTS - names)}, e.g. the refiner)"
+    if family is None and not _SD_COMPONENTS <= names:
         family = class_name or "this"
     if family is not None:
         raise ModelLoadError(
             f"{source} is a {family} pipeline ({class_name}): not supported; {SUPPORTED_TEXT}"
         )
+    return "sd"
 
 
-def check_model_index(path: str, name: str, cache_dir=None, revision=None) -> bool:
-    """:func:`check_family` on ``model_index.json`` of a folder or a cached hub id (never the network);
-    ``False`` when it is not at hand."""
+def check_family(class_name: str, components, source: str, family: str = "sd") -> None:
+    """One ``ValueError`` line unless the pipeline is of ``family`` (see :func:`model_family`)."""
+    found = model_family(class_name, components, source)
+    if found != family:
+        label, runner = FAMILIES[found]
+        raise ModelLoadError(
+            f"{source} is a {label} pipeline ({class_name}): not supported; saltdiff runs {label} with "
+            f"{runner}, not {FAMILIES[family][1]} (saltdiff.load_pipeline and --model pick the class)"
+        )
+
+
+def _read_index(path: str, cache_dir=None, revision=None) -> tuple[str, list[str]] | None:
+    """``(class name, component names)`` of ``model_index.json`` of a folder or a cached hub id (never
+    the network); ``None`` when it is not at hand."""
     if os.path.isdir(path):
         file = os.path.join(path, "model_index.json")
     else:
@@ -110,8 +133,26 @@ def check_model_index(path: str, name: str, cache_dir=None, revision=None) -> bo
 
         file = try_to_load_from_cache(path, "model_index.json", cache_dir=cache_dir, revision=revision)
     if not isinstance(file, str) or not os.path.isfile(file):
-        return False
+        return None
     with open(file, encoding="utf-8") as fh:
         index = json.load(fh)
-    check_family(str(index.get("_class_name", "")), [k for k in index if not k.startswith("_")], name)
+    # a component saved as None (e.g. no safety checker) is listed as [null, null]
+    components = [k for k, v in index.items() if not k.startswith("_") and v != [None, None]]
+    return str(index.get("_class_name", "")), components
+
+
+def index_family(path: str, name: str, cache_dir=None, revision=None) -> str | None:
+    """:func:`model_family` of a folder's or a cached hub id's ``model_index.json``; ``None`` when it is
+    not at hand."""
+    index = _read_index(path, cache_dir=cache_dir, revision=revision)
+    return None if index is None else model_family(*index, name)
+
+
+def check_model_index(path: str, name: str, cache_dir=None, revision=None, family: str = "sd") -> bool:
+    """:func:`check_family` on a folder's or a cached hub id's ``model_index.json`` (never the network);
+    ``False`` when it is not at hand."""
+    index = _read_index(path, cache_dir=cache_dir, revision=revision)
+    if index is None:
+        return False
+    check_family(*index, name, family=family)
     return True

@@ -14,7 +14,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from .loading import DEFAULT_MODEL, DTYPES, SD15_MODEL_ID
+from .loading import DEFAULT_MODEL, DTYPES, SD15_MODEL_ID, SDXL_MODEL_ID
 from .registry import (
     GUIDANCE_LOSSES,
     GUIDANCE_PARAMS,
@@ -249,8 +249,9 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--model",
         default=DEFAULT_MODEL,
-        help=f"hub id, local diffusers folder, or builtin:NAME (default: {DEFAULT_MODEL}; a real "
-        f"checkpoint is e.g. {SD15_MODEL_ID})",
+        help=f"hub id, local diffusers folder, or builtin:NAME (default: {DEFAULT_MODEL}; real "
+        f"checkpoints are e.g. {SD15_MODEL_ID} and, SDXL, {SDXL_MODEL_ID}: the family is read from "
+        "its model_index.json)",
     )
     parser.add_argument(
         "--scheduler",

@@ -131,12 +131,14 @@ class SpatialAwareInit:
     def invert(
         self, pipe, image: Image.Image, prompt: str, generator, *, num_inference_steps: int
     ) -> torch.Tensor:
-        """z_T* of one reference image (shape [1, C, h, w])."""
-        device = pipe._execution_device
-        pixels = pipe.image_processor.preprocess(image).to(device=device, dtype=pipe.vae.dtype)
-        z0 = pipe.vae.encode(pixels).latent_dist.mean * pipe.vae.config.scaling_factor
+        """z_T* of one reference image (shape [1, C, h, w]).
+
+        The pipeline's family hooks give the VAE latent (``encode_reference``: SDXL's VAE runs in
+        fp32) and the UNet's conditioning (``inversion_conditioning``: SDXL adds pooled embeddings
+        and ``time_ids``)."""
+        z0 = pipe.encode_reference(image)
         text = prompt if self.inversion_prompt == "prompt" else ""
-        embeds, _ = pipe.encode_prompt(text, device, 1, do_classifier_free_guidance=False)
+        embeds, unet_kwargs = pipe.inversion_conditioning(text, image.height, image.width)
         return ddim_invert(
             pipe.unet,
             pipe.scheduler,
@@ -146,6 +148,7 @@ class SpatialAwareInit:
             end_timestep=sampler_start_timestep(pipe.scheduler, num_inference_steps),
             noise_scale=self.inversion_noise_scale,
             generator=generator,
+            unet_kwargs=unet_kwargs,
         )
 
     def __call__(self, pipe, prompt, layout, generator, *, height, width, num_inference_steps, num_images=1):

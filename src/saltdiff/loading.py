@@ -19,8 +19,10 @@ from .checkpoints import (  # noqa: F401  (re-exported: loading is where users l
     BUILTIN_PREFIX,
     DEFAULT_MODEL,
     SD15_MODEL_ID,
+    SDXL_MODEL_ID,
     ModelLoadError,
     builtin_models,
+    index_family,
     resolve_model,
     weights_stamp,
 )
@@ -110,6 +112,22 @@ def load_error_message(model: str, exc: BaseException) -> str:
     return f"cannot load model {model!r}: {first}"
 
 
+def model_family_of(model: str) -> str:
+    """``"sd"`` or ``"sdxl"`` from the model's ``model_index.json`` (a folder, a cached hub id, or, for a
+    hub id not cached yet, that one file fetched first); another family is refused in one line."""
+    path = resolve_model(model)
+    family = index_family(path, model)
+    if family is None and not os.path.isdir(path):
+        from huggingface_hub import hf_hub_download
+
+        try:
+            hf_hub_download(path, "model_index.json")
+        except Exception:  # noqa: BLE001 -- unreachable or no such model: from_pretrained says which
+            return "sd"
+        family = index_family(path, model)
+    return family or "sd"
+
+
 def load_pipeline(
     model: str = DEFAULT_MODEL,
     *,
@@ -117,7 +135,8 @@ def load_pipeline(
     dtype: str | None = None,
     fallback_device: str | None = None,
 ) -> SaltPipeline:
-    """A ``SaltPipeline`` for ``model`` on ``device`` in ``dtype``, or a one-line :class:`ModelLoadError`."""
+    """A ``SaltPipeline`` (SD 1.x/2.x) or ``SaltXLPipeline`` (SDXL, detected from ``model_index.json``)
+    for ``model`` on ``device`` in ``dtype``, or a one-line :class:`ModelLoadError`."""
     import torch
 
     from .components import dtype_keyword
@@ -126,10 +145,14 @@ def load_pipeline(
     if model.startswith((".", "/", "~")) and not os.path.exists(os.path.expanduser(model)):
         raise ModelLoadError(f"model folder {model!r} does not exist")
     with quiet_loading():
-        from .pipeline import SaltPipeline
+        family = model_family_of(model)
+        if family == "sdxl":
+            from .pipeline_xl import SaltXLPipeline as pipeline_class
+        else:
+            from .pipeline import SaltPipeline as pipeline_class
 
         try:
-            pipe = SaltPipeline.from_pretrained(model, **{dtype_keyword(): getattr(torch, dtype)})
+            pipe = pipeline_class.from_pretrained(model, **{dtype_keyword(): getattr(torch, dtype)})
         except OSError as exc:
             raise ModelLoadError(load_error_message(model, exc)) from exc
         pipe = pipe.to(device)  # diffusers' "float16 ... cannot run with cpu" is silenced: it runs

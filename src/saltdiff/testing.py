@@ -106,8 +106,8 @@ _SD_UNET_LEVELS = dict(
 )
 
 
-def _sd_vae(sample_size: int):
-    """The SD 1.x/2.x VAE (8x downsampling, 4 latent channels, scaling 0.18215)."""
+def _sd_vae(sample_size: int, scaling_factor: float = 0.18215, **config):
+    """The SD 1.x/2.x VAE (8x downsampling, 4 latent channels, scaling 0.18215); SDXL's differs in config."""
     from diffusers import AutoencoderKL
 
     return AutoencoderKL(
@@ -119,7 +119,8 @@ def _sd_vae(sample_size: int):
         latent_channels=4,
         layers_per_block=2,
         sample_size=sample_size,
-        scaling_factor=0.18215,
+        scaling_factor=scaling_factor,
+        **config,
     )
 
 
@@ -252,3 +253,149 @@ def sd2_architecture_components(seed: int = 0, dtype=torch.float32) -> dict:
     )
     scheduler = DDIMScheduler.from_config(sd_ddim_scheduler().config, prediction_type="v_prediction")
     return _components(unet, vae, text_encoder, tokenizer, scheduler, dtype)
+
+
+def _sdxl_text_encoders(tokenizer, tokenizer_2, *, one: dict, two: dict):
+    """SDXL's pair: a CLIP text encoder and a CLIP text encoder with projection (pooled embeddings)."""
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    text_encoder = _clip_text_encoder(tokenizer, **one)
+    text_encoder_2 = CLIPTextModelWithProjection(
+        CLIPTextConfig(
+            vocab_size=len(tokenizer_2),
+            max_position_embeddings=77,
+            bos_token_id=tokenizer_2.bos_token_id,
+            eos_token_id=tokenizer_2.eos_token_id,
+            pad_token_id=tokenizer_2.pad_token_id,
+            **two,
+        )
+    )
+    return text_encoder, text_encoder_2
+
+
+def _sdxl_dict(unet, vae, text_encoder, text_encoder_2, tokenizer, tokenizer_2, scheduler, dtype) -> dict:
+    return {
+        **_components(unet, vae, text_encoder, tokenizer, scheduler, dtype),
+        "text_encoder_2": text_encoder_2.to(dtype).eval(),
+        "tokenizer_2": tokenizer_2,
+    }
+
+
+def tiny_sdxl_components(seed: int = 0, sample_size: int = 16, tokenizer_2=None) -> dict:
+    """Components of a tiny SDXL-structured pipeline (random weights), for ``StableDiffusionXLPipeline``.
+
+    What makes SDXL SDXL, at tiny sizes: a UNet with added ``text_time`` conditioning (pooled text
+    embeddings + 6 time ids), no attention at the finest level and several transformer blocks per
+    attention module at the coarsest, linear projections; two text encoders whose penultimate states
+    are concatenated (16 + 16 = 32 wide cross-attention), the second with a projection (pooled
+    embeddings); two tokenizers. ``tokenizer_2`` replaces the second tokenizer (tests of disagreement).
+    """
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    tokenizer = tiny_tokenizer(77)
+    tokenizer_2 = tokenizer_2 if tokenizer_2 is not None else tiny_tokenizer(77)
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        block_out_channels=(16, 32),
+        layers_per_block=1,
+        sample_size=sample_size,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4),
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=8,
+        transformer_layers_per_block=(1, 2),
+        projection_class_embeddings_input_dim=6 * 8 + 16,  # 6 time ids x 8 + the pooled width
+        cross_attention_dim=32,
+        norm_num_groups=8,
+    )
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(
+        block_out_channels=(16, 32),
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=sample_size * 2,
+        scaling_factor=0.13025,
+        force_upcast=True,
+    )
+    torch.manual_seed(seed)
+    common = dict(intermediate_size=37, num_attention_heads=4, num_hidden_layers=3, layer_norm_eps=1e-5)
+    text_encoder, text_encoder_2 = _sdxl_text_encoders(
+        tokenizer,
+        tokenizer_2,
+        one=dict(hidden_size=16, **common),
+        two=dict(hidden_size=16, projection_dim=16, **common),
+    )
+    return _sdxl_dict(
+        unet, vae, text_encoder, text_encoder_2, tokenizer, tokenizer_2, sd_ddim_scheduler(), torch.float32
+    )
+
+
+def tiny_sdxl_pipeline(seed: int = 0, **kwargs):
+    """A plain diffusers ``StableDiffusionXLPipeline`` on tiny random components."""
+    from diffusers import StableDiffusionXLPipeline
+
+    return StableDiffusionXLPipeline(**tiny_sdxl_components(seed=seed, **kwargs), add_watermarker=False)
+
+
+#: SDXL base 1.0's UNet (2.6 B parameters): three levels, cross-attention on the two coarser ones
+#: with 2 and 10 transformer blocks per attention module, added text-time conditioning.
+SDXL_UNET_CONFIG = dict(
+    sample_size=128,
+    in_channels=4,
+    out_channels=4,
+    block_out_channels=(320, 640, 1280),
+    layers_per_block=2,
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    transformer_layers_per_block=(1, 2, 10),
+    attention_head_dim=(5, 10, 20),
+    cross_attention_dim=2048,
+    use_linear_projection=True,
+    addition_embed_type="text_time",
+    addition_time_embed_dim=256,
+    projection_class_embeddings_input_dim=2816,  # 6 time ids x 256 + 1280 pooled
+)
+
+
+def sdxl_architecture_components(seed: int = 0, dtype=torch.float32) -> dict:
+    """The full SDXL base 1.0 architecture (random weights): UNet 2.6 B, VAE (scaling 0.13025, fp16
+    overflow: ``force_upcast``), CLIP ViT-L (768 wide, 12 layers) and OpenCLIP ViT-bigG (1280 wide,
+    32 layers, projection 1280) text encoders; the tokenizers are the generated one (same class and
+    special tokens, smaller vocabulary). About 3.5 B parameters: 14 GB in fp32.
+    """
+    from diffusers import UNet2DConditionModel
+
+    tokenizer, tokenizer_2 = tiny_tokenizer(77), tiny_tokenizer(77)
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(**SDXL_UNET_CONFIG)
+    vae = _sd_vae(1024, scaling_factor=0.13025, force_upcast=True)
+    text_encoder, text_encoder_2 = _sdxl_text_encoders(
+        tokenizer,
+        tokenizer_2,
+        one=dict(
+            hidden_size=768,
+            intermediate_size=3072,
+            num_hidden_layers=12,
+            num_attention_heads=12,
+            hidden_act="quick_gelu",
+        ),
+        two=dict(
+            hidden_size=1280,
+            intermediate_size=5120,
+            num_hidden_layers=32,
+            num_attention_heads=20,
+            hidden_act="gelu",
+            projection_dim=1280,
+        ),
+    )
+    return _sdxl_dict(
+        unet, vae, text_encoder, text_encoder_2, tokenizer, tokenizer_2, sd_ddim_scheduler(), dtype
+    )

@@ -1,0 +1,594 @@
+"""What every SALT pipeline shares, whatever the model family: ``SaltMixin`` (the call, object
+generation, loading checks) and ``SaltOutput``.
+
+What differs per family is asked of hooks that ``SaltPipeline`` (SD 1.x/2.x, :mod:`saltdiff.pipeline`)
+and ``SaltXLPipeline`` (SDXL, :mod:`saltdiff.pipeline_xl`) implement: ``_family`` (the
+:func:`saltdiff.checkpoints.model_family` they load), ``_fit_tokenizers()``, ``_encode_text(...) ->
+(prompt_embeds, negative_embeds, added_cond)`` (SDXL's pooled embeddings and ``time_ids``, rows
+``[negative; conditional]`` under CFG; ``None`` for SD), ``_resolve_tokens(layout, prompt)``,
+``encode_reference(image)`` and ``inversion_conditioning(text, height, width)`` (the VAE encode and UNet
+inputs of :class:`saltdiff.init.SpatialAwareInit`), ``_decode(latents, output_type, safety_dtype=)``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import PIL.Image
+import torch
+from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
+from diffusers.utils import BaseOutput
+from diffusers.utils.torch_utils import randn_tensor
+
+from .checkpoints import check_family, check_model_index, resolve_model, weights_stamp
+from .components import check_component_dtypes, dtype_keyword
+from .denoising import Denoised, OutsidePrompt, UNetExtras, denoise
+from .guidance import GuidanceConfig
+from .init import InitResult, RandomInit, SpatialAwareInit
+from .layout import Layout
+from .reference import GeneratedObject, UserImages, strip_phrases
+from .registry import INITIALIZERS
+from .samplers import check_supported, ddim_twin
+
+logger = logging.getLogger(__name__)
+
+CALLBACK_TENSOR_INPUTS = ("latents", "prompt_embeds", "negative_prompt_embeds")
+OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+DEFAULT_INIT = "salt"
+
+
+@dataclass
+class SaltOutput(BaseOutput):
+    """What one call returns; everything a user needs to look at the result and reproduce it.
+
+    Attributes:
+        images: the generated images (PIL list, or array when ``output_type="np"``).
+        reference_image: the reference image that was inverted (``None`` for random init).
+        init_latent: the initial latent z_T the sampler started from, on CPU.
+        layout_losses: per denoising step, layout-guidance energy (Chen et al.) of the boxed tokens,
+            measured on the conditional branch of that step's forward pass — comparable across methods.
+        guidance_losses: per guided step, the guidance loss at each gradient iteration.
+        attention_maps: ``[num_images, K, h, w]`` cross-attention of each boxed phrase averaged over
+            steps and the captured layers (when ``return_attention_maps=True``).
+        phrases: the boxed phrases, in layout order; ``token_indices``: their prompt token positions.
+        nsfw_content_detected: the safety checker's verdict per image (``None`` without one).
+    """
+
+    images: list[PIL.Image.Image] | np.ndarray
+    reference_image: PIL.Image.Image | None = None
+    init_latent: torch.Tensor | None = None
+    layout_losses: list[float] = field(default_factory=list)
+    guidance_losses: list[list[float]] = field(default_factory=list)
+    attention_maps: np.ndarray | None = None
+    phrases: list[str] = field(default_factory=list)
+    token_indices: list[list[int]] = field(default_factory=list)
+    nsfw_content_detected: list[bool] | None = None
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+def as_layout(layout: Layout | Mapping | Sequence | None) -> Layout:
+    """Accept a ``Layout``, its dict form, or ``[(phrase, (x0, y0, x1, y1)), ...]``."""
+    if layout is None:
+        return Layout()
+    if isinstance(layout, Layout):
+        return layout
+    if isinstance(layout, Mapping):
+        return Layout.from_dict(layout)
+    if isinstance(layout, Sequence) and not isinstance(layout, str):
+        return Layout.from_pairs(layout)
+    raise TypeError(
+        f"layout must be a Layout, a dict or a list of (phrase, box) pairs, got {type(layout).__name__}"
+    )
+
+
+class _ObjectGenerator:
+    """The narrow view of a pipeline that reference builders get: plain text-to-image, nothing else.
+
+    ``identity`` names the model's weights for on-disk caches (``None`` for an in-memory model,
+    whose objects must never be shared through a cache).
+    """
+
+    def __init__(self, pipe: SaltMixin) -> None:
+        self._pipe = pipe
+
+    @property
+    def identity(self) -> list | None:
+        pipe = self._pipe
+        model_id = getattr(pipe, "name_or_path", None) or pipe.config.get("_name_or_path")
+        if not model_id:
+            return None
+        return [str(model_id), weights_stamp(str(model_id)), str(pipe.unet.dtype)]
+
+    def __call__(self, prompts, *, phrases=None, height, width, num_inference_steps, guidance_scale, seed):
+        return self._pipe.generate_objects(
+            prompts,
+            phrases=phrases,
+            height=height,
+            width=width,
+            num_inference_steps=num_inference_steps,
+            guidance_scale=guidance_scale,
+            seed=seed,
+        )
+
+
+class SaltMixin:
+    """The SALT call on top of a diffusers text-to-image pipeline; the family hooks are its subclasses'.
+
+    Loads like the parent pipeline (``from_pretrained(id_or_folder)``, ``from_pipe(pipe)``, plus
+    ``"builtin:shapes"``) and adds a ``layout``, an initializer (``init``) and a guidance method
+    (``guidance``) to ``__call__``.
+    """
+
+    _family: str  # the checkpoints.model_family name the subclass runs
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
+        name = str(pretrained_model_name_or_path)
+        if "torch_dtype" not in kwargs and "dtype" not in kwargs:
+            # One dtype throughout, whatever the files hold (transformers loads a text encoder in its
+            # files' dtype, diffusers its models in fp32; the built-in model is fp16 on disk): fp32.
+            kwargs[dtype_keyword()] = torch.float32
+        path = resolve_model(name)
+        where = {"cache_dir": kwargs.get("cache_dir"), "revision": kwargs.get("revision")}
+        family = cls._family
+        checked = check_model_index(path, name, **where, family=family)  # a folder or a cached hub id
+        pipe = super().from_pretrained(path, **kwargs)
+        if not checked:  # a hub id fetched just now: its index is cached now
+            check_model_index(path, name, **where, family=family)
+        pipe._fit_tokenizers()
+        return pipe
+
+    @classmethod
+    def from_pipe(cls, pipeline, **kwargs):
+        source = f"the {type(pipeline).__name__} given"
+        check_family(type(pipeline).__name__, pipeline.components, source, family=cls._family)
+        return super().from_pipe(pipeline, **kwargs)
+
+    # -- inputs --------------------------------------------------------------------------------------
+    def _resolve_init(self, init, latents, reference_image, inversion_steps):
+        if latents is not None:
+            if init is not None:
+                raise ValueError(
+                    "pass either `latents` or `init`, not both (a latent tensor can also be given as init=)"
+                )
+            init = latents
+        init = DEFAULT_INIT if init is None else init
+        if reference_image is not None:
+            if not (init == "salt" or isinstance(init, SpatialAwareInit)):
+                raise ValueError("reference_image is only used by init='salt'")
+            base = init if isinstance(init, SpatialAwareInit) else SpatialAwareInit()
+            init = dataclasses.replace(base, reference=UserImages(image=reference_image))
+        if isinstance(init, str):
+            init = INITIALIZERS.get(init).load()()
+        if inversion_steps is not None:
+            if not isinstance(init, SpatialAwareInit):
+                raise ValueError("inversion_steps only applies to init='salt'")
+            init = dataclasses.replace(init, inversion_steps=inversion_steps)
+        if not (torch.is_tensor(init) or callable(init)):
+            raise TypeError(
+                f"init must be one of {list(INITIALIZERS.names())}, an initializer or a latent tensor, "
+                f"got {type(init).__name__}"
+            )
+        return init
+
+    def check_salt_inputs(
+        self,
+        prompt,
+        height,
+        width,
+        num_inference_steps,
+        guidance_scale,
+        num_images_per_prompt,
+        output_type="pil",
+        callback_on_step_end_tensor_inputs=("latents",),
+    ):
+        if not isinstance(prompt, str):
+            raise TypeError(f"prompt must be a string (one prompt per call), got {type(prompt).__name__}")
+        check_component_dtypes(self)
+        self._fit_tokenizers()  # pipelines built by hand or from_pipe
+        multiple = self.vae_scale_factor * 2 ** (len(self.unet.config.down_block_types) - 1)
+        for name, value in (("height", height), ("width", width)):
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0 or value % multiple:
+                raise ValueError(
+                    f"{name} must be a positive multiple of {multiple} for this model, got {value!r}"
+                )
+        if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
+            raise ValueError(f"num_inference_steps must be an integer >= 1, got {num_inference_steps!r}")
+        if (
+            not isinstance(guidance_scale, (int, float))
+            or not np.isfinite(guidance_scale)
+            or guidance_scale < 0
+        ):
+            raise ValueError(f"guidance_scale must be a finite number >= 0, got {guidance_scale!r}")
+        if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
+            raise ValueError(f"num_images_per_prompt must be an integer >= 1, got {num_images_per_prompt!r}")
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"output_type must be one of {list(OUTPUT_TYPES)}, got {output_type!r}")
+        unknown = [k for k in callback_on_step_end_tensor_inputs if k not in CALLBACK_TENSOR_INPUTS]
+        if unknown:
+            raise ValueError(
+                f"callback_on_step_end_tensor_inputs {unknown} are not available; "
+                f"choose from {list(CALLBACK_TENSOR_INPUTS)}"
+            )
+
+    def _default_size(self, height: int | None, width: int | None) -> tuple[int, int]:
+        default = self.unet.config.sample_size * self.vae_scale_factor
+        return (default if height is None else height), (default if width is None else width)
+
+    def _init_latents(self, init, prompt, layout, generator, height, width, steps, n) -> InitResult:
+        if torch.is_tensor(init):
+            expected = (
+                n,
+                self.unet.config.in_channels,
+                height // self.vae_scale_factor,
+                width // self.vae_scale_factor,
+            )
+            if init.ndim == 3:
+                init = init[None]
+            if init.shape[1:] != expected[1:] or init.shape[0] not in (1, n):
+                raise ValueError(f"init latent has shape {tuple(init.shape)}, expected {expected}")
+            latents = init.to(device=self._execution_device, dtype=self.unet.dtype).expand(n, -1, -1, -1)
+            # unit-variance noise, scaled into the sampler's noise space as diffusers does with `latents`
+            return InitResult(latents * self.scheduler.init_noise_sigma, None, {"init": "tensor"})
+        result = init(
+            self,
+            prompt,
+            layout,
+            generator,
+            height=height,
+            width=width,
+            num_inference_steps=steps,
+            num_images=n,
+        )
+        result.latents = result.latents.to(device=self._execution_device, dtype=self.unet.dtype)
+        return result
+
+    def _unboxed_indices(self, prompt: str, token_indices: list[list[int]]) -> list[int]:
+        ids = self.tokenizer(prompt).input_ids
+        boxed = {i for group in token_indices for i in group}
+        return [i for i in range(1, len(ids) - 1) if i not in boxed]
+
+    def _uses_cfg(self, guidance_scale: float) -> bool:
+        """Classifier-free guidance, as diffusers decides it (an LCM-distilled UNet takes w instead)."""
+        return guidance_scale > 1.0 and self.unet.config.time_cond_proj_dim is None
+
+    def _unet_extras(self, n: int, guidance_scale: float, **kwargs) -> UNetExtras:
+        """The UNet inputs of a batch of ``n``; an LCM UNet's ``timestep_cond`` embeds ``w = scale - 1``."""
+        extras = UNetExtras(**kwargs)
+        dim = self.unet.config.time_cond_proj_dim
+        if dim is not None:
+            w = torch.full((n,), float(guidance_scale) - 1.0)
+            extras.timestep_cond = self.get_guidance_scale_embedding(w, embedding_dim=dim).to(
+                device=self._execution_device, dtype=self.unet.dtype
+            )
+        return extras
+
+    def object_generator(self) -> _ObjectGenerator:
+        """What a reference builder may use of this pipeline: :meth:`generate_objects` and an identity."""
+        return _ObjectGenerator(self)
+
+    # -- the denoising loop --------------------------------------------------------------------------
+    def _denoise(self, latents: torch.Tensor, *, progress: bool = True, **kwargs) -> Denoised:
+        """:func:`saltdiff.denoising.denoise` on this pipeline's UNet, with its progress bar."""
+        total = len(kwargs["scheduler"].timesteps)
+        bar = self.progress_bar(total=total) if progress else None
+        return denoise(self.unet, latents, progress_bar=bar, **kwargs)
+
+    @torch.no_grad()
+    def generate_objects(
+        self,
+        prompts: Sequence[str],
+        *,
+        phrases: Sequence[str] | None = None,
+        height: int,
+        width: int,
+        num_inference_steps: int = 25,
+        guidance_scale: float = 7.5,
+        seed: int = 0,
+    ) -> list[GeneratedObject]:
+        """Plain text-to-image of ``prompts`` in one batch, each from the same noise (``seed``).
+
+        What a reference builder needs and no more: random init, classifier-free guidance, no
+        layout and no guidance, DDIM on the pipeline's noise schedule (whatever the call's sampler). With
+        ``phrases`` (one per prompt) each image also gets its phrase's cross-attention map, averaged
+        over steps, for attention cut-outs.
+        """
+        prompts = list(prompts)
+        if not prompts:
+            return []
+        if phrases is not None and len(phrases) != len(prompts):
+            raise ValueError(f"got {len(phrases)} phrases for {len(prompts)} prompts")
+        self.check_salt_inputs(prompts[0], height, width, num_inference_steps, guidance_scale, 1)
+        device = self._execution_device
+        n = len(prompts)
+        do_cfg = self._uses_cfg(guidance_scale)
+        prompt_embeds, negative_embeds, added = self._encode_text(
+            prompts, device, 1, do_cfg, None, height=height, width=width
+        )
+        generators = [torch.Generator("cpu").manual_seed(int(seed)) for _ in prompts]
+        scheduler = ddim_twin(self.scheduler)  # the same objects under every sampler
+        shape = (
+            n,
+            self.unet.config.in_channels,
+            height // self.vae_scale_factor,
+            width // self.vae_scale_factor,
+        )
+        latents = randn_tensor(shape, generator=generators, device=device, dtype=self.unet.dtype)
+        latents = latents * scheduler.init_noise_sigma
+        scheduler.set_timesteps(num_inference_steps, device=device)
+        token_indices = None
+        if phrases is not None:
+            token_indices = [
+                self._resolve_tokens(Layout.from_pairs([(phrase, (0.0, 0.0, 1.0, 1.0))]), prompt)[0]
+                for prompt, phrase in zip(prompts, phrases)
+            ]
+        denoised = self._denoise(
+            latents,
+            scheduler=scheduler,
+            embeds=torch.cat([negative_embeds, prompt_embeds]) if do_cfg else prompt_embeds,
+            guidance_scale=guidance_scale,
+            extra_step_kwargs=self.prepare_extra_step_kwargs(generators, 0.0),
+            extras=self._unet_extras(n, guidance_scale, added_cond=added, added_cond_cfg=do_cfg),
+            token_indices=token_indices,
+            collect_maps=phrases is not None,
+            progress=False,
+        )
+        images, _ = self._decode(denoised.latents, "np")
+        maps = None if denoised.mean_maps is None else denoised.mean_maps.cpu().numpy()
+        return [
+            GeneratedObject(np.asarray(images[b], dtype=np.float32), None if maps is None else maps[b, b])
+            for b in range(n)
+        ]
+
+    # -- the call ------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str | None = None,
+        layout: Layout | Mapping | Sequence | None = None,
+        *,
+        init: str | Callable | torch.Tensor | None = None,
+        guidance: str | GuidanceConfig = "salt",
+        num_inference_steps: int = 50,
+        guidance_scale: float = 7.5,
+        negative_prompt: str | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        num_images_per_prompt: int = 1,
+        generator: torch.Generator | None = None,
+        seed: int | None = None,
+        latents: torch.Tensor | None = None,
+        prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        ip_adapter_image=None,
+        ip_adapter_image_embeds: list[torch.Tensor] | None = None,
+        cross_attention_kwargs: dict[str, Any] | None = None,
+        clip_skip: int | None = None,
+        reference_image: PIL.Image.Image | str | None = None,
+        inversion_steps: int | None = None,
+        eta: float = 0.0,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        return_attention_maps: bool = False,
+        callback_on_step_end: Callable[[Any, int, int, dict], dict] | None = None,
+        callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
+        progress: bool = True,
+    ) -> SaltOutput | tuple:
+        """Generate an image whose boxed phrases land in their boxes.
+
+        Args:
+            prompt: the text prompt (one per call; use ``num_images_per_prompt`` for several images).
+                With ``prompt_embeds`` it is still needed when the layout has boxes or the
+                initializer builds a reference: the boxed phrases' tokens are found in it.
+            layout: boxed phrases of the prompt (``Layout``, its dict form, or ``[(phrase, box), ...]``
+                with normalized ``x0, y0, x1, y1``); phrases are found with the pipeline's tokenizer.
+            init: ``"salt"`` (spatial-aware init, the default), ``"random"``, any initializer
+                (``SpatialAwareInit(...)``, ``RandomInit()``, your own callable), or a latent tensor.
+                Registered names: :data:`saltdiff.registry.INITIALIZERS`.
+            guidance: a registered loss name (``"salt"``, ``"layout-guidance"``, ``"boxdiff"``,
+                ``"none"``) or a ``GuidanceConfig``.
+            seed: shorthand for ``generator=torch.Generator("cpu").manual_seed(seed)``.
+            latents: the initial latent, as in diffusers (the same as ``init=tensor``; not with ``init``).
+            prompt_embeds, negative_prompt_embeds: text embeddings ``[1, T, D]`` used instead of
+                encoding ``prompt`` / ``negative_prompt`` (prompt weighting, textual inversion, ...).
+            ip_adapter_image, ip_adapter_image_embeds: IP-Adapter inputs, as in diffusers (after
+                ``load_ip_adapter``); they condition sampling, not the reference or its inversion.
+            cross_attention_kwargs: passed to every UNet call (e.g. ``{"scale": 0.7}`` for a LoRA).
+            clip_skip: text-encoder layers to skip, as in diffusers.
+            reference_image: a whole reference image for ``init="salt"`` (instead of generated objects).
+            inversion_steps: override ``SpatialAwareInit.inversion_steps`` for ``init="salt"``.
+            return_attention_maps: also return per-phrase attention maps averaged over steps.
+            callback_on_step_end: a function ``(pipe, i, t, tensors) -> dict`` or a diffusers
+                ``PipelineCallback``; ``prompt_embeds`` is diffusers' CFG batch (negative rows first).
+        """
+        # 1. Check inputs
+        if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
+            callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
+        height, width = self._default_size(height, width)
+        layout = as_layout(layout)
+        init = self._resolve_init(init, latents, reference_image, inversion_steps)
+        needs_text = len(layout) > 0 or not (torch.is_tensor(init) or isinstance(init, RandomInit))
+        prompt_text = prompt
+        if prompt is None and prompt_embeds is not None:
+            if needs_text:
+                raise ValueError(
+                    "with prompt_embeds, also pass the prompt it encodes when the layout has boxes or the "
+                    "initializer builds a reference: the boxed phrases' tokens are found in its text"
+                )
+            prompt_text = ""
+        self.check_salt_inputs(
+            prompt_text,
+            height,
+            width,
+            num_inference_steps,
+            guidance_scale,
+            num_images_per_prompt,
+            output_type,
+            callback_on_step_end_tensor_inputs,
+        )
+        self._check_embeds(prompt_embeds, negative_prompt_embeds, negative_prompt)
+        if not prompt_text.strip() and len(layout):
+            raise ValueError(
+                "prompt is empty but the layout has boxes: every boxed phrase must be in the prompt"
+            )
+        token_indices = self._resolve_tokens(layout, prompt_text)
+        if isinstance(guidance, str):
+            guidance = GuidanceConfig(loss=guidance)
+        elif not isinstance(guidance, GuidanceConfig):
+            raise TypeError(f"guidance must be a name or a GuidanceConfig, got {type(guidance).__name__}")
+        if len(layout) and guidance.enabled:
+            check_supported(self.scheduler)  # guided steps read its alphas_cumprod
+        if seed is not None:
+            if generator is not None:
+                raise ValueError("pass either seed or generator, not both")
+            generator = torch.Generator("cpu").manual_seed(int(seed))
+        self._guidance_scale = guidance_scale
+        self._guidance_rescale = 0.0
+        self._clip_skip = clip_skip
+        self._cross_attention_kwargs = cross_attention_kwargs
+        self._interrupt = False
+        device = self._execution_device
+        n = num_images_per_prompt
+        do_cfg = self._uses_cfg(guidance_scale)
+
+        # 2. Encode the prompt (and the IP-Adapter image)
+        lora_scale = (cross_attention_kwargs or {}).get("scale")
+        prompt_embeds, negative_embeds, added = self._encode_text(
+            prompt_text if prompt_embeds is None else None,
+            device,
+            n,
+            do_cfg,
+            negative_prompt,
+            height=height,
+            width=width,
+            prompt_embeds=prompt_embeds,
+            negative_prompt_embeds=negative_prompt_embeds,
+            lora_scale=lora_scale,
+            clip_skip=clip_skip,
+        )
+        image_embeds = None
+        if ip_adapter_image is not None or ip_adapter_image_embeds is not None:
+            image_embeds = self.prepare_ip_adapter_image_embeds(
+                ip_adapter_image, ip_adapter_image_embeds, device, n, do_cfg
+            )
+        extras = self._unet_extras(
+            n,
+            guidance_scale,
+            cross_attention_kwargs=cross_attention_kwargs,
+            image_embeds=image_embeds,
+            image_embeds_cfg=do_cfg,
+            added_cond=added,
+            added_cond_cfg=do_cfg,
+        )
+
+        # 3. Timesteps (before the initial latents: Euler-type samplers' init_noise_sigma depends on them)
+        self.scheduler.set_timesteps(num_inference_steps, device=device)
+        self._num_timesteps = len(self.scheduler.timesteps)
+        extra_step_kwargs = self.prepare_extra_step_kwargs(generator, eta)
+
+        # 4. Initial latents (reference builders generate objects on a copy of the scheduler)
+        init_result = self._init_latents(
+            init, prompt_text, layout, generator, height, width, num_inference_steps, n
+        )
+        init_latent = init_result.latents.detach().cpu().clone()
+
+        # 5. Denoising loop with attention guidance on the first steps
+        on_step = None
+        if callback_on_step_end is not None:
+
+            def on_step(i, t, latents, state):
+                local = {
+                    "latents": latents,
+                    "prompt_embeds": state.embeds,
+                    "negative_prompt_embeds": negative_embeds,
+                }
+                callback_kwargs = {k: local[k] for k in callback_on_step_end_tensor_inputs}
+                callback_outputs = callback_on_step_end(self, i, t, callback_kwargs) or {}
+                state.embeds = callback_outputs.pop("prompt_embeds", state.embeds)
+                state.guidance_scale = self._guidance_scale
+                return callback_outputs.pop("latents", latents)
+
+        has_boxes = len(layout) > 0
+        outside = None
+        if has_boxes and guidance.outside_prompt_steps > 0:
+            outside_text = strip_phrases(prompt_text, layout.phrases)
+            outside_embeds, _, outside_added = self._encode_text(
+                outside_text, device, n, False, height=height, width=width, clip_skip=clip_skip
+            )
+            outside = OutsidePrompt(
+                outside_embeds,
+                lambda h, w: layout.masks(h, w).amax(0),
+                guidance.outside_prompt_steps,
+                added_cond=outside_added,
+            )
+        unboxed = []
+        if has_boxes and guidance.enabled and guidance.needs_unboxed_tokens:
+            unboxed = self._unboxed_indices(prompt_text, token_indices)
+        denoised = self._denoise(
+            init_result.latents,
+            scheduler=self.scheduler,
+            embeds=torch.cat([negative_embeds, prompt_embeds]) if do_cfg else prompt_embeds,
+            guidance_scale=guidance_scale,
+            extra_step_kwargs=extra_step_kwargs,
+            extras=extras,
+            token_indices=token_indices if has_boxes else None,
+            layout_masks=(lambda h, w: layout.masks(h, w)) if has_boxes else None,
+            guidance=guidance,
+            unboxed_indices=unboxed,
+            collect_maps=return_attention_maps and has_boxes,
+            on_step=on_step,
+            interrupted=lambda: self.interrupt,
+            outside=outside,
+            progress=progress,
+        )
+
+        # 6. Decode, and the safety checker as in the parent pipeline
+        images, nsfw = self._decode(denoised.latents, output_type, safety_dtype=prompt_embeds.dtype)
+        self.maybe_free_model_hooks()
+
+        attention_maps = None if denoised.mean_maps is None else denoised.mean_maps.cpu().numpy()
+        output = SaltOutput(
+            images=images,
+            reference_image=init_result.reference_image,
+            init_latent=init_latent,
+            layout_losses=denoised.layout_losses,
+            guidance_losses=denoised.guidance_losses,
+            attention_maps=attention_maps,
+            phrases=layout.phrases,
+            token_indices=token_indices,
+            nsfw_content_detected=nsfw,
+            info={**init_result.info, "guidance": guidance.to_dict()},
+        )
+        if not return_dict:
+            return (output.images, output.reference_image)
+        return output
+
+    def _check_embeds(self, prompt_embeds, negative_prompt_embeds, negative_prompt) -> None:
+        for name, value in (
+            ("prompt_embeds", prompt_embeds),
+            ("negative_prompt_embeds", negative_prompt_embeds),
+        ):
+            if value is None:
+                continue
+            if not torch.is_tensor(value) or value.ndim != 3 or value.shape[0] != 1:
+                shape = tuple(value.shape) if torch.is_tensor(value) else type(value).__name__
+                raise ValueError(f"{name} must be a [1, T, D] tensor (one prompt per call), got {shape}")
+        if negative_prompt is not None and negative_prompt_embeds is not None:
+            raise ValueError("pass either negative_prompt or negative_prompt_embeds, not both")
+        if (
+            prompt_embeds is not None
+            and negative_prompt_embeds is not None
+            and prompt_embeds.shape != negative_prompt_embeds.shape
+        ):
+            raise ValueError(
+                f"prompt_embeds {tuple(prompt_embeds.shape)} and negative_prompt_embeds "
+                f"{tuple(negative_prompt_embeds.shape)} must have the same shape"
+            )
+
+
+__all__ = ["SaltMixin", "SaltOutput", "as_layout"]
