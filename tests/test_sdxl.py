@@ -225,10 +225,27 @@ def test_from_pipe_checks_the_family(xl_pipe, tiny_pipe):
         SaltXLPipeline.from_pipe(tiny_pipe)
 
 
-def test_prompt_embeds_are_refused_in_one_line(xl_pipe):
-    embeds = torch.zeros(1, 77, 32)
-    with pytest.raises(ValueError, match="SaltXLPipeline does not take prompt_embeds"):
+def test_prompt_embeds_with_pooled_embeds_give_the_same_image_as_the_prompt(xl_pipe, tiny_pipe):
+    embeds, negative, pooled, negative_pooled = xl_pipe.encode_prompt(
+        PROMPT, device="cpu", do_classifier_free_guidance=True, negative_prompt="a cat"
+    )
+    by_text = xl_pipe(PROMPT, LAYOUT, init="random", guidance=GUIDED, negative_prompt="a cat", **FAST)
+    by_embeds = xl_pipe(
+        PROMPT,
+        LAYOUT,
+        init="random",
+        guidance=GUIDED,
+        prompt_embeds=embeds,
+        negative_prompt_embeds=negative,
+        pooled_prompt_embeds=pooled,
+        negative_pooled_prompt_embeds=negative_pooled,
+        **FAST,
+    )
+    np.testing.assert_allclose(by_embeds.images, by_text.images, atol=1e-5)
+    with pytest.raises(ValueError, match="SDXL needs prompt_embeds and pooled_prompt_embeds together"):
         xl_pipe(PROMPT, init="random", guidance="none", prompt_embeds=embeds, **FAST)
+    with pytest.raises(ValueError, match="pooled_prompt_embeds are SDXL's"):
+        tiny_pipe(PROMPT, init="random", guidance="none", pooled_prompt_embeds=pooled, **FAST)
 
 
 def test_guided_passes_stop_after_the_last_captured_layer(xl_pipe, monkeypatch):

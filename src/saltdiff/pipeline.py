@@ -45,10 +45,13 @@ class SaltPipeline(SaltMixin, StableDiffusionPipeline):
         width: int,
         prompt_embeds=None,
         negative_prompt_embeds=None,
+        pooled=(None, None),
         lora_scale=None,
         clip_skip=None,
     ):
         """``(prompt_embeds, negative_embeds, None)``: SD's UNet takes no added conditioning."""
+        if any(p is not None for p in pooled):
+            raise ValueError("pooled_prompt_embeds are SDXL's: SD 1.x/2.x text encoders have no pooled input")
         prompt_embeds, negative_embeds = self.encode_prompt(
             prompt,
             device,

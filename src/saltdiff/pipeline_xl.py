@@ -68,29 +68,36 @@ class SaltXLPipeline(SaltMixin, StableDiffusionXLPipeline):
         width: int,
         prompt_embeds=None,
         negative_prompt_embeds=None,
+        pooled=(None, None),
         lora_scale=None,
         clip_skip=None,
     ):
-        """``(prompt_embeds, negative_embeds, added_cond)`` from both text encoders."""
-        if prompt_embeds is not None or negative_prompt_embeds is not None:
-            raise ValueError(
-                "SaltXLPipeline does not take prompt_embeds/negative_prompt_embeds yet (SDXL also needs "
-                "the pooled embeddings of the second text encoder): pass the prompt text"
-            )
-        embeds, negative, pooled, negative_pooled = self.encode_prompt(
+        """``(prompt_embeds, negative_embeds, added_cond)`` from both text encoders (or from the given
+        embeddings, each with its pooled ``[1, D]`` counterpart as diffusers asks)."""
+        given = (("prompt_embeds", prompt_embeds), ("negative_prompt_embeds", negative_prompt_embeds))
+        for (name, embeds), pooled_embeds in zip(given, pooled):
+            if (embeds is None) != (pooled_embeds is None):
+                raise ValueError(
+                    f"SDXL needs {name} and {name.replace('prompt_embeds', 'pooled_prompt_embeds')} "
+                    "together (the second text encoder's pooled output goes to the UNet)"
+                )
+            if pooled_embeds is not None and (not torch.is_tensor(pooled_embeds) or pooled_embeds.ndim != 2):
+                raise ValueError(f"pooled embeddings must be a [1, D] tensor, got {pooled_embeds!r:.60}")
+        embeds, negative, pooled_out, negative_pooled = self.encode_prompt(
             prompt,
             device=device,
             num_images_per_prompt=n,
             do_classifier_free_guidance=do_cfg,
             negative_prompt=negative_prompt,
+            prompt_embeds=prompt_embeds,
+            negative_prompt_embeds=negative_prompt_embeds,
+            pooled_prompt_embeds=pooled[0],
+            negative_pooled_prompt_embeds=pooled[1],
             lora_scale=lora_scale,
             clip_skip=clip_skip,
         )
-        return (
-            embeds,
-            negative,
-            self._added_cond(pooled, negative_pooled, do_cfg, height, width, embeds.dtype),
-        )
+        added = self._added_cond(pooled_out, negative_pooled, do_cfg, height, width, embeds.dtype)
+        return embeds, negative, added
 
     def _resolve_tokens(self, layout: Layout, prompt: str) -> list[list[int]]:
         """Token positions of the boxed phrases. The UNet attends to both encoders' states side by side

@@ -365,6 +365,8 @@ class SaltMixin:
         latents: torch.Tensor | None = None,
         prompt_embeds: torch.Tensor | None = None,
         negative_prompt_embeds: torch.Tensor | None = None,
+        pooled_prompt_embeds: torch.Tensor | None = None,
+        negative_pooled_prompt_embeds: torch.Tensor | None = None,
         ip_adapter_image=None,
         ip_adapter_image_embeds: list[torch.Tensor] | None = None,
         cross_attention_kwargs: dict[str, Any] | None = None,
@@ -396,6 +398,8 @@ class SaltMixin:
             latents: the initial latent, as in diffusers (the same as ``init=tensor``; not with ``init``).
             prompt_embeds, negative_prompt_embeds: text embeddings ``[1, T, D]`` used instead of
                 encoding ``prompt`` / ``negative_prompt`` (prompt weighting, textual inversion, ...).
+            pooled_prompt_embeds, negative_pooled_prompt_embeds: SDXL's pooled embeddings ``[1, D]``,
+                needed with (negative) ``prompt_embeds`` there, as in diffusers; not for SD 1.x/2.x.
             ip_adapter_image, ip_adapter_image_embeds: IP-Adapter inputs, as in diffusers (after
                 ``load_ip_adapter``); they condition sampling, not the reference or its inversion.
             cross_attention_kwargs: passed to every UNet call (e.g. ``{"scale": 0.7}`` for a LoRA).
@@ -468,6 +472,7 @@ class SaltMixin:
             width=width,
             prompt_embeds=prompt_embeds,
             negative_prompt_embeds=negative_prompt_embeds,
+            pooled=(pooled_prompt_embeds, negative_pooled_prompt_embeds),
             lora_scale=lora_scale,
             clip_skip=clip_skip,
         )
