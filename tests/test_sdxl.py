@@ -169,6 +169,7 @@ def test_default_layers_are_the_memory_aware_ones(xl_pipe):
 
 
 def test_from_pretrained_load_pipeline_and_cli_detect_sdxl(xl_pipe, tmp_path):
+    from saltdiff.checkpoints import weights_stamp
     from saltdiff.cli import main
     from saltdiff.loading import load_pipeline
     from saltdiff.request import read_recipe
@@ -178,6 +179,12 @@ def test_from_pretrained_load_pipeline_and_cli_detect_sdxl(xl_pipe, tmp_path):
     pipe = SaltXLPipeline.from_pretrained(str(folder))
     assert type(pipe) is SaltXLPipeline and pipe.text_encoder_2 is not None
     assert type(load_pipeline(str(folder), device="cpu")) is SaltXLPipeline
+    # object caches are keyed on both text encoders' weights too
+    assert {entry[0].split("/")[0] for entry in weights_stamp(str(folder))} == {
+        "unet",
+        "text_encoder",
+        "text_encoder_2",
+    }
     with pytest.raises(
         ValueError, match=r"is a SDXL pipeline .*: not supported; saltdiff runs SDXL with SaltXLPipeline"
     ):

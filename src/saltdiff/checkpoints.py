@@ -53,7 +53,7 @@ def weights_stamp(model_id: str) -> list:
     if not os.path.isdir(model_id):
         return []
     stamp = []
-    for sub in ("unet", "text_encoder"):
+    for sub in ("unet", "text_encoder", "text_encoder_2"):
         for path in sorted(Path(model_id, sub).glob("*.safetensors")) + sorted(
             Path(model_id, sub).glob("*.bin")
         ):
