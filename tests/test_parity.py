@@ -9,7 +9,7 @@ import torch
 
 from saltdiff import GuidanceConfig
 from saltdiff.pipeline import SaltPipeline
-from saltdiff.testing import tiny_sd_components, tiny_sd_pipeline
+from saltdiff.testing import UNetCalls, tiny_sd_components, tiny_sd_pipeline
 
 PROMPT = "a red circle and a blue square"
 LAYOUT = [("red circle", (0.0, 0.25, 0.5, 0.75)), ("blue square", (0.5, 0.25, 1.0, 0.75))]
@@ -24,21 +24,6 @@ def _pipe(**component_overrides):
         setattr(pipe, name, value)
     pipe.set_progress_bar_config(disable=True)
     return pipe
-
-
-class UNetCalls:
-    """Records the batch size and the keyword arguments of every UNet forward."""
-
-    def __init__(self, unet):
-        self.calls = []
-        self.handle = unet.register_forward_pre_hook(self, with_kwargs=True)
-
-    def __call__(self, module, args, kwargs):
-        sample = args[0] if args else kwargs["sample"]
-        self.calls.append((sample.shape[0], dict(kwargs)))
-
-    def remove(self):
-        self.handle.remove()
 
 
 def test_prompt_embeds_give_the_same_image_as_the_prompt(tiny_pipe):
@@ -75,15 +60,12 @@ def test_cross_attention_kwargs_reach_every_unet_call_and_scale_a_lora():
         r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"], init_lora_weights=False
     )
     pipe.unet.add_adapter(lora)
-    calls = UNetCalls(pipe.unet)
-    try:
+    with UNetCalls(pipe.unet) as calls:
         off = pipe(
             PROMPT, LAYOUT, init="random", guidance=GUIDED, cross_attention_kwargs={"scale": 0.0}, **FAST
         )
-    finally:
-        calls.remove()
     assert len(calls.calls) > 4  # sampling passes plus guided passes
-    assert all(kw.get("cross_attention_kwargs") == {"scale": 0.0} for _, kw in calls.calls)
+    assert all(c.kwargs.get("cross_attention_kwargs") == {"scale": 0.0} for c in calls.calls)
     np.testing.assert_allclose(off.images, reference, atol=1e-5)  # LoRA at scale 0: the base model
     on = pipe(PROMPT, LAYOUT, init="random", guidance=GUIDED, cross_attention_kwargs={"scale": 1.0}, **FAST)
     assert np.abs(on.images - reference).max() > 1e-3
@@ -93,8 +75,7 @@ def test_diffusers_cfg_cutoff_callback_and_num_timesteps():
     from diffusers.callbacks import SDCFGCutoffCallback
 
     pipe = _pipe()
-    calls = UNetCalls(pipe.unet)
-    try:
+    with UNetCalls(pipe.unet) as calls:
         out = pipe(
             PROMPT,
             LAYOUT,
@@ -103,10 +84,8 @@ def test_diffusers_cfg_cutoff_callback_and_num_timesteps():
             callback_on_step_end=SDCFGCutoffCallback(0.5),
             **FAST,
         )
-    finally:
-        calls.remove()
     assert pipe.num_timesteps == 4
-    batches = [b for b, _ in calls.calls]
+    batches = [c.batch for c in calls.calls]
     # the callback cuts CFG at the end of step int(4 * 0.5) = 2: conditional rows only afterwards
     assert batches == [2, 2, 2, 1]
     assert np.isfinite(out.images).all()
@@ -121,11 +100,8 @@ def test_interrupt_stops_the_loop():
         p._interrupt = True
         return tensors
 
-    calls = UNetCalls(pipe.unet)
-    try:
+    with UNetCalls(pipe.unet) as calls:
         pipe(PROMPT, LAYOUT, init="random", guidance="none", callback_on_step_end=stop_after_first, **FAST)
-    finally:
-        calls.remove()
     assert seen == [0] and len(calls.calls) == 1
     assert pipe.interrupt
     pipe(PROMPT, LAYOUT, init="random", guidance="none", **FAST)  # the next call starts afresh
@@ -189,13 +165,10 @@ def test_lcm_unet_gets_timestep_cond_and_no_cfg_batch():
     torch.manual_seed(0)
     unet = UNet2DConditionModel.from_config(components["unet"].config, time_cond_proj_dim=8)
     pipe = _pipe(unet=unet)
-    calls = UNetCalls(pipe.unet)
-    try:
+    with UNetCalls(pipe.unet) as calls:
         pipe(PROMPT, LAYOUT, init="random", guidance=GUIDED, guidance_scale=4.0, **FAST)
-    finally:
-        calls.remove()
-    assert all(b == 1 for b, _ in calls.calls)  # the guidance scale goes in as w, not as a CFG batch
-    conds = [kw.get("timestep_cond") for _, kw in calls.calls]
+    assert all(c.batch == 1 for c in calls.calls)  # the guidance scale goes in as w, not as a CFG batch
+    conds = [c.kwargs.get("timestep_cond") for c in calls.calls]
     assert all(c is not None and c.shape == (1, 8) for c in conds)
     expected = pipe.get_guidance_scale_embedding(torch.tensor([3.0]), embedding_dim=8)
     torch.testing.assert_close(conds[0], expected)
@@ -241,16 +214,13 @@ def test_outside_prompt_adds_a_row_with_the_prompt_minus_its_boxes_on_the_first_
     from saltdiff.reference import strip_phrases
 
     pipe = _pipe()
-    calls = UNetCalls(pipe.unet)
     guidance = GuidanceConfig(loss="none", outside_prompt_steps=2)
-    try:
+    with UNetCalls(pipe.unet) as calls:
         pipe(PROMPT, LAYOUT, init="random", guidance=guidance, **FAST)
-    finally:
-        calls.remove()
-    assert [b for b, _ in calls.calls] == [3, 3, 2, 2]  # uncond, cond, outside; then plain CFG
+    assert [c.batch for c in calls.calls] == [3, 3, 2, 2]  # uncond, cond, outside; then plain CFG
     outside_text = strip_phrases(PROMPT, [p for p, _ in LAYOUT])
     expected, _ = pipe.encode_prompt(outside_text, pipe.device, 1, False)
-    torch.testing.assert_close(calls.calls[0][1]["encoder_hidden_states"][2:], expected)
+    torch.testing.assert_close(calls.calls[0].kwargs["encoder_hidden_states"][2:], expected)
 
 
 def test_outside_prompt_changes_nothing_inside_a_box_that_covers_the_image():

@@ -13,7 +13,7 @@ from saltdiff.layout import LayoutError
 from saltdiff.pipeline import SaltPipeline
 from saltdiff.pipeline_xl import SaltXLPipeline
 from saltdiff.reference import GeneratedObjects, strip_phrases
-from saltdiff.testing import tiny_sdxl_pipeline
+from saltdiff.testing import UNetCalls, tiny_sdxl_pipeline
 
 PROMPT = "a red circle and a blue square"
 LAYOUT = [("red circle", (0.0, 0.25, 0.5, 0.75)), ("blue square", (0.5, 0.25, 1.0, 0.75))]
@@ -32,21 +32,6 @@ def xl_pipe():
     return pipe
 
 
-class UNetCalls:
-    """Records, per UNet forward: grad mode, batch size and the added conditioning."""
-
-    def __init__(self, unet):
-        self.calls = []
-        self.handle = unet.register_forward_pre_hook(self, with_kwargs=True)
-
-    def __call__(self, module, args, kwargs):
-        sample = args[0] if args else kwargs["sample"]
-        self.calls.append((torch.is_grad_enabled(), sample.shape[0], kwargs.get("added_cond_kwargs")))
-
-    def remove(self):
-        self.handle.remove()
-
-
 def _pooled(pipe, text, n=1):
     return pipe.encode_prompt(text, device="cpu", num_images_per_prompt=n, do_classifier_free_guidance=False)[
         2
@@ -56,13 +41,10 @@ def _pooled(pipe, text, n=1):
 def test_pooled_embeds_and_time_ids_reach_every_unet_call(xl_pipe):
     """Object generation (CFG, one row per object), inversion (empty prompt), sampling (CFG) and the
     guided passes (conditional row, with gradients): each call gets its rows' own pooled embeddings."""
-    recorder = UNetCalls(xl_pipe.unet)
-    try:
+    with UNetCalls(xl_pipe.unet) as recorder:
         out = xl_pipe(PROMPT, LAYOUT, init=SALT, guidance=GUIDED, **FAST)
-    finally:
-        recorder.remove()
     assert out.images.shape == (1, 32, 32, 3) and np.isfinite(out.images).all()
-    calls = recorder.calls
+    calls = [(c.grad, c.batch, c.kwargs.get("added_cond_kwargs")) for c in recorder.calls]
     assert all(added is not None for _, _, added in calls)
     for _, batch, added in calls:
         assert added["text_embeds"].shape == (batch, 16)
@@ -86,15 +68,12 @@ def test_pooled_embeds_and_time_ids_reach_every_unet_call(xl_pipe):
 
 
 def test_outside_prompt_rows_get_the_outside_prompts_pooled_embeds(xl_pipe):
-    recorder = UNetCalls(xl_pipe.unet)
     guidance = GuidanceConfig(loss="none", outside_prompt_steps=1)
-    try:
+    with UNetCalls(xl_pipe.unet) as recorder:
         xl_pipe(PROMPT + " on grass", LAYOUT, init="random", guidance=guidance, **FAST)
-    finally:
-        recorder.remove()
-    batches = [batch for _, batch, _ in recorder.calls]
+    batches = [c.batch for c in recorder.calls]
     assert batches == [3, 2, 2]  # [uncond; cond; outside] on the first step only
-    rows = recorder.calls[0][2]["text_embeds"]
+    rows = recorder.calls[0].kwargs["added_cond_kwargs"]["text_embeds"]
     torch.testing.assert_close(rows[1:2], _pooled(xl_pipe, PROMPT + " on grass"))
     outside = strip_phrases(PROMPT + " on grass", ["red circle", "blue square"])
     assert "circle" not in outside and "grass" in outside

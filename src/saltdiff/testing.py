@@ -8,6 +8,7 @@ processors, schedulers, VAE scaling, tokenizer) is the one a real checkpoint goe
 from __future__ import annotations
 
 import tempfile
+from typing import NamedTuple
 
 import torch
 
@@ -28,9 +29,26 @@ def tiny_tokenizer(model_max_length: int = 77):
     return build_clip_tokenizer(TINY_WORDS, directory, model_max_length=model_max_length)
 
 
+def _tiny_vae(sample_size: int, **config):
+    """A two-level VAE (2x downsampling) for the tiny pipelines; ``config`` adds e.g. SDXL's scaling."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        block_out_channels=(16, 32),
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=sample_size * 2,
+        **config,
+    )
+
+
 def tiny_sd_components(seed: int = 0, sample_size: int = 16, model_max_length: int = 77) -> dict:
     """Components of a tiny SD-1.x-shaped pipeline (UNet with cross-attention at two levels)."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers import UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     tokenizer = tiny_tokenizer(model_max_length)
@@ -48,16 +66,7 @@ def tiny_sd_components(seed: int = 0, sample_size: int = 16, model_max_length: i
         norm_num_groups=8,
     )
     torch.manual_seed(seed)
-    vae = AutoencoderKL(
-        block_out_channels=(16, 32),
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        latent_channels=4,
-        norm_num_groups=8,
-        sample_size=sample_size * 2,
-    )
+    vae = _tiny_vae(sample_size)
     torch.manual_seed(seed)
     text_encoder = CLIPTextModel(
         CLIPTextConfig(
@@ -290,7 +299,7 @@ def tiny_sdxl_components(seed: int = 0, sample_size: int = 16, tokenizer_2=None)
     are concatenated (16 + 16 = 32 wide cross-attention), the second with a projection (pooled
     embeddings); two tokenizers. ``tokenizer_2`` replaces the second tokenizer (tests of disagreement).
     """
-    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers import UNet2DConditionModel
 
     tokenizer = tiny_tokenizer(77)
     tokenizer_2 = tokenizer_2 if tokenizer_2 is not None else tiny_tokenizer(77)
@@ -313,18 +322,7 @@ def tiny_sdxl_components(seed: int = 0, sample_size: int = 16, tokenizer_2=None)
         norm_num_groups=8,
     )
     torch.manual_seed(seed)
-    vae = AutoencoderKL(
-        block_out_channels=(16, 32),
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        latent_channels=4,
-        norm_num_groups=8,
-        sample_size=sample_size * 2,
-        scaling_factor=0.13025,
-        force_upcast=True,
-    )
+    vae = _tiny_vae(sample_size, scaling_factor=0.13025, force_upcast=True)
     torch.manual_seed(seed)
     common = dict(intermediate_size=37, num_attention_heads=4, num_hidden_layers=3, layer_norm_eps=1e-5)
     text_encoder, text_encoder_2 = _sdxl_text_encoders(
@@ -399,3 +397,31 @@ def sdxl_architecture_components(seed: int = 0, dtype=torch.float32) -> dict:
     return _sdxl_dict(
         unet, vae, text_encoder, text_encoder_2, tokenizer, tokenizer_2, sd_ddim_scheduler(), dtype
     )
+
+
+class UNetCall(NamedTuple):
+    grad: bool  # the call ran with gradients (a guided pass)
+    batch: int
+    kwargs: dict  # encoder_hidden_states, added_cond_kwargs, timestep_cond, cross_attention_kwargs, ...
+
+
+class UNetCalls:
+    """Records every forward of a UNet (grad mode, batch size, keyword arguments) while in its ``with``
+    block: how tests check what reaches the UNet (conditioning rows, CFG batches, LoRA scales)."""
+
+    def __init__(self, unet):
+        self.unet = unet
+        self.calls: list[UNetCall] = []
+        self.handle = None
+
+    def __enter__(self) -> UNetCalls:
+        self.handle = self.unet.register_forward_pre_hook(self._record, with_kwargs=True)
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        self.handle.remove()
+        return False
+
+    def _record(self, module, args, kwargs):
+        sample = args[0] if args else kwargs["sample"]
+        self.calls.append(UNetCall(torch.is_grad_enabled(), sample.shape[0], dict(kwargs)))
