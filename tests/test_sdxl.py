@@ -256,3 +256,30 @@ def test_guided_passes_stop_after_the_last_captured_layer(xl_pipe, monkeypatch):
         handle.remove()
     assert cut.guidance_losses == whole.guidance_losses
     np.testing.assert_array_equal(cut.images, whole.images)
+
+
+def test_diffusers_sdxl_cfg_cutoff_callback_ends_cfg_with_its_added_conditions(xl_pipe):
+    from diffusers.callbacks import SDXLCFGCutoffCallback
+
+    with UNetCalls(xl_pipe.unet) as recorder:
+        out = xl_pipe(
+            PROMPT,
+            LAYOUT,
+            init="random",
+            guidance="none",
+            callback_on_step_end=SDXLCFGCutoffCallback(0.0),
+            **FAST,
+        )
+    # cut at the end of step 0: CFG there, then the conditional rows with their own added conditions
+    assert [c.batch for c in recorder.calls] == [2, 1, 1]
+    added = [c.kwargs["added_cond_kwargs"] for c in recorder.calls]
+    torch.testing.assert_close(added[1]["text_embeds"], added[0]["text_embeds"][1:])
+    torch.testing.assert_close(added[2]["time_ids"], added[0]["time_ids"][1:])
+    assert np.isfinite(out.images).all()
+    with pytest.raises(ValueError, match="add_text_embeds"):  # SD 1.x/2.x has no added conditions
+        from saltdiff.pipeline import SaltPipeline
+        from saltdiff.testing import tiny_sd_pipeline
+
+        SaltPipeline.from_pipe(tiny_sd_pipeline())(
+            PROMPT, LAYOUT, callback_on_step_end=SDXLCFGCutoffCallback(0.0), **FAST
+        )

@@ -19,7 +19,7 @@ from .guidance import GuidanceConfig, GuidanceTargets, guided_update, layer_loss
 from .losses import layout_guidance_loss
 from .samplers import model_input_scale
 
-__all__ = ["Denoised", "LoopState", "NoBar", "OutsidePrompt", "UNetExtras", "denoise"]
+__all__ = ["Denoised", "LoopState", "NoBar", "OutsidePrompt", "UNetExtras", "denoise", "step_callback"]
 
 
 class NoBar:
@@ -140,6 +140,35 @@ class Denoised:
     layout_losses: list[float]
     guidance_losses: list[list[float]]
     mean_maps: torch.Tensor | None  # [B, K, h, w] phrase maps averaged over steps
+
+
+#: diffusers' SDXL callback tensor names → keys of ``UNetExtras.added_cond``.
+ADDED_COND_INPUTS = {"add_text_embeds": "text_embeds", "add_time_ids": "time_ids"}
+
+
+def step_callback(pipe, callback, names, negative_embeds, extras: UNetExtras):
+    """diffusers' ``callback_on_step_end`` as the loop's ``on_step``.
+
+    The callback sees (and may replace) the latents, the CFG text batch and SDXL's added conditions
+    (``add_text_embeds``, ``add_time_ids``) under diffusers' names; ``pipe._guidance_scale`` is read
+    back after it, so ``SDCFGCutoffCallback``/``SDXLCFGCutoffCallback`` can end CFG mid-loop.
+    """
+
+    def on_step(i, t, latents, state: LoopState):
+        local = {"latents": latents, "prompt_embeds": state.embeds, "negative_prompt_embeds": negative_embeds}
+        for name, key in ADDED_COND_INPUTS.items():
+            if extras.added_cond and key in extras.added_cond:
+                local[name] = extras.added_cond[key]
+        outputs = callback(pipe, i, t, {k: local[k] for k in names}) or {}
+        state.embeds = outputs.pop("prompt_embeds", state.embeds)
+        for name, key in ADDED_COND_INPUTS.items():
+            if name in outputs:
+                extras.added_cond[key] = outputs.pop(name)
+                extras.added_cond_cfg = extras.added_cond[key].shape[0] == 2 * latents.shape[0]
+        state.guidance_scale = pipe._guidance_scale
+        return outputs.pop("latents", latents)
+
+    return on_step
 
 
 def denoise(

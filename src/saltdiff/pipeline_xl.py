@@ -18,8 +18,9 @@ from diffusers import StableDiffusionXLPipeline
 
 from .checkpoints import SDXL_MODEL_ID
 from .components import fit_tokenizer_length
+from .denoising import ADDED_COND_INPUTS
 from .layout import Layout, LayoutError
-from .salt_mixin import SaltMixin, SaltOutput
+from .salt_mixin import CALLBACK_TENSOR_INPUTS, SaltMixin, SaltOutput
 
 
 class SaltXLPipeline(SaltMixin, StableDiffusionXLPipeline):
@@ -32,6 +33,7 @@ class SaltXLPipeline(SaltMixin, StableDiffusionXLPipeline):
     """
 
     _family = "sdxl"
+    _salt_callback_inputs = (*CALLBACK_TENSOR_INPUTS, *ADDED_COND_INPUTS)  # SDXLCFGCutoffCallback's too
 
     # -- family hooks (see saltdiff.salt_mixin) ------------------------------------------------------
     def _fit_tokenizers(self) -> None:

@@ -27,7 +27,7 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from .checkpoints import check_family, check_model_index, resolve_model, weights_stamp
 from .components import check_component_dtypes, dtype_keyword
-from .denoising import Denoised, OutsidePrompt, UNetExtras, denoise
+from .denoising import Denoised, OutsidePrompt, UNetExtras, denoise, step_callback
 from .guidance import GuidanceConfig
 from .init import InitResult, RandomInit, SpatialAwareInit
 from .layout import Layout
@@ -125,6 +125,7 @@ class SaltMixin:
     """
 
     _family: str  # the checkpoints.model_family name the subclass runs
+    _salt_callback_inputs: tuple[str, ...] = CALLBACK_TENSOR_INPUTS  # what a step callback may ask for
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
@@ -209,11 +210,11 @@ class SaltMixin:
             raise ValueError(f"num_images_per_prompt must be an integer >= 1, got {num_images_per_prompt!r}")
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type must be one of {list(OUTPUT_TYPES)}, got {output_type!r}")
-        unknown = [k for k in callback_on_step_end_tensor_inputs if k not in CALLBACK_TENSOR_INPUTS]
+        unknown = [k for k in callback_on_step_end_tensor_inputs if k not in self._salt_callback_inputs]
         if unknown:
             raise ValueError(
                 f"callback_on_step_end_tensor_inputs {unknown} are not available; "
-                f"choose from {list(CALLBACK_TENSOR_INPUTS)}"
+                f"choose from {list(self._salt_callback_inputs)}"
             )
 
     def _default_size(self, height: int | None, width: int | None) -> tuple[int, int]:
@@ -505,18 +506,9 @@ class SaltMixin:
         # 5. Denoising loop with attention guidance on the first steps
         on_step = None
         if callback_on_step_end is not None:
-
-            def on_step(i, t, latents, state):
-                local = {
-                    "latents": latents,
-                    "prompt_embeds": state.embeds,
-                    "negative_prompt_embeds": negative_embeds,
-                }
-                callback_kwargs = {k: local[k] for k in callback_on_step_end_tensor_inputs}
-                callback_outputs = callback_on_step_end(self, i, t, callback_kwargs) or {}
-                state.embeds = callback_outputs.pop("prompt_embeds", state.embeds)
-                state.guidance_scale = self._guidance_scale
-                return callback_outputs.pop("latents", latents)
+            on_step = step_callback(
+                self, callback_on_step_end, callback_on_step_end_tensor_inputs, negative_embeds, extras
+            )
 
         has_boxes = len(layout) > 0
         outside = None
