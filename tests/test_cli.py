@@ -199,3 +199,14 @@ def test_help_shows_each_default_once_in_user_words():
             assert wrong not in text, (name, wrong)
         for field in ("NUM_INFERENCE_STEPS", "GUIDANCE_SCALE", "BATCH_SIZE", "TOPK_FRACTION", " CACHE "):
             assert field not in text, (name, field)  # internal field names as metavars
+
+
+def test_too_few_sampling_steps_for_the_inversion_is_one_line_that_says_what_to_change(
+    tiny_pipe_dir, tmp_path, capsys
+):
+    args = [*BASE[: BASE.index("--steps")], *BASE[BASE.index("--height") :], "--model", tiny_pipe_dir]
+    out = str(tmp_path / "x.png")
+    assert main([*args, "--steps", "3", "--inversion-steps", "5", "--out", out]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "use inversion_steps <= 3 (--inversion-steps) or more sampling steps" in err[0]
+    assert main([*args, "--steps", "3", "--inversion-steps", "3", "--out", out]) == 0

@@ -15,7 +15,7 @@ import torch
 from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 
-from .inversion import ddim_invert
+from .inversion import ddim_invert, inversion_timesteps
 from .layout import Layout
 from .losses import gaussian_blur
 from .reference import GeneratedObjects, ReferenceBuilder, ReferenceImage
@@ -71,6 +71,14 @@ class RandomInit:
             shape, generator=generator, device=pipe._execution_device, dtype=pipe.unet.dtype
         )
         return InitResult(latents * pipe.scheduler.init_noise_sigma, None, {"init": "random"})
+
+
+def _grid_fits(scheduler, steps: int, end: int) -> bool:
+    try:
+        inversion_timesteps(scheduler, steps, end)
+    except ValueError:
+        return False
+    return True
 
 
 @dataclass
@@ -151,7 +159,20 @@ class SpatialAwareInit:
             unet_kwargs=unet_kwargs,
         )
 
+    def check_steps(self, scheduler, num_inference_steps: int) -> None:
+        """One line, before any work, when ``inversion_steps`` cannot end at the sampler's first
+        timestep (few sampling steps start low; ``DDIMInverseScheduler`` steps by 1000 // K)."""
+        end = sampler_start_timestep(scheduler, num_inference_steps)
+        if not _grid_fits(scheduler, self.inversion_steps, end):
+            fits = [k for k in range(1, self.inversion_steps) if _grid_fits(scheduler, k, end)]
+            raise ValueError(
+                f"inversion_steps={self.inversion_steps} cannot end at the sampler's first timestep {end} "
+                f"({num_inference_steps} sampling steps): use inversion_steps <= {max(fits)} "
+                "(--inversion-steps) or more sampling steps (--steps)"
+            )
+
     def __call__(self, pipe, prompt, layout, generator, *, height, width, num_inference_steps, num_images=1):
+        self.check_steps(pipe.scheduler, num_inference_steps)
         reference = self.reference.build(
             pipe.object_generator(), prompt, layout, height=height, width=width, generator=generator
         )
