@@ -92,7 +92,7 @@ def test_user_reference_image(tiny_pipe, tmp_path):
     )
     assert out.reference_image.size == (32, 32)
     with pytest.raises(ValueError, match="not found"):
-        tiny_pipe(PROMPT, LAYOUT, reference_image=str(tmp_path / "missing.png"), **FAST)
+        tiny_pipe(PROMPT, LAYOUT, reference_image=str(tmp_path / "missing.png"), inversion_steps=2, **FAST)
 
 
 def test_user_object_images_are_pasted_into_boxes(tiny_pipe):
