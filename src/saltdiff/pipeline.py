@@ -11,10 +11,12 @@ import PIL.Image
 import torch
 from diffusers import StableDiffusionPipeline
 
+from .call_inputs import as_layout
 from .checkpoints import DEFAULT_MODEL, builtin_models, resolve_model
 from .components import fit_tokenizer_length
 from .layout import Layout, LayoutError
-from .salt_mixin import SaltMixin, SaltOutput, as_layout
+from .pipeline_output import SaltOutput
+from .salt_mixin import SaltMixin
 
 
 class SaltPipeline(SaltMixin, StableDiffusionPipeline):

@@ -16,11 +16,13 @@ import PIL.Image
 import torch
 from diffusers import StableDiffusionXLPipeline
 
+from .call_inputs import CALLBACK_TENSOR_INPUTS
 from .checkpoints import SDXL_MODEL_ID
 from .components import fit_tokenizer_length
 from .denoising import ADDED_COND_INPUTS
 from .layout import Layout, LayoutError
-from .salt_mixin import CALLBACK_TENSOR_INPUTS, SaltMixin, SaltOutput
+from .pipeline_output import SaltOutput
+from .salt_mixin import SaltMixin
 
 
 class SaltXLPipeline(SaltMixin, StableDiffusionXLPipeline):

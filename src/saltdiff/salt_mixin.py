@@ -8,112 +8,46 @@ and ``SaltXLPipeline`` (SDXL, :mod:`saltdiff.pipeline_xl`) implement: ``_family`
 ``[negative; conditional]`` under CFG; ``None`` for SD), ``_resolve_tokens(layout, prompt)``,
 ``encode_reference(image)`` and ``inversion_conditioning(text, height, width)`` (the VAE encode and UNet
 inputs of :class:`saltdiff.init.SpatialAwareInit`), ``_decode(latents, output_type, safety_dtype=)``.
+
+The call's argument checks that need no pipeline are :mod:`saltdiff.call_inputs`; its output,
+:mod:`saltdiff.pipeline_output`; the view of the pipeline that reference builders get,
+:mod:`saltdiff.object_generator`.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import PIL.Image
 import torch
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
-from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
-from .checkpoints import check_family, check_model_index, resolve_model, weights_stamp
+from .call_inputs import (
+    CALLBACK_TENSOR_INPUTS,
+    OUTPUT_TYPES,
+    as_guidance,
+    as_layout,
+    check_embeds,
+    resolve_init,
+    seeded_generator,
+    text_for_tokens,
+)
+from .checkpoints import check_family, check_model_index, resolve_model
 from .components import check_component_dtypes, dtype_keyword
 from .denoising import Denoised, OutsidePrompt, UNetExtras, denoise, step_callback
 from .guidance import GuidanceConfig
-from .init import InitResult, RandomInit, SpatialAwareInit
+from .init import InitResult
 from .layout import Layout
-from .reference import GeneratedObject, UserImages, strip_phrases
-from .registry import INITIALIZERS
+from .object_generator import PipelineObjectGenerator
+from .pipeline_output import SaltOutput
+from .reference import GeneratedObject, strip_phrases
 from .samplers import check_supported, ddim_twin
 
 logger = logging.getLogger(__name__)
-
-CALLBACK_TENSOR_INPUTS = ("latents", "prompt_embeds", "negative_prompt_embeds")
-OUTPUT_TYPES = ("pil", "np", "pt", "latent")
-DEFAULT_INIT = "salt"
-
-
-@dataclass
-class SaltOutput(BaseOutput):
-    """What one call returns; everything a user needs to look at the result and reproduce it.
-
-    Attributes:
-        images: the generated images (PIL list, or array when ``output_type="np"``).
-        reference_image: the reference image that was inverted (``None`` for random init).
-        init_latent: the initial latent z_T the sampler started from, on CPU.
-        layout_losses: per denoising step, layout-guidance energy (Chen et al.) of the boxed tokens,
-            measured on the conditional branch of that step's forward pass — comparable across methods.
-        guidance_losses: per guided step, the guidance loss at each gradient iteration.
-        attention_maps: ``[num_images, K, h, w]`` cross-attention of each boxed phrase averaged over
-            steps and the captured layers (when ``return_attention_maps=True``).
-        phrases: the boxed phrases, in layout order; ``token_indices``: their prompt token positions.
-        nsfw_content_detected: the safety checker's verdict per image (``None`` without one).
-    """
-
-    images: list[PIL.Image.Image] | np.ndarray
-    reference_image: PIL.Image.Image | None = None
-    init_latent: torch.Tensor | None = None
-    layout_losses: list[float] = field(default_factory=list)
-    guidance_losses: list[list[float]] = field(default_factory=list)
-    attention_maps: np.ndarray | None = None
-    phrases: list[str] = field(default_factory=list)
-    token_indices: list[list[int]] = field(default_factory=list)
-    nsfw_content_detected: list[bool] | None = None
-    info: dict[str, Any] = field(default_factory=dict)
-
-
-def as_layout(layout: Layout | Mapping | Sequence | None) -> Layout:
-    """Accept a ``Layout``, its dict form, or ``[(phrase, (x0, y0, x1, y1)), ...]``."""
-    if layout is None:
-        return Layout()
-    if isinstance(layout, Layout):
-        return layout
-    if isinstance(layout, Mapping):
-        return Layout.from_dict(layout)
-    if isinstance(layout, Sequence) and not isinstance(layout, str):
-        return Layout.from_pairs(layout)
-    raise TypeError(
-        f"layout must be a Layout, a dict or a list of (phrase, box) pairs, got {type(layout).__name__}"
-    )
-
-
-class _ObjectGenerator:
-    """The narrow view of a pipeline that reference builders get: plain text-to-image, nothing else.
-
-    ``identity`` names the model's weights for on-disk caches (``None`` for an in-memory model,
-    whose objects must never be shared through a cache).
-    """
-
-    def __init__(self, pipe: SaltMixin) -> None:
-        self._pipe = pipe
-
-    @property
-    def identity(self) -> list | None:
-        pipe = self._pipe
-        model_id = getattr(pipe, "name_or_path", None) or pipe.config.get("_name_or_path")
-        if not model_id:
-            return None
-        return [str(model_id), weights_stamp(str(model_id)), str(pipe.unet.dtype)]
-
-    def __call__(self, prompts, *, phrases=None, height, width, num_inference_steps, guidance_scale, seed):
-        return self._pipe.generate_objects(
-            prompts,
-            phrases=phrases,
-            height=height,
-            width=width,
-            num_inference_steps=num_inference_steps,
-            guidance_scale=guidance_scale,
-            seed=seed,
-        )
 
 
 class SaltMixin:
@@ -151,32 +85,6 @@ class SaltMixin:
         return super().from_pipe(pipeline, **kwargs)
 
     # -- inputs --------------------------------------------------------------------------------------
-    def _resolve_init(self, init, latents, reference_image, inversion_steps):
-        if latents is not None:
-            if init is not None:
-                raise ValueError(
-                    "pass either `latents` or `init`, not both (a latent tensor can also be given as init=)"
-                )
-            init = latents
-        init = DEFAULT_INIT if init is None else init
-        if reference_image is not None:
-            if not (init == "salt" or isinstance(init, SpatialAwareInit)):
-                raise ValueError("reference_image is only used by init='salt'")
-            base = init if isinstance(init, SpatialAwareInit) else SpatialAwareInit()
-            init = dataclasses.replace(base, reference=UserImages(image=reference_image))
-        if isinstance(init, str):
-            init = INITIALIZERS.get(init).load()()
-        if inversion_steps is not None:
-            if not isinstance(init, SpatialAwareInit):
-                raise ValueError("inversion_steps only applies to init='salt'")
-            init = dataclasses.replace(init, inversion_steps=inversion_steps)
-        if not (torch.is_tensor(init) or callable(init)):
-            raise TypeError(
-                f"init must be one of {list(INITIALIZERS.names())}, an initializer or a latent tensor, "
-                f"got {type(init).__name__}"
-            )
-        return init
-
     def check_salt_inputs(
         self,
         prompt,
@@ -269,9 +177,9 @@ class SaltMixin:
             )
         return extras
 
-    def object_generator(self) -> _ObjectGenerator:
+    def object_generator(self) -> PipelineObjectGenerator:
         """What a reference builder may use of this pipeline: :meth:`generate_objects` and an identity."""
-        return _ObjectGenerator(self)
+        return PipelineObjectGenerator(self)
 
     # -- the denoising loop --------------------------------------------------------------------------
     def _denoise(self, latents: torch.Tensor, *, progress: bool = True, **kwargs) -> Denoised:
@@ -416,16 +324,8 @@ class SaltMixin:
             callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
         height, width = self._default_size(height, width)
         layout = as_layout(layout)
-        init = self._resolve_init(init, latents, reference_image, inversion_steps)
-        needs_text = len(layout) > 0 or not (torch.is_tensor(init) or isinstance(init, RandomInit))
-        prompt_text = prompt
-        if prompt is None and prompt_embeds is not None:
-            if needs_text:
-                raise ValueError(
-                    "with prompt_embeds, also pass the prompt it encodes when the layout has boxes or the "
-                    "initializer builds a reference: the boxed phrases' tokens are found in its text"
-                )
-            prompt_text = ""
+        init = resolve_init(init, latents, reference_image, inversion_steps)
+        prompt_text = text_for_tokens(prompt, prompt_embeds, layout, init)
         self.check_salt_inputs(
             prompt_text,
             height,
@@ -436,22 +336,16 @@ class SaltMixin:
             output_type,
             callback_on_step_end_tensor_inputs,
         )
-        self._check_embeds(prompt_embeds, negative_prompt_embeds, negative_prompt)
+        check_embeds(prompt_embeds, negative_prompt_embeds, negative_prompt)
         if not prompt_text.strip() and len(layout):
             raise ValueError(
                 "prompt is empty but the layout has boxes: every boxed phrase must be in the prompt"
             )
         token_indices = self._resolve_tokens(layout, prompt_text)
-        if isinstance(guidance, str):
-            guidance = GuidanceConfig(loss=guidance)
-        elif not isinstance(guidance, GuidanceConfig):
-            raise TypeError(f"guidance must be a name or a GuidanceConfig, got {type(guidance).__name__}")
+        guidance = as_guidance(guidance)
         if len(layout) and guidance.enabled:
             check_supported(self.scheduler)  # guided steps read its alphas_cumprod
-        if seed is not None:
-            if generator is not None:
-                raise ValueError("pass either seed or generator, not both")
-            generator = torch.Generator("cpu").manual_seed(int(seed))
+        generator = seeded_generator(seed, generator)
         self._guidance_scale = guidance_scale
         self._guidance_rescale = 0.0
         self._clip_skip = clip_skip
@@ -564,28 +458,6 @@ class SaltMixin:
         if not return_dict:
             return (output.images, output.reference_image)
         return output
-
-    def _check_embeds(self, prompt_embeds, negative_prompt_embeds, negative_prompt) -> None:
-        for name, value in (
-            ("prompt_embeds", prompt_embeds),
-            ("negative_prompt_embeds", negative_prompt_embeds),
-        ):
-            if value is None:
-                continue
-            if not torch.is_tensor(value) or value.ndim != 3 or value.shape[0] != 1:
-                shape = tuple(value.shape) if torch.is_tensor(value) else type(value).__name__
-                raise ValueError(f"{name} must be a [1, T, D] tensor (one prompt per call), got {shape}")
-        if negative_prompt is not None and negative_prompt_embeds is not None:
-            raise ValueError("pass either negative_prompt or negative_prompt_embeds, not both")
-        if (
-            prompt_embeds is not None
-            and negative_prompt_embeds is not None
-            and prompt_embeds.shape != negative_prompt_embeds.shape
-        ):
-            raise ValueError(
-                f"prompt_embeds {tuple(prompt_embeds.shape)} and negative_prompt_embeds "
-                f"{tuple(negative_prompt_embeds.shape)} must have the same shape"
-            )
 
 
 __all__ = ["SaltMixin", "SaltOutput", "as_layout"]
