@@ -9,7 +9,7 @@ import torch
 
 from saltdiff import GuidanceConfig
 from saltdiff.pipeline import SaltPipeline
-from saltdiff.testing import UNetCalls, tiny_sd_components, tiny_sd_pipeline
+from saltdiff.testing import UNetCalls, add_tiny_ip_adapter, tiny_sd_components, tiny_sd_pipeline
 
 PROMPT = "a red circle and a blue square"
 LAYOUT = [("red circle", (0.0, 0.25, 0.5, 0.75)), ("blue square", (0.5, 0.25, 1.0, 0.75))]
@@ -108,40 +108,8 @@ def test_interrupt_stops_the_loop():
     assert not pipe.interrupt
 
 
-def _with_ip_adapter(pipe, image_dim=8, tokens=4):
-    """A tiny IP-Adapter built in code: image projection plus decoupled attention on every attn2."""
-    from diffusers.models.attention_processor import AttnProcessor2_0, IPAdapterAttnProcessor2_0
-    from diffusers.models.embeddings import ImageProjection, MultiIPAdapterImageProjection
-
-    unet = pipe.unet
-    torch.manual_seed(1)
-    projection = ImageProjection(
-        image_embed_dim=image_dim, cross_attention_dim=32, num_image_text_embeds=tokens
-    )
-    unet.encoder_hid_proj = MultiIPAdapterImageProjection([projection])
-    unet.register_to_config(encoder_hid_dim_type="ip_image_proj")
-    channels = unet.config.block_out_channels
-    processors = {}
-    for name in unet.attn_processors:
-        if not name.endswith("attn2.processor"):
-            processors[name] = AttnProcessor2_0()
-            continue
-        if name.startswith("mid_block"):
-            hidden = channels[-1]
-        elif name.startswith("up_blocks"):
-            hidden = list(reversed(channels))[int(name.split(".")[1])]
-        else:
-            hidden = channels[int(name.split(".")[1])]
-        proc = IPAdapterAttnProcessor2_0(hidden, 32, num_tokens=(tokens,), scale=1.0)
-        for layer in (*proc.to_k_ip, *proc.to_v_ip):
-            torch.nn.init.normal_(layer.weight, std=0.5)
-        processors[name] = proc
-    unet.set_attn_processor(processors)
-    return pipe
-
-
 def test_ip_adapter_conditions_sampling_and_capture_keeps_its_attention():
-    pipe = _with_ip_adapter(_pipe())
+    pipe = add_tiny_ip_adapter(_pipe())
     image_embeds = [torch.randn(2, 1, 8, generator=torch.Generator().manual_seed(0))]  # [negative; image]
     other_embeds = [torch.randn(2, 1, 8, generator=torch.Generator().manual_seed(1))]
     unguided = dict(init="random", guidance="none", **FAST)
@@ -156,6 +124,25 @@ def test_ip_adapter_conditions_sampling_and_capture_keeps_its_attention():
         PROMPT, LAYOUT, ip_adapter_image_embeds=image_embeds, init="random", guidance=GUIDED, **FAST
     )
     assert len(guided.guidance_losses) == 2
+
+
+def test_ip_adapter_leaves_the_reference_and_its_inversion_alone(tiny_pipe):
+    """The UNet refuses calls without image embeddings once an IP-Adapter is loaded: object generation
+    and inversion run without the adapter (text alone, as without one), and it is back for sampling."""
+    from saltdiff import SpatialAwareInit
+    from saltdiff.reference import GeneratedObjects
+
+    pipe = add_tiny_ip_adapter(_pipe())
+    image_embeds = [torch.randn(2, 1, 8, generator=torch.Generator().manual_seed(0))]
+    salt = SpatialAwareInit(
+        reference=GeneratedObjects(num_inference_steps=2, background="gray", cache=False), inversion_steps=1
+    )
+    adapted = pipe(PROMPT, LAYOUT, ip_adapter_image_embeds=image_embeds, init=salt, guidance="none", **FAST)
+    without = tiny_pipe(PROMPT, LAYOUT, init=salt, guidance="none", **FAST)
+    torch.testing.assert_close(adapted.init_latent, without.init_latent)
+    assert np.abs(adapted.images - without.images).max() > 1e-3
+    assert pipe.unet.encoder_hid_proj is not None
+    assert all(hasattr(p, "to_k_ip") for n, p in pipe.unet.attn_processors.items() if "attn2" in n)
 
 
 def test_lcm_unet_gets_timestep_cond_and_no_cfg_batch():

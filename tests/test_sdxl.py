@@ -13,7 +13,7 @@ from saltdiff.layout import LayoutError
 from saltdiff.pipeline import SaltPipeline
 from saltdiff.pipeline_xl import SaltXLPipeline
 from saltdiff.reference import GeneratedObjects, strip_phrases
-from saltdiff.testing import UNetCalls, tiny_sdxl_pipeline
+from saltdiff.testing import UNetCalls, add_tiny_ip_adapter, tiny_sdxl_pipeline
 
 PROMPT = "a red circle and a blue square"
 LAYOUT = [("red circle", (0.0, 0.25, 0.5, 0.75)), ("blue square", (0.5, 0.25, 1.0, 0.75))]
@@ -283,3 +283,37 @@ def test_diffusers_sdxl_cfg_cutoff_callback_ends_cfg_with_its_added_conditions(x
         SaltPipeline.from_pipe(tiny_sd_pipeline())(
             PROMPT, LAYOUT, callback_on_step_end=SDXLCFGCutoffCallback(0.0), **FAST
         )
+
+
+def test_ip_adapter_conditions_sampling_next_to_the_added_conditioning(xl_pipe):
+    """A tiny IP-Adapter on SDXL: its image embeddings ride in ``added_cond_kwargs`` next to the pooled
+    embeddings and time ids on every sampling call and guided pass; capture keeps its image attention;
+    the image changes the result; the reference and its inversion are text alone, as without it."""
+    pipe = add_tiny_ip_adapter(SaltXLPipeline.from_pipe(tiny_sdxl_pipeline()))
+    pipe.set_progress_bar_config(disable=True)
+    image_embeds = [torch.randn(2, 1, 8, generator=torch.Generator().manual_seed(0))]  # [negative; image]
+    other_embeds = [torch.randn(2, 1, 8, generator=torch.Generator().manual_seed(1))]
+    unguided = dict(init="random", guidance="none", **FAST)
+    # with boxes the capture processor replaces the IP-Adapter's; without boxes nothing is captured
+    captured = pipe(PROMPT, LAYOUT, ip_adapter_image_embeds=image_embeds, **unguided).images
+    plain = pipe(PROMPT, ip_adapter_image_embeds=image_embeds, **unguided).images
+    np.testing.assert_allclose(captured, plain, atol=1e-5)
+    other = pipe(PROMPT, LAYOUT, ip_adapter_image_embeds=other_embeds, **unguided).images
+    assert np.abs(other - captured).max() > 1e-3  # the image embedding matters
+
+    with UNetCalls(pipe.unet) as recorder:
+        out = pipe(PROMPT, LAYOUT, ip_adapter_image_embeds=image_embeds, init=SALT, guidance=GUIDED, **FAST)
+    assert len(out.guidance_losses) == 2
+    sampling = [c for c in recorder.calls if "image_embeds" in c.kwargs["added_cond_kwargs"]]
+    assert len(sampling) == 3 + 2 + 2  # every step, each pass redone after a guided update, the guided passes
+    assert len(recorder.calls) - len(sampling) == 2 + 1  # two objects and the inversion: text alone
+    for call in sampling:
+        added = call.kwargs["added_cond_kwargs"]
+        assert added.keys() == {"text_embeds", "time_ids", "image_embeds"}
+        rows = image_embeds[0] if call.batch == 2 else image_embeds[0][1:]  # CFG, or the conditional row
+        torch.testing.assert_close(added["image_embeds"][0], rows)
+    without = xl_pipe(PROMPT, LAYOUT, init=SALT, guidance=GUIDED, **FAST)
+    torch.testing.assert_close(out.init_latent, without.init_latent)
+    assert np.abs(out.images - without.images).max() > 1e-3
+    assert pipe.unet.encoder_hid_proj is not None  # the adapter is back after the reference
+    assert all(hasattr(p, "to_k_ip") for n, p in pipe.unet.attn_processors.items() if "attn2" in n)

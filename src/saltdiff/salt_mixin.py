@@ -41,6 +41,7 @@ from .components import check_component_dtypes, dtype_keyword
 from .denoising import Denoised, OutsidePrompt, UNetExtras, denoise, step_callback
 from .guidance import GuidanceConfig
 from .init import InitResult
+from .ip_adapter import ip_adapter_off
 from .layout import Layout
 from .object_generator import PipelineObjectGenerator
 from .pipeline_output import SaltOutput
@@ -144,16 +145,17 @@ class SaltMixin:
             latents = init.to(device=self._execution_device, dtype=self.unet.dtype).expand(n, -1, -1, -1)
             # unit-variance noise, scaled into the sampler's noise space as diffusers does with `latents`
             return InitResult(latents * self.scheduler.init_noise_sigma, None, {"init": "tensor"})
-        result = init(
-            self,
-            prompt,
-            layout,
-            generator,
-            height=height,
-            width=width,
-            num_inference_steps=steps,
-            num_images=n,
-        )
+        with ip_adapter_off(self.unet):  # an IP-Adapter conditions sampling, not the reference
+            result = init(
+                self,
+                prompt,
+                layout,
+                generator,
+                height=height,
+                width=width,
+                num_inference_steps=steps,
+                num_images=n,
+            )
         result.latents = result.latents.to(device=self._execution_device, dtype=self.unet.dtype)
         return result
 
@@ -202,10 +204,10 @@ class SaltMixin:
     ) -> list[GeneratedObject]:
         """Plain text-to-image of ``prompts`` in one batch, each from the same noise (``seed``).
 
-        What a reference builder needs and no more: random init, classifier-free guidance, no
-        layout and no guidance, DDIM on the pipeline's noise schedule (whatever the call's sampler). With
-        ``phrases`` (one per prompt) each image also gets its phrase's cross-attention map, averaged
-        over steps, for attention cut-outs.
+        What a reference builder needs and no more: random init, classifier-free guidance; no
+        layout, guidance or IP-Adapter; DDIM on the pipeline's noise schedule (whatever the call's
+        sampler). With ``phrases`` (one per prompt) each image also gets its phrase's cross-attention
+        map, averaged over steps, for attention cut-outs.
         """
         prompts = list(prompts)
         if not prompts:
@@ -236,17 +238,18 @@ class SaltMixin:
                 self._resolve_tokens(Layout.from_pairs([(phrase, (0.0, 0.0, 1.0, 1.0))]), prompt)[0]
                 for prompt, phrase in zip(prompts, phrases)
             ]
-        denoised = self._denoise(
-            latents,
-            scheduler=scheduler,
-            embeds=torch.cat([negative_embeds, prompt_embeds]) if do_cfg else prompt_embeds,
-            guidance_scale=guidance_scale,
-            extra_step_kwargs=self.prepare_extra_step_kwargs(generators, 0.0),
-            extras=self._unet_extras(n, guidance_scale, added_cond=added, added_cond_cfg=do_cfg),
-            token_indices=token_indices,
-            collect_maps=phrases is not None,
-            progress=False,
-        )
+        with ip_adapter_off(self.unet):  # text alone, also with an IP-Adapter loaded
+            denoised = self._denoise(
+                latents,
+                scheduler=scheduler,
+                embeds=torch.cat([negative_embeds, prompt_embeds]) if do_cfg else prompt_embeds,
+                guidance_scale=guidance_scale,
+                extra_step_kwargs=self.prepare_extra_step_kwargs(generators, 0.0),
+                extras=self._unet_extras(n, guidance_scale, added_cond=added, added_cond_cfg=do_cfg),
+                token_indices=token_indices,
+                collect_maps=phrases is not None,
+                progress=False,
+            )
         images, _ = self._decode(denoised.latents, "np")
         maps = None if denoised.mean_maps is None else denoised.mean_maps.cpu().numpy()
         return [

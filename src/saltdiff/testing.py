@@ -399,6 +399,39 @@ def sdxl_architecture_components(seed: int = 0, dtype=torch.float32) -> dict:
     )
 
 
+def add_tiny_ip_adapter(pipe, image_dim: int = 8, tokens: int = 4):
+    """A tiny IP-Adapter built in code on ``pipe``'s UNet (SD or SDXL; changes it, returns ``pipe``).
+
+    What ``load_ip_adapter`` installs, at tiny sizes: an image projection (``image_dim`` → ``tokens``
+    text-width tokens) as the UNet's ``encoder_hid_proj`` and decoupled attention (large random
+    ``to_k_ip``/``to_v_ip``, so the image visibly matters) on every cross-attention layer. Feed it
+    ``ip_adapter_image_embeds=[tensor [2, 1, image_dim]]`` (negative and image rows).
+    """
+    from diffusers.models.attention_processor import AttnProcessor2_0, IPAdapterAttnProcessor2_0
+    from diffusers.models.embeddings import ImageProjection, MultiIPAdapterImageProjection
+
+    unet = pipe.unet
+    text_dim = unet.config.cross_attention_dim
+    torch.manual_seed(1)
+    projection = ImageProjection(
+        image_embed_dim=image_dim, cross_attention_dim=text_dim, num_image_text_embeds=tokens
+    )
+    unet.encoder_hid_proj = MultiIPAdapterImageProjection([projection])
+    unet.register_to_config(encoder_hid_dim_type="ip_image_proj")
+    processors = {}
+    for name in unet.attn_processors:
+        if not name.endswith("attn2.processor"):
+            processors[name] = AttnProcessor2_0()
+            continue
+        hidden = unet.get_submodule(name.removesuffix(".processor")).to_k.out_features
+        proc = IPAdapterAttnProcessor2_0(hidden, text_dim, num_tokens=(tokens,), scale=1.0)
+        for layer in (*proc.to_k_ip, *proc.to_v_ip):
+            torch.nn.init.normal_(layer.weight, std=0.5)
+        processors[name] = proc
+    unet.set_attn_processor(processors)
+    return pipe
+
+
 class UNetCall(NamedTuple):
     grad: bool  # the call ran with gradients (a guided pass)
     batch: int
