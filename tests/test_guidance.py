@@ -417,6 +417,7 @@ def test_to_dict_lists_every_field_with_resolved_loss_params():
         "step_size_schedule": "sigma",
         "loss_threshold": 0.2,
         "outside_prompt_steps": 0,
+        "outside_prompt": "boxed-negative",
         "layers": "default",
         "max_grad_norm": None,
         "loss_params": {"reg_weight": 0.5, "unboxed_weight": 0.0},
@@ -447,6 +448,13 @@ def test_dict_round_trip_through_json(config):
     assert back.to_dict() == config.to_dict()
     assert back.params == config.params and back.layers == config.layers
     assert isinstance(back.layers, type(config.layers))  # a JSON list of layers comes back as a tuple
+
+
+def test_from_dict_reads_recipes_from_before_the_outside_prompt_kinds():
+    # an outside prompt used to be the prompt without its boxed phrases, the only kind there was
+    assert GuidanceConfig.from_dict({"outside_prompt_steps": 3}).outside_prompt == "without-boxed"
+    assert GuidanceConfig.from_dict({"outside_prompt_steps": 0}).outside_prompt == "boxed-negative"
+    assert GuidanceConfig.from_dict({}).outside_prompt == "boxed-negative"
 
 
 def test_from_dict_reads_legacy_flat_keys():

@@ -197,32 +197,82 @@ def test_safety_checker_runs_as_in_the_parent_pipeline(tiny_pipe):
     assert tiny_pipe(PROMPT, LAYOUT, init="random", guidance="none", **FAST).nsfw_content_detected is None
 
 
-def test_outside_prompt_adds_a_row_with_the_prompt_minus_its_boxes_on_the_first_steps():
-    from saltdiff.reference import strip_phrases
+@pytest.mark.parametrize("mode", ["boxed-negative", "without-boxed"])
+def test_outside_prompt_adds_a_row_on_the_first_steps(mode):
+    from saltdiff.reference import boxed_phrases_prompt, strip_phrases
 
     pipe = _pipe()
-    guidance = GuidanceConfig(loss="none", outside_prompt_steps=2)
+    prompt = PROMPT + " on the left"
+    guidance = GuidanceConfig(loss="none", outside_prompt_steps=2, outside_prompt=mode)
     with UNetCalls(pipe.unet) as calls:
-        pipe(PROMPT, LAYOUT, init="random", guidance=guidance, **FAST)
+        pipe(prompt, LAYOUT, init="random", guidance=guidance, **FAST)
     assert [c.batch for c in calls.calls] == [3, 3, 2, 2]  # uncond, cond, outside; then plain CFG
-    outside_text = strip_phrases(PROMPT, [p for p, _ in LAYOUT])
-    expected, _ = pipe.encode_prompt(outside_text, pipe.device, 1, False)
+    phrases = [p for p, _ in LAYOUT]
+    text = boxed_phrases_prompt(phrases) if mode == "boxed-negative" else strip_phrases(prompt, phrases)
+    assert text == ("a red circle and a blue square" if mode == "boxed-negative" else "on the left")
+    expected, _ = pipe.encode_prompt(text, pipe.device, 1, False)
     torch.testing.assert_close(calls.calls[0].kwargs["encoder_hidden_states"][2:], expected)
 
 
-def test_outside_prompt_changes_nothing_inside_a_box_that_covers_the_image():
+def test_boxed_negative_outside_prompt_keeps_the_users_negative_prompt_and_needs_cfg():
+    pipe = _pipe()
+    guidance = GuidanceConfig(loss="none", outside_prompt_steps=2)
+    with UNetCalls(pipe.unet) as calls:
+        pipe(PROMPT, LAYOUT, init="random", guidance=guidance, negative_prompt="black cat", **FAST)
+    expected, _ = pipe.encode_prompt("black cat, a red circle and a blue square", pipe.device, 1, False)
+    torch.testing.assert_close(calls.calls[0].kwargs["encoder_hidden_states"][2:], expected)
+    # without CFG there is no negative row to replace: no third row either
+    with UNetCalls(pipe.unet) as calls:
+        pipe(PROMPT, LAYOUT, init="random", guidance=guidance, **{**FAST, "guidance_scale": 1.0})
+    assert [c.batch for c in calls.calls] == [1, 1, 1, 1]
+
+
+def test_boxed_negative_outside_prompt_is_the_negative_prediction_outside_the_boxes():
+    """One step by hand: eps = neg' + s (cond - neg') with neg' = eps(boxed phrases) outside the boxes."""
+    from saltdiff.reference import boxed_phrases_prompt
+
+    pipe = _pipe()
+    steps = dict(FAST, num_inference_steps=1)
+    guidance = GuidanceConfig(loss="none", outside_prompt_steps=1)
+    latents = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(3))
+    out = pipe(
+        PROMPT,
+        LAYOUT[:1],
+        latents=latents.clone(),
+        guidance=guidance,
+        output_type="latent",
+        **{k: v for k, v in steps.items() if k != "output_type"},
+    )
+    pipe.scheduler.set_timesteps(1)
+    t = pipe.scheduler.timesteps[0]
+    encode = lambda text: pipe.encode_prompt(text, pipe.device, 1, False)[0]  # noqa: E731
+    eps = lambda text: pipe.unet(latents, t, encoder_hidden_states=encode(text)).sample  # noqa: E731
+    inside = torch.zeros(16, 16)
+    inside[4:12, 0:8] = 1.0  # "red circle" at (0, .25, .5, .75) of 16 x 16 latent cells
+    negative = eps("") * inside + eps(boxed_phrases_prompt(["red circle"])) * (1 - inside)
+    noise = negative + 7.5 * (eps(PROMPT) - negative)
+    expected = pipe.scheduler.step(noise, t, latents).prev_sample
+    torch.testing.assert_close(out.images, expected, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("mode", ["boxed-negative", "without-boxed"])
+def test_outside_prompt_changes_nothing_inside_a_box_that_covers_the_image(mode):
     pipe = _pipe()
     whole = [("red circle", (0.0, 0.0, 1.0, 1.0))]
     plain = pipe(PROMPT, whole, init="random", guidance="none", **FAST).images
     regional = pipe(
-        PROMPT, whole, init="random", guidance=GuidanceConfig(loss="none", outside_prompt_steps=4), **FAST
+        PROMPT,
+        whole,
+        init="random",
+        guidance=GuidanceConfig(loss="none", outside_prompt_steps=4, outside_prompt=mode),
+        **FAST,
     ).images
     np.testing.assert_allclose(regional, plain, atol=1e-4)
     half = pipe(
         PROMPT,
         LAYOUT[:1],
         init="random",
-        guidance=GuidanceConfig(loss="none", outside_prompt_steps=4),
+        guidance=GuidanceConfig(loss="none", outside_prompt_steps=4, outside_prompt=mode),
         **FAST,
     ).images
     assert np.abs(half - pipe(PROMPT, LAYOUT[:1], init="random", guidance="none", **FAST).images).max() > 1e-3

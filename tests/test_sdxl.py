@@ -12,7 +12,7 @@ from saltdiff import GuidanceConfig, SpatialAwareInit
 from saltdiff.layout import LayoutError
 from saltdiff.pipeline import SaltPipeline
 from saltdiff.pipeline_xl import SaltXLPipeline
-from saltdiff.reference import GeneratedObjects, strip_phrases
+from saltdiff.reference import GeneratedObjects, boxed_phrases_prompt, strip_phrases
 from saltdiff.testing import UNetCalls, add_tiny_ip_adapter, tiny_sdxl_pipeline
 
 PROMPT = "a red circle and a blue square"
@@ -67,8 +67,9 @@ def test_pooled_embeds_and_time_ids_reach_every_unet_call(xl_pipe):
     assert len(out.guidance_losses) == 2 and out.token_indices == [[2, 3], [6, 7]]
 
 
-def test_outside_prompt_rows_get_the_outside_prompts_pooled_embeds(xl_pipe):
-    guidance = GuidanceConfig(loss="none", outside_prompt_steps=1)
+@pytest.mark.parametrize("mode", ["boxed-negative", "without-boxed"])
+def test_outside_prompt_rows_get_the_outside_prompts_pooled_embeds(xl_pipe, mode):
+    guidance = GuidanceConfig(loss="none", outside_prompt_steps=1, outside_prompt=mode)
     with UNetCalls(xl_pipe.unet) as recorder:
         xl_pipe(PROMPT + " on grass", LAYOUT, init="random", guidance=guidance, **FAST)
     batches = [c.batch for c in recorder.calls]
@@ -77,6 +78,8 @@ def test_outside_prompt_rows_get_the_outside_prompts_pooled_embeds(xl_pipe):
     torch.testing.assert_close(rows[1:2], _pooled(xl_pipe, PROMPT + " on grass"))
     outside = strip_phrases(PROMPT + " on grass", ["red circle", "blue square"])
     assert "circle" not in outside and "grass" in outside
+    if mode == "boxed-negative":
+        outside = boxed_phrases_prompt(["red circle", "blue square"])
     torch.testing.assert_close(rows[2:], _pooled(xl_pipe, outside))
 
 

@@ -88,10 +88,16 @@ class UNetExtras:
     added_cond_cfg: bool = False
 
     def kwargs(
-        self, cfg_batch: bool, outside_rows: bool = False, outside_added: dict | None = None
+        self,
+        cfg_batch: bool,
+        outside_rows: bool = False,
+        outside_added: dict | None = None,
+        outside_replaces: str = "conditional",
     ) -> dict[str, Any]:
-        """For a batch ``[uncond;] cond [; outside]``: the outside rows repeat the conditional ones,
-        except the added conditions given in ``outside_added`` (the outside prompt's pooled embeds)."""
+        """For a batch ``[uncond;] cond [; outside]``: the outside rows repeat the rows they replace
+        (``outside_replaces``: the conditional or the negative ones), except the added conditions
+        given in ``outside_added`` (the outside text's pooled embeds)."""
+        negative_outside = outside_replaces == "negative"
         out: dict[str, Any] = {}
         if self.cross_attention_kwargs:
             out["cross_attention_kwargs"] = self.cross_attention_kwargs
@@ -100,7 +106,7 @@ class UNetExtras:
         added: dict[str, Any] = {}
         for key, value in (self.added_cond or {}).items():
             neg, cond = value.chunk(2) if self.added_cond_cfg else (value, value)
-            extra = (outside_added or {}).get(key, cond)
+            extra = (outside_added or {}).get(key, neg if negative_outside else cond)
             added[key] = torch.cat([*([neg] if cfg_batch else []), cond, *([extra] if outside_rows else [])])
         if self.image_embeds is not None:
             embeds = self.image_embeds
@@ -109,7 +115,13 @@ class UNetExtras:
             else:
                 embeds = [(e, e) for e in embeds]
             added["image_embeds"] = [
-                torch.cat([*([neg] if cfg_batch else []), cond, *([cond] if outside_rows else [])])
+                torch.cat(
+                    [
+                        *([neg] if cfg_batch else []),
+                        cond,
+                        *([neg if negative_outside else cond] if outside_rows else []),
+                    ]
+                )
                 for neg, cond in embeds
             ]
         if added:
@@ -121,17 +133,25 @@ class UNetExtras:
 class OutsidePrompt:
     """A second text condition for the area outside every box, on the first ``steps`` steps.
 
-    ``embeds`` (``[n, T, D]``) encode the prompt without its boxed phrases; ``mask(h, w)`` is 1 inside
-    the boxes. The conditional noise prediction becomes ``m * eps(prompt) + (1 - m) * eps(outside)``:
-    the background and the unboxed objects are still asked for everywhere, the boxed objects only in
-    their boxes, so the fresh noise outside the boxes grows no copies of them. ``added_cond``: the
-    outside prompt's own added conditioning (SDXL's pooled embeddings), ``None`` when there is none.
+    ``mask(h, w)`` is 1 inside the boxes, and ``replaces`` says which row of the CFG pair the
+    outside condition (``embeds``, ``[n, T, D]``) takes over there:
+
+    * ``"negative"``: ``embeds`` encode the boxed phrases; outside the boxes the unconditional
+      prediction becomes ``eps(boxed phrases)``, so CFG pushes away from the boxed objects there
+      while the whole prompt (background, unboxed objects) stays the positive condition;
+    * ``"conditional"``: ``embeds`` encode the prompt without its boxed phrases, and the
+      conditional prediction becomes ``m * eps(prompt) + (1 - m) * eps(outside)``.
+
+    Either way the fresh noise outside the boxes grows fewer copies of the boxed objects.
+    ``added_cond``: the outside text's own added conditioning (SDXL's pooled embeddings), ``None``
+    when there is none.
     """
 
     embeds: torch.Tensor
     mask: Callable[[int, int], torch.Tensor]
     steps: int
     added_cond: dict[str, torch.Tensor] | None = None
+    replaces: str = "conditional"
 
 
 @dataclass
@@ -226,7 +246,10 @@ def denoise(
             steps_run += 1
             do_cfg = state.guidance_scale > 1.0 and state.embeds.shape[0] == 2 * n
             cond_embeds = state.embeds[-n:]
-            regional = outside is not None and i < outside.steps
+            # a negative outside prompt needs the CFG pair it edits
+            regional = (
+                outside is not None and i < outside.steps and (do_cfg or outside.replaces != "negative")
+            )
 
             def denoise_pass(z, t=t, do_cfg=do_cfg, cond_embeds=cond_embeds, regional=regional):
                 store.batch_rows = slice(n, 2 * n) if do_cfg else slice(0, n)
@@ -236,12 +259,20 @@ def denoise(
                 embeds_in = state.embeds if do_cfg else cond_embeds
                 if regional:
                     embeds_in = torch.cat([embeds_in, outside.embeds])
-                kwargs = extras.kwargs(do_cfg, regional, outside.added_cond if regional else None)
+                kwargs = extras.kwargs(
+                    do_cfg,
+                    regional,
+                    outside.added_cond if regional else None,
+                    outside.replaces if regional else "conditional",
+                )
                 pred = unet(z_in, t, encoder_hidden_states=embeds_in, **kwargs).sample
                 if not regional:
                     return pred
                 pred, pred_outside = pred[:-n], pred[-n:]
                 inside = outside.mask(*z.shape[-2:]).to(pred)
+                if outside.replaces == "negative":
+                    negative = pred[:n] * inside + pred_outside * (1 - inside)
+                    return torch.cat([negative, pred[n:]])
                 text = pred[-n:] * inside + pred_outside * (1 - inside)
                 return torch.cat([pred[:-n], text]) if do_cfg else text
 

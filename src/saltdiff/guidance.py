@@ -43,6 +43,7 @@ class GuidanceConfig:
     step_size_schedule: str = "sigma"
     loss_threshold: float = 0.2
     outside_prompt_steps: int = 0
+    outside_prompt: str = "boxed-negative"
     layers: str | tuple[str, ...] = "default"
     max_grad_norm: float | None = None
     loss_params: Mapping[str, Any] = field(default_factory=dict)
@@ -96,6 +97,8 @@ class GuidanceConfig:
                 value = data.pop(old)
                 if loss in GUIDANCE_LOSSES and new in GUIDANCE_LOSSES.get(loss).defaults():
                     params.setdefault(new, value)
+        if data.get("outside_prompt_steps") and "outside_prompt" not in data:
+            data["outside_prompt"] = "without-boxed"  # the only kind before 0.3
         known = {f.name for f in fields(cls)}
         unknown = set(data) - known
         if unknown:

@@ -118,6 +118,23 @@ def strip_phrases(prompt: str, phrases: list[str]) -> str:
     return text.strip(" ,.;")
 
 
+def boxed_phrases_prompt(phrases: list[str]) -> str:
+    """The boxed phrases as one prompt ("a red circle and an apple"), each once, in layout order:
+    the negative prompt outside the boxes (``outside_prompt="boxed-negative"``)."""
+    unique = list(dict.fromkeys(phrases))
+    with_article = [
+        p
+        if re.match(r"(a|an|the)\s", p, re.IGNORECASE)
+        else f"{'an' if p[:1].lower() in 'aeiou' else 'a'} {p}"
+        for p in unique
+    ]
+    return (
+        " and ".join(with_article)
+        if len(with_article) < 3
+        else ", ".join(with_article[:-1]) + " and " + with_article[-1]
+    )
+
+
 def solid_background(kind: str, height: int, width: int, generator: torch.Generator | None) -> np.ndarray:
     """A float RGB array in [0, 1] for the non-generated backgrounds (gray, white, noise, a colour)."""
     if kind in GENERATED_BACKGROUNDS:

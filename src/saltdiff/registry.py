@@ -254,9 +254,16 @@ GUIDANCE_PARAMS: tuple[Param, ...] = (
     Param(
         "outside_prompt_steps",
         0,
-        "for the first N steps, denoise outside the boxes with the prompt minus its boxed phrases "
-        "(no copies of boxed objects there; costs a third batch row on those steps)",
+        "for the first N steps, give the area outside the boxes its own text condition (see "
+        "outside_prompt): no copies of boxed objects there; costs a third batch row on those steps",
         minimum=0,
+    ),
+    Param(
+        "outside_prompt",
+        "boxed-negative",
+        "outside the boxes, 'boxed-negative' makes the boxed phrases the negative prompt (the whole "
+        "prompt stays positive); 'without-boxed' drops them from the prompt",
+        choices=("boxed-negative", "without-boxed"),
     ),
     Param(
         "layers",

@@ -45,7 +45,7 @@ from .ip_adapter import ip_adapter_off
 from .layout import Layout
 from .object_generator import PipelineObjectGenerator
 from .pipeline_output import SaltOutput
-from .reference import GeneratedObject, strip_phrases
+from .reference import GeneratedObject, boxed_phrases_prompt, strip_phrases
 from .samplers import check_supported, ddim_twin
 
 logger = logging.getLogger(__name__)
@@ -410,7 +410,11 @@ class SaltMixin:
         has_boxes = len(layout) > 0
         outside = None
         if has_boxes and guidance.outside_prompt_steps > 0:
-            outside_text = strip_phrases(prompt_text, layout.phrases)
+            if guidance.outside_prompt == "boxed-negative":
+                outside_text = boxed_phrases_prompt(layout.phrases)
+                outside_text = f"{negative_prompt}, {outside_text}" if negative_prompt else outside_text
+            else:
+                outside_text = strip_phrases(prompt_text, layout.phrases)
             outside_embeds, _, outside_added = self._encode_text(
                 outside_text, device, n, False, height=height, width=width, clip_skip=clip_skip
             )
@@ -419,6 +423,7 @@ class SaltMixin:
                 lambda h, w: layout.masks(h, w).amax(0),
                 guidance.outside_prompt_steps,
                 added_cond=outside_added,
+                replaces="negative" if guidance.outside_prompt == "boxed-negative" else "conditional",
             )
         unboxed = []
         if has_boxes and guidance.enabled and guidance.needs_unboxed_tokens:
