@@ -10,7 +10,15 @@ import pytest
 import torch
 
 from saltdiff.eval.detectors import DetectedBox, ShapesDetector, make_detector, resolve_detector_name
-from saltdiff.eval.metrics import box_iou, box_ious, coco_map, object_recall, peak_memory_mb, summarize
+from saltdiff.eval.metrics import (
+    box_iou,
+    box_ious,
+    coco_map,
+    map_detections,
+    object_recall,
+    peak_memory_mb,
+    summarize,
+)
 
 A = (0.1, 0.1, 0.5, 0.5)
 B = (0.6, 0.2, 0.9, 0.8)
@@ -93,6 +101,42 @@ def test_summarize_pools_boxes_and_recall():
     assert s["miou"] == pytest.approx(0.5)  # mean over the three boxes
     assert s["text_alignment"] == pytest.approx(2 / 3)
     assert s["ref_iou"] is None and s["n_images"] == 2 and s["final_layout_loss"] == pytest.approx(0.25)
+
+
+def test_map_ignores_objects_the_prompt_names_without_a_box_but_not_other_extras():
+    def record(dets, unboxed):
+        return {
+            "width": 64,
+            "height": 64,
+            "boxes": [{"phrase": "red circle", "box": list(A)}],
+            "detections": [d.to_dict() for d in dets],
+            "unboxed": list(unboxed),
+        }
+
+    right = DetectedBox("red circle", A, 0.5)
+    green = DetectedBox("green square", B, 0.9)  # a confident detection no box asks for
+    copy = DetectedBox("red circle", B, 0.9)  # a second red circle, outside the red circle's box
+    # "green square" is a target class elsewhere, so an unasked-for one is a false positive there
+    other = {"width": 64, "height": 64, "boxes": [{"phrase": "green square", "box": list(B)}], "unboxed": []}
+    other["detections"] = [DetectedBox("green square", B, 0.1).to_dict()]
+
+    def map50(*records):
+        return coco_map(
+            {
+                "width": 64,
+                "height": 64,
+                "targets": [(b["phrase"], b["box"]) for b in r["boxes"]],
+                "detections": map_detections(r),
+            }
+            for r in records
+        )["map50"]
+
+    perfect = map50(record([right], []), other)
+    assert perfect == pytest.approx(1.0)
+    assert map50(record([right, green], ["green square"]), other) == pytest.approx(perfect)  # asked for
+    assert map50(record([right, green], []), other) < 0.9  # not asked for: a false positive
+    # an unboxed phrase that is also boxed in the image does not hide copies of the boxed object
+    assert map50(record([right, copy], ["red circle"]), other) < 0.9
 
 
 def test_shapes_detector_interface_on_a_rendered_scene():
