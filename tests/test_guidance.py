@@ -396,8 +396,8 @@ def test_enabled():
             dict(step_size_schedule="linear"),
             r"step_size_schedule must be one of \['sigma', 'constant'\], got 'linear'",
         ),
-        (dict(guidance_iters=2.5), r"guidance_iters must be an integer >= 0, got 2\.5"),
-        (dict(guidance_steps=-1), "guidance_steps must be an integer >= 0, got -1"),
+        (dict(guidance_iters=2.5), r"guidance_iters must be an integer >= 0 \(or None\), got 2\.5"),
+        (dict(guidance_steps=-1), "guidance_steps must be an integer >= 0 \\(or None\\), got -1"),
         (dict(loss_threshold=-0.1), r"loss_threshold .*-0\.1"),
         (dict(max_grad_norm=0.0), r"max_grad_norm must be a number > 0 \(or None\), got 0\.0"),
         (dict(layers=""), "layers must be a selector string"),
@@ -411,17 +411,34 @@ def test_config_errors_name_the_field_and_value(kwargs, match):
 def test_to_dict_lists_every_field_with_resolved_loss_params():
     assert GuidanceConfig().to_dict() == {
         "loss": "salt",
-        "guidance_steps": 10,
-        "guidance_iters": 5,
+        "guidance_steps": None,
+        "guidance_iters": None,
         "step_size": 30.0,
         "step_size_schedule": "sigma",
-        "loss_threshold": 0.2,
-        "outside_prompt_steps": 0,
+        "loss_threshold": None,
+        "outside_prompt_steps": 10,
         "outside_prompt": "boxed-negative",
         "layers": "default",
         "max_grad_norm": None,
         "loss_params": {"reg_weight": 0.5, "unboxed_weight": 0.0},
     }
+
+
+def test_an_unset_budget_follows_the_start_and_a_set_one_is_kept():
+    from_reference = GuidanceConfig().for_start(True)
+    assert (from_reference.guidance_steps, from_reference.guidance_iters, from_reference.loss_threshold) == (
+        2,
+        1,
+        0.0,
+    )
+    from_noise = GuidanceConfig().for_start(False)
+    assert (from_noise.guidance_steps, from_noise.guidance_iters, from_noise.loss_threshold) == (10, 5, 0.2)
+    mixed = GuidanceConfig(guidance_steps=7, loss_threshold=0.1).for_start(True)
+    assert (mixed.guidance_steps, mixed.guidance_iters, mixed.loss_threshold) == (7, 1, 0.1)
+    assert (
+        GuidanceConfig.from_dict(from_noise.to_dict()).to_dict() == from_noise.to_dict()
+    )  # recipes keep the numbers
+    assert GuidanceConfig(guidance_steps=0).enabled is False and GuidanceConfig().enabled is True
 
 
 @pytest.mark.parametrize(
@@ -448,6 +465,16 @@ def test_dict_round_trip_through_json(config):
     assert back.to_dict() == config.to_dict()
     assert back.params == config.params and back.layers == config.layers
     assert isinstance(back.layers, type(config.layers))  # a JSON list of layers comes back as a tuple
+
+
+def test_the_outside_prompt_is_on_by_default_with_a_loss_and_off_without_one():
+    assert GuidanceConfig().outside_steps == 10
+    assert GuidanceConfig(loss="none").outside_steps == 0  # guidance="none" stays plain sampling
+    assert GuidanceConfig(loss="none", outside_prompt_steps=3).outside_steps == 3  # asked for: honoured
+    assert GuidanceConfig(outside_prompt_steps=0).outside_steps == 0
+    assert GuidanceConfig(loss="none").to_dict()["outside_prompt_steps"] == 0  # recipes hold the number
+    with pytest.raises(ValueError, match=r"outside_prompt_steps must be an integer >= 0 \(or None\), got -1"):
+        GuidanceConfig(outside_prompt_steps=-1)
 
 
 def test_from_dict_reads_recipes_from_before_the_outside_prompt_kinds():

@@ -214,13 +214,20 @@ def test_outside_prompt_adds_a_row_on_the_first_steps(mode):
     torch.testing.assert_close(calls.calls[0].kwargs["encoder_hidden_states"][2:], expected)
 
 
-def test_boxed_negative_outside_prompt_keeps_the_users_negative_prompt_and_needs_cfg():
+def test_boxed_negative_outside_prompt_replaces_the_negative_prompt_there_and_needs_cfg():
     pipe = _pipe()
     guidance = GuidanceConfig(loss="none", outside_prompt_steps=2)
     with UNetCalls(pipe.unet) as calls:
         pipe(PROMPT, LAYOUT, init="random", guidance=guidance, negative_prompt="black cat", **FAST)
-    expected, _ = pipe.encode_prompt("black cat, a red circle and a blue square", pipe.device, 1, False)
+    negative, _ = pipe.encode_prompt("black cat", pipe.device, 1, False)
+    torch.testing.assert_close(calls.calls[0].kwargs["encoder_hidden_states"][:1], negative)
+    # the same outside row whether the negative prompt came as text or as embeds
+    expected, _ = pipe.encode_prompt("a red circle and a blue square", pipe.device, 1, False)
     torch.testing.assert_close(calls.calls[0].kwargs["encoder_hidden_states"][2:], expected)
+    # guidance="none" is plain sampling: no outside row
+    with UNetCalls(pipe.unet) as calls:
+        pipe(PROMPT, LAYOUT, init="random", guidance="none", **FAST)
+    assert [c.batch for c in calls.calls] == [2, 2, 2, 2]
     # without CFG there is no negative row to replace: no third row either
     with UNetCalls(pipe.unet) as calls:
         pipe(PROMPT, LAYOUT, init="random", guidance=guidance, **{**FAST, "guidance_scale": 1.0})
@@ -276,3 +283,33 @@ def test_outside_prompt_changes_nothing_inside_a_box_that_covers_the_image(mode)
         **FAST,
     ).images
     assert np.abs(half - pipe(PROMPT, LAYOUT[:1], init="random", guidance="none", **FAST).images).max() > 1e-3
+
+
+@pytest.mark.parametrize("replaces, outside_row", [("negative", 0.0), ("conditional", 1.0)])
+def test_outside_rows_copy_the_image_and_added_conditions_of_the_row_they_replace(replaces, outside_row):
+    from saltdiff.denoising import UNetExtras
+
+    pair = torch.tensor([[0.0], [1.0]])  # [negative; conditional]
+    extras = UNetExtras(
+        image_embeds=[pair], image_embeds_cfg=True, added_cond={"time_ids": pair}, added_cond_cfg=True
+    )
+    added = extras.kwargs(True, True, {"text_embeds": torch.tensor([[5.0]])}, replaces)["added_cond_kwargs"]
+    assert added["image_embeds"][0].flatten().tolist() == [0.0, 1.0, outside_row]
+    assert added["time_ids"].flatten().tolist() == [0.0, 1.0, outside_row]
+
+
+def test_a_zero_threshold_skips_the_pass_it_would_throw_away():
+    pipe = _pipe()
+    runs = {}
+    for threshold in (0.0, 1e-12):  # both always step on this model; only 0 is known to up front
+        guidance = GuidanceConfig(
+            guidance_steps=2, guidance_iters=1, loss_threshold=threshold, outside_prompt_steps=0
+        )
+        with UNetCalls(pipe.unet) as calls:
+            out = pipe(PROMPT, LAYOUT, init="random", guidance=guidance, **FAST)
+        assert all(loss[0] > 1e-12 for loss in out.guidance_losses)
+        runs[threshold] = (out.images, [c.batch for c in calls.calls])
+    np.testing.assert_array_equal(runs[0.0][0], runs[1e-12][0])
+    # per guided step: [uncond; cond] pass (skipped at 0), gradient pass, [uncond; cond] pass again
+    assert runs[1e-12][1] == [2, 1, 2, 2, 1, 2, 2, 2]
+    assert runs[0.0][1] == [1, 2, 1, 2, 2, 2]

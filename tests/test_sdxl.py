@@ -18,7 +18,9 @@ from saltdiff.testing import UNetCalls, add_tiny_ip_adapter, tiny_sdxl_pipeline
 PROMPT = "a red circle and a blue square"
 LAYOUT = [("red circle", (0.0, 0.25, 0.5, 0.75)), ("blue square", (0.5, 0.25, 1.0, 0.75))]
 FAST = dict(num_inference_steps=3, height=32, width=32, seed=0, output_type="np")
-GUIDED = GuidanceConfig(loss="salt", guidance_steps=2, guidance_iters=1, loss_threshold=0.0)
+GUIDED = GuidanceConfig(
+    loss="salt", guidance_steps=2, guidance_iters=1, loss_threshold=0.0, outside_prompt_steps=0
+)
 SALT = SpatialAwareInit(
     reference=GeneratedObjects(num_inference_steps=2, background="gray", cache=False), inversion_steps=1
 )

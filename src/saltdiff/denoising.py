@@ -225,6 +225,8 @@ def denoise(
     timesteps = scheduler.timesteps
     track = token_indices is not None
     guide = track and guidance is not None and guidance.enabled and layout_masks is not None
+    if guide and None in (guidance.guidance_steps, guidance.guidance_iters, guidance.loss_threshold):
+        raise ValueError("the guidance budget is unset: pass guidance.for_start(from_reference) to the loop")
     targets = tracking = None
     if layout_masks is not None:
         tracking = GuidanceTargets(token_indices=token_indices, layout_masks=layout_masks)
@@ -276,13 +278,17 @@ def denoise(
                 text = pred[-n:] * inside + pred_outside * (1 - inside)
                 return torch.cat([pred[:-n], text]) if do_cfg else text
 
-            noise_pred = denoise_pass(latents)
-            if guide and i < guidance.guidance_steps:
+            guided = guide and i < guidance.guidance_steps
+            # With threshold 0 a guided step always takes its gradient: the pass on the latent
+            # before the update would only be thrown away.
+            always = guided and guidance.loss_threshold <= 0
+            noise_pred = None if always else denoise_pass(latents)
+            if guided:
                 # The pass above already holds this step's conditional attention: when its loss is
-                # under the threshold no gradient is needed (the usual case from z_T*), else the
-                # latent gets its gradient steps and the pass is redone on the updated latent.
-                loss_now = float(layer_losses(store, targets, check_loss, []))
-                if not loss_now < guidance.loss_threshold:
+                # under the threshold no gradient is needed, else the latent gets its gradient
+                # steps and the pass is redone on the updated latent.
+                loss_now = float("nan") if always else float(layer_losses(store, targets, check_loss, []))
+                if always or not loss_now < guidance.loss_threshold:
                     store.batch_rows = None
 
                     def unet_cond(z, t=t, cond_embeds=cond_embeds):

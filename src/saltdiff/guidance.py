@@ -8,6 +8,7 @@ k-diffusion's ``sample_clip_guided``).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from collections.abc import Callable, Mapping
@@ -18,9 +19,14 @@ import torch
 
 from . import losses as L
 from .attention import AttentionStore
-from .registry import GUIDANCE_LOSSES, GUIDANCE_PARAMS, check_fields
+from .registry import GUIDANCE_BUDGETS, GUIDANCE_LOSSES, GUIDANCE_PARAMS, check_fields
 
 logger = logging.getLogger(__name__)
+
+
+#: Steps with the outside prompt when a loss is on and ``outside_prompt_steps`` is unset: from the
+#: outside-prompt study (``benchmarks/RESULTS.md``).
+OUTSIDE_PROMPT_STEPS = 10
 
 
 @dataclass
@@ -34,15 +40,20 @@ class GuidanceConfig:
     its own hyper-parameters (e.g. ``{"reg_weight": 0.5}`` for ``"salt"``); unset ones take the
     registered defaults. The shared knobs and their bounds are declared in
     :data:`saltdiff.registry.GUIDANCE_PARAMS`.
+
+    The budget (``guidance_steps``, ``guidance_iters``, ``loss_threshold``) left as ``None``
+    follows the start (:meth:`for_start`, :data:`saltdiff.registry.GUIDANCE_BUDGETS`): SALT's z_T*
+    needs 2 steps of 1 update, always taken; random noise 10 steps of up to 5, until the loss is
+    under 0.2. The pipeline fills it in once the initial latent is made.
     """
 
     loss: str = "salt"
-    guidance_steps: int = 10
-    guidance_iters: int = 5
+    guidance_steps: int | None = None
+    guidance_iters: int | None = None
     step_size: float = 30.0
     step_size_schedule: str = "sigma"
-    loss_threshold: float = 0.2
-    outside_prompt_steps: int = 0
+    loss_threshold: float | None = None
+    outside_prompt_steps: int | None = None
     outside_prompt: str = "boxed-negative"
     layers: str | tuple[str, ...] = "default"
     max_grad_norm: float | None = None
@@ -65,7 +76,22 @@ class GuidanceConfig:
 
     @property
     def enabled(self) -> bool:
-        return self.loss != "none" and self.guidance_steps > 0 and self.guidance_iters > 0
+        return self.loss != "none" and self.guidance_steps != 0 and self.guidance_iters != 0
+
+    def for_start(self, from_reference: bool) -> GuidanceConfig:
+        """This config with its unset budget filled in for the start: z_T* inverted from a layout
+        reference (``from_reference``) or anything else (random noise, a user's latent)."""
+        budget = GUIDANCE_BUDGETS["reference" if from_reference else "noise"]
+        unset = {name: value for name, value in budget.items() if getattr(self, name) is None}
+        return dataclasses.replace(self, **unset) if unset else self
+
+    @property
+    def outside_steps(self) -> int:
+        """``outside_prompt_steps``, or when unset :data:`OUTSIDE_PROMPT_STEPS` with a loss and 0
+        without one: ``guidance="none"`` stays plain sampling."""
+        if self.outside_prompt_steps is not None:
+            return self.outside_prompt_steps
+        return OUTSIDE_PROMPT_STEPS if self.loss != "none" else 0
 
     @property
     def params(self) -> dict[str, Any]:
@@ -79,7 +105,12 @@ class GuidanceConfig:
 
     def to_dict(self) -> dict:
         data = {p.name: getattr(self, p.name) for p in GUIDANCE_PARAMS}
-        data = {"loss": self.loss, **data, "loss_params": self.params}
+        data = {
+            "loss": self.loss,
+            **data,
+            "outside_prompt_steps": self.outside_steps,
+            "loss_params": self.params,
+        }
         if isinstance(data["layers"], tuple):
             data["layers"] = list(data["layers"])
         return data

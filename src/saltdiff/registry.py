@@ -29,6 +29,7 @@ from typing import Any
 __all__ = [
     "Entry",
     "GUIDANCE_LOSSES",
+    "GUIDANCE_BUDGETS",
     "GUIDANCE_PARAMS",
     "INITIALIZERS",
     "Param",
@@ -234,10 +235,40 @@ def check_fields(obj: Any, params: tuple[Param, ...] | list[Param], owner: str) 
 
 
 # -- built-in entries ------------------------------------------------------------------------------
+#: The guidance budget a start gets where ``GuidanceConfig`` leaves it unset, by start: SALT's z_T*
+#: (``"reference"``: an initializer that built a reference) or anything else (``"noise"``). From
+#: z_T* the layout is already there and the loss is nearly always under its threshold, so a small
+#: budget that always steps is what helps (guidance-budget and outside-prompt studies in
+#: ``benchmarks/RESULTS.md``); from random noise guidance has to build the layout.
+GUIDANCE_BUDGETS: dict[str, dict[str, Any]] = {
+    "reference": {"guidance_steps": 2, "guidance_iters": 1, "loss_threshold": 0.0},
+    "noise": {"guidance_steps": 10, "guidance_iters": 5, "loss_threshold": 0.2},
+}
+
+
+def _by_start(name: str) -> str:
+    ref, noise = GUIDANCE_BUDGETS["reference"][name], GUIDANCE_BUDGETS["noise"][name]
+    return f"(default: {ref:g} from a SALT start, {noise:g} from random noise)"
+
+
 #: Knobs of the guidance loop shared by every loss (fields of ``GuidanceConfig``).
 GUIDANCE_PARAMS: tuple[Param, ...] = (
-    Param("guidance_steps", 10, "guide the first N denoising steps", minimum=0),
-    Param("guidance_iters", 5, "at most N gradient updates of the latent per guided step", minimum=0),
+    Param(
+        "guidance_steps",
+        None,
+        f"guide the first N denoising steps {_by_start('guidance_steps')}",
+        kind=int,
+        minimum=0,
+        optional=True,
+    ),
+    Param(
+        "guidance_iters",
+        None,
+        f"at most N gradient updates of the latent per guided step {_by_start('guidance_iters')}",
+        kind=int,
+        minimum=0,
+        optional=True,
+    ),
     Param(
         "step_size",
         30.0,
@@ -250,13 +281,23 @@ GUIDANCE_PARAMS: tuple[Param, ...] = (
         "'sigma' (eta * (1 - alpha_bar_t)) or 'constant' (eta)",
         choices=("sigma", "constant"),
     ),
-    Param("loss_threshold", 0.2, "stop a step's updates once the loss is below this", minimum=0),
+    Param(
+        "loss_threshold",
+        None,
+        f"no (more) updates in a guided step once the loss is below this {_by_start('loss_threshold')}",
+        kind=float,
+        minimum=0,
+        optional=True,
+    ),
     Param(
         "outside_prompt_steps",
-        0,
+        None,
         "for the first N steps, give the area outside the boxes its own text condition (see "
-        "outside_prompt): no copies of boxed objects there; costs a third batch row on those steps",
+        "outside_prompt): fewer copies of boxed objects there; costs a third batch row on those steps "
+        "(default: 10 with a guidance loss, 0 with --guidance none)",
+        kind=int,
         minimum=0,
+        optional=True,
     ),
     Param(
         "outside_prompt",

@@ -399,6 +399,7 @@ class SaltMixin:
             init, prompt_text, layout, generator, height, width, num_inference_steps, n
         )
         init_latent = init_result.latents.detach().cpu().clone()
+        guidance = guidance.for_start(init_result.reference is not None)
 
         # 5. Denoising loop with attention guidance on the first steps
         on_step = None
@@ -409,10 +410,10 @@ class SaltMixin:
 
         has_boxes = len(layout) > 0
         outside = None
-        if has_boxes and guidance.outside_prompt_steps > 0:
+        if has_boxes and guidance.outside_steps > 0:
             if guidance.outside_prompt == "boxed-negative":
+                # the boxed phrases alone, whether the negative prompt came as text or as embeds
                 outside_text = boxed_phrases_prompt(layout.phrases)
-                outside_text = f"{negative_prompt}, {outside_text}" if negative_prompt else outside_text
             else:
                 outside_text = strip_phrases(prompt_text, layout.phrases)
             outside_embeds, _, outside_added = self._encode_text(
@@ -421,7 +422,7 @@ class SaltMixin:
             outside = OutsidePrompt(
                 outside_embeds,
                 lambda h, w: layout.masks(h, w).amax(0),
-                guidance.outside_prompt_steps,
+                guidance.outside_steps,
                 added_cond=outside_added,
                 replaces="negative" if guidance.outside_prompt == "boxed-negative" else "conditional",
             )

@@ -18,9 +18,12 @@ name                        initial latent    guidance loss
 ``salt-init+boxdiff``       spatial-aware     boxdiff
 =========================== ================= =====================
 
-Every guided method gets the *same* shared guidance settings (steps, iterations, step size,
-threshold, layers …) so all have the same guidance budget, and every spatial-aware method the same
-initializer and reference settings. Studies add variants (:class:`MethodSpec` with overrides).
+Every guided method gets the same shared guidance settings (step size, layers, loss params …;
+what the command line sets), and every spatial-aware method the same initializer and reference
+settings. The guidance budget the command line leaves unset follows the start, as in the pipeline:
+each method runs at the budget that is best for its start (guidance-budget study in
+``benchmarks/RESULTS.md``), and its records say which. Studies add variants (:class:`MethodSpec`
+with overrides).
 This module imports no torch: ``saltdiff bench --help`` lists the presets from here.
 """
 
@@ -154,12 +157,12 @@ def build_request(spec: MethodSpec, shared: SharedSettings, **sampling: Any):
 
     loss_names = {p.name for p in GUIDANCE_LOSSES.get(spec.loss).params}
     init_names = {p.name for p in INITIALIZERS.get(spec.init).params}
+    uses_reference = spec.uses_reference
     guidance = GuidanceConfig(
         loss=spec.loss,
         **{**dict(shared.guidance), **dict(spec.guidance)},
         loss_params={**_own(shared.loss_params, loss_names), **dict(spec.loss_params)},
-    )
-    uses_reference = spec.uses_reference
+    ).for_start(uses_reference)  # records show the budget each method ran with
     return GenerationRequest(
         init=spec.init,
         init_params={**_own(shared.init_params, init_names), **dict(spec.init_params)},

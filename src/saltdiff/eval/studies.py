@@ -238,7 +238,7 @@ STUDIES: dict[str, Study] = {
         ),
         Study(
             "outside-prompt",
-            "outside the boxes, the prompt without its boxed phrases for the first N steps",
+            "outside the boxes, its own text condition (--outside-prompt) for the first N steps",
             "outside_prompt_steps",
             (0, 5, 10, 25),
             int,
