@@ -427,7 +427,7 @@ def test_to_dict_lists_every_field_with_resolved_loss_params():
 def test_an_unset_budget_follows_the_start_and_a_set_one_is_kept():
     from_reference = GuidanceConfig().for_start(True)
     assert (from_reference.guidance_steps, from_reference.guidance_iters, from_reference.loss_threshold) == (
-        2,
+        3,
         1,
         0.0,
     )

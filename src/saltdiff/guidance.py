@@ -43,7 +43,7 @@ class GuidanceConfig:
 
     The budget (``guidance_steps``, ``guidance_iters``, ``loss_threshold``) left as ``None``
     follows the start (:meth:`for_start`, :data:`saltdiff.registry.GUIDANCE_BUDGETS`): SALT's z_T*
-    needs 2 steps of 1 update, always taken; random noise 10 steps of up to 5, until the loss is
+    needs 3 steps of 1 update, always taken; random noise 10 steps of up to 5, until the loss is
     under 0.2. The pipeline fills it in once the initial latent is made.
     """
 

@@ -241,7 +241,7 @@ def check_fields(obj: Any, params: tuple[Param, ...] | list[Param], owner: str) 
 #: budget that always steps is what helps (guidance-budget and outside-prompt studies in
 #: ``benchmarks/RESULTS.md``); from random noise guidance has to build the layout.
 GUIDANCE_BUDGETS: dict[str, dict[str, Any]] = {
-    "reference": {"guidance_steps": 2, "guidance_iters": 1, "loss_threshold": 0.0},
+    "reference": {"guidance_steps": 3, "guidance_iters": 1, "loss_threshold": 0.0},
     "noise": {"guidance_steps": 10, "guidance_iters": 5, "loss_threshold": 0.2},
 }
 
