@@ -22,7 +22,7 @@ from saltdiff.demo.requests import (
     run_generation,
     validate_request,
 )
-from saltdiff.guidance import GuidanceConfig
+from saltdiff.guidance import OUTSIDE_PROMPT_STEPS, GuidanceConfig
 from saltdiff.layout import Layout, LayoutError
 from saltdiff.registry import GUIDANCE_LOSSES, INITIALIZERS, REFERENCE_BUILDERS, SCHEDULERS
 from saltdiff.request import GenerationRequest, read_recipe
@@ -136,7 +136,7 @@ def test_validate_request_maps_the_page_fields_onto_the_generation_request():
         init_params={"inversion_steps": 3, "noise_outside": 1.0},
         reference="objects",
         reference_params={"background": "gray", "num_inference_steps": 4},
-        guidance=GuidanceConfig(loss="boxdiff"),
+        guidance=GuidanceConfig(loss="boxdiff", outside_prompt_steps=OUTSIDE_PROMPT_STEPS),
         num_inference_steps=12,
         guidance_scale=6.5,
         seed=7,
@@ -368,6 +368,7 @@ def test_app_handler_turns_bad_input_into_a_page_error(app):
         "gray",
         0.5,
         "euler",
+        3,
     ]
     with pytest.raises(gr.Error, match="blue square"):
         fn(*args, request=None, progress=lambda *a, **k: None)
@@ -380,6 +381,7 @@ def test_app_handler_turns_bad_input_into_a_page_error(app):
     assert outputs[-1].startswith("Done in") and "init salt" in outputs[-1]
     assert read_recipe(outputs[6])["prompt"] == PROMPT
     assert read_recipe(outputs[6])["scheduler"] == "euler"  # the page's sampler reaches the request
+    assert read_recipe(outputs[6])["guidance"]["outside_prompt_steps"] == 3  # and the outside prompt's steps
     args[10] = True  # compare: random vs salt, shown in the gallery
     outputs = fn(*args, request=None, progress=lambda *a, **k: None)
     assert outputs[5]["visible"] is True and len(outputs[5]["value"]) == 2
@@ -418,6 +420,49 @@ def test_fresh_noise_outside_reaches_the_initializer_and_is_checked():
     )
     with pytest.raises(ValueError, match=r"noise_outside must be a number in \[0, 1\], got 1.5"):
         validate_request(PROMPT, two_boxes(), noise_outside=1.5)
+
+
+def test_outside_prompt_steps_reach_the_guidance_and_default_to_the_library_default():
+    req = validate_request(PROMPT, two_boxes(), outside_prompt_steps=4.0)  # a slider sends floats
+    steps = req.generation.guidance.outside_prompt_steps
+    assert steps == 4 and isinstance(steps, int)
+    assert (
+        validate_request(PROMPT, two_boxes(), outside_prompt_steps=0).generation.guidance.outside_steps == 0
+    )
+    default = validate_request(PROMPT, two_boxes()).generation.guidance
+    assert default.outside_prompt_steps == default.outside_steps == OUTSIDE_PROMPT_STEPS
+    assert CONTROL_DEFAULTS["outside_prompt_steps"] == OUTSIDE_PROMPT_STEPS
+    # Compare runs both starts with the same outside prompt.
+    req = validate_request(PROMPT, two_boxes(), compare=True, outside_prompt_steps=7)
+    assert [r.guidance.outside_prompt_steps for _, r in req.runs()] == [7, 7]
+    # With guidance 'none' the slider does nothing: plain sampling, recorded as 0 steps.
+    plain = validate_request(PROMPT, two_boxes(), guidance="none", outside_prompt_steps=12).generation
+    assert plain.guidance.outside_steps == 0
+    assert plain.recipe()["guidance"]["outside_prompt_steps"] == 0
+
+
+@pytest.mark.parametrize("value", [-1, 26, 2.5, True, "3", None, float("nan")])
+def test_bad_outside_prompt_steps_give_one_line_naming_the_field(value):
+    with pytest.raises(ValueError, match=r"outside_prompt_steps .* must be an integer in \[0, 25\]") as info:
+        validate_request(PROMPT, two_boxes(), outside_prompt_steps=value)
+    assert "\n" not in str(info.value)
+
+
+def test_the_page_has_an_outside_prompt_steps_slider_with_the_library_default(app):
+    from saltdiff.demo.requests import MAX_INVERSION_STEPS
+
+    controls = {c.elem_id: c for c in app.blocks.values() if getattr(c, "elem_id", None)}
+    slider = controls["outside-prompt-steps"]
+    assert (slider.minimum, slider.maximum, slider.step, slider.value) == (0, 25, 1, OUTSIDE_PROMPT_STEPS)
+    assert "third batch row" in slider.info and "'none'" in slider.info
+    assert controls["inv-steps"].maximum == MAX_INVERSION_STEPS
+
+
+def test_the_outside_prompt_steps_reach_the_png_recipe(tiny_pipe, tmp_path):
+    req = validate_request(PROMPT, two_boxes(), tokenizer=tiny_pipe.tokenizer, outside_prompt_steps=1, **FAST)
+    result = run_generation(tiny_pipe, req, model="tiny", out_dir=str(tmp_path))
+    assert read_recipe(result.png_path)["guidance"]["outside_prompt_steps"] == 1
+    assert GenerationRequest.from_png(result.png_path).guidance.outside_steps == 1
 
 
 def test_the_page_takes_any_colour_as_the_reference_background():

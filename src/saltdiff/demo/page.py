@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from ..colors import background_suggestions
+from ..guidance import OUTSIDE_PROMPT_STEPS
 from ..layout import Layout
 from ..registry import GUIDANCE_LOSSES, INITIALIZERS, SCHEDULERS, Registry
 from .models import ModelPool
@@ -28,6 +29,7 @@ from .requests import (
     INVERSION_STEPS,
     MAX_CFG,
     MAX_INVERSION_STEPS,
+    MAX_OUTSIDE_PROMPT_STEPS,
     MAX_PROMPT_CHARS,
     MAX_SEED,
     MAX_STEPS,
@@ -75,6 +77,7 @@ CONTROL_DEFAULTS = {
     "background": BACKGROUND.default,
     "noise_outside": NOISE_OUTSIDE.default,
     "scheduler": "ddim",
+    "outside_prompt_steps": OUTSIDE_PROMPT_STEPS,
 }
 
 
@@ -160,6 +163,7 @@ def build_app(
         background,
         noise_outside,
         scheduler,
+        outside_prompt_steps,
         request: gr.Request,
         progress=gr.Progress(),
     ):
@@ -184,6 +188,7 @@ def build_app(
                 background=background,
                 noise_outside=noise_outside,
                 scheduler=scheduler,
+                outside_prompt_steps=outside_prompt_steps,
             )
             progress(0, desc="starting")
             result = run_generation(
@@ -305,6 +310,18 @@ def build_app(
                     "0: the reference is copied (same picture for every seed)",
                     elem_id="noise-outside",
                 )
+                outside_prompt_steps = gr.Slider(
+                    0,
+                    MAX_OUTSIDE_PROMPT_STEPS,
+                    value=d["outside_prompt_steps"],
+                    step=1,
+                    label="Steps that keep boxed objects out of the rest of the image",
+                    info="for the first N steps the area outside the boxes gets its own text condition. "
+                    "More steps: fewer copies of the boxed objects outside their boxes, but unboxed "
+                    "objects that share a colour or shape word with a boxed one can be suppressed; "
+                    "costs a third batch row on those steps. Does nothing with guidance 'none'",
+                    elem_id="outside-prompt-steps",
+                )
                 compare = gr.Checkbox(
                     label=f"Compare: {RANDOM_INIT} init vs SALT, same seed",
                     value=d["compare"],
@@ -377,6 +394,7 @@ def build_app(
             background,
             noise_outside,
             scheduler,
+            outside_prompt_steps,
         ]
         outputs = [
             out_image,

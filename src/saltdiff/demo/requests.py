@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
-from ..guidance import GuidanceConfig
+from ..guidance import OUTSIDE_PROMPT_STEPS, GuidanceConfig
 from ..layout import Box, Layout, LayoutError
 from ..loading import DEFAULT_MODEL
 from ..registry import GUIDANCE_LOSSES, INITIALIZERS, REFERENCE_BUILDERS, SCHEDULERS
@@ -45,6 +45,8 @@ MAX_INVERSION_STEPS = 100
 MAX_CFG = 30.0
 MAX_SEED = 2**32 - 1
 MAX_CANVAS_SIDE = 4096
+#: Most steps a page may give the outside prompt (the outside-prompt study swept 0..25).
+MAX_OUTSIDE_PROMPT_STEPS = 25
 #: Pixels a drawn box may overshoot the canvas edge (mouse rounding) before it counts as outside.
 EDGE_TOLERANCE_PX = 2.0
 #: Denoising steps the page starts with: those of the README's benchmark table and demo screenshot
@@ -269,12 +271,15 @@ def validate_request(
     background: str = BACKGROUND.default,
     noise_outside: Any = NOISE_OUTSIDE.default,
     scheduler: str = "ddim",
+    outside_prompt_steps: Any = OUTSIDE_PROMPT_STEPS,
 ) -> DemoRequest:
     """Check a request from the page; ``ValueError`` (``LayoutError`` for the layout) names the bad value.
 
     ``init``, ``guidance`` and ``scheduler`` are registered names; ``inversion_steps`` and ``noise_outside`` go to
     the initializer when it has those params, ``object_steps`` and ``background`` to the ``objects``
-    reference builder.
+    reference builder. ``outside_prompt_steps`` (default :data:`~saltdiff.guidance.OUTSIDE_PROMPT_STEPS`)
+    goes to the guidance config; with guidance ``"none"`` it is dropped (plain sampling, 0 steps), as
+    the SALT-only fields are under random init.
     With a ``tokenizer`` each boxed phrase must be found in the prompt as that model tokenizes it.
     ``use_canvas_as_reference`` makes the canvas image (an uploaded picture) the reference image
     (the ``image`` reference builder) instead of generated objects.
@@ -297,6 +302,12 @@ def validate_request(
     if isinstance(noise_outside, numbers.Real) and not isinstance(noise_outside, bool):
         noise_outside = float(noise_outside)
     NOISE_OUTSIDE.check(noise_outside, "fresh noise outside the objects")
+    outside_steps = _as_int(
+        outside_prompt_steps,
+        "outside_prompt_steps (steps that keep boxed objects out of the rest of the image)",
+        0,
+        MAX_OUTSIDE_PROMPT_STEPS,
+    )
     if (
         isinstance(guidance_scale, bool)
         or not isinstance(guidance_scale, numbers.Real)
@@ -336,7 +347,9 @@ def validate_request(
         init_params=init_params,
         reference=reference,
         reference_params=reference_params if uses_reference else {},
-        guidance=GuidanceConfig(loss=guidance),
+        guidance=GuidanceConfig(
+            loss=guidance, outside_prompt_steps=outside_steps if guidance != "none" else None
+        ),
         num_inference_steps=steps,
         guidance_scale=float(guidance_scale),
         seed=seed,
