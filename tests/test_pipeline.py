@@ -1,3 +1,4 @@
+import dataclasses
 import logging
 from pathlib import Path
 
@@ -336,3 +337,33 @@ def test_attention_cutout_honours_its_threshold():
         _FakeObjects(), "x", layout, height=32, width=32, generator=None
     )
     assert foreground.object_masks[0].sum() == 32 * 32  # the red square (cropped, stretched to the box)
+
+
+def test_the_same_layout_with_another_seed_reuses_its_inversion(tiny_pipe_dir, tiny_pipe, tmp_path):
+    from saltdiff.init import SpatialAwareInit, inversion_memo_key
+    from saltdiff.testing import UNetCalls
+
+    pipe = SaltPipeline.from_pretrained(tiny_pipe_dir)
+    pipe.set_progress_bar_config(disable=True)
+    layout = [("red circle", (0.0, 0.25, 0.5, 0.75))]
+    fast = dict(num_inference_steps=4, height=32, width=32, output_type="np", guidance="none")
+
+    def run(init, seed):
+        with UNetCalls(pipe.unet) as calls:
+            out = pipe("a red circle", layout, init=init, seed=seed, **fast)
+        return out, len(calls.calls)
+
+    init = SpatialAwareInit(reference=GeneratedObjects(cache_dir=str(tmp_path)), inversion_steps=2)
+    first, calls_first = run(init, 0)  # objects, inversion, sampling
+    second, calls_second = run(init, 1)  # objects and z_T* reused: sampling only
+    assert calls_second == 4 and calls_first > calls_second + 2
+    pipe.__dict__.pop("_inversion_memo")
+    fresh, _ = run(init, 1)
+    np.testing.assert_array_equal(second.images, fresh.images)  # the reused z_T* is the same
+    # anything z_T* depends on misses: other inversion steps, the builder's cache off
+    assert run(dataclasses.replace(init, inversion_steps=1), 1)[1] == 4 + 1
+    uncached = dataclasses.replace(init, reference=GeneratedObjects(cache=False))
+    assert run(uncached, 1)[1] > 4 + 2
+    # an in-memory model has no identity: nothing is kept
+    assert inversion_memo_key(init, tiny_pipe, first.reference_image, "", 4) is None
+    assert inversion_memo_key(init, pipe, first.reference_image, "", 4) is not None
