@@ -9,7 +9,13 @@ import torch
 
 from saltdiff import GuidanceConfig
 from saltdiff.pipeline import SaltPipeline
-from saltdiff.testing import UNetCalls, add_tiny_ip_adapter, tiny_sd_components, tiny_sd_pipeline
+from saltdiff.testing import (
+    UNetCalls,
+    add_tiny_ip_adapter,
+    check_ip_adapter_conditions_sampling,
+    tiny_sd_components,
+    tiny_sd_pipeline,
+)
 
 PROMPT = "a red circle and a blue square"
 LAYOUT = [("red circle", (0.0, 0.25, 0.5, 0.75)), ("blue square", (0.5, 0.25, 1.0, 0.75))]
@@ -110,16 +116,7 @@ def test_interrupt_stops_the_loop():
 
 def test_ip_adapter_conditions_sampling_and_capture_keeps_its_attention():
     pipe = add_tiny_ip_adapter(_pipe())
-    image_embeds = [torch.randn(2, 1, 8, generator=torch.Generator().manual_seed(0))]  # [negative; image]
-    other_embeds = [torch.randn(2, 1, 8, generator=torch.Generator().manual_seed(1))]
-    unguided = dict(init="random", guidance="none", **FAST)
-    # with boxes the capture processor replaces the IP-Adapter's; without boxes nothing is captured:
-    # both must compute the same attention
-    captured = pipe(PROMPT, LAYOUT, ip_adapter_image_embeds=image_embeds, **unguided).images
-    plain = pipe(PROMPT, ip_adapter_image_embeds=image_embeds, **unguided).images
-    np.testing.assert_allclose(captured, plain, atol=1e-5)
-    other = pipe(PROMPT, LAYOUT, ip_adapter_image_embeds=other_embeds, **unguided).images
-    assert np.abs(other - captured).max() > 1e-3  # the image embedding matters
+    image_embeds = check_ip_adapter_conditions_sampling(pipe, PROMPT, LAYOUT, **FAST)
     guided = pipe(
         PROMPT, LAYOUT, ip_adapter_image_embeds=image_embeds, init="random", guidance=GUIDED, **FAST
     )

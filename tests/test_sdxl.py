@@ -13,7 +13,12 @@ from saltdiff.layout import LayoutError
 from saltdiff.pipeline import SaltPipeline
 from saltdiff.pipeline_xl import SaltXLPipeline
 from saltdiff.reference import GeneratedObjects, boxed_phrases_prompt, strip_phrases
-from saltdiff.testing import UNetCalls, add_tiny_ip_adapter, tiny_sdxl_pipeline
+from saltdiff.testing import (
+    UNetCalls,
+    add_tiny_ip_adapter,
+    check_ip_adapter_conditions_sampling,
+    tiny_sdxl_pipeline,
+)
 
 PROMPT = "a red circle and a blue square"
 LAYOUT = [("red circle", (0.0, 0.25, 0.5, 0.75)), ("blue square", (0.5, 0.25, 1.0, 0.75))]
@@ -296,15 +301,7 @@ def test_ip_adapter_conditions_sampling_next_to_the_added_conditioning(xl_pipe):
     the image changes the result; the reference and its inversion are text alone, as without it."""
     pipe = add_tiny_ip_adapter(SaltXLPipeline.from_pipe(tiny_sdxl_pipeline()))
     pipe.set_progress_bar_config(disable=True)
-    image_embeds = [torch.randn(2, 1, 8, generator=torch.Generator().manual_seed(0))]  # [negative; image]
-    other_embeds = [torch.randn(2, 1, 8, generator=torch.Generator().manual_seed(1))]
-    unguided = dict(init="random", guidance="none", **FAST)
-    # with boxes the capture processor replaces the IP-Adapter's; without boxes nothing is captured
-    captured = pipe(PROMPT, LAYOUT, ip_adapter_image_embeds=image_embeds, **unguided).images
-    plain = pipe(PROMPT, ip_adapter_image_embeds=image_embeds, **unguided).images
-    np.testing.assert_allclose(captured, plain, atol=1e-5)
-    other = pipe(PROMPT, LAYOUT, ip_adapter_image_embeds=other_embeds, **unguided).images
-    assert np.abs(other - captured).max() > 1e-3  # the image embedding matters
+    image_embeds = check_ip_adapter_conditions_sampling(pipe, PROMPT, LAYOUT, **FAST)
 
     with UNetCalls(pipe.unet) as recorder:
         out = pipe(PROMPT, LAYOUT, ip_adapter_image_embeds=image_embeds, init=SALT, guidance=GUIDED, **FAST)

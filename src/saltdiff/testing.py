@@ -432,6 +432,24 @@ def add_tiny_ip_adapter(pipe, image_dim: int = 8, tokens: int = 4):
     return pipe
 
 
+def check_ip_adapter_conditions_sampling(pipe, prompt, layout, **call) -> list[torch.Tensor]:
+    """Assert that an IP-Adapter on ``pipe`` (see :func:`add_tiny_ip_adapter`) conditions sampling
+    and that attention capture computes its attention as the default processor does; returns the
+    image embeddings used (``[negative; image]`` rows)."""
+    import numpy as np
+
+    image_embeds = [torch.randn(2, 1, 8, generator=torch.Generator().manual_seed(0))]
+    other_embeds = [torch.randn(2, 1, 8, generator=torch.Generator().manual_seed(1))]
+    unguided = dict(init="random", guidance="none", **call)
+    # with boxes the capture processor replaces the IP-Adapter's; without boxes nothing is captured
+    captured = pipe(prompt, layout, ip_adapter_image_embeds=image_embeds, **unguided).images
+    plain = pipe(prompt, ip_adapter_image_embeds=image_embeds, **unguided).images
+    np.testing.assert_allclose(captured, plain, atol=1e-5)
+    other = pipe(prompt, layout, ip_adapter_image_embeds=other_embeds, **unguided).images
+    assert np.abs(other - captured).max() > 1e-3, "the image embedding changes nothing"
+    return image_embeds
+
+
 class UNetCall(NamedTuple):
     grad: bool  # the call ran with gradients (a guided pass)
     batch: int
