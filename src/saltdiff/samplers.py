@@ -13,26 +13,50 @@ Every sampler's ``scale_model_input(x, t)`` is linear in ``x``: it multiplies by
 conversion holds for any scheduler that follows diffusers' convention, registered or not. Guided
 updates use the same factor to take their gradient steps in VP space (see ``SaltPipeline._denoise``),
 so a step size means the same thing under every sampler.
+
+Ancestral samplers (Euler a) add fresh noise at every step: from ``sigma`` to ``sigma'`` the noise
+``x`` carries is ``sigma'^2 / sigma`` of the old one plus fresh noise, so of the start's own noise --
+where DDIM inversion puts the reference's layout -- only ``sigma / sigma_start`` is left at level
+``sigma``, however many steps are taken (a deterministic sampler keeps all of it). Starting such a
+sampler lower keeps more: :func:`ancestral_start_skip` is how many of the noisiest steps of a
+``steps + k`` schedule SALT's start skips, :func:`set_sampler_timesteps` sets that schedule the way
+diffusers' img2img does (``set_begin_index``) and returns the timesteps to run, and
+``sampler_start_timestep`` / ``to_sampler_space`` take the same ``skip``. ``scripts/sampler_variants.py`` and issue #12's report have the numbers.
 """
 
 from __future__ import annotations
 
 import inspect
+import math
 
 import torch
 
 from .registry import SCHEDULERS
 
 __all__ = [
+    "ANCESTRAL_CLASSES",
+    "ancestral_start_skip",
     "check_supported",
     "ddim_twin",
     "known_config",
     "make_scheduler",
+    "is_ancestral",
     "model_input_scale",
     "sampler_start_timestep",
     "scheduler_name",
+    "set_sampler_timesteps",
     "to_sampler_space",
 ]
+
+#: diffusers samplers that draw fresh noise at every step whatever their options.
+ANCESTRAL_CLASSES = frozenset(
+    {
+        "EulerAncestralDiscreteScheduler",
+        "KDPM2AncestralDiscreteScheduler",
+        "DDPMScheduler",
+        "DPMSolverSDEScheduler",
+    }
+)
 
 
 def make_scheduler(name: str, config):
@@ -81,11 +105,47 @@ def check_supported(scheduler) -> None:
         )
 
 
-def sampler_start_timestep(scheduler, num_inference_steps: int) -> int:
-    """The sampler's first timestep, rounded (Euler's are floats), computed on a copy of ``scheduler``."""
+def is_ancestral(scheduler) -> bool:
+    """Whether ``scheduler`` adds fresh noise at every step (Euler a, DDPM, the SDE DPM-Solvers)."""
+    if type(scheduler).__name__ in ANCESTRAL_CLASSES:
+        return True
+    return str(getattr(scheduler.config, "algorithm_type", "")).startswith("sde-")
+
+
+def ancestral_start_skip(scheduler, num_inference_steps: int, fraction: float) -> int:
+    """How many noisiest steps SALT's start skips under ``scheduler``: 0 for a deterministic sampler,
+    else ``k`` with ``k / (steps + k)`` closest to ``fraction`` (25 steps, 0.14: 4; 50 steps: 8)."""
+    if not 0 <= fraction < 1:
+        raise ValueError(f"fraction must be in [0, 1), got {fraction!r}")
+    if fraction == 0 or not is_ancestral(scheduler):
+        return 0
+    return int(math.floor(num_inference_steps * fraction / (1 - fraction) + 0.5))
+
+
+def set_sampler_timesteps(scheduler, num_inference_steps: int, *, skip: int = 0, device=None) -> torch.Tensor:
+    """``scheduler.set_timesteps(num_inference_steps)`` and the timesteps to run, all of them; with
+    ``skip``: the schedule of ``num_inference_steps + skip`` steps and all but its ``skip`` noisiest
+    steps (times the sampler's ``order``), still ``num_inference_steps`` UNet steps.
+
+    As diffusers' img2img pipelines do it: ``scheduler.timesteps`` stays whole (multistep samplers
+    read its length to find their last step) and ``set_begin_index`` tells index-keeping samplers
+    (Euler, LMS, DPM-Solver) where they start; DDIM-type samplers read the step from the timestep.
+    The loop must run the returned timesteps, not ``scheduler.timesteps``.
+    """
+    if skip < 0:
+        raise ValueError(f"skip must be >= 0, got {skip!r}")
+    scheduler.set_timesteps(num_inference_steps + skip, device=device)
+    cut = skip * int(getattr(scheduler, "order", 1))
+    if cut and hasattr(scheduler, "set_begin_index"):
+        scheduler.set_begin_index(cut)
+    return scheduler.timesteps[cut:]
+
+
+def sampler_start_timestep(scheduler, num_inference_steps: int, skip: int = 0) -> int:
+    """The sampler's first timestep, rounded (Euler's are floats), computed on a copy of ``scheduler``
+    (``skip``: as :func:`set_sampler_timesteps`)."""
     probe = type(scheduler).from_config(scheduler.config)
-    probe.set_timesteps(num_inference_steps)
-    return int(round(float(probe.timesteps[0])))
+    return int(round(float(set_sampler_timesteps(probe, num_inference_steps, skip=skip)[0])))
 
 
 def model_input_scale(scheduler, timestep, like: torch.Tensor | None = None) -> torch.Tensor:
@@ -98,13 +158,16 @@ def model_input_scale(scheduler, timestep, like: torch.Tensor | None = None) -> 
     return scheduler.scale_model_input(ones, timestep).reshape(())
 
 
-def to_sampler_space(scheduler, latents: torch.Tensor, num_inference_steps: int) -> torch.Tensor:
+def to_sampler_space(
+    scheduler, latents: torch.Tensor, num_inference_steps: int, skip: int = 0
+) -> torch.Tensor:
     """A VP latent at the sampler's first timestep, expressed in that sampler's noise space.
 
-    ``scheduler`` is left untouched (a copy is stepped to read the factor).
+    ``scheduler`` is left untouched (a copy is stepped to read the factor); ``skip``: as
+    :func:`set_sampler_timesteps`.
     """
     check_supported(scheduler)
     probe = type(scheduler).from_config(scheduler.config)
-    probe.set_timesteps(num_inference_steps, device=latents.device)
-    scale = model_input_scale(probe, probe.timesteps[0], latents)
+    first = set_sampler_timesteps(probe, num_inference_steps, skip=skip, device=latents.device)[0]
+    scale = model_input_scale(probe, first, latents)
     return (latents.float() / scale).to(latents.dtype)
