@@ -209,6 +209,7 @@ def denoise(
     interrupted: Callable[[], bool] = lambda: False,
     outside: OutsidePrompt | None = None,
     progress_bar=None,
+    timesteps: Sequence | None = None,
 ) -> Denoised:
     """The sampling loop: guided updates on the first steps, then one CFG step of ``scheduler``.
 
@@ -222,7 +223,7 @@ def denoise(
     n = latents.shape[0]
     extras = extras or UNetExtras()
     state = LoopState(embeds, guidance_scale)
-    timesteps = scheduler.timesteps
+    timesteps = scheduler.timesteps if timesteps is None else timesteps
     track = token_indices is not None
     guide = track and guidance is not None and guidance.enabled and layout_masks is not None
     if guide and None in (guidance.guidance_steps, guidance.guidance_iters, guidance.loss_threshold):

@@ -24,7 +24,7 @@ from .losses import gaussian_blur
 from .object_generator import PipelineObjectGenerator
 from .reference import GeneratedObjects, ReferenceBuilder, ReferenceImage
 from .registry import INITIALIZERS, check_fields
-from .samplers import sampler_start_timestep, to_sampler_space
+from .samplers import ancestral_start_skip, sampler_start_timestep, to_sampler_space
 
 if TYPE_CHECKING:  # pragma: no cover
     from .pipeline import SaltPipeline
@@ -35,6 +35,9 @@ class InitResult:
     latents: torch.Tensor  # [num_images, C, h, w], in the sampler's noise space (see saltdiff.samplers)
     reference: ReferenceImage | None = None
     info: dict[str, Any] = field(default_factory=dict)
+    #: the latent is at the first timestep of ``steps + start_skip`` steps without the noisiest
+    #: ``start_skip`` (``samplers.set_sampler_timesteps``); sampling must start there
+    start_skip: int = 0
 
     @property
     def reference_image(self) -> Image.Image | None:
@@ -98,6 +101,7 @@ def inversion_memo_key(init: SpatialAwareInit, pipe, image: Image.Image, text: s
         text,
         init.inversion_steps,
         steps,
+        init.start_skip(pipe.scheduler, steps),
         type(pipe.scheduler).__name__,
         {k: v for k, v in sorted(pipe.scheduler.config.items()) if not k.startswith("_")},
     ]
@@ -149,6 +153,7 @@ class SpatialAwareInit:
     keep_region: str = "objects"
     feather: float = 2.0
     inversion_noise_scale: float = 0.0
+    ancestral_skip: float = 0.14
 
     def __post_init__(self) -> None:
         check_fields(self, INITIALIZERS.get("salt").params, "SpatialAwareInit")
@@ -199,16 +204,26 @@ class SpatialAwareInit:
             z0.to(pipe.unet.dtype),
             embeds,
             num_inference_steps=self.inversion_steps,
-            end_timestep=sampler_start_timestep(pipe.scheduler, num_inference_steps),
+            end_timestep=sampler_start_timestep(
+                pipe.scheduler, num_inference_steps, self.start_skip(pipe.scheduler, num_inference_steps)
+            ),
             noise_scale=self.inversion_noise_scale,
             generator=generator,
             unet_kwargs=unet_kwargs,
         )
 
+    def start_skip(self, scheduler, num_inference_steps: int) -> int:
+        """The noisiest steps SALT's start skips: ``ancestral_skip`` of a longer schedule under an
+        ancestral sampler, whose fresh noise at every step keeps only ``sigma / sigma_start`` of the
+        start's own noise (the layout) at level ``sigma``; none under a deterministic one."""
+        return ancestral_start_skip(scheduler, num_inference_steps, self.ancestral_skip)
+
     def check_steps(self, scheduler, num_inference_steps: int) -> None:
         """One line, before any work, when ``inversion_steps`` cannot end at the sampler's first
         timestep (few sampling steps start low; ``DDIMInverseScheduler`` steps by 1000 // K)."""
-        end = sampler_start_timestep(scheduler, num_inference_steps)
+        end = sampler_start_timestep(
+            scheduler, num_inference_steps, self.start_skip(scheduler, num_inference_steps)
+        )
         if not _grid_fits(scheduler, self.inversion_steps, end):
             fits = [k for k in range(1, self.inversion_steps) if _grid_fits(scheduler, k, end)]
             raise ValueError(
@@ -237,10 +252,12 @@ class SpatialAwareInit:
                 latents.shape, generator=generator, device=latents.device, dtype=latents.dtype
             )
             latents = torch.sqrt(1 - weight) * latents + torch.sqrt(weight) * noise
-        latents = to_sampler_space(pipe.scheduler, latents, num_inference_steps)
+        skip = self.start_skip(pipe.scheduler, num_inference_steps)
+        latents = to_sampler_space(pipe.scheduler, latents, num_inference_steps, skip)
         info = {
             "init": "salt",
             "inversion_steps": self.inversion_steps,
             "inversion_prompt": self.inversion_prompt,
+            "start_skip": skip,
         }
-        return InitResult(latents, reference, info)
+        return InitResult(latents, reference, info, start_skip=skip)

@@ -414,6 +414,16 @@ INITIALIZERS.register(
                 "SDE-style inversion: add this much fresh noise per step (0 = DDIM ODE)",
                 minimum=0,
             ),
+            Param(
+                "ancestral_skip",
+                0.14,
+                "under an ancestral sampler (Euler a) start this fraction of a longer schedule lower "
+                "(steps + k steps, the k noisiest skipped: 4 at 25 steps), so its fresh noise erases "
+                "less of the layout; 0 = the sampler's first step; other samplers always start there",
+                minimum=0,
+                maximum=1,
+                open_maximum=True,
+            ),
         ),
         needs={"reference": None},
     )
@@ -527,7 +537,12 @@ REFERENCE_BUILDERS.register(
 SCHEDULERS = Registry("scheduler")
 for _name, _cls, _options, _text in (
     ("ddim", "DDIMScheduler", {}, "DDIM (deterministic; the mirror of SALT's DDIM inversion)"),
-    ("pndm", "PNDMScheduler", {"skip_prk_steps": True}, "PNDM (SD 1.x checkpoints' shipped sampler)"),
+    (
+        "pndm",
+        "PNDMScheduler",
+        {"skip_prk_steps": True},
+        "PNDM (SD 1.x checkpoints' shipped sampler; multistep: unstable under strong CFG with few steps, the built-in model needs ~50)",
+    ),
     (
         "dpm++2m",
         "DPMSolverMultistepScheduler",
@@ -541,9 +556,14 @@ for _name, _cls, _options, _text in (
         "DPM-Solver++ (2M) with Karras sigmas",
     ),
     ("euler", "EulerDiscreteScheduler", {"use_karras_sigmas": False}, "Euler (SDXL's default sampler)"),
-    ("euler-a", "EulerAncestralDiscreteScheduler", {}, "Euler ancestral (stochastic: fresh noise each step)"),
+    (
+        "euler-a",
+        "EulerAncestralDiscreteScheduler",
+        {},
+        "Euler ancestral (fresh noise each step; SALT starts it lower, --ancestral-skip)",
+    ),
     ("heun", "HeunDiscreteScheduler", {}, "Heun (2nd order: two UNet calls per step)"),
-    ("lms", "LMSDiscreteScheduler", {}, "linear multistep (k-diffusion's LMS)"),
+    ("lms", "LMSDiscreteScheduler", {}, "linear multistep (k-diffusion's LMS, order 4: same caveat as PNDM)"),
     ("unipc", "UniPCMultistepScheduler", {}, "UniPC (multistep predictor-corrector)"),
 ):
     SCHEDULERS.register(Entry(_name, f"diffusers:{_cls}", _text, options=_options))

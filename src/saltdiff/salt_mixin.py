@@ -46,7 +46,7 @@ from .layout import Layout
 from .object_generator import PipelineObjectGenerator
 from .pipeline_output import SaltOutput
 from .reference import GeneratedObject, boxed_phrases_prompt, strip_phrases
-from .samplers import check_supported, ddim_twin
+from .samplers import check_supported, ddim_twin, set_sampler_timesteps
 
 logger = logging.getLogger(__name__)
 
@@ -186,7 +186,8 @@ class SaltMixin:
     # -- the denoising loop --------------------------------------------------------------------------
     def _denoise(self, latents: torch.Tensor, *, progress: bool = True, **kwargs) -> Denoised:
         """:func:`saltdiff.denoising.denoise` on this pipeline's UNet, with its progress bar."""
-        total = len(kwargs["scheduler"].timesteps)
+        timesteps = kwargs.get("timesteps")
+        total = len(kwargs["scheduler"].timesteps if timesteps is None else timesteps)
         bar = self.progress_bar(total=total) if progress else None
         return denoise(self.unet, latents, progress_bar=bar, **kwargs)
 
@@ -399,6 +400,12 @@ class SaltMixin:
             init, prompt_text, layout, generator, height, width, num_inference_steps, n
         )
         init_latent = init_result.latents.detach().cpu().clone()
+        timesteps = self.scheduler.timesteps
+        if init_result.start_skip:  # an ancestral sampler starts SALT's latent lower (samplers.py)
+            timesteps = set_sampler_timesteps(
+                self.scheduler, num_inference_steps, skip=init_result.start_skip, device=device
+            )
+            self._num_timesteps = len(timesteps)
         guidance = guidance.for_start(init_result.reference is not None)
 
         # 5. Denoising loop with attention guidance on the first steps
@@ -432,6 +439,7 @@ class SaltMixin:
         denoised = self._denoise(
             init_result.latents,
             scheduler=self.scheduler,
+            timesteps=timesteps,
             embeds=torch.cat([negative_embeds, prompt_embeds]) if do_cfg else prompt_embeds,
             guidance_scale=guidance_scale,
             extra_step_kwargs=extra_step_kwargs,
