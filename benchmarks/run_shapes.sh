@@ -4,7 +4,7 @@
 # split by index and the main process merges (set PROCS=1 for a single process).
 #
 #   bash benchmarks/run_shapes.sh [RUNS_DIR] [WHAT...]
-#   WHAT: table hard noise feather keep spatial inversion background budget reg sde
+#   WHAT: table hard outside noise feather keep spatial inversion background budget reg sde
 #
 # Every command resumes: rerun the script after a kill and finished images are skipped.
 # The studies spatial … sde in RESULTS.md ran with the first version's init (white reference, no fresh
@@ -33,6 +33,7 @@ for what in $WHAT; do
         table)      "${LAUNCH[@]}" bench "${TWO[@]}" --n 200 --methods all --out "$RUNS/fidelity-n200" ;;
         hard)       "${LAUNCH[@]}" bench --suite shapes-hard --seeds 2 --steps "$STEPS" --device cpu -q --n 100 \
                         --methods sd,random+salt-loss,layout-guidance,salt --out "$RUNS/hard-n100" ;;
+        outside)    "${LAUNCH[@]}" study outside-prompt "${TWO[@]}" --n 200 --values 0,5,10,15,25 --out "$RUNS/s-outside-n200" ;;
         noise)      "${LAUNCH[@]}" study noise-outside "${TWO[@]}" --n "$FID_N" --values 0.8,0.9,1.0 --keep-region objects \
                         --feather 1 --background prompt-color --out "$RUNS/s-noise-out" ;;
         feather)    "${LAUNCH[@]}" study feather "${TWO[@]}" --n "$FID_N" --values 1,2,3 --noise-outside 1.0 \
