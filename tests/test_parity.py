@@ -284,13 +284,16 @@ def test_outside_prompt_changes_nothing_inside_a_box_that_covers_the_image(mode)
 
 @pytest.mark.parametrize("replaces, outside_row", [("negative", 0.0), ("conditional", 1.0)])
 def test_outside_rows_copy_the_image_and_added_conditions_of_the_row_they_replace(replaces, outside_row):
-    from saltdiff.denoising import UNetExtras
+    from saltdiff.denoising import OutsidePrompt, UNetExtras
 
     pair = torch.tensor([[0.0], [1.0]])  # [negative; conditional]
     extras = UNetExtras(
         image_embeds=[pair], image_embeds_cfg=True, added_cond={"time_ids": pair}, added_cond_cfg=True
     )
-    added = extras.kwargs(True, True, {"text_embeds": torch.tensor([[5.0]])}, replaces)["added_cond_kwargs"]
+    outside = OutsidePrompt(
+        torch.zeros(1, 1, 1), lambda h, w: None, 1, {"text_embeds": torch.tensor([[5.0]])}, replaces
+    )
+    added = extras.kwargs(True, outside)["added_cond_kwargs"]
     assert added["image_embeds"][0].flatten().tolist() == [0.0, 1.0, outside_row]
     assert added["time_ids"].flatten().tolist() == [0.0, 1.0, outside_row]
 

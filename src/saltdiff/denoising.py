@@ -87,43 +87,34 @@ class UNetExtras:
     added_cond: dict[str, torch.Tensor] | None = None
     added_cond_cfg: bool = False
 
-    def kwargs(
-        self,
-        cfg_batch: bool,
-        outside_rows: bool = False,
-        outside_added: dict | None = None,
-        outside_replaces: str = "conditional",
-    ) -> dict[str, Any]:
-        """For a batch ``[uncond;] cond [; outside]``: the outside rows repeat the rows they replace
-        (``outside_replaces``: the conditional or the negative ones), except the added conditions
-        given in ``outside_added`` (the outside text's pooled embeds)."""
-        negative_outside = outside_replaces == "negative"
+    def kwargs(self, cfg_batch: bool, outside: OutsidePrompt | None = None) -> dict[str, Any]:
+        """For a batch ``[uncond;] cond [; outside]``: the outside rows (when ``outside`` is given)
+        repeat the rows they replace (``outside.replaces``: the conditional or the negative ones),
+        except the added conditions of the outside text itself (``outside.added_cond``: its pooled
+        embeds)."""
+        replaces_negative = outside is not None and outside.replaces == "negative"
+        outside_added = (outside.added_cond or {}) if outside is not None else {}
+
+        def rows(neg, cond, extra=None):
+            outside_rows = (
+                []
+                if outside is None
+                else [extra if extra is not None else neg if replaces_negative else cond]
+            )
+            return torch.cat([*([neg] if cfg_batch else []), cond, *outside_rows])
+
         out: dict[str, Any] = {}
         if self.cross_attention_kwargs:
             out["cross_attention_kwargs"] = self.cross_attention_kwargs
         if self.timestep_cond is not None:
-            out["timestep_cond"] = torch.cat([self.timestep_cond] * (int(cfg_batch) + 1 + int(outside_rows)))
+            out["timestep_cond"] = rows(self.timestep_cond, self.timestep_cond)
         added: dict[str, Any] = {}
         for key, value in (self.added_cond or {}).items():
             neg, cond = value.chunk(2) if self.added_cond_cfg else (value, value)
-            extra = (outside_added or {}).get(key, neg if negative_outside else cond)
-            added[key] = torch.cat([*([neg] if cfg_batch else []), cond, *([extra] if outside_rows else [])])
+            added[key] = rows(neg, cond, outside_added.get(key))
         if self.image_embeds is not None:
-            embeds = self.image_embeds
-            if self.image_embeds_cfg:
-                embeds = [e.chunk(2) for e in embeds]
-            else:
-                embeds = [(e, e) for e in embeds]
-            added["image_embeds"] = [
-                torch.cat(
-                    [
-                        *([neg] if cfg_batch else []),
-                        cond,
-                        *([neg if negative_outside else cond] if outside_rows else []),
-                    ]
-                )
-                for neg, cond in embeds
-            ]
+            pairs = [e.chunk(2) if self.image_embeds_cfg else (e, e) for e in self.image_embeds]
+            added["image_embeds"] = [rows(neg, cond) for neg, cond in pairs]
         if added:
             out["added_cond_kwargs"] = added
         return out
@@ -262,12 +253,7 @@ def denoise(
                 embeds_in = state.embeds if do_cfg else cond_embeds
                 if regional:
                     embeds_in = torch.cat([embeds_in, outside.embeds])
-                kwargs = extras.kwargs(
-                    do_cfg,
-                    regional,
-                    outside.added_cond if regional else None,
-                    outside.replaces if regional else "conditional",
-                )
+                kwargs = extras.kwargs(do_cfg, outside if regional else None)
                 pred = unet(z_in, t, encoder_hidden_states=embeds_in, **kwargs).sample
                 if not regional:
                     return pred
