@@ -56,13 +56,14 @@ from .runs import (
     png_bytes,
     record_path,
 )
-from .suites import EvalLayout, load_suite, split_for_process
+from .suites import EvalLayout, load_suite, split_for_process, suite_fingerprint
 
 logger = logging.getLogger(__name__)
 
 #: Keys of config.json that must match for a folder to be resumed.
 RESUME_KEYS = (
     "suite",
+    "suite_fingerprint",
     "model",
     "steps",
     "cfg",
@@ -75,6 +76,8 @@ RESUME_KEYS = (
 )
 #: Values a config.json written before a key existed is read with.
 RESUME_DEFAULTS = {"scheduler": "ddim"}
+# (no default for "suite_fingerprint": a folder written before built-in suites had splits holds other
+# layouts under the name "shapes", and is refused rather than mixed in)
 DEFAULT_CLIP_MODEL = "openai/clip-vit-large-patch14"
 
 
@@ -186,10 +189,13 @@ def _check_layouts(pipe, layouts: Sequence[EvalLayout], detector: str) -> None:
                 )
 
 
-def _run_config(config: BenchConfig, detector: str, text_alignment: str, dtype: str, methods: dict) -> dict:
+def _run_config(
+    config: BenchConfig, layouts, detector: str, text_alignment: str, dtype: str, methods: dict
+) -> dict:
     return {
         "saltdiff_version": __version__,
         "suite": config.suite,
+        "suite_fingerprint": suite_fingerprint(layouts),
         "model": config.model,
         "steps": config.steps,
         "cfg": config.cfg,
@@ -371,7 +377,7 @@ def run_bench(config: BenchConfig, pipe=None) -> dict | None:
     dtype = str(pipe.unet.dtype).replace("torch.", "")
     pipe.set_progress_bar_config(disable=True)
     _check_layouts(pipe, layouts, detector_name)
-    run_config = _run_config(config, detector_name, text_kind, dtype, descriptions)
+    run_config = _run_config(config, layouts, detector_name, text_kind, dtype, descriptions)
     if is_main:
         os.makedirs(out, exist_ok=True)
         _check_resume(out, run_config)

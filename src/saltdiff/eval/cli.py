@@ -26,10 +26,12 @@ from .studies import STUDIES, parse_values
 def _add_run_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--suite",
-        default="shapes",
-        help="shapes (held-out shapes-world layouts), shapes-hard (3-4 small, partly overlapping boxes, "
-        "background always named), coco (with --coco-annotations/--coco-captions), "
-        "or a .jsonl file with one {'prompt', 'boxes': [{'phrase', 'box': [x0,y0,x1,y1]}]} per line",
+        default=None,
+        help="shapes (held-out shapes-world layouts, test split), shapes-val (its tuning split), "
+        "shapes-hard / shapes-hard-val (3-4 small, partly overlapping boxes, background always named), "
+        "coco (with --coco-annotations/--coco-captions), "
+        "or a .jsonl file with one {'prompt', 'boxes': [{'phrase', 'box': [x0,y0,x1,y1]}]} per line "
+        "(default: shapes for bench, shapes-val for study: defaults are chosen on the tuning split)",
     )
     parser.add_argument("--n", type=int, default=None, help="number of layouts (default: 200; JSONL: all)")
     parser.add_argument(
@@ -79,7 +81,7 @@ def add_bench_parser(subparsers) -> None:
         formatter_class=HelpFormatter,
     )
     _add_run_args(bench)
-    bench.set_defaults(seeds="2")  # with --n 200 and --steps 25: README.md's table as printed there
+    bench.set_defaults(seeds="2", suite="shapes")  # with --n 200 and --steps 25: README.md's table
     bench.add_argument(
         "--methods",
         default="all",
@@ -95,6 +97,7 @@ def add_bench_parser(subparsers) -> None:
     )
     study.add_argument("name", choices=sorted(STUDIES), help="which study")
     _add_run_args(study)
+    study.set_defaults(suite="shapes-val")  # studies choose defaults: the tuning split
     study.add_argument("--values", default=None, help="comma list of the swept values (default: per study)")
     study.add_argument(
         "--loss",

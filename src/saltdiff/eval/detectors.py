@@ -29,7 +29,7 @@ OWLV2_DEFAULT = "google/owlv2-base-patch16-ensemble"
 GROUNDING_DINO_DEFAULT = "IDEA-Research/grounding-dino-tiny"
 YOLO_DEFAULT = "yolov8x.pt"
 #: Suites of the shapes world, scored with the exact shapes detector under ``auto``.
-SHAPES_WORLD_SUITES = ("shapes", "shapes-hard")
+SHAPES_WORLD_SUITES = ("shapes", "shapes-val", "shapes-hard", "shapes-hard-val")
 
 
 @dataclass(frozen=True)
@@ -198,7 +198,7 @@ class YoloDetector:
 
 
 def resolve_detector_name(name: str, *, suite: str, model: str) -> str:
-    """``auto`` → ``shapes`` for the shapes suites (``shapes``, ``shapes-hard``) or the built-in shapes
+    """``auto`` → ``shapes`` for the shapes suites (``shapes``, ``shapes-hard`` and their ``-val`` splits) or the built-in shapes
     model, else ``owlv2``."""
     if name != "auto":
         return name

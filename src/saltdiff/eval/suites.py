@@ -2,14 +2,19 @@
 
 Four sources, all deterministic:
 
-* ``shapes``: held-out layouts of the synthetic shapes world (:func:`saltdiff.worlds.shapes.heldout_layouts`):
-  1–3 boxed objects; a quarter of the prompts also name an unboxed object (text alignment), and
-  about 60 % name the background (``EvalLayout.background``; ``None`` when the prompt does not name
+* ``shapes`` (test split) and ``shapes-val`` (tuning split): held-out layouts of the synthetic shapes
+  world (:func:`saltdiff.worlds.shapes.heldout_layouts`), from disjoint halves of the held-out seeds:
+  1–3 boxed objects; half of the prompts also name an object without a box (1–2 boxed objects then),
+  and about 60 % name the background (``EvalLayout.background``; ``None`` when the prompt does not name
   it, the scene's own background is then kept in ``meta["scene_background"]``).
-* ``shapes-hard``: harder held-out layouts of the same world, from their own seeds
-  (:func:`saltdiff.worlds.shapes.heldout_hard_layouts`): 3–4 boxed objects, box sides 0.12–0.3 of
-  the image, partly overlapping boxes (pairwise IoU up to 0.3; about nine layouts in ten have an
-  overlapping pair), no unboxed object, and every prompt names the background.
+* ``shapes-hard`` (test) and ``shapes-hard-val`` (tuning): harder held-out layouts of the same world, from
+  their own seeds (:func:`saltdiff.worlds.shapes.heldout_hard_layouts`): 3–4 boxed objects, box sides
+  0.12–0.3 of the image, partly overlapping boxes (pairwise IoU up to 0.3; about nine layouts in ten
+  have an overlapping pair), no unboxed object, and every prompt names the background.
+
+Defaults are chosen on the tuning splits only (studies run there unless told otherwise); reported
+numbers come from the test splits. The tuning split ``shapes-val`` holds, at its start, the layouts
+that the defaults of earlier versions were tuned on.
 * a **JSONL file**: one layout per line, ``{"prompt": str, "boxes": [{"phrase": str, "box": [x0, y0, x1, y1]}]}``
   with normalized coordinates (origin top-left), plus optional ``"id"`` (default: ``line-N``, 0-based),
   ``"unboxed": [phrases]`` (other objects the prompt mentions, counted by text alignment),
@@ -32,7 +37,16 @@ from typing import Any
 
 from ..layout import Layout
 
-SUITE_NAMES = ("shapes", "shapes-hard", "coco")
+#: Built-in suites: name -> (layout generator name, split, id prefix).
+WORLD_SUITES: dict[str, tuple[str, str, str]] = {
+    "shapes": ("heldout_layouts", "test", "shapes-test"),
+    "shapes-val": ("heldout_layouts", "val", "shapes-val"),
+    "shapes-hard": ("heldout_hard_layouts", "test", "hard-test"),
+    "shapes-hard-val": ("heldout_hard_layouts", "val", "hard-val"),
+}
+#: The tuning split of each built-in test suite.
+TUNING_SPLIT = {"shapes": "shapes-val", "shapes-hard": "shapes-hard-val"}
+SUITE_NAMES = (*WORLD_SUITES, "coco")
 DEFAULT_N = 200
 
 
@@ -122,26 +136,26 @@ def _world_suite(dicts: Sequence[dict], prefix: str) -> list[EvalLayout]:
     return layouts
 
 
-def shapes_suite(n: int = DEFAULT_N) -> list[EvalLayout]:
-    """The first ``n`` held-out layouts of the shapes world (ids ``shapes-0000`` …).
+def world_suite(name: str, n: int = DEFAULT_N) -> list[EvalLayout]:
+    """The first ``n`` layouts of a built-in suite (:data:`WORLD_SUITES`; ids ``PREFIX-0000`` …).
 
     ``background`` is the scene's background when the prompt names it, else ``None``;
     ``meta["scene_background"]`` is the scene's background either way.
     """
-    from ..worlds.shapes import heldout_layouts
+    from ..worlds import shapes
 
-    return _world_suite(heldout_layouts(n), "shapes")
+    generator, split, prefix = WORLD_SUITES[name]
+    return _world_suite(getattr(shapes, generator)(n, split=split), prefix)
 
 
-def shapes_hard_suite(n: int = DEFAULT_N) -> list[EvalLayout]:
-    """The first ``n`` harder held-out layouts of the shapes world (ids ``hard-0000`` …).
+def shapes_suite(n: int = DEFAULT_N, split: str = "test") -> list[EvalLayout]:
+    """The first ``n`` held-out layouts of the shapes world, test split (``split="val"``: tuning)."""
+    return world_suite("shapes" if split == "test" else f"shapes-{split}", n)
 
-    3–4 small, partly overlapping boxes; ``background`` is always the named scene background (also
-    in ``meta["scene_background"]``).
-    """
-    from ..worlds.shapes import heldout_hard_layouts
 
-    return _world_suite(heldout_hard_layouts(n), "hard")
+def shapes_hard_suite(n: int = DEFAULT_N, split: str = "test") -> list[EvalLayout]:
+    """The first ``n`` harder held-out layouts (3–4 small, partly overlapping boxes), test split."""
+    return world_suite("shapes-hard" if split == "test" else f"shapes-hard-{split}", n)
 
 
 def jsonl_suite(path: str | os.PathLike, n: int | None = None) -> list[EvalLayout]:
@@ -280,11 +294,9 @@ def load_suite(
     coco_captions: str | None = None,
     coco_min_area: float = 0.02,
 ) -> list[EvalLayout]:
-    """``shapes``, ``shapes-hard``, ``coco`` or a path to a ``.jsonl`` file → its first ``n`` layouts."""
-    if suite == "shapes":
-        return shapes_suite(DEFAULT_N if n is None else n)
-    if suite == "shapes-hard":
-        return shapes_hard_suite(DEFAULT_N if n is None else n)
+    """A built-in suite (:data:`WORLD_SUITES`), ``coco`` or a ``.jsonl`` file → its first ``n`` layouts."""
+    if suite in WORLD_SUITES:
+        return world_suite(suite, DEFAULT_N if n is None else n)
     if suite == "coco":
         return coco_suite(
             coco_annotations, coco_captions, DEFAULT_N if n is None else n, min_area=coco_min_area
@@ -292,6 +304,16 @@ def load_suite(
     if suite.endswith(".jsonl") or os.path.isfile(suite):
         return jsonl_suite(suite, n)
     raise ValueError(f"suite must be one of {SUITE_NAMES} or a .jsonl file of layouts, got {suite!r}")
+
+
+def suite_fingerprint(layouts: Sequence[EvalLayout]) -> str:
+    """A short hash of the first layout (id, prompt, boxes, unboxed phrases, background), whatever ``n``:
+    a run folder made with other layouts under the same suite name (an older version of a built-in
+    suite) is refused on resume instead of being mixed in."""
+    import hashlib
+
+    text = json.dumps([lay.to_dict() for lay in layouts[:1]], sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def split_for_process(layouts: Sequence[EvalLayout], index: int, count: int) -> list[EvalLayout]:

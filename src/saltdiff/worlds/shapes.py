@@ -23,6 +23,10 @@ __all__ = [
     "COLORS",
     "HARD_HELDOUT_SEEDS",
     "HELDOUT_SEEDS",
+    "HELDOUT_SPLIT_SEEDS",
+    "HARD_HELDOUT_SPLIT_SEEDS",
+    "EVAL_SPLITS",
+    "EXTRA_UNBOXED_FRACTION",
     "NUM_TEMPLATES",
     "SHAPES",
     "TRAIN_SEEDS",
@@ -68,6 +72,21 @@ VAL_SEEDS = range(1_000_000, 1_100_000)
 HELDOUT_SEEDS = range(2_000_000, 2_100_000)
 #: Seeds of the harder held-out layouts (:func:`heldout_hard_layouts`), disjoint from the ranges above.
 HARD_HELDOUT_SEEDS = range(2_100_000, 2_200_000)
+#: The evaluation splits, each half of its held-out range. The *tuning* split (``"val"``) is the first
+#: half: it holds every layout that defaults were chosen on before the splits existed (the first 200
+#: of ``HELDOUT_SEEDS`` / ``HARD_HELDOUT_SEEDS``). The *test* split is the second half, never looked at
+#: while choosing a default; reported numbers come from it.
+EVAL_SPLITS: tuple[str, ...] = ("val", "test")
+HELDOUT_SPLIT_SEEDS: dict[str, range] = {
+    "val": range(2_000_000, 2_050_000),
+    "test": range(2_050_000, 2_100_000),
+}
+HARD_HELDOUT_SPLIT_SEEDS: dict[str, range] = {
+    "val": range(2_100_000, 2_150_000),
+    "test": range(2_150_000, 2_200_000),
+}
+#: Share of held-out layouts whose prompt also names an object without a box (evenly spread).
+EXTRA_UNBOXED_FRACTION = 0.5
 
 #: Grid on which sampled boxes are snapped (pixels of a 64x64 image).
 GRID = 64
@@ -379,8 +398,17 @@ def render_single_object(color: str, shape: str, size: int = 64, background: str
 # Held-out layouts
 
 
-def heldout_layouts(n: int, *, extra_unboxed_fraction: float = 0.25) -> list[dict]:
-    """``n`` deterministic evaluation layouts from :data:`HELDOUT_SEEDS` (never used in training).
+def _split_seeds(seeds: dict[str, range], split: str) -> range:
+    if split not in seeds:
+        raise ValueError(f"split must be one of {tuple(seeds)}, got {split!r}")
+    return seeds[split]
+
+
+def heldout_layouts(
+    n: int, *, split: str = "test", extra_unboxed_fraction: float = EXTRA_UNBOXED_FRACTION
+) -> list[dict]:
+    """``n`` deterministic evaluation layouts of one split (:data:`HELDOUT_SPLIT_SEEDS`, never used in
+    training): ``"val"`` to choose defaults on, ``"test"`` to report.
 
     Each is ``{"prompt", "boxes": [{"phrase", "box"}], "unboxed": [phrases], "background",
     "background_named", "seed"}``: ``background`` is the scene's background whether or not the prompt
@@ -389,14 +417,15 @@ def heldout_layouts(n: int, *, extra_unboxed_fraction: float = 0.25) -> list[dic
     ``floor((i + 1) * f) > floor(i * f)``), the scene has at most two objects and the prompt also
     names a third, different object that has no box, to measure text alignment outside the layout.
     """
-    if not isinstance(n, (int, np.integer)) or n < 0 or n > len(HELDOUT_SEEDS):
-        raise ValueError(f"n must be an integer in [0, {len(HELDOUT_SEEDS)}], got {n!r}")
+    seeds = _split_seeds(HELDOUT_SPLIT_SEEDS, split)
+    if not isinstance(n, (int, np.integer)) or n < 0 or n > len(seeds):
+        raise ValueError(f"n must be an integer in [0, {len(seeds)}], got {n!r}")
     if not 0.0 <= extra_unboxed_fraction <= 1.0:
         raise ValueError(f"extra_unboxed_fraction must be in [0, 1], got {extra_unboxed_fraction}")
     layouts = []
     pairs = [(c, s) for c in COLORS for s in SHAPES]
     for i in range(n):
-        seed = HELDOUT_SEEDS[i]
+        seed = seeds[i]
         extra = int(np.floor((i + 1) * extra_unboxed_fraction)) > int(np.floor(i * extra_unboxed_fraction))
         scene = sample_scene(seed, max_objects=2 if extra else 3)
         unboxed: list[str] = []
@@ -502,23 +531,25 @@ def _place_hard_boxes(
             return placed
 
 
-def heldout_hard_layouts(n: int) -> list[dict]:
-    """``n`` deterministic harder evaluation layouts from :data:`HARD_HELDOUT_SEEDS` (never used in training).
+def heldout_hard_layouts(n: int, *, split: str = "test") -> list[dict]:
+    """``n`` deterministic harder evaluation layouts of one split (:data:`HARD_HELDOUT_SPLIT_SEEDS`, never
+    used in training).
 
     Same dicts as :func:`heldout_layouts`. Layout ``i`` is drawn from
-    ``numpy.random.default_rng(HARD_HELDOUT_SEEDS[i])``: 3 or 4 boxed objects with distinct
+    ``numpy.random.default_rng(seeds[i])`` (the split's seeds): 3 or 4 boxed objects with distinct
     ``(color, shape)`` phrases, box sides 0.125 to 0.297 of the image (the 64-pixel grid's
     :data:`HARD_MIN_SIDE_PX` to :data:`HARD_MAX_SIDE_PX`), partly overlapping boxes (see
     :func:`_place_hard_boxes`: pairwise IoU at most 0.3, about nine layouts in ten with at least one
     overlapping pair), no unboxed object, and a prompt that always names the background.
     Later boxes are meant to be drawn over earlier ones (:func:`render_objects` order).
     """
-    if not isinstance(n, (int, np.integer)) or n < 0 or n > len(HARD_HELDOUT_SEEDS):
-        raise ValueError(f"n must be an integer in [0, {len(HARD_HELDOUT_SEEDS)}], got {n!r}")
+    seeds = _split_seeds(HARD_HELDOUT_SPLIT_SEEDS, split)
+    if not isinstance(n, (int, np.integer)) or n < 0 or n > len(seeds):
+        raise ValueError(f"n must be an integer in [0, {len(seeds)}], got {n!r}")
     pairs = [(c, s) for c in COLORS for s in SHAPES]
     layouts = []
     for i in range(n):
-        seed = HARD_HELDOUT_SEEDS[i]
+        seed = seeds[i]
         rng = np.random.default_rng(seed)
         count = int(rng.integers(3, 5))
         kinds = [pairs[j] for j in rng.choice(len(pairs), size=count, replace=False)]
