@@ -5,7 +5,13 @@ import pytest
 from PIL import Image
 from scipy import ndimage
 
-from saltdiff.worlds.background import BackgroundGuess, classify_background, touched_by_boxes
+from saltdiff.worlds.background import (
+    BACKGROUND_TOLERANCE,
+    UNKNOWN,
+    BackgroundGuess,
+    classify_background,
+    touched_by_boxes,
+)
 from saltdiff.worlds.shapes import (
     BACKGROUND_COLORS,
     BACKGROUND_STYLES,
@@ -63,9 +69,51 @@ def test_boxes_covering_the_image_fall_back_to_the_object_mask():
     obj = SceneObject("blue", "circle", (0.25, 0.25, 0.75, 0.75))
     img = render_objects([obj], "beige", "gradient", seed=1)
     assert classify_background(img, [(0.0, 0.0, 1.0, 1.0)]).name == "beige"
-    # An image that is all object: no background pixel at all, still an answer.
+    # An image that is all object: no background pixel at all, so no background can be named.
     full = render_objects([SceneObject("red", "square", (0.0, 0.0, 1.0, 1.0))], "white")
-    assert classify_background(full).name in BACKGROUND_COLORS
+    assert classify_background(full).name == UNKNOWN
+
+
+@pytest.mark.parametrize(
+    "rgb", [(30, 85, 230), (225, 30, 30), (235, 215, 0), (120, 160, 220), (200, 170, 120)]
+)
+def test_off_palette_backgrounds_are_unknown(rgb):
+    """Blue, red, yellow, a light blue and a tan background are none of the five names (before the
+    reject option, blue came out "gray" and red "dark gray")."""
+    canvas = np.broadcast_to(np.asarray(rgb, dtype=np.uint8), (64, 64, 3)).copy()
+    obj = SceneObject("green", "circle", (0.1, 0.1, 0.4, 0.4)) if rgb != (30, 165, 55) else None
+    img = render_objects([obj], "white")
+    img = np.where(render_objects([obj], "white") == render_objects([], "white"), canvas, img)
+    for image in (canvas, img):
+        assert classify_background(image).name == UNKNOWN, rgb
+        assert classify_background(image, [obj.box]).name == UNKNOWN, rgb
+
+
+def test_objects_covering_most_of_the_canvas():
+    """With 10 % of the image left (about 7 % once object edges are grown) the background is still named; with less it is unknown, whatever
+    the objects' colours (the fit would otherwise name the objects' mean colour)."""
+    for background in BACKGROUND_COLORS:
+        most = [
+            SceneObject("blue", "square", (0.0, 0.0, 1.0, 0.8)),
+            SceneObject("red", "square", (0.0, 0.8, 0.5, 1.0)),
+        ]
+        assert classify_background(render_objects(most, background)).name == background  # 10 % left
+        nearly_all = [
+            SceneObject("blue", "square", (0.0, 0.0, 1.0, 0.8)),
+            SceneObject("red", "square", (0.0, 0.8, 0.95, 1.0)),
+        ]
+        assert classify_background(render_objects(nearly_all, background)).name == UNKNOWN
+
+
+def test_the_tolerance_is_the_reject_threshold():
+    """A blue tint on gray: 6 levels of blue keep it gray; 22 levels put it beyond the tolerance."""
+    img = np.full((64, 64, 3), 150, dtype=np.uint8)
+    img[..., 2] = 150 + 22
+    guess = classify_background(img)
+    assert guess.distance > BACKGROUND_TOLERANCE and guess.name == UNKNOWN
+    assert classify_background(img, tolerance=guess.distance + 0.01).name == "gray"
+    img[..., 2] = 150 + 6
+    assert classify_background(img).name == "gray"
 
 
 def test_blurred_noisy_and_faded_images():

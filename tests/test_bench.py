@@ -91,19 +91,40 @@ def quality(metrics):
 # -- suites and methods ------------------------------------------------------------------------------------
 def test_shapes_suite_is_deterministic_with_unboxed_objects():
     suite = shapes_suite(8)
-    assert [lay.id for lay in suite] == [f"shapes-{i:04d}" for i in range(8)]
+    assert [lay.id for lay in suite] == [f"shapes-test-{i:04d}" for i in range(8)]
     assert suite == shapes_suite(8)
     assert all(1 <= lay.n_objects <= 3 for lay in suite)
-    assert sum(bool(lay.unboxed) for lay in suite) == 2  # a quarter of the prompts
+    assert sum(bool(lay.unboxed) for lay in suite) == 4  # half of the prompts
     assert all(u in lay.prompt for lay in suite for u in lay.unboxed)
+    assert [lay.id for lay in shapes_suite(2, "val")] == ["shapes-val-0000", "shapes-val-0001"]
+
+
+@pytest.mark.parametrize("name", ["shapes", "shapes-hard"])
+def test_tuning_and_test_splits_come_from_disjoint_seeds(name):
+    """Every built-in suite has a tuning split from other generator seeds than its test split, and the
+    tuning split holds the layouts that earlier defaults were chosen on."""
+    from saltdiff.eval.suites import TUNING_SPLIT, WORLD_SUITES
+    from saltdiff.worlds import shapes
+
+    val, test = load_suite(TUNING_SPLIT[name], 200), load_suite(name, 200)
+    assert {lay.meta["seed"] for lay in val}.isdisjoint({lay.meta["seed"] for lay in test})
+    seeds = shapes.HELDOUT_SPLIT_SEEDS if name == "shapes" else shapes.HARD_HELDOUT_SPLIT_SEEDS
+    assert seeds["val"].stop <= seeds["test"].start  # the whole ranges, not only the first 200
+    for other in (shapes.TRAIN_SEEDS, shapes.VAL_SEEDS):
+        assert all(r.stop <= other.start or other.stop <= r.start for r in seeds.values())
+    assert {WORLD_SUITES[name][1], WORLD_SUITES[TUNING_SPLIT[name]][1]} == {"test", "val"}
+    # every layout of the shapes suites' splits: at least 40 % name an object without a box
+    if name == "shapes":
+        for suite in (val, test):
+            assert sum(bool(lay.unboxed) for lay in suite) >= 0.4 * len(suite)
 
 
 def test_shapes_suite_names_backgrounds_and_unboxed_objects():
-    """About 60 % of the prompts name the background, at least 25 % an object without a box."""
+    """About 60 % of the prompts name the background, half an object without a box."""
     suite = shapes_suite(200)
     named = [lay for lay in suite if lay.background is not None]
-    assert 0.5 <= len(named) / len(suite) <= 0.7  # 111 of 200
-    assert sum(bool(lay.unboxed) for lay in suite) >= 0.25 * len(suite)
+    assert 0.5 <= len(named) / len(suite) <= 0.7  # 115 of 200
+    assert sum(bool(lay.unboxed) for lay in suite) == 0.5 * len(suite)
     for lay in suite:
         scene_bg = lay.meta["scene_background"]
         if lay.background is None:
@@ -264,20 +285,31 @@ def test_bench_outputs_match_schema(clean_run):
         assert m["identical_seed_pairs"] is None and m["seed_pairs"] == 0
         assert records[0]["background_named"] == "gray" and records[1]["background_named"] is None
         for r in records:
-            assert r["background_found"] in ("white", "light gray", "gray", "dark gray", "beige")
+            assert r["background_found"] in ("white", "light gray", "gray", "dark gray", "beige", "unknown")
             assert isinstance(r["prompt_ok"], bool)
+            assert r["extra_objects"] == len(r["extra_labels"]) >= 0
+        assert m["extra_objects"] == sum(r["extra_objects"] for r in records) / 2
+        assert m["extra_share"] == sum(r["extra_objects"] > 0 for r in records) / 2
+        # intervals over layouts, holding the point value; the two layouts split by unboxed objects
+        for key in ("miou", "map50", "prompt_accuracy", "extra_objects"):
+            low, high = m[f"{key}_ci"]
+            assert low <= m[key] + 1e-9 and m[key] <= high + 1e-9, (name, key)
+        assert set(m["by_unboxed"]) == {"no", "yes"}
+        assert m["by_unboxed"]["yes"]["n_images"] == 1 and m["by_unboxed"]["yes"]["miou"] == records[1]["iou"]
+        assert m["by_unboxed"]["no"]["miou"] == records[0]["iou"]
         assert records[1]["background_ok"] is None
         assert isinstance(records[0]["background_ok"], bool)
     with open(clean_run / "results.csv") as fh:
         rows = list(csv.DictReader(fh))
     assert len(rows) == 2 * 3
-    assert {"background_ok", "prompt_ok"} <= set(rows[0])
+    assert {"background_ok", "prompt_ok", "extra_objects"} <= set(rows[0])
     assert {(r["method"], r["layout_id"]) for r in rows} == {
         (m, i) for m in METHODS.split(",") for i in ("line-0", "tri")
     }
     report = (clean_run / "report.md").read_text()
     assert "| salt |" in report and "plots/losses.png" in report
-    assert "| bg acc. | prompt acc. | seed div. |" in report and "no pairs to compare" in report
+    assert "| bg acc. | prompt acc. | extra obj. | seed div. |" in report and "no pairs to compare" in report
+    assert "95 % bootstrap intervals over layouts" in report and ", with unboxed |" in report
     for f in (
         "plots/metrics_by_method.png",
         "plots/by_object_count.png",
@@ -334,6 +366,30 @@ def test_rerun_skips_finished_records(clean_run, tiny_pipe_dir, layouts_file):
     assert after == before  # finished records untouched
     assert (clean_run / "records" / "salt" / "line-0_s0.json").is_file()  # the missing one redone
     assert quality(json.loads((clean_run / "metrics.json").read_text())) == quality(metrics)
+
+
+def test_rescore_scores_finished_images_again(clean_run, tiny_pipe_dir, layouts_file, tmp_path):
+    """--rescore re-runs the detector and the metric definitions on the saved images, and leaves the
+    generation fields alone: a record scored under an older definition comes back as a fresh one."""
+    import shutil
+
+    run = tmp_path / "rescored"
+    shutil.copytree(clean_run, run)
+    path = run / "records" / "salt" / "tri_s0.json"
+    fresh = json.loads(path.read_text())
+    stale = dict(fresh, prompt_ok=not fresh["prompt_ok"], box_ious=[0.0], seconds=123.0)
+    del stale["extra_objects"]
+    path.write_text(json.dumps(stale))
+    before = os.stat(run / "images" / "salt" / "tri_s0.png").st_mtime_ns
+    assert main([*bench_args(layouts_file, tiny_pipe_dir, run), "--rescore", "--bootstrap", "0"]) == 0
+    again = json.loads(path.read_text())
+    assert {k: again[k] for k in ("prompt_ok", "box_ious", "extra_objects", "detections")} == {
+        k: fresh[k] for k in ("prompt_ok", "box_ious", "extra_objects", "detections")
+    }
+    assert again["seconds"] == 123.0  # generation fields kept
+    assert os.stat(run / "images" / "salt" / "tri_s0.png").st_mtime_ns == before  # no image redone
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["bootstrap"] == 0 and "miou_ci" not in metrics["methods"]["salt"]
 
 
 def test_resume_refuses_other_settings(clean_run, tiny_pipe_dir, layouts_file, capsys):

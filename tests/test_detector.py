@@ -110,3 +110,29 @@ def test_box_iou_and_match():
     assert match_detections(dets, "red circle").score == 0.9
     assert match_detections(dets, "red circle", (0.6, 0.6, 0.9, 0.9)).score == 0.5
     assert match_detections(dets, "blue square") is None
+
+
+def _blob(mask: np.ndarray, color=(225, 30, 30), background=245) -> np.ndarray:
+    img = np.full(mask.shape + (3,), background, dtype=np.uint8)
+    img[mask] = color
+    return img
+
+
+def test_blobs_far_from_every_shape_are_rejected():
+    """A thin ring and a thin plus sign are red, but no circle, square or triangle: not reported
+    (before the reject option each came out as a "red triangle", a false positive in mAP). The three
+    features cannot tell every blob from a shape: an L still reads as a triangle (distance 3.2)."""
+    yy, xx = np.mgrid[:64, :64]
+    r = np.hypot(yy - 32, xx - 32)
+    ring = (r < 22) & (r > 19)
+    plus = np.zeros((64, 64), bool)
+    plus[30:34, 8:56] = True
+    plus[8:56, 30:34] = True
+    for name, mask in (("ring", ring), ("plus", plus)):
+        img = _blob(mask)
+        assert detect(img) == [], name
+        assert detect(img, max_shape_distance=1e9), name  # found once the reject is off
+    # the same colour as a square of the same extent is reported
+    square = np.zeros((64, 64), bool)
+    square[10:54, 10:54] = True
+    assert [d.label for d in detect(_blob(square))] == ["red square"]

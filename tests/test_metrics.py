@@ -135,8 +135,65 @@ def test_map_ignores_objects_the_prompt_names_without_a_box_but_not_other_extras
     assert perfect == pytest.approx(1.0)
     assert map50(record([right, green], ["green square"]), other) == pytest.approx(perfect)  # asked for
     assert map50(record([right, green], []), other) < 0.9  # not asked for: a false positive
-    # an unboxed phrase that is also boxed in the image does not hide copies of the boxed object
-    assert map50(record([right, copy], ["red circle"]), other) < 0.9
+    # a phrase named once more without a box stands for one more object: one copy is asked for ...
+    assert map50(record([right, copy], ["red circle"]), other) == pytest.approx(perfect)
+    # ... a second is not, and neither is a copy with no unboxed mention
+    copy2 = DetectedBox("red circle", (0.55, 0.55, 0.95, 0.95), 0.8)
+    assert map50(record([right, copy, copy2], ["red circle"]), other) < 0.9
+    assert map50(record([right, copy], []), other) < 0.9
+
+
+def _map_record(dets, boxes, unboxed):
+    return {
+        "width": 64,
+        "height": 64,
+        "boxes": [{"phrase": p, "box": list(b)} for p, b in boxes],
+        "detections": [d.to_dict() for d in dets],
+        "unboxed": list(unboxed),
+    }
+
+
+def _map50(*records):
+    return coco_map(
+        {
+            "width": 64,
+            "height": 64,
+            "targets": [(b["phrase"], b["box"]) for b in r["boxes"]],
+            "detections": map_detections(r),
+        }
+        for r in records
+    )["map50"]
+
+
+def test_map_ignores_only_as_many_unboxed_detections_as_the_prompt_names():
+    """The probes of the numbers issue, by hand. One layout: a red circle boxed at A, "green square"
+    named without a box. A correct image has the red circle at A and one green square elsewhere."""
+    boxes, unboxed = [("red circle", A)], ["green square"]
+    red = DetectedBox("red circle", A, 0.9)
+    green = DetectedBox("green square", B, 0.9)
+    # COCO averages AP over the classes with a target, so a second layout boxes a green square
+    # (found with a low score): green squares nobody asked for are false positives of that class.
+    other = _map_record([DetectedBox("green square", B, 0.1)], [("green square", B)], [])
+    correct = _map_record([red, green], boxes, unboxed)
+    assert _map50(correct, other) == pytest.approx(1.0)
+    # Three confident green squares, one inside the red circle's box: only the best one outside any
+    # other phrase's box is ignored; the other two are false positives ranked above the one true green
+    # square (0.95 > 0.1): green-square AP 1/3, red-circle AP 1, mAP 2/3.
+    extras = [
+        DetectedBox("green square", (0.55, 0.55, 0.95, 0.95), 0.95),
+        DetectedBox("green square", (0.15, 0.15, 0.45, 0.45), 0.95),  # inside the red circle's box
+    ]
+    probe = _map_record([red, green, *extras], boxes, unboxed)
+    assert _map50(probe, other) == pytest.approx(2 / 3, abs=0.01)
+    # The ignored one is the highest-scoring eligible detection: here an extra at 0.95 (not B at 0.9).
+    kept = map_detections(probe)
+    assert sorted(d.box for d in kept if d.label == "green square") == sorted([B, extras[1].box])
+    # The boxed red circle drawn as a green square in its own box: not ignored (it lies inside another
+    # phrase's box), so it is a false positive above the true green square (green-square AP 1/2) and
+    # the red circle is missed (AP 0): mAP 1/4.
+    swapped = _map_record([DetectedBox("green square", A, 0.9)], boxes, unboxed)
+    assert [d.label for d in map_detections(swapped)] == ["green square"]
+    assert _map50(swapped, other) == pytest.approx(0.25, abs=0.01)
 
 
 def test_shapes_detector_interface_on_a_rendered_scene():
@@ -232,6 +289,8 @@ def test_prompt_ok_needs_every_object_on_its_box_and_the_named_background():
         "background_found": "gray",
         "background_ok": True,
         "prompt_ok": True,
+        "extra_objects": 0,
+        "extra_labels": [],
     }
     # Unnamed background: nothing to get wrong, still reported.
     fields = prompt_fields(good, _layout(None), detector(good), shapes=True)
@@ -255,7 +314,51 @@ def test_prompt_ok_needs_every_object_on_its_box_and_the_named_background():
         "background_found": None,
         "background_ok": None,
         "prompt_ok": None,
+        "extra_objects": None,
+        "extra_labels": None,
     }
+
+
+def test_prompt_ok_is_the_exact_set_and_extra_objects_are_counted():
+    """Copies of boxed objects, unasked-for objects and unboxed objects on another phrase's box all
+    break the whole prompt and count as extras; an unboxed object where it is free does not."""
+    from saltdiff.eval.fidelity import prompt_fields
+    from saltdiff.worlds.shapes import SceneObject
+
+    detector = ShapesDetector()
+    red, blue = SceneObject("red", "circle", A), SceneObject("blue", "square", B)
+    free = (0.1, 0.6, 0.35, 0.9)  # on neither box
+
+    def fields(objects, unboxed=()):
+        img = _scene("gray", objects=objects)
+        return prompt_fields(img, _layout("gray", unboxed), detector(img), shapes=True)
+
+    base = fields([red, blue])
+    assert base["prompt_ok"] and base["extra_objects"] == 0
+    # The unboxed green triangle drawn where nothing is boxed: exactly what was asked.
+    ok = fields([red, blue, SceneObject("green", "triangle", free)], ["green triangle"])
+    assert ok["prompt_ok"] and ok["extra_objects"] == 0
+    # A copy of the boxed red circle outside its box.
+    copy = fields([red, blue, SceneObject("red", "circle", free)])
+    assert not copy["prompt_ok"] and copy["extra_objects"] == 1 and copy["extra_labels"] == ["red circle"]
+    # An object the prompt does not name.
+    unasked = fields([red, blue, SceneObject("purple", "triangle", free)])
+    assert not unasked["prompt_ok"] and unasked["extra_labels"] == ["purple triangle"]
+    # The unboxed object named once, drawn twice: one is an extra.
+    twice = fields(
+        [
+            red,
+            blue,
+            SceneObject("green", "triangle", free),
+            SceneObject("green", "triangle", (0.4, 0.6, 0.55, 0.8)),
+        ],
+        ["green triangle"],
+    )
+    assert not twice["prompt_ok"] and twice["extra_objects"] == 1
+    # The unboxed object drawn in the red circle's box instead of the red circle: the red circle is
+    # missing and the triangle, inside another phrase's box, stands for nothing asked.
+    took_box = fields([SceneObject("green", "triangle", A), blue], ["green triangle"])
+    assert not took_box["prompt_ok"] and took_box["extra_labels"] == ["green triangle"]
 
 
 def test_boxes_matched_is_one_to_one():

@@ -151,7 +151,7 @@ def test_heldout_layouts():
     assert layouts == heldout_layouts(40)
     assert heldout_layouts(10) == layouts[:10]
     with_extra = [lay for lay in layouts if lay["unboxed"]]
-    assert len(with_extra) == 10
+    assert len(with_extra) == 20  # EXTRA_UNBOXED_FRACTION = 0.5
     for lay in layouts:
         assert lay["seed"] in HELDOUT_SEEDS
         assert 1 <= len(lay["boxes"]) <= 3
@@ -172,12 +172,13 @@ def test_heldout_layouts():
 
 
 def test_heldout_layouts_are_unchanged_by_the_background_flag():
-    """The benchmark's layouts are pinned: prompts, boxes, unboxed objects, backgrounds and seeds of
-    the first 200 (hash of the dicts as they were before ``background_named`` was added)."""
+    """The layouts earlier defaults were tuned on are pinned, and are the start of the tuning split:
+    prompts, boxes, unboxed objects, backgrounds and seeds of the first 200 with a quarter of them
+    naming an unboxed object (hash of the dicts as they were before ``background_named`` was added)."""
     import hashlib
     import json
 
-    layouts = heldout_layouts(200)
+    layouts = heldout_layouts(200, split="val", extra_unboxed_fraction=0.25)
     for lay in layouts:
         del lay["background_named"]
     digest = hashlib.sha256(json.dumps(layouts, sort_keys=True).encode()).hexdigest()
@@ -291,14 +292,13 @@ def test_shapes_hard_suite_loads_and_uses_the_exact_detector():
 
     assert "shapes-hard" in SUITE_NAMES
     suite = load_suite("shapes-hard", 5)
-    assert [lay.id for lay in suite] == [f"hard-{i:04d}" for i in range(5)]
+    assert [lay.id for lay in suite] == [f"hard-test-{i:04d}" for i in range(5)]
     for lay, d in zip(suite, heldout_hard_layouts(5)):
         assert lay.prompt == d["prompt"] and lay.unboxed == ()
         assert [p for p, _ in lay.boxes] == [b["phrase"] for b in d["boxes"]]
         assert lay.background == d["background"] == lay.meta["scene_background"]
         assert lay.meta["seed"] == d["seed"] and 3 <= lay.n_objects <= 4
     assert len(load_suite("shapes-hard")) == 200
-    assert (
-        resolve_detector_name("auto", suite="shapes-hard", model="runwayml/stable-diffusion-v1-5") == "shapes"
-    )
+    for name in ("shapes-hard", "shapes-hard-val", "shapes-val"):
+        assert resolve_detector_name("auto", suite=name, model="runwayml/stable-diffusion-v1-5") == "shapes"
     assert resolve_detector_name("auto", suite="coco", model="runwayml/stable-diffusion-v1-5") == "owlv2"

@@ -37,6 +37,7 @@ from .. import __version__
 from ..registry import SCHEDULERS
 from .detectors import DetectedBox, make_detector, resolve_detector_name
 from .fidelity import prompt_fields, seed_pairs, summarize_seed_pairs
+from .intervals import N_BOOTSTRAP, metric_intervals
 from .methods import MethodSpec, SharedSettings, build_request, describe
 from .metrics import (
     ClipScorer,
@@ -46,6 +47,7 @@ from .metrics import (
     reset_peak_memory,
     summarize,
     summarize_by_objects,
+    summarize_by_unboxed,
 )
 from .runs import (
     atomic_write,
@@ -108,6 +110,8 @@ class BenchConfig:
     progress: bool = True
     grid_rows: int = 8
     title: str | None = None
+    bootstrap: int = N_BOOTSTRAP
+    rescore: bool = False
 
     def __post_init__(self) -> None:
         if not self.methods:
@@ -127,6 +131,10 @@ class BenchConfig:
             raise ValueError(f"seeds must be distinct non-negative integers, got {seeds}")
         if not self.out:
             raise ValueError("an output folder is required (--out runs/NAME)")
+        if not isinstance(self.bootstrap, int) or self.bootstrap < 0:
+            raise ValueError(
+                f"bootstrap must be a number of resamples >= 0 (0: no intervals), got {self.bootstrap!r}"
+            )
         self.shared.check_applies(self.methods)
 
 
@@ -331,6 +339,24 @@ def generate_record(
     return record, result
 
 
+def _rescore(path: str, out: str, lay: EvalLayout, ctx) -> None:
+    """Score a finished image again with the current detector and metric definitions (the record's
+    generation fields, its time and losses, stay as they were)."""
+    from PIL import Image
+
+    with open(path, encoding="utf-8") as fh:
+        record = json.load(fh)
+    with Image.open(os.path.join(out, record["image"])) as img:
+        image = img.convert("RGB")
+    record.update(evaluate_image(image, lay, ctx["detector"], text_kind=ctx["text_kind"], clip=ctx["clip"]))
+    if record.get("reference"):
+        with Image.open(os.path.join(out, record["reference"])) as img:
+            ref_ious = box_ious(list(lay.boxes), ctx["detector"](img.convert("RGB"), lay.mentioned))
+        record["ref_box_ious"] = _round(ref_ious)
+        record["ref_iou"] = _round(sum(ref_ious) / len(ref_ious)) if ref_ious else None
+    atomic_write(path, json.dumps(record))
+
+
 def run_bench(config: BenchConfig, pipe=None) -> dict | None:
     """Run (or resume) a benchmark; returns the aggregated metrics on the main process, else ``None``.
 
@@ -413,6 +439,8 @@ def run_bench(config: BenchConfig, pipe=None) -> dict | None:
         for lay, seed, method in todo:
             path = record_path(out, method.name, lay.id, seed)
             if os.path.isfile(path):
+                if config.rescore:
+                    _rescore(path, out, lay, ctx)
                 bar.update()
                 continue
             try:
@@ -447,25 +475,40 @@ def aggregate(
     ``metrics.json``: ``{"suite", "model", "n_layouts", "seeds", "methods": {NAME: {"miou", "map50",
     "map50_95", "text_alignment", "ref_iou", "sec_per_image", "peak_mem_mb", "n_images",
     "text_alignment_kind", "unboxed_recall", "background_accuracy", "prompt_accuracy",
-    "seed_diversity", "seed_diversity_image", "identical_seed_pairs", "seed_pairs",
-    "final_layout_loss", "by_objects": {"1": {...}, ...}}}, "steps", "cfg", "detector",
-    "text_alignment"}``. Seed diversity compares the saved images of every pair of seeds of a layout
-    (:mod:`.fidelity`); it is ``None`` with one seed.
+    "seed_diversity", "seed_diversity_image", "identical_seed_pairs", "seed_pairs", "extra_objects",
+    "extra_share", "final_layout_loss", "<metric>_ci": [low, high], "by_objects": {"1": {...}, ...},
+    "by_unboxed": {"no": {...}, "yes": {...}}}}, "steps", "cfg", "detector", "text_alignment",
+    "bootstrap"}``. Seed diversity compares the saved images of every pair of seeds of a layout
+    (:mod:`.fidelity`); it is ``None`` with one seed. ``<metric>_ci``: 95 % bootstrap interval over
+    layouts (``config.bootstrap`` resamples; none with 0), also inside each ``by_unboxed`` group.
     """
     out = config.out
     per_method: dict[str, Any] = {}
     rows = []
     n_objects = {lay.id: lay.n_objects for lay in layouts}
+    has_unboxed = {lay.id: "yes" if lay.unboxed else "no" for lay in layouts}
+
+    def intervals(records, pairs):
+        if not config.bootstrap:
+            return {}
+        return metric_intervals(records, pairs=pairs, n_boot=config.bootstrap)
+
     for method in methods:
         records = load_records(out, layouts, config.seeds, method.name)
         pairs = seed_pairs(out, layouts, config.seeds, method.name)
         summary = summarize(records)
         summary.update(summarize_seed_pairs([p for ps in pairs.values() for p in ps]))
+        summary.update(intervals(records, pairs))
         summary["by_objects"] = summarize_by_objects(records)
         for count, group in summary["by_objects"].items():
             group.update(
                 summarize_seed_pairs([p for i, ps in pairs.items() if str(n_objects[i]) == count for p in ps])
             )
+        summary["by_unboxed"] = summarize_by_unboxed(records)
+        for key, group in summary["by_unboxed"].items():
+            mine = {i: ps for i, ps in pairs.items() if has_unboxed[i] == key}
+            group.update(summarize_seed_pairs([p for ps in mine.values() for p in ps]))
+            group.update(intervals([r for r in records if has_unboxed[r["layout_id"]] == key], mine))
         per_method[method.name] = summary
         for r in records:
             rows.append(
@@ -483,6 +526,7 @@ def aggregate(
                     "background_found": r.get("background_found"),
                     "background_ok": r.get("background_ok"),
                     "prompt_ok": r.get("prompt_ok"),
+                    "extra_objects": r.get("extra_objects"),
                     "seconds": r["seconds"],
                     "peak_mem_mb": r["peak_mem_mb"],
                     "image": r["image"],
@@ -499,6 +543,7 @@ def aggregate(
         "scheduler": config.scheduler,
         "detector": detector,
         "text_alignment": text_kind,
+        "bootstrap": config.bootstrap,
     }
     atomic_write(os.path.join(out, "metrics.json"), json.dumps(_nan_to_none(metrics), indent=2))
     buf = io.StringIO()

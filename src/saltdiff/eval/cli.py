@@ -67,6 +67,17 @@ def _add_run_args(parser: argparse.ArgumentParser) -> None:
         "--coco-min-area", type=float, default=0.02, help="smallest COCO box kept, as a fraction of the image"
     )
     parser.add_argument("--grid-rows", type=int, default=8, help="rows per image grid in the report")
+    parser.add_argument(
+        "--bootstrap",
+        type=int,
+        default=None,
+        help="resamples of the 95%% bootstrap intervals over layouts (default: 1000; 0: no intervals)",
+    )
+    parser.add_argument(
+        "--rescore",
+        action="store_true",
+        help="score the finished images of --out again with the current detector and metric definitions",
+    )
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     add_method_args(parser, choose=False)
 
@@ -110,6 +121,26 @@ def add_bench_parser(subparsers) -> None:
     )
     study.set_defaults(func=cmd_study)
 
+    compare = subparsers.add_parser(
+        "compare",
+        help="compare two methods or two runs on the same layouts (paired bootstrap)",
+        description="Compare B against A on the layouts and seeds both hold: each metric's difference "
+        "with a 95% paired bootstrap interval over layouts, and whether it is beyond noise (the interval "
+        "excludes 0). A and B are RUN:METHOD (or a RUN folder with one method), e.g. "
+        "`saltdiff compare runs/table:sd runs/table:salt` or `saltdiff compare runs/old:salt runs/new:salt`.",
+        formatter_class=HelpFormatter,
+    )
+    compare.add_argument("a", help="RUN:METHOD, the baseline")
+    compare.add_argument("b", help="RUN:METHOD, compared against A")
+    compare.add_argument(
+        "--metrics",
+        default=None,
+        help="comma list (default: miou,map50,prompt_accuracy,extra_objects,background_accuracy,"
+        "unboxed_recall; also text_alignment, extra_share, map50_95, ref_iou)",
+    )
+    compare.add_argument("--bootstrap", type=int, default=1000, help="resamples")
+    compare.set_defaults(func=cmd_compare)
+
 
 def _config(args, methods):
     from .bench import BenchConfig, parse_seeds
@@ -150,6 +181,8 @@ def _config(args, methods):
         dtype=args.dtype,
         progress=not args.quiet,
         grid_rows=args.grid_rows,
+        **({} if args.bootstrap is None else {"bootstrap": args.bootstrap}),
+        rescore=args.rescore,
     )
 
 
@@ -182,6 +215,26 @@ def cmd_bench(args) -> int:
     config = _config(args, parse_methods(args.methods))
     _print_summary(run_bench(config), args.out)
     return 0
+
+
+def cmd_compare(args) -> int:
+    _require_eval_extra("compare")
+    from .intervals import COMPARE_METRICS, compare_table, method_records, paired_difference
+
+    label_a, records_a = method_records(args.a)
+    label_b, records_b = method_records(args.b)
+    metrics = COMPARE_METRICS if args.metrics is None else [m for m in args.metrics.split(",") if m.strip()]
+    if args.metrics is None:  # the default list, less what these records do not have (e.g. no unboxed layout)
+        metrics = [m for m in metrics if m.startswith("map") or _has_metric(records_a, m)]
+    result = paired_difference(records_a, records_b, metrics, n_boot=args.bootstrap)
+    sys.stdout.write(compare_table(label_a, label_b, result) + "\n")
+    return 0
+
+
+def _has_metric(records, metric: str) -> bool:
+    from .metrics import RATIO_METRICS
+
+    return metric in RATIO_METRICS and any(RATIO_METRICS[metric](r) is not None for r in records)
 
 
 def cmd_study(args) -> int:

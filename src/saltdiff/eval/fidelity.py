@@ -4,10 +4,18 @@
 
 * ``background_found``: the background classifier's answer
   (:func:`saltdiff.worlds.background.classify_background`, the layout's boxes left out);
-* ``background_ok``: whether it is the background the prompt names (``None`` when none is named);
-* ``prompt_ok``: every boxed object detected with its label at IoU ≥ 0.5 with its box (one
-  detection per box), every object the prompt names (boxed or not) detected, and the background
-  right when named.
+* ``background_ok``: whether it is the background the prompt names (``None`` when none is named;
+  a background the classifier cannot name, ``"unknown"``, is wrong);
+* ``prompt_ok``: the image holds **exactly** what the prompt asks for (:func:`match_prompt`): every
+  boxed object detected with its label at IoU ≥ 0.5 with its box (one detection per box), every
+  unboxed object as many times as the prompt names it and not inside another phrase's box, the
+  background right when named, and no other object;
+* ``extra_objects``: the detections that match nothing asked for (copies of boxed objects outside
+  their boxes, unboxed objects beyond their count or inside another phrase's box, objects the prompt
+  does not name), and ``extra_labels``, their labels.
+
+A detection lies *inside* a box when at least half of its own area does (which every detection at
+IoU ≥ 0.5 with the box satisfies): an unboxed object drawn in a boxed phrase's place took that box.
 
 **Per pair of seeds of one layout** (:func:`pair_stats`): the share of pixels whose colour differs
 *visibly* between the two images, over the pixels outside every box (``seed_diversity``) and over
@@ -65,6 +73,13 @@ def boxes_matched(
 
     Greedy one-to-one matching, highest IoU first, so two boxes of one phrase need two detections.
     """
+    return _match_boxes(targets, detections, min_iou)[0]
+
+
+def _match_boxes(
+    targets: Sequence[tuple[str, Sequence[float]]], detections: Sequence[DetectedBox], min_iou: float
+) -> tuple[list[bool], set[int]]:
+    """:func:`boxes_matched` and the indices of the detections it used."""
     pairs = sorted(
         (
             (box_iou(d.box, box), t, j)
@@ -82,39 +97,98 @@ def boxes_matched(
         if not matched[t] and j not in used:
             matched[t] = True
             used.add(j)
-    return matched
+    return matched, used
 
 
-def _all_mentioned_found(mentioned: Sequence[str], detections: Sequence[DetectedBox]) -> bool:
-    labels = [d.label for d in detections]
-    return all(labels.count(p) >= list(mentioned).count(p) for p in set(mentioned))
+def inside(det_box: Sequence[float], box: Sequence[float]) -> bool:
+    """Whether at least half of ``det_box``'s area lies inside ``box`` (module docstring)."""
+    ix = max(0.0, min(det_box[2], box[2]) - max(det_box[0], box[0]))
+    iy = max(0.0, min(det_box[3], box[3]) - max(det_box[1], box[1]))
+    area = (det_box[2] - det_box[0]) * (det_box[3] - det_box[1])
+    return area > 0 and ix * iy >= 0.5 * area
+
+
+def allowed_unboxed(
+    targets: Sequence[tuple[str, Sequence[float]]],
+    unboxed: Sequence[str],
+    detections: Sequence[DetectedBox],
+    taken: set[int] = frozenset(),  # type: ignore[assignment]
+) -> list[int]:
+    """Indices of the detections that stand for the prompt's unboxed objects.
+
+    For each unboxed phrase named ``k`` times: its ``k`` highest-scoring detections that are not in
+    ``taken`` (detections matched to boxes) and not inside a box of another phrase. Everything else of
+    that label is a copy nobody asked for.
+    """
+    wanted: dict[str, int] = {}
+    for phrase in unboxed:
+        wanted[phrase] = wanted.get(phrase, 0) + 1
+    chosen: list[int] = []
+    for phrase, count in wanted.items():
+        other_boxes = [box for p, box in targets if p != phrase]
+        candidates = [
+            j
+            for j, d in enumerate(detections)
+            if d.label == phrase and j not in taken and not any(inside(d.box, b) for b in other_boxes)
+        ]
+        candidates.sort(key=lambda j: -detections[j].score)
+        chosen.extend(candidates[:count])
+    return sorted(chosen)
+
+
+def match_prompt(
+    targets: Sequence[tuple[str, Sequence[float]]],
+    unboxed: Sequence[str],
+    detections: Sequence[DetectedBox],
+    min_iou: float = PROMPT_MIN_IOU,
+) -> dict[str, Any]:
+    """Match detections to what the prompt asks for: ``{"boxes_ok": [bool per target],
+    "unboxed_ok": bool, "extra": [indices of detections that match nothing asked for]}``.
+
+    Boxed targets first, one-to-one (:func:`boxes_matched`), then the unboxed objects among the
+    remaining detections (:func:`allowed_unboxed`); the rest are extras.
+    """
+    matched, used = _match_boxes(targets, detections, min_iou)
+    for_unboxed = allowed_unboxed(targets, unboxed, detections, used)
+    wanted = len(unboxed)
+    taken = used | set(for_unboxed)
+    return {
+        "boxes_ok": matched,
+        "unboxed_ok": len(for_unboxed) == wanted,
+        "extra": [j for j in range(len(detections)) if j not in taken],
+    }
 
 
 def prompt_fields(
     image, lay: EvalLayout, detections: Sequence[DetectedBox], *, shapes: bool
 ) -> dict[str, Any]:
-    """``background_named``, ``background_found``, ``background_ok``, ``prompt_ok`` of one image.
+    """``background_named``, ``background_found``, ``background_ok``, ``prompt_ok``, ``extra_objects``,
+    ``extra_labels`` of one image (module docstring).
 
     ``shapes``: whether ``detections`` come from the shapes detector; otherwise all but
-    ``background_named`` are ``None`` (no background classifier, no exact detector for real images).
+    ``background_named`` are ``None`` (no background classifier, and an open-vocabulary detector only
+    looks for the phrases it is given, so it cannot see unrequested objects).
     """
     fields: dict[str, Any] = {
         "background_named": lay.background,
         "background_found": None,
         "background_ok": None,
         "prompt_ok": None,
+        "extra_objects": None,
+        "extra_labels": None,
     }
     if not shapes:
         return fields
     found = classify_background(image, [box for _, box in lay.boxes]).name
     background_ok = None if lay.background is None else found == lay.background
+    match = match_prompt(list(lay.boxes), list(lay.unboxed), detections)
     fields["background_found"] = found
     fields["background_ok"] = background_ok
     fields["prompt_ok"] = (
-        all(boxes_matched(list(lay.boxes), detections))
-        and _all_mentioned_found(lay.mentioned, detections)
-        and background_ok is not False
+        all(match["boxes_ok"]) and match["unboxed_ok"] and background_ok is not False and not match["extra"]
     )
+    fields["extra_objects"] = len(match["extra"])
+    fields["extra_labels"] = [detections[j].label for j in match["extra"]]
     return fields
 
 

@@ -16,6 +16,7 @@ COLUMNS = (
     ("text_alignment", "text align.", "{:.3f}"),
     ("background_accuracy", "bg acc.", "{:.3f}"),
     ("prompt_accuracy", "prompt acc.", "{:.3f}"),
+    ("extra_objects", "extra obj.", "{:.3f}"),
     ("seed_diversity", "seed div.", "{:.3f}"),
     ("ref_iou", "ref IoU", "{:.3f}"),
     ("sec_per_image", "s / image", "{:.2f}"),
@@ -24,19 +25,48 @@ COLUMNS = (
 )
 
 
-def _fmt(value, pattern: str) -> str:
-    return "–" if value is None else pattern.format(value)
+def _fmt(value, pattern: str, ci=None) -> str:
+    if value is None:
+        return "–"
+    text = pattern.format(value)
+    if ci:
+        text += " (" + pattern.format(ci[0]) + "–" + pattern.format(ci[1]) + ")"
+    return text
 
 
 def metrics_table(methods: dict[str, dict], columns=COLUMNS) -> str:
-    """A markdown table: one row per method."""
+    """A markdown table: one row per method; a metric with a bootstrap interval shows it in brackets."""
     head = "| method | " + " | ".join(c[1] for c in columns) + " |"
     sep = "|---|" + "|".join("---:" for _ in columns) + "|"
     rows = [
-        f"| {name} | " + " | ".join(_fmt(m.get(key), pat) for key, _, pat in columns) + " |"
+        f"| {name} | "
+        + " | ".join(_fmt(m.get(key), pat, m.get(f"{key}_ci")) for key, _, pat in columns)
+        + " |"
         for name, m in methods.items()
     ]
     return "\n".join([head, sep, *rows])
+
+
+#: Columns of the table split by "the prompt names an object without a box".
+UNBOXED_COLUMNS = (
+    ("miou", "mIoU", "{:.3f}"),
+    ("map50", "mAP@0.5", "{:.3f}"),
+    ("prompt_accuracy", "prompt acc.", "{:.3f}"),
+    ("extra_objects", "extra obj.", "{:.3f}"),
+    ("extra_share", "images with extras", "{:.3f}"),
+    ("background_accuracy", "bg acc.", "{:.3f}"),
+    ("n_images", "images", "{}"),
+)
+
+
+def by_unboxed_table(methods: dict[str, dict]) -> str:
+    """One row per method and group (layouts that name an unboxed object or not), with intervals."""
+    rows = {
+        f"{name}, {'with' if key == 'yes' else 'no'} unboxed": group
+        for name, m in methods.items()
+        for key, group in m.get("by_unboxed", {}).items()
+    }
+    return metrics_table(rows, UNBOXED_COLUMNS)
 
 
 def by_objects_table(methods: dict[str, dict], key: str = "miou") -> str:
@@ -223,6 +253,11 @@ def write_report(config, metrics: dict, layouts: Sequence, methods: Sequence, de
         f"{metrics['n_layouts']} layouts × seeds {metrics['seeds']}, {metrics['steps']} steps "
         f"({metrics.get('scheduler', 'ddim')}), CFG {metrics['cfg']}, detector `{metrics['detector']}`.",
         f"Text alignment: {text_note}. ref IoU: the detector on the reference image (spatial-aware init only).",
+        (
+            f"In brackets: 95 % bootstrap intervals over layouts ({metrics['bootstrap']} resamples)."
+            if metrics.get("bootstrap")
+            else "No intervals (--bootstrap 0)."
+        ),
         "",
         metrics_table(per),
         "",
@@ -242,13 +277,22 @@ def write_report(config, metrics: dict, layouts: Sequence, methods: Sequence, de
             + ", ".join(f"{n} {v:.3f}" for n, v in unboxed.items()),
             "",
         ]
+    if any(len(m.get("by_unboxed", {})) > 1 for m in per.values()):
+        lines += [
+            "## Layouts that name an object without a box, and the others",
+            "",
+            by_unboxed_table(per),
+            "",
+        ]
     if any(m.get("prompt_accuracy") is not None for m in per.values()):
         lines += [
             "## Prompt accuracy by number of boxed objects",
             "",
-            "Share of images where every boxed object is found with its colour and shape at IoU ≥ 0.5, "
-            "every unboxed object is found, and the background is the named one (bg acc.: over the "
-            "prompts that name a background).",
+            "Share of images that hold exactly what the prompt asks for: every boxed object found with its "
+            "colour and shape at IoU ≥ 0.5 with its box (one-to-one), every unboxed object as often as "
+            "named and not inside another phrase's box, the background the named one, and nothing else "
+            "(bg acc.: over the prompts that name a background; extra obj.: detections per image that "
+            "match nothing asked for).",
             "",
             by_objects_table(per, "prompt_accuracy"),
             "",
