@@ -52,12 +52,15 @@ class _FullDiskFile(io.FileIO):
 def full_disk(monkeypatch):
     """``full_disk(budget, skip=0)``: after the next ``skip`` files, every
     :func:`saltdiff.fileio.atomic_write` of the test meets a full disk after ``budget`` bytes (the
-    file's own write raises ``OSError(ENOSPC)``, as the OS's would)."""
+    file's own write raises ``OSError(ENOSPC)``, as the OS's would); ``full_disk(None)`` frees it."""
     from saltdiff import fileio
 
     real = fileio._open_temporary
 
-    def fill(budget: int = 0, skip: int = 0) -> None:
+    def fill(budget: int | None = 0, skip: int = 0) -> None:
+        if budget is None:  # the disk has room again
+            monkeypatch.setattr(fileio, "_open_temporary", real)
+            return
         left = [skip]
 
         def open_temporary(path):

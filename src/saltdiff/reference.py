@@ -305,7 +305,10 @@ class GeneratedObjects:
             for p, obj in zip(batch, outputs):
                 made[p] = obj
                 if paths[p] is not None:
-                    _save_object(paths[p], obj)
+                    try:
+                        _save_object(paths[p], obj)
+                    except OSError as exc:  # a full cache disk costs time later, not this run
+                        logger.warning("object cache entry not saved: %s", exc)
         return [made[p] for p in prompts]
 
     def build(self, objects, prompt, layout, *, height, width, generator) -> ReferenceImage:
