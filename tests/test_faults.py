@@ -63,6 +63,27 @@ def test_layout_save_json_on_a_full_disk(tmp_path, full_disk):
     assert Layout.from_json(path) == Layout.from_pairs(LAYOUT)
 
 
+def test_the_demo_on_a_full_disk_names_the_png_and_leaves_nothing(tiny_pipe, tmp_path, full_disk):
+    from saltdiff.demo.requests import CANVAS_SIZE, run_generation, user_message, validate_request
+
+    canvas = {
+        "image": np.zeros((CANVAS_SIZE, CANVAS_SIZE, 3), dtype=np.uint8),
+        "boxes": [
+            {"label": "red circle", "xmin": 32, "ymin": 128, "xmax": 224, "ymax": 384, "color": (0, 0, 0)}
+        ],
+        "orientation": 0,
+    }
+    req = validate_request(
+        PROMPT, canvas, init="random", num_inference_steps=1, tokenizer=tiny_pipe.tokenizer, guidance="none"
+    )
+    full_disk(0)
+    with pytest.raises(OSError) as info:
+        run_generation(tiny_pipe, req, model="tiny", out_dir=str(tmp_path))
+    message = user_message(info.value)  # what the page shows
+    assert str(tmp_path / "saltdiff-random-seed0.png") in message and "No space left on device" in message
+    assert files(tmp_path) == []
+
+
 # -- the object cache ------------------------------------------------------------------------------
 @pytest.fixture
 def cached_builder(tiny_pipe, tmp_path, monkeypatch):
