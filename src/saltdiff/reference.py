@@ -367,7 +367,7 @@ def _load_object(path: Path) -> GeneratedObject | None:
             type(exc).__name__,
             clip(str(exc)),
         )
-        with contextlib.suppress(FileNotFoundError):  # another run may have removed it first
+        with contextlib.suppress(OSError):  # removed by another run already, or a read-only cache
             path.unlink()
         return None
     return GeneratedObject(image, attention if attention.size else None)

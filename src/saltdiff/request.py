@@ -263,10 +263,10 @@ class GenerationRequest:
     def _from_checked_recipe(cls, recipe: Mapping[str, Any]) -> GenerationRequest:
         if "prompt" not in recipe:
             raise ValueError("field 'prompt' is missing")
-        for name in ("prompt", "init", "reference", "scheduler", *RECIPE_EXTRAS):
+        for name in ("prompt", "init", "scheduler", "saltdiff_version", "dtype"):
             if name in recipe and not isinstance(recipe[name], str):
                 raise ValueError(f"field {name!r} must be a string, got {excerpt(recipe[name])}")
-        for name in ("negative_prompt", "model"):
+        for name in ("negative_prompt", "reference", "model"):
             value = recipe.get(name)
             if value is not None and not isinstance(value, str):
                 raise ValueError(f"field {name!r} must be a string or null, got {excerpt(value)}")

@@ -43,8 +43,9 @@ def image_path(out: str, method: str, layout_id: str, seed: int, suffix: str = "
 
 
 def clean_temporaries(out: str) -> None:
-    """Remove the temporary files a killed run left behind (``NAME.tmp-XXXX``, or ``NAME.tmpPID``
-    from saltdiff before 0.5), anywhere in the run folder."""
+    """Remove the temporary files a killed run left behind, anywhere in the run folder:
+    :func:`~saltdiff.fileio.atomic_write`'s ``NAME.tmp-XXXXXXXX`` and the ``NAME.tmpPID`` of the
+    bench's earlier writer."""
     for folder, _dirs, files in os.walk(out):
         for name in files:
             if is_temporary(name) or re.search(r"\.tmp\d+(\.npz)?$", name):
