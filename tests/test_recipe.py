@@ -44,6 +44,8 @@ def test_a_written_recipe_reads_back(tmp_path, recipe):
     request = GenerationRequest.from_png(path)
     assert request.recipe(height=32, width=32, model="tiny", dtype="float32") == recipe
     assert GenerationRequest.from_png(Image.open(path)).num_inference_steps == 3  # an open image too
+    nulls = png_with(tmp_path, json.dumps({**recipe, "model": None, "reference": None}), "nulls.png")
+    assert GenerationRequest.from_png(nulls).reference == "objects"  # null: the default builder
 
 
 @pytest.mark.parametrize(
