@@ -1,3 +1,5 @@
+import errno
+import io
 import os
 
 import pytest
@@ -26,3 +28,45 @@ def tiny_pipe_dir(tmp_path_factory, tiny_pipe):
     path = tmp_path_factory.mktemp("tiny-sd")
     tiny_pipe.save_pretrained(path)
     return str(path)
+
+
+class _FullDiskFile(io.FileIO):
+    """A new file on a disk with ``budget`` bytes left: a write past them fails with ENOSPC, after
+    writing what fits (as the OS does)."""
+
+    def __init__(self, path: str, budget: int) -> None:
+        super().__init__(path, "xb")
+        self.budget = budget
+
+    def write(self, data) -> int:
+        view = memoryview(data).cast("B")
+        if len(view) > self.budget:
+            super().write(view[: self.budget])
+            self.budget = 0
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        self.budget -= len(view)
+        return super().write(view)
+
+
+@pytest.fixture
+def full_disk(monkeypatch):
+    """``full_disk(budget, skip=0)``: after the next ``skip`` files, every
+    :func:`saltdiff.fileio.atomic_write` of the test meets a full disk after ``budget`` bytes (the
+    file's own write raises ``OSError(ENOSPC)``, as the OS's would); ``full_disk(None)`` frees it."""
+    from saltdiff import fileio
+
+    real = fileio._open_temporary
+
+    def fill(budget: int | None = 0, skip: int = 0) -> None:
+        if budget is None:  # the disk has room again
+            monkeypatch.setattr(fileio, "_open_temporary", real)
+            return
+        left = [skip]
+
+        def open_temporary(path):
+            left[0] -= 1
+            return real(path) if left[0] >= 0 else _FullDiskFile(path, budget)
+
+        monkeypatch.setattr(fileio, "_open_temporary", open_temporary)
+
+    return fill

@@ -392,6 +392,39 @@ def test_rescore_scores_finished_images_again(clean_run, tiny_pipe_dir, layouts_
     assert metrics["bootstrap"] == 0 and "miou_ci" not in metrics["methods"]["salt"]
 
 
+def test_a_damaged_record_is_redone_and_the_metrics_equal_a_clean_run(
+    clean_run, tiny_pipe_dir, layouts_file, caplog, capsys, full_disk
+):
+    metrics = json.loads((clean_run / "metrics.json").read_text())
+    records = load_records(clean_run)
+    victim = clean_run / "records" / "salt" / "tri_s0.json"
+    text = victim.read_text()
+    victim.write_text(text[: len(text) // 2])  # killed while an older saltdiff wrote it in place
+    untouched = clean_run / "records" / "sd" / "tri_s0.json"
+    stamp = os.stat(untouched).st_mtime_ns
+    with caplog.at_level("WARNING", logger="saltdiff"):
+        # Was: exit 2, "Unterminated string starting at: line 1 column 683".
+        assert main(bench_args(layouts_file, tiny_pipe_dir, clean_run)) == 0
+    warnings = [r.getMessage() for r in caplog.records if "bench record" in r.getMessage()]
+    assert len(warnings) == 1 and str(victim) in warnings[0] and warnings[0].endswith("redoing its image")
+    assert os.stat(untouched).st_mtime_ns == stamp
+    assert load_records(clean_run) == records
+    assert quality(json.loads((clean_run / "metrics.json").read_text())) == quality(metrics)
+
+    os.remove(victim)  # a disk full while the record's image is written: nothing half-written is left
+    full_disk(0, skip=1)  # room for config.json only
+    capsys.readouterr()
+    assert main(bench_args(layouts_file, tiny_pipe_dir, clean_run)) == 2
+    err = capsys.readouterr().err
+    assert "images/salt/tri_s0.png" in err and "No space left on device" in err
+    assert not victim.exists()
+    assert not [f for _, _, fs in os.walk(clean_run) for f in fs if ".tmp" in f]
+    full_disk(None)
+    assert main(bench_args(layouts_file, tiny_pipe_dir, clean_run)) == 0
+    assert load_records(clean_run) == records
+    assert quality(json.loads((clean_run / "metrics.json").read_text())) == quality(metrics)
+
+
 def test_resume_refuses_other_settings(clean_run, tiny_pipe_dir, layouts_file, capsys):
     args = bench_args(layouts_file, tiny_pipe_dir, clean_run)
     args[args.index("--steps") + 1] = "3"

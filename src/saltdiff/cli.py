@@ -136,13 +136,20 @@ def cmd_generate(args) -> int:
     if args.overlay:
         stem = os.path.splitext(args.out)[0]
         maps = result.attention_maps[0] if result.attention_maps is not None else None
-        overlay_figure(image, request.layout, maps, result.reference_image).save(stem + "-overlay.png")
-        written.append(stem + "-overlay.png")
+        figure = overlay_figure(image, request.layout, maps, result.reference_image)
+        written.append(save_png(figure, stem + "-overlay.png"))
         if result.reference_image is not None:
-            result.reference_image.save(stem + "-reference.png")
-            written.append(stem + "-reference.png")
+            written.append(save_png(result.reference_image, stem + "-reference.png"))
     sys.stderr.write(f"saltdiff: wrote {', '.join(written)} ({seconds:.1f} s)\n")
     return 0
+
+
+def save_png(image, path: str) -> str:
+    """Write ``image`` as a PNG at ``path`` atomically (never a half-written file); returns ``path``."""
+    from .fileio import atomic_write
+
+    atomic_write(path, lambda fh: image.save(fh, format="PNG"))
+    return path
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -26,11 +26,15 @@ from typing import Any, overload
 
 import torch
 
+from .fileio import atomic_write, excerpt, read_text
+
 __all__ = ["Box", "Layout", "LayoutError", "resolve_phrase_tokens"]
 
 _SPEC_FORM = "'PHRASE=x0,y0,x1,y1' or 'PHRASE#N=x0,y0,x1,y1' (N = 1 for the first occurrence)"
 _BOX_KEYS = {"phrase", "box", "occurrence"}
 _LAYOUT_KEYS = {"boxes", "prompt"}
+#: The largest layout file read: a layout holds at most a prompt's worth of boxes (a few KB).
+MAX_LAYOUT_BYTES = 1_000_000
 
 
 class LayoutError(ValueError):
@@ -52,9 +56,11 @@ class Box:
 
     def __post_init__(self) -> None:
         if not isinstance(self.phrase, str):
-            raise LayoutError(f"box phrase must be a string, got {self.phrase!r}")
+            raise LayoutError(f"box phrase must be a string, got {excerpt(self.phrase)}")
         if not self.phrase.strip():
-            raise LayoutError(f"box phrase must not be empty, got {self.phrase!r} (box {self.box!r})")
+            raise LayoutError(
+                f"box phrase must not be empty, got {excerpt(self.phrase)} (box {excerpt(self.box)})"
+            )
         coords = _coerce_coords(self.box, self.phrase)
         # Normalizing a list to a tuple of floats keeps the dataclass hashable; the values are unchanged.
         object.__setattr__(self, "box", coords)
@@ -62,19 +68,19 @@ class Box:
             isinstance(self.occurrence, bool) or not isinstance(self.occurrence, int) or self.occurrence < 0
         ):
             raise LayoutError(
-                f"occurrence of phrase {self.phrase!r} must be a non-negative integer (0 = first) or None, "
-                f"got {self.occurrence!r}"
+                f"occurrence of phrase {excerpt(self.phrase)} must be a non-negative integer (0 = first) or None, "
+                f"got {excerpt(self.occurrence)}"
             )
         x0, y0, x1, y1 = coords
         bad = [v for v in coords if not 0.0 <= v <= 1.0]
         if bad:
             raise LayoutError(
-                f"box {coords} of phrase {self.phrase!r} lies outside the image: coordinates are normalized "
-                f"to [0, 1], got {bad[0]!r}"
+                f"box {coords} of phrase {excerpt(self.phrase)} lies outside the image: coordinates are normalized "
+                f"to [0, 1], got {excerpt(bad[0])}"
             )
         if x1 <= x0 or y1 <= y0:
             raise LayoutError(
-                f"box {coords} of phrase {self.phrase!r} is empty (zero or negative area): "
+                f"box {coords} of phrase {excerpt(self.phrase)} is empty (zero or negative area): "
                 f"need x0 < x1 and y0 < y1 in (x0, y0, x1, y1)"
             )
 
@@ -138,11 +144,11 @@ class Layout:
 
     def __post_init__(self) -> None:
         if isinstance(self.boxes, (str, bytes, Mapping)) or not isinstance(self.boxes, Iterable):
-            raise LayoutError(f"Layout.boxes must be a sequence of Box, got {self.boxes!r}")
+            raise LayoutError(f"Layout.boxes must be a sequence of Box, got {excerpt(self.boxes)}")
         boxes = tuple(self.boxes)
         for b in boxes:
             if not isinstance(b, Box):
-                raise LayoutError(f"Layout.boxes must hold Box instances, got {b!r}")
+                raise LayoutError(f"Layout.boxes must hold Box instances, got {excerpt(b)}")
         object.__setattr__(self, "boxes", boxes)
         self.validate()
 
@@ -156,7 +162,7 @@ class Layout:
             if key in seen:
                 raise LayoutError(
                     f"duplicate boxes for one token: boxes {seen[key].box} and {b.box} both refer to "
-                    f"occurrence {b.occurrence} of phrase {b.phrase!r}"
+                    f"occurrence {b.occurrence} of phrase {excerpt(b.phrase)}"
                 )
             seen[key] = b
 
@@ -207,7 +213,7 @@ class Layout:
         boxes = []
         for pair in pairs:
             if isinstance(pair, (str, bytes)) or not isinstance(pair, Sequence) or len(pair) != 2:
-                raise LayoutError(f"expected a (phrase, (x0, y0, x1, y1)) pair, got {pair!r}")
+                raise LayoutError(f"expected a (phrase, (x0, y0, x1, y1)) pair, got {excerpt(pair)}")
             phrase, coords = pair
             boxes.append(Box(phrase, coords))
         return cls(tuple(boxes))
@@ -227,26 +233,30 @@ class Layout:
         can carry the prompt its layout was written for; any other key is an error.
         """
         if not isinstance(data, Mapping):
-            raise LayoutError(f"a layout must be a mapping with a 'boxes' list, got {data!r}")
+            raise LayoutError(f"a layout must be a mapping with a 'boxes' list, got {excerpt(data)}")
         unknown = set(data) - _LAYOUT_KEYS
         if unknown:
-            raise LayoutError(f"unknown layout keys {sorted(unknown)}; allowed: {sorted(_LAYOUT_KEYS)}")
+            raise LayoutError(
+                f"unknown layout keys {excerpt(sorted(unknown))}; allowed: {sorted(_LAYOUT_KEYS)}"
+            )
         if "prompt" in data and not isinstance(data["prompt"], str):
-            raise LayoutError(f"layout 'prompt' must be a string, got {data['prompt']!r}")
+            raise LayoutError(f"layout 'prompt' must be a string, got {excerpt(data['prompt'])}")
         entries = data.get("boxes", [])
         if isinstance(entries, (str, bytes, Mapping)) or not isinstance(entries, Sequence):
-            raise LayoutError(f"layout 'boxes' must be a list, got {entries!r}")
+            raise LayoutError(f"layout 'boxes' must be a list, got {excerpt(entries)}")
         boxes = []
         for i, entry in enumerate(entries):
             if not isinstance(entry, Mapping):
-                raise LayoutError(f"layout box #{i} must be a mapping with 'phrase' and 'box', got {entry!r}")
+                raise LayoutError(
+                    f"layout box #{i} must be a mapping with 'phrase' and 'box', got {excerpt(entry)}"
+                )
             missing = {"phrase", "box"} - set(entry)
             if missing:
-                raise LayoutError(f"layout box #{i} {dict(entry)!r} lacks {sorted(missing)}")
+                raise LayoutError(f"layout box #{i} {excerpt(dict(entry))} lacks {sorted(missing)}")
             unknown = set(entry) - _BOX_KEYS
             if unknown:
                 raise LayoutError(
-                    f"layout box #{i} {dict(entry)!r} has unknown keys {sorted(unknown)}; allowed: {sorted(_BOX_KEYS)}"
+                    f"layout box #{i} {excerpt(dict(entry))} has unknown keys {excerpt(sorted(unknown))}; allowed: {sorted(_BOX_KEYS)}"
                 )
             boxes.append(Box(entry["phrase"], entry["box"], entry.get("occurrence")))
         return cls(tuple(boxes))
@@ -261,26 +271,41 @@ class Layout:
 
     @classmethod
     def from_json(cls, path_or_text: str | os.PathLike) -> Layout:
-        """Read a layout from a JSON file path, or from JSON text (a string starting with ``{``)."""
+        """Read a layout from a JSON file path, or from JSON text (a string starting with ``{``).
+
+        A file over :data:`MAX_LAYOUT_BYTES` is refused before it is read; every problem (missing,
+        not UTF-8, not JSON, nested too deeply, not a layout) is one :class:`LayoutError` naming the
+        file and quoting at most a short excerpt.
+        """
         if isinstance(path_or_text, str) and path_or_text.lstrip().startswith("{"):
-            text, source = path_or_text, "JSON text"
+            text, source = path_or_text, "layout JSON text"
+            if len(text) > MAX_LAYOUT_BYTES:
+                raise LayoutError(f"{source} is {len(text)} characters long; at most {MAX_LAYOUT_BYTES}")
         else:
-            source = os.fspath(path_or_text)
+            source = f"layout file {os.fspath(path_or_text)!r}"
             try:
-                with open(source, encoding="utf-8") as f:
-                    text = f.read()
+                text = read_text(path_or_text, what="layout file", max_bytes=MAX_LAYOUT_BYTES)
             except OSError as e:
-                raise LayoutError(f"cannot read layout file {source!r}: {e}") from e
+                raise LayoutError(e.strerror or str(e)) from e
+            except ValueError as e:
+                raise LayoutError(str(e)) from e
         try:
             data = json.loads(text)
         except json.JSONDecodeError as e:
-            raise LayoutError(f"invalid layout {source}: {e}") from e
-        return cls.from_dict(data)
+            raise LayoutError(
+                f"invalid {source}, not JSON: {e.msg} at line {e.lineno} column {e.colno}"
+            ) from None
+        except RecursionError:
+            raise LayoutError(f"{source} is nested too deeply to be a layout (a list of boxes)") from None
+        try:
+            return cls.from_dict(data)
+        except LayoutError as e:
+            raise LayoutError(f"{source}: {e}") from None
 
     def save_json(self, path: str | os.PathLike, prompt: str | None = None) -> None:
-        with open(path, "w", encoding="utf-8") as f:
-            json.dump(self.to_dict(prompt), f, indent=2, ensure_ascii=False)
-            f.write("\n")
+        """Write :meth:`to_dict` as JSON, atomically (a failed write leaves ``path`` as it was)."""
+        text = json.dumps(self.to_dict(prompt), indent=2, ensure_ascii=False) + "\n"
+        atomic_write(path, text)
 
     @staticmethod
     def parse_box_spec(spec: str) -> Box:
@@ -290,30 +315,30 @@ class Layout:
         ``"dog#2=..."`` is the second "dog" (``Box.occurrence == 1``).
         """
         if not isinstance(spec, str):
-            raise LayoutError(f"box spec must be a string of the form {_SPEC_FORM}, got {spec!r}")
+            raise LayoutError(f"box spec must be a string of the form {_SPEC_FORM}, got {excerpt(spec)}")
         phrase, sep, coords_text = spec.rpartition("=")
         if not sep or not phrase.strip():
-            raise LayoutError(f"invalid box spec {spec!r}: expected {_SPEC_FORM}")
+            raise LayoutError(f"invalid box spec {excerpt(spec)}: expected {_SPEC_FORM}")
         occurrence = None
         match = re.fullmatch(r"(.*?)#(\S*)\s*", phrase)
         if match:
             phrase, number = match.group(1), match.group(2)
             if not number.isdigit() or int(number) < 1:
                 raise LayoutError(
-                    f"invalid occurrence {number!r} in box spec {spec!r}: N in 'PHRASE#N' counts from 1"
+                    f"invalid occurrence {excerpt(number)} in box spec {excerpt(spec)}: N in 'PHRASE#N' counts from 1"
                 )
             occurrence = int(number) - 1
         parts = [p.strip() for p in coords_text.split(",")]
         if len(parts) != 4:
             raise LayoutError(
-                f"invalid box spec {spec!r}: expected 4 comma-separated coordinates, got {len(parts)}; "
+                f"invalid box spec {excerpt(spec)}: expected 4 comma-separated coordinates, got {len(parts)}; "
                 f"expected {_SPEC_FORM}"
             )
         try:
             coords = tuple(float(p) for p in parts)
         except ValueError:
             raise LayoutError(
-                f"invalid box spec {spec!r}: coordinates must be numbers; expected {_SPEC_FORM}"
+                f"invalid box spec {excerpt(spec)}: coordinates must be numbers; expected {_SPEC_FORM}"
             ) from None
         return Box(phrase.strip(), coords, occurrence)  # type: ignore[arg-type]
 
@@ -362,9 +387,9 @@ class Layout:
             if clash:  # only reachable with an explicit occurrence
                 other = owner[clash[0]]
                 raise LayoutError(
-                    f"duplicate boxes for one token: box {b.box} of phrase {b.phrase!r} (occurrence "
-                    f"{b.occurrence}) and box {other.box} of phrase {other.phrase!r} both resolve to token "
-                    f"position(s) {clash} in prompt {prompt!r}"
+                    f"duplicate boxes for one token: box {b.box} of phrase {excerpt(b.phrase)} (occurrence "
+                    f"{b.occurrence}) and box {other.box} of phrase {excerpt(other.phrase)} both resolve to token "
+                    f"position(s) {clash} in prompt {excerpt(prompt, 120)}"
                 )
             taken.update(positions)
             owner.update(dict.fromkeys(positions, b))
@@ -389,20 +414,20 @@ def resolve_phrase_tokens(
     Positions returned for an explicit ``occurrence`` may overlap ``exclude``; the caller decides.
     """
     if not isinstance(phrase, str) or not phrase.strip():
-        raise LayoutError(f"phrase must be a non-empty string, got {phrase!r}")
+        raise LayoutError(f"phrase must be a non-empty string, got {excerpt(phrase)}")
     if not isinstance(prompt, str):
-        raise LayoutError(f"prompt must be a string, got {prompt!r}")
+        raise LayoutError(f"prompt must be a string, got {excerpt(prompt, 120)}")
     prompt_ids = list(tokenizer(prompt, add_special_tokens=True, truncation=False).input_ids)
     limit = getattr(tokenizer, "model_max_length", None)
     if limit is not None and limit < 1e9 and len(prompt_ids) > limit:
         raise LayoutError(
             f"prompt is {len(prompt_ids)} tokens long (with start/end tokens), more than the text encoder's "
-            f"limit of {limit}: tokens past the limit are cut off, so phrase {phrase!r} might be lost. "
-            f"Shorten the prompt {prompt!r}"
+            f"limit of {limit}: tokens past the limit are cut off, so phrase {excerpt(phrase)} might be lost. "
+            f"Shorten the prompt {excerpt(prompt, 120)}"
         )
     phrase_ids = list(tokenizer(phrase.strip(), add_special_tokens=False).input_ids)
     if not phrase_ids:
-        raise LayoutError(f"phrase {phrase!r} encodes to no tokens")
+        raise LayoutError(f"phrase {excerpt(phrase)} encodes to no tokens")
 
     special = set(getattr(tokenizer, "all_special_ids", []) or [])
     tokens = tokenizer.convert_ids_to_tokens(prompt_ids)
@@ -422,45 +447,49 @@ def resolve_phrase_tokens(
     ]
     if not matches:
         raise LayoutError(
-            f"phrase {phrase!r} not found in prompt {prompt!r}{_suggest(phrase, prompt)}. "
+            f"phrase {excerpt(phrase)} not found in prompt {excerpt(prompt, 120)}{_suggest(phrase, prompt)}. "
             "A box's phrase must appear in the prompt as whole words"
         )
     if occurrence is not None:
         if isinstance(occurrence, bool) or not isinstance(occurrence, int) or occurrence < 0:
             raise LayoutError(
-                f"occurrence of phrase {phrase!r} must be a non-negative integer, got {occurrence!r}"
+                f"occurrence of phrase {excerpt(phrase)} must be a non-negative integer, got {excerpt(occurrence)}"
             )
         if occurrence >= len(matches):
             raise LayoutError(
-                f"occurrence {occurrence} (0-based; '#{occurrence + 1}' on the command line) of phrase {phrase!r} "
-                f"does not exist: the phrase occurs {len(matches)} time(s) in prompt {prompt!r}"
+                f"occurrence {occurrence} (0-based; '#{occurrence + 1}' on the command line) of phrase {excerpt(phrase)} "
+                f"does not exist: the phrase occurs {len(matches)} time(s) in prompt {excerpt(prompt, 120)}"
             )
         return matches[occurrence]
     for m in matches:
         if not exclude.intersection(m):
             return m
     raise LayoutError(
-        f"duplicate boxes for one token: all {len(matches)} occurrence(s) of phrase {phrase!r} in prompt "
-        f"{prompt!r} are already taken by earlier boxes; repeat the word in the prompt or drop a box"
+        f"duplicate boxes for one token: all {len(matches)} occurrence(s) of phrase {excerpt(phrase)} in prompt "
+        f"{excerpt(prompt, 120)} are already taken by earlier boxes; repeat the word in the prompt or drop a box"
     )
 
 
 # -- helpers ---------------------------------------------------------------------------------------
 def _coerce_coords(coords: Any, phrase: str) -> tuple[float, float, float, float]:
     if isinstance(coords, (str, bytes, Mapping)) or not isinstance(coords, (Sequence, torch.Tensor)):
-        raise LayoutError(f"box of phrase {phrase!r} must be 4 numbers (x0, y0, x1, y1), got {coords!r}")
+        raise LayoutError(
+            f"box of phrase {excerpt(phrase)} must be 4 numbers (x0, y0, x1, y1), got {excerpt(coords)}"
+        )
     values = list(coords.tolist() if isinstance(coords, torch.Tensor) else coords)
     if len(values) != 4:
         raise LayoutError(
-            f"box of phrase {phrase!r} must have 4 coordinates (x0, y0, x1, y1), got {len(values)}: {coords!r}"
+            f"box of phrase {excerpt(phrase)} must have 4 coordinates (x0, y0, x1, y1), got {len(values)}: {excerpt(coords)}"
         )
     out = []
     for v in values:
         if isinstance(v, bool) or not isinstance(v, numbers.Real):
-            raise LayoutError(f"box {coords!r} of phrase {phrase!r} has a non-numeric coordinate {v!r}")
+            raise LayoutError(
+                f"box {excerpt(coords)} of phrase {excerpt(phrase)} has a non-numeric coordinate {excerpt(v)}"
+            )
         if not math.isfinite(v):
             raise LayoutError(
-                f"box {coords!r} of phrase {phrase!r} has a non-finite coordinate {v!r} (NaN/inf)"
+                f"box {excerpt(coords)} of phrase {excerpt(phrase)} has a non-finite coordinate {excerpt(v)} (NaN/inf)"
             )
         out.append(float(v))
     return (out[0], out[1], out[2], out[3])
@@ -468,7 +497,7 @@ def _coerce_coords(coords: Any, phrase: str) -> tuple[float, float, float, float
 
 def _check_size(value: Any, name: str) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise LayoutError(f"{name} must be a positive integer, got {value!r}")
+        raise LayoutError(f"{name} must be a positive integer, got {excerpt(value)}")
 
 
 def _normalize_phrase(phrase: str) -> str:

@@ -9,11 +9,14 @@ the detector on the reference itself.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
 import re
+import zipfile
+import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +28,7 @@ from PIL import Image
 
 from .colors import BACKGROUND_HELP, GENERATED_BACKGROUNDS, SPECIAL_BACKGROUNDS, background_rgb
 from .cutout import border_color_mask, cut_out
+from .fileio import atomic_write, clip
 from .layout import Layout
 from .registry import REFERENCE_BUILDERS, check_fields
 
@@ -283,11 +287,9 @@ class GeneratedObjects:
         made: dict[str, GeneratedObject] = {}
         paths = {p: self._cache_path(objects, p, height, width) for p in unique}
         for p, path in paths.items():
-            if path is not None and path.is_file():
-                data = np.load(path)
-                made[p] = GeneratedObject(
-                    data["image"], data["attention"] if data["attention"].size else None
-                )
+            cached = _load_object(path) if path is not None else None
+            if cached is not None:
+                made[p] = cached
         todo = [p for p in unique if p not in made]
         for start in range(0, len(todo), self.batch_size):
             batch = todo[start : start + self.batch_size]
@@ -303,7 +305,10 @@ class GeneratedObjects:
             for p, obj in zip(batch, outputs):
                 made[p] = obj
                 if paths[p] is not None:
-                    _save_object(paths[p], obj)
+                    try:
+                        _save_object(paths[p], obj)
+                    except OSError as exc:  # a full cache disk costs time later, not this run
+                        logger.warning("object cache entry not saved: %s", exc)
         return [made[p] for p in prompts]
 
     def build(self, objects, prompt, layout, *, height, width, generator) -> ReferenceImage:
@@ -340,11 +345,32 @@ class GeneratedObjects:
 
 
 def _save_object(path: Path, obj: GeneratedObject) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}.npz")
+    """Write one cache entry atomically: a killed run or a full disk never leaves half an entry."""
     attention = np.zeros(0) if obj.attention is None else obj.attention
-    np.savez(tmp, image=obj.image, attention=attention)
-    os.replace(tmp, path)
+    atomic_write(path, lambda fh: np.savez(fh, image=obj.image, attention=attention))
+
+
+def _load_object(path: Path) -> GeneratedObject | None:
+    """The cache entry at ``path``, or ``None`` when there is none. An entry that cannot be read
+    (truncated, not an ``.npz``, the wrong arrays) is removed with one warning, so it is made again."""
+    if not path.is_file():
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            image, attention = data["image"], data["attention"]
+        if image.ndim != 3 or image.shape[-1] != 3 or not np.issubdtype(image.dtype, np.floating):
+            raise ValueError(f"an image of shape {image.shape} ({image.dtype}), not [H, W, 3] floats")
+    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, zlib.error) as exc:
+        logger.warning(
+            "object cache entry %s is unreadable (%s: %s); removing it and generating the object again",
+            path,
+            type(exc).__name__,
+            clip(str(exc)),
+        )
+        with contextlib.suppress(OSError):  # removed by another run already, or a read-only cache
+            path.unlink()
+        return None
+    return GeneratedObject(image, attention if attention.size else None)
 
 
 @dataclass

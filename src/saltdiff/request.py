@@ -11,13 +11,16 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from PIL import Image, PngImagePlugin
+from PIL import Image, PngImagePlugin, UnidentifiedImageError
 
 from . import __version__
+from .fileio import atomic_write, clip, excerpt
 from .guidance import GuidanceConfig
 from .layout import Layout
 from .registry import INITIALIZERS, REFERENCE_BUILDERS, SCHEDULERS, Entry
@@ -25,6 +28,65 @@ from .registry import INITIALIZERS, REFERENCE_BUILDERS, SCHEDULERS, Entry
 RECIPE_KEY = "saltdiff"
 #: Reference-builder params that change where results are stored, not what is generated.
 NON_RECIPE_PARAMS = ("cache", "cache_dir", "batch_size")
+#: The largest height or width a request takes: 16x the largest trained size of any supported model
+#: (1024), far above what ``--force`` is for; a bigger number in a recipe is damage, not a wish.
+MAX_IMAGE_SIDE = 16384
+#: Fields a recipe holds besides the request's own: where and with what it was made.
+RECIPE_EXTRAS = ("saltdiff_version", "model", "dtype")
+#: Every field :meth:`GenerationRequest.recipe` writes and :meth:`GenerationRequest.from_recipe`
+#: reads; ``init_config`` is the one of saltdiff 0.1.0. Any other field is refused when read: a
+#: recipe promises the same image, and a field this version does not know (a newer saltdiff's
+#: setting) could change it, so it is not dropped silently.
+RECIPE_FIELDS = (
+    "prompt",
+    "negative_prompt",
+    "layout",
+    "seed",
+    "steps",
+    "cfg",
+    "scheduler",
+    "height",
+    "width",
+    "init",
+    "init_params",
+    "reference",
+    "reference_params",
+    "guidance",
+    "init_config",
+    *RECIPE_EXTRAS,
+)
+
+
+def check_steps(value: Any, name: str = "num_inference_steps") -> None:
+    """An integer >= 1 (``bool`` and ``2.5`` refused: nothing is rounded)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be an integer >= 1, got {excerpt(value)}")
+
+
+def check_cfg(value: Any, name: str = "guidance_scale") -> None:
+    """A finite number >= 0."""
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not math.isfinite(value)
+        or value < 0
+    ):
+        raise ValueError(f"{name} must be a finite number >= 0, got {excerpt(value)}")
+
+
+def check_seed(value: Any, name: str = "seed") -> None:
+    """A non-negative integer."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{name} must be a non-negative integer, got {excerpt(value)}")
+
+
+def check_side(value: Any, name: str) -> None:
+    """``None`` (the model's size) or an integer in [1, :data:`MAX_IMAGE_SIDE`]; the multiple a model
+    needs is checked by the call, which knows the model."""
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_IMAGE_SIDE:
+        raise ValueError(f"{name} must be an integer in [1, {MAX_IMAGE_SIDE}] or None, got {excerpt(value)}")
 
 
 @dataclass
@@ -69,8 +131,13 @@ class GenerationRequest:
                 f"uses a reference image ({[e.name for e in INITIALIZERS if 'reference' in e.needs]}), "
                 f"not init {self.init!r}"
             )
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
-            raise ValueError(f"seed must be a non-negative integer, got {self.seed!r}")
+        check_seed(self.seed)
+        check_steps(self.num_inference_steps)
+        check_cfg(self.guidance_scale)
+        check_side(self.height, "height")
+        check_side(self.width, "width")
+        if self.negative_prompt is not None and not isinstance(self.negative_prompt, str):
+            raise TypeError(f"negative_prompt must be a string or None, got {excerpt(self.negative_prompt)}")
         SCHEDULERS.get(self.scheduler)
 
     @property
@@ -145,7 +212,13 @@ class GenerationRequest:
         return out
 
     def recipe(self, **extra: Any) -> dict[str, Any]:
-        """Everything needed to make the image again; ``extra`` adds e.g. ``model`` and ``dtype``."""
+        """Everything needed to make the image again; ``extra`` adds ``model`` and ``dtype`` (or sets
+        ``height`` and ``width``): only fields :meth:`from_recipe` reads, so every recipe reads back."""
+        unknown = sorted(set(extra) - set(RECIPE_FIELDS))
+        if unknown:
+            raise ValueError(
+                f"unknown recipe field(s) {unknown}; extras a recipe holds: {list(RECIPE_EXTRAS)}"
+            )
         return {
             "saltdiff_version": __version__,
             "prompt": self.prompt,
@@ -162,8 +235,50 @@ class GenerationRequest:
         }
 
     @classmethod
-    def from_recipe(cls, recipe: Mapping[str, Any]) -> GenerationRequest:
-        """The request a recipe describes (``model``, ``dtype`` and other extras are ignored)."""
+    def from_recipe(cls, recipe: Mapping[str, Any], source: str | None = None) -> GenerationRequest:
+        """The request a recipe describes, checked as the CLI and the call check their arguments.
+
+        ``model``, ``dtype`` and ``saltdiff_version`` are recorded, not part of the request; any field
+        not in :data:`RECIPE_FIELDS` is refused (it could be a newer saltdiff's setting that changes the
+        image). Every problem is one ``ValueError`` naming the field (and ``source``, the file, when
+        given); no value is rounded or converted.
+        """
+        where = "recipe" if source is None else f"recipe of {source!r}"
+        if not isinstance(recipe, Mapping):
+            raise ValueError(f"{where} must be a JSON object, got {excerpt(recipe)}")
+        unknown = sorted(set(recipe) - set(RECIPE_FIELDS))
+        if unknown:
+            version = recipe.get("saltdiff_version")
+            by = f" (written by saltdiff {clip(str(version), 20)}, this is {__version__})" if version else ""
+            raise ValueError(
+                f"{where} has unknown field(s) {excerpt(unknown)}{by}; it may set something this version "
+                f"cannot, so it is not run. Known fields: {', '.join(RECIPE_FIELDS)}"
+            )
+        try:
+            return cls._from_checked_recipe(recipe)
+        except (ValueError, TypeError) as exc:
+            raise ValueError(f"{where}: {exc}") from None
+
+    @classmethod
+    def _from_checked_recipe(cls, recipe: Mapping[str, Any]) -> GenerationRequest:
+        if "prompt" not in recipe:
+            raise ValueError("field 'prompt' is missing")
+        for name in ("prompt", "init", "scheduler", "saltdiff_version", "dtype"):
+            if name in recipe and not isinstance(recipe[name], str):
+                raise ValueError(f"field {name!r} must be a string, got {excerpt(recipe[name])}")
+        for name in ("negative_prompt", "reference", "model"):
+            value = recipe.get(name)
+            if value is not None and not isinstance(value, str):
+                raise ValueError(f"field {name!r} must be a string or null, got {excerpt(value)}")
+        for name in ("layout", "init_params", "reference_params", "guidance", "init_config"):
+            value = recipe.get(name)
+            if value is not None and not isinstance(value, Mapping):
+                raise ValueError(f"field {name!r} must be a JSON object, got {excerpt(value)}")
+        check_steps(recipe.get("steps", 50), "field 'steps'")
+        check_cfg(recipe.get("cfg", 7.5), "field 'cfg'")
+        check_seed(recipe.get("seed", 0), "field 'seed'")
+        check_side(recipe.get("height"), "field 'height'")
+        check_side(recipe.get("width"), "field 'width'")
         init = recipe.get("init", "salt")
         init_params = dict(recipe.get("init_params") or {})
         reference = recipe.get("reference") or "objects"
@@ -172,18 +287,26 @@ class GenerationRequest:
             init_params, reference, reference_params = _legacy_init(init, recipe["init_config"] or {})
         if reference == "image" and not isinstance(reference_params.get("image"), str):
             reference_params["image"] = None
+        try:
+            layout = Layout.from_dict(recipe.get("layout") or {"boxes": []})
+        except ValueError as exc:
+            raise ValueError(f"field 'layout': {exc}") from None
+        try:
+            guidance = GuidanceConfig.from_dict(recipe.get("guidance") or {})
+        except (ValueError, TypeError) as exc:
+            raise ValueError(f"field 'guidance': {exc}") from None
         return cls(
             prompt=recipe["prompt"],
-            layout=Layout.from_dict(recipe.get("layout") or {"boxes": []}),
+            layout=layout,
             init=init,
             init_params=init_params,
             reference=reference,
             reference_params=reference_params if INITIALIZERS.get(init).needs else {},
-            guidance=GuidanceConfig.from_dict(recipe.get("guidance") or {}),
-            num_inference_steps=int(recipe.get("steps", 50)),
-            guidance_scale=float(recipe.get("cfg", 7.5)),
+            guidance=guidance,
+            num_inference_steps=recipe.get("steps", 50),
+            guidance_scale=recipe.get("cfg", 7.5),
             negative_prompt=recipe.get("negative_prompt"),
-            seed=int(recipe.get("seed", 0)),
+            seed=recipe.get("seed", 0),
             scheduler=recipe.get("scheduler", "ddim"),  # not recorded before; the built-in model used DDIM
             height=recipe.get("height"),
             width=recipe.get("width"),
@@ -197,23 +320,66 @@ class GenerationRequest:
 
     @classmethod
     def from_png(cls, path_or_image) -> GenerationRequest:
-        return cls.from_recipe(read_recipe(path_or_image))
+        """The request stored in a PNG that saltdiff wrote (a path or an open image), checked as
+        :meth:`from_recipe` checks; every problem is one ``ValueError`` naming the file."""
+        source = _source_name(path_or_image)
+        return cls.from_recipe(read_recipe(path_or_image), source=source)
 
 
-def write_png(image: Image.Image, path: str, recipe: Mapping[str, Any]) -> None:
-    """Save ``image`` as PNG with ``recipe`` (JSON) in a ``saltdiff`` text chunk."""
+def write_png(image: Image.Image, path: str | os.PathLike, recipe: Mapping[str, Any]) -> None:
+    """Save ``image`` as PNG with ``recipe`` (JSON) in a ``saltdiff`` text chunk, atomically: on a
+    full disk or any error ``path`` keeps what it held and the ``OSError`` names it."""
     info = PngImagePlugin.PngInfo()
     info.add_text(RECIPE_KEY, json.dumps(recipe, sort_keys=True))
-    image.save(path, format="PNG", pnginfo=info)
+    atomic_write(path, lambda fh: image.save(fh, format="PNG", pnginfo=info))
 
 
 def read_recipe(path_or_image) -> dict[str, Any]:
-    """The recipe stored in a PNG written by saltdiff."""
-    image = path_or_image if isinstance(path_or_image, Image.Image) else Image.open(path_or_image)
-    text = getattr(image, "text", {}).get(RECIPE_KEY) or image.info.get(RECIPE_KEY)
+    """The recipe (a JSON object) stored in a PNG written by saltdiff; a path or an open image.
+
+    ``ValueError`` naming the file when it is not an image, not a PNG, has no recipe, or its recipe
+    is not a JSON object; ``OSError`` (naming it) when it cannot be read.
+    """
+    source = _source_name(path_or_image)
+    if isinstance(path_or_image, Image.Image):
+        return _recipe_of(path_or_image, source)
+    try:
+        with Image.open(path_or_image) as image:
+            return _recipe_of(image, source)
+    except UnidentifiedImageError:
+        raise ValueError(
+            f"{source!r} is not an image; a saltdiff recipe is read from the PNG it made"
+        ) from None
+
+
+def _recipe_of(image: Image.Image, source: str) -> dict[str, Any]:
+    kind = image.format or "image"
+    if kind != "PNG" and RECIPE_KEY not in image.info:
+        raise ValueError(
+            f"{source!r} is a {kind} file, which carries no saltdiff recipe: saltdiff stores the recipe "
+            "in the text chunk of the PNG it writes (--out x.png)"
+        )
+    text = getattr(image, "text", {}).get(RECIPE_KEY) if kind == "PNG" else None
+    text = text or image.info.get(RECIPE_KEY)
     if text is None:
-        raise ValueError("this PNG carries no saltdiff recipe")
-    return json.loads(text)
+        raise ValueError(
+            f"{source!r} carries no saltdiff recipe (not made by saltdiff, or its metadata was removed)"
+        )
+    try:
+        recipe = json.loads(text)
+    except (json.JSONDecodeError, RecursionError) as exc:
+        raise ValueError(f"the saltdiff recipe in {source!r} is not valid JSON: {clip(str(exc))}") from None
+    if not isinstance(recipe, dict):
+        raise ValueError(f"the saltdiff recipe in {source!r} must be a JSON object, got {excerpt(recipe)}")
+    return recipe
+
+
+def _source_name(path_or_image) -> str:
+    if isinstance(path_or_image, Image.Image):
+        return getattr(path_or_image, "filename", "") or "the image"
+    if isinstance(path_or_image, (str, os.PathLike)):
+        return os.fspath(path_or_image)
+    return getattr(path_or_image, "name", None) or "the file"
 
 
 def _jsonable(value: Any) -> Any:

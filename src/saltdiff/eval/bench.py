@@ -10,9 +10,11 @@ Layout of a run folder ``OUT``::
     results.csv                    one row per image × method
     report.md, plots/, grids/      the comparison table, plots and image grids
 
-Each image and then its record are written atomically (temporary file + ``os.replace``); a record
-is the proof that an image is done, so a rerun after a crash or ``kill -9`` skips finished images
-and the final metrics equal those of an uninterrupted run.
+Each image and then its record are written atomically (:func:`saltdiff.fileio.atomic_write`:
+temporary file + ``os.replace``); a record is the proof that an image is done, so a rerun after a
+crash or ``kill -9`` skips finished images and the final metrics equal those of an uninterrupted
+run. A record that does not parse (damaged by a disk error or an older saltdiff) is redone, with one
+warning line.
 
 Distributed: under ``accelerate launch`` every process takes layouts ``rank, rank + world, …``
 (:func:`~saltdiff.eval.suites.split_for_process`), writes its own records, and the main process
@@ -34,6 +36,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from .. import __version__
+from ..fileio import atomic_write
 from ..registry import SCHEDULERS
 from .detectors import DetectedBox, make_detector, resolve_detector_name
 from .fidelity import prompt_fields, seed_pairs, summarize_seed_pairs
@@ -50,12 +53,13 @@ from .metrics import (
     summarize_by_unboxed,
 )
 from .runs import (
-    atomic_write,
     clean_temporaries,
+    finished_record,
     image_path,
     jsonable,
     load_records,
     png_bytes,
+    read_json,
     record_path,
 )
 from .suites import EvalLayout, load_suite, split_for_process, suite_fingerprint
@@ -223,8 +227,7 @@ def _check_resume(out: str, current: dict) -> None:
     path = os.path.join(out, "config.json")
     if not os.path.isfile(path):
         return
-    with open(path, encoding="utf-8") as fh:
-        previous = json.load(fh)
+    previous = read_json(path, "run config")
     for key in RESUME_KEYS:
         if previous.get(key, RESUME_DEFAULTS.get(key)) != current.get(key):
             raise ValueError(
@@ -409,8 +412,7 @@ def run_bench(config: BenchConfig, pipe=None) -> dict | None:
         _check_resume(out, run_config)
         clean_temporaries(out)
         if os.path.isfile(os.path.join(out, "config.json")):
-            with open(os.path.join(out, "config.json"), encoding="utf-8") as fh:
-                previous = json.load(fh)
+            previous = read_json(os.path.join(out, "config.json"), "run config")
             run_config["methods"] = {**previous.get("methods", {}), **run_config["methods"]}
         atomic_write(os.path.join(out, "config.json"), json.dumps(run_config, indent=2))
     barrier()
@@ -438,7 +440,7 @@ def run_bench(config: BenchConfig, pipe=None) -> dict | None:
     with bar:
         for lay, seed, method in todo:
             path = record_path(out, method.name, lay.id, seed)
-            if os.path.isfile(path):
+            if finished_record(path):
                 if config.rescore:
                     _rescore(path, out, lay, ctx)
                 bar.update()

@@ -9,6 +9,8 @@ from collections.abc import Sequence
 import numpy as np
 from PIL import Image
 
+from ..fileio import atomic_write
+
 COLUMNS = (
     ("miou", "mIoU", "{:.3f}"),
     ("map50", "mAP@0.5", "{:.3f}"),
@@ -89,6 +91,11 @@ def _plt():
     return plt
 
 
+def save_figure(fig, path: str) -> None:
+    """A matplotlib figure as a PNG at ``path``, written atomically."""
+    atomic_write(path, lambda fh: fig.savefig(fh, format="png", dpi=110))
+
+
 def plot_by_method(methods: dict[str, dict], path: str) -> None:
     plt = _plt()
     names = list(methods)
@@ -105,7 +112,7 @@ def plot_by_method(methods: dict[str, dict], path: str) -> None:
     ax.legend(fontsize=8)
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path)
     plt.close(fig)
 
 
@@ -123,7 +130,7 @@ def plot_by_objects(methods: dict[str, dict], path: str) -> None:
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path)
     plt.close(fig)
 
 
@@ -145,7 +152,7 @@ def plot_losses(curves: dict[str, dict[str, list[float]]], path: str) -> None:
         if ax.lines:
             ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path)
     plt.close(fig)
 
 
@@ -201,8 +208,7 @@ def image_grids(out: str, layouts, seeds, methods, rows_per_grid: int = 8, max_g
         cols = [m.name for m in methods] + (["reference"] if ref_method is not None else [])
         grid = image_grid(rows, row_labels=labels, col_labels=[c[:18] for c in cols])
         path = os.path.join(out, "grids", f"grid_{g:02d}.png")
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        grid.save(path)
+        atomic_write(path, lambda fh, grid=grid: grid.save(fh, format="PNG"))
         paths.append(path)
     return paths
 
@@ -319,6 +325,5 @@ def write_report(config, metrics: dict, layouts: Sequence, methods: Sequence, de
         "",
     ]
     path = os.path.join(out, "report.md")
-    with open(path, "w", encoding="utf-8") as fh:
-        fh.write("\n".join(lines))
+    atomic_write(path, "\n".join(lines))
     return path

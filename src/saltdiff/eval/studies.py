@@ -31,6 +31,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
+from ..fileio import atomic_write
 from .methods import MethodSpec
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -311,6 +312,8 @@ def write_study_report(
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from .report import save_figure
+
     per = metrics["methods"]
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     categorical = study.value_type is str
@@ -342,7 +345,7 @@ def write_study_report(
     fig.suptitle(f"{study.name}: {study.description} (guidance: {loss})", fontsize=9)
     fig.tight_layout()
     plot = os.path.join(config.out, "study.png")
-    fig.savefig(plot, dpi=110)
+    save_figure(fig, plot)
     plt.close(fig)
 
     lines = [
@@ -369,16 +372,11 @@ def write_study_report(
         )
     lines += ["", "![study](study.png)", "", "Full bench report: [report.md](report.md).", ""]
     path = os.path.join(config.out, "study.md")
-    with open(path, "w", encoding="utf-8") as fh:
-        fh.write("\n".join(lines))
-    with open(os.path.join(config.out, "study.json"), "w", encoding="utf-8") as fh:
-        json.dump(
-            {
-                "study": study.name,
-                "loss": loss,
-                "variants": [{"method": v.spec.name, "series": v.series, "x": v.x} for v in variants],
-            },
-            fh,
-            indent=2,
-        )
+    atomic_write(path, "\n".join(lines))
+    summary = {
+        "study": study.name,
+        "loss": loss,
+        "variants": [{"method": v.spec.name, "series": v.series, "x": v.x} for v in variants],
+    }
+    atomic_write(os.path.join(config.out, "study.json"), json.dumps(summary, indent=2))
     return path
