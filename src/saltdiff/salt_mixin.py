@@ -17,6 +17,7 @@ The call's argument checks that need no pipeline are :mod:`saltdiff.call_inputs`
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -37,6 +38,7 @@ from .call_inputs import (
     text_for_tokens,
 )
 from .checkpoints import check_family, check_model_index, resolve_model
+from .colors import GENERATED_BACKGROUNDS, SPECIAL_BACKGROUNDS
 from .components import check_component_dtypes, dtype_keyword
 from .denoising import Denoised, OutsidePrompt, UNetExtras, denoise, step_callback
 from .guidance import GuidanceConfig
@@ -47,6 +49,7 @@ from .object_generator import PipelineObjectGenerator
 from .pipeline_output import SaltOutput
 from .reference import GeneratedObject, boxed_phrases_prompt, strip_phrases
 from .samplers import check_supported, ddim_twin, set_sampler_timesteps
+from .vocabulary import ModelVocabulary, load_vocabulary, warn_unknown_words
 
 logger = logging.getLogger(__name__)
 
@@ -77,13 +80,39 @@ class SaltMixin:
         if not checked:  # a hub id fetched just now: its index is cached now
             check_model_index(path, name, **where, family=family)
         pipe._fit_tokenizers()
+        pipe.model_name = name
+        pipe.model_vocabulary = load_vocabulary(path) if os.path.isdir(str(path)) else None
         return pipe
 
     @classmethod
     def from_pipe(cls, pipeline, **kwargs):
         source = f"the {type(pipeline).__name__} given"
         check_family(type(pipeline).__name__, pipeline.components, source, family=cls._family)
-        return super().from_pipe(pipeline, **kwargs)
+        pipe = super().from_pipe(pipeline, **kwargs)
+        pipe.model_name = getattr(pipeline, "model_name", None)
+        pipe.model_vocabulary = getattr(pipeline, "model_vocabulary", None)
+        return pipe
+
+    #: Where the pipeline came from (``from_pretrained``'s name), and the words its model was trained
+    #: on when its folder lists them (:mod:`saltdiff.vocabulary`; the built-in models do).
+    model_name: str | None = None
+    model_vocabulary: ModelVocabulary | None = None
+
+    def warn_unknown_words(self, prompt: str, init=None) -> str | None:
+        """One warning line for prompt words (and a reference background colour) that this model
+        cannot draw (:func:`saltdiff.vocabulary.warn_unknown_words`); returns it."""
+        reference = getattr(init, "reference", None)
+        background = getattr(reference, "background", None)
+        if background in SPECIAL_BACKGROUNDS or background in GENERATED_BACKGROUNDS:
+            background = None
+        tokenizers = [getattr(self, name, None) for name in ("tokenizer", "tokenizer_2", "tokenizer_3")]
+        return warn_unknown_words(
+            self.model_name or self.config._name_or_path or type(self).__name__,
+            prompt,
+            vocabulary=self.model_vocabulary,
+            tokenizers=tokenizers,
+            background=background,
+        )
 
     # -- inputs --------------------------------------------------------------------------------------
     def check_salt_inputs(
@@ -346,6 +375,7 @@ class SaltMixin:
                 "prompt is empty but the layout has boxes: every boxed phrase must be in the prompt"
             )
         token_indices = self._resolve_tokens(layout, prompt_text)
+        self.warn_unknown_words(prompt_text, init)
         guidance = as_guidance(guidance)
         if len(layout) and guidance.enabled:
             check_supported(self.scheduler)  # guided steps read its alphas_cumprod

@@ -12,7 +12,7 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["PIPELINE_COMPONENTS", "export_pipeline", "load_pretrained_weights"]
+__all__ = ["PIPELINE_COMPONENTS", "export_pipeline", "load_pretrained_weights", "write_vocabulary"]
 
 PIPELINE_COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 
@@ -49,8 +49,30 @@ def export_pipeline(out: Path, vae, text_encoder, tokenizer, unet, scheduler, dt
                 shutil.rmtree(trash)
             os.replace(tmp / name, old)
         os.replace(tmp / "model_index.json", out / "model_index.json")
+        write_vocabulary(out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def shapes_vocabulary() -> dict:
+    """The words and names the shapes world's captions use (:mod:`saltdiff.vocabulary`'s file format)."""
+    from ..worlds.shapes import BACKGROUNDS, COLORS, SHAPES, vocabulary
+
+    return {
+        "words": vocabulary(),
+        "groups": {"colours": list(COLORS), "shapes": list(SHAPES), "backgrounds": list(BACKGROUNDS)},
+    }
+
+
+def write_vocabulary(out: Path) -> None:
+    """Write the model's :data:`saltdiff.vocabulary.VOCABULARY_FILE`: every model trained here learns the
+    shapes world's captions, and nothing else."""
+    import json
+
+    from ..fileio import atomic_write
+    from ..vocabulary import VOCABULARY_FILE
+
+    atomic_write(str(Path(out) / VOCABULARY_FILE), json.dumps(shapes_vocabulary(), indent=1) + "\n")
 
 
 def load_pretrained_weights(unet, text_encoder, folder: str | os.PathLike) -> None:
