@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
-# Reproduce benchmarks/RESULTS.md: the shapes-suite table (N = 200) and the six studies, with the
-# built-in model, on a CPU machine: PROCS processes (default 2) with one thread each; layouts are
-# split by index and the main process merges (set PROCS=1 for a single process).
+# Reproduce benchmarks/RESULTS.md: the shapes-suite table (N = 200, the test split `shapes`) and the
+# studies (the tuning split `shapes-val`: defaults are chosen there only), with the built-in model, on a
+# CPU machine: PROCS processes (default 2) with one thread each; layouts are split by index and the main
+# process merges (set PROCS=1 for a single process).
 #
 #   bash benchmarks/run_shapes.sh [RUNS_DIR] [WHAT...]
-#   WHAT: table hard outside noise feather keep spatial inversion background budget reg sde
+#   WHAT: table val hard outside noise feather keep spatial inversion background budget reg sde
+#   (val: the table's methods on the tuning split; METHODS=sd,random+salt-loss,salt for the three the
+#   acceptance targets need)
 #
 # Every command resumes: rerun the script after a kill and finished images are skipped.
 # The studies spatial … sde in RESULTS.md ran with the first version's init (white reference, no fresh
@@ -24,13 +27,17 @@ if [ "$PROCS" -gt 1 ]; then
 else
     LAUNCH=(python -m saltdiff)
 fi
-COMMON=(--suite shapes --seeds 1 --steps "$STEPS" --device cpu -q ${EXTRA:-})
-TWO=(--suite shapes --seeds 2 --steps "$STEPS" --device cpu -q)   # seed diversity needs two seeds
+# Studies: the tuning split. The table (and hard): the test splits.
+COMMON=(--suite shapes-val --seeds 1 --steps "$STEPS" --device cpu -q ${EXTRA:-})
+TWO=(--suite shapes-val --seeds 2 --steps "$STEPS" --device cpu -q)   # seed diversity needs two seeds
+TABLE=(--suite shapes --seeds 2 --steps "$STEPS" --device cpu -q)
+METHODS=${METHODS:-all}
 FID_N=${FID_N:-40}
 
 for what in $WHAT; do
     case $what in
-        table)      "${LAUNCH[@]}" bench "${TWO[@]}" --n 200 --methods all --out "$RUNS/fidelity-n200" ;;
+        table)      "${LAUNCH[@]}" bench "${TABLE[@]}" --n 200 --methods "$METHODS" --out "$RUNS/fidelity-n200" ;;
+        val)        "${LAUNCH[@]}" bench "${TWO[@]}" --n 200 --methods "$METHODS" --out "$RUNS/val-n200" ;;
         hard)       "${LAUNCH[@]}" bench --suite shapes-hard --seeds 2 --steps "$STEPS" --device cpu -q --n 100 \
                         --methods sd,random+salt-loss,layout-guidance,salt --out "$RUNS/hard-n100" ;;
         outside)    "${LAUNCH[@]}" study outside-prompt "${TWO[@]}" --n 200 --values 0,5,10,15,25 --out "$RUNS/s-outside-n200" ;;
