@@ -134,9 +134,7 @@ def vp_x0_eps(
         return root_a * z - root_1ma * prediction, root_a * prediction + root_1ma * z
     if prediction_type == "sample":
         return prediction, (z - root_a * prediction) / root_1ma
-    raise ValueError(
-        f"VP prediction_type must be epsilon, v_prediction or sample, got {prediction_type!r}"
-    )
+    raise ValueError(f"VP prediction_type must be epsilon, v_prediction or sample, got {prediction_type!r}")
 
 
 def flow_x0_eps(velocity: torch.Tensor, x: torch.Tensor, sigma: Number) -> tuple[torch.Tensor, torch.Tensor]:
@@ -168,9 +166,7 @@ def guided_step_scale(family: str, sigma: Number) -> Number:
     return c_noise**2
 
 
-def vp_inversion_step(
-    z: torch.Tensor, eps: torch.Tensor, sigma: Number, sigma_next: Number
-) -> torch.Tensor:
+def vp_inversion_step(z: torch.Tensor, eps: torch.Tensor, sigma: Number, sigma_next: Number) -> torch.Tensor:
     """One deterministic DDIM step from ``sigma`` to ``sigma_next`` (Song et al. 2021, eq. 12, sigma=0).
 
     ``x0`` is read from ``z`` and the noise estimate ``eps``; the result is
