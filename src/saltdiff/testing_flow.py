@@ -91,6 +91,7 @@ def _trained_t5_tokenizer(words):
         model_writer=model,
         vocab_size=len(vocabulary) + 64,
         hard_vocab_limit=False,
+        character_coverage=1.0,
         model_type="unigram",
         pad_id=0,
         eos_id=1,
