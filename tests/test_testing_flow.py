@@ -73,8 +73,7 @@ def test_sd3_pipeline_runs_and_saves_and_loads(sd3_pipe, tmp_path):
             "scheduler": "FlowMatchEulerDiscreteScheduler",
             "image_encoder": None,
             "feature_extractor": None,
-        }
-        | {},
+        },
     )
     assert loaded.tokenizer_3.unk_token_id not in loaded.tokenizer_3("a red cat").input_ids
     assert sd3_pipe.vae.config.latent_channels == 16 and loaded.scheduler.config.shift == 3.0

@@ -1,0 +1,160 @@
+"""The family contract and the SD3 adapter on tiny real components (against diffusers' own pipeline)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from saltdiff.families import Conditions, FamilyAdapter, check_adapter
+from saltdiff.families.sd3 import SD3Family
+from saltdiff.flow_inversion import flow_invert, inversion_sigmas
+from saltdiff.testing_flow import tiny_sd3_pipeline
+
+LENGTH = 16  # T5 tokens per prompt in these tests
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    pipe = tiny_sd3_pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture(scope="module")
+def adapter(pipe):
+    return SD3Family(pipe, max_sequence_length=LENGTH)
+
+
+def test_sd3_adapter_declares_the_contract(adapter):
+    assert isinstance(adapter, FamilyAdapter)
+    check_adapter(adapter)
+    assert (adapter.name, adapter.noise_family, adapter.size_multiple, adapter.latent_channels) == (
+        "sd3",
+        "flow",
+        4,
+        16,
+    )
+
+
+def test_check_adapter_names_what_is_missing():
+    class NoDenoise:
+        name, noise_family, size_multiple, latent_channels = "x", "flow", 8, 4
+
+    with pytest.raises(ValueError, match="NoDenoise"):
+        check_adapter(NoDenoise())
+
+
+def test_denoise_is_the_velocity_the_pipeline_itself_gets(pipe, adapter):
+    """Recorded inside a real StableDiffusion3Pipeline call (no CFG): the adapter, given the same latent
+    and the scheduler's sigma, returns the same transformer output -- so its timestep is 1000 sigma
+    and its conditions are the pipeline's."""
+    calls = []
+
+    def record(module, args, kwargs, output):
+        calls.append((kwargs["hidden_states"].clone(), kwargs["timestep"].clone(), output[0].clone()))
+
+    handle = pipe.transformer.register_forward_hook(record, with_kwargs=True)
+    try:
+        pipe(
+            "a red cat",
+            height=32,
+            width=32,
+            num_inference_steps=2,
+            guidance_scale=1.0,
+            max_sequence_length=LENGTH,
+            generator=torch.Generator().manual_seed(0),
+            output_type="latent",
+        )
+    finally:
+        handle.remove()
+    conditions = adapter.conditions("a red cat")
+    assert conditions.embeds.shape == (1, 77 + LENGTH, 32) and conditions.pooled.shape == (1, 32)
+    for (latents, timestep, expected), sigma in zip(calls, pipe.scheduler.sigmas):
+        assert float(timestep[0]) == pytest.approx(1000 * float(sigma))
+        with torch.no_grad():
+            velocity = adapter.denoise(latents, float(sigma), conditions)
+        torch.testing.assert_close(velocity, expected, rtol=0, atol=1e-6)
+
+
+def test_denoise_is_a_direct_transformer_call_per_row_sigma(pipe, adapter):
+    torch.manual_seed(0)
+    latents = torch.randn(2, 16, 8, 8)
+    conditions = adapter.conditions(["a red cat", "a blue dog"])
+    sigmas = torch.tensor([0.25, 0.75])
+    with torch.no_grad():
+        got = adapter.denoise(latents, sigmas, conditions)
+        direct = pipe.transformer(
+            hidden_states=latents,
+            timestep=sigmas * 1000,
+            encoder_hidden_states=conditions.embeds,
+            pooled_projections=conditions.pooled,
+        ).sample
+    torch.testing.assert_close(got, direct, rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="1 rows for 2 latents"):
+        adapter.denoise(latents, 0.5, conditions.rows(slice(0, 1)))
+
+
+def test_phrase_tokens_index_clip_and_t5_columns(pipe):
+    # CLIP: <bos> a red cat -> 3; T5: a red cat </s> -> 2, after CLIP's 77 columns
+    assert SD3Family(pipe, max_sequence_length=LENGTH).phrase_tokens("a red cat", "cat") == [3, 77 + 2]
+    assert SD3Family(pipe, text_tokens="clip").phrase_tokens("a red cat", "cat") == [3]
+    assert SD3Family(pipe, text_tokens="t5").phrase_tokens("a red cat", "red cat") == [78, 79]
+    with pytest.raises(ValueError, match="'sd35'"):
+        SD3Family(pipe, text_tokens="sd35")
+
+
+def test_captured_maps_read_the_phrase_columns(adapter):
+    conditions = adapter.conditions("a red cat")
+    tokens = adapter.phrase_tokens("a red cat", "cat")
+    latents = torch.randn(1, 16, 8, 12)
+    assert adapter.attention_layers((8, 12)) == {
+        "transformer_blocks.0.attn": (4, 6),
+        "transformer_blocks.1.attn": (4, 6),
+    }
+    with torch.no_grad(), adapter.capture() as store:
+        adapter.denoise(latents, 0.5, conditions)
+        maps = store.phrase_maps([tokens])
+        columns = store.maps["transformer_blocks.0.attn"][..., tokens].mean(-1)
+    assert maps.shape == (1, 1, 4, 6)
+    assert store.maps["transformer_blocks.0.attn"].shape == (1, 24, 77 + LENGTH)
+    torch.testing.assert_close(store.phrase_maps_per_layer([tokens])[0].flatten(), columns.flatten())
+
+
+def test_flow_inversion_runs_on_the_adapter(pipe, adapter):
+    conditions = adapter.conditions("a red cat")
+    images = torch.rand(1, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        x0 = adapter.encode(images)
+    sigmas = []
+
+    def velocity(x, sigma):
+        sigmas.append(sigma)
+        return adapter.denoise(x, sigma, conditions)
+
+    grid = inversion_sigmas(pipe.scheduler, 3)
+    inverted = flow_invert(velocity, x0, grid, method="midpoint")
+    assert inverted.shape == x0.shape == (1, 16, 16, 16) and torch.isfinite(inverted).all()
+    assert len(sigmas) == 4 and (inverted - x0).abs().mean() > 0.1
+
+
+def test_decode_is_the_pipelines_decode_and_encode_its_inverse_scaling(pipe, adapter):
+    call = dict(height=32, width=32, num_inference_steps=1, guidance_scale=1.0, max_sequence_length=LENGTH)
+    latents = pipe("a cat", generator=torch.Generator().manual_seed(0), output_type="latent", **call).images
+    images = pipe("a cat", generator=torch.Generator().manual_seed(0), output_type="pt", **call).images
+    with torch.no_grad():
+        decoded = adapter.decode(latents)
+        torch.testing.assert_close((decoded / 2 + 0.5).clamp(0, 1), images, rtol=0, atol=1e-5)
+        # encode undoes decode's scaling: decode(encode(x)) is the bare VAE's decode(mean)
+        x = torch.rand(1, 3, 32, 32) * 2 - 1
+        bare = pipe.vae.decode(pipe.vae.encode(x).latent_dist.mean).sample
+        torch.testing.assert_close(adapter.decode(adapter.encode(x)), bare, rtol=0, atol=1e-5)
+
+
+def test_conditions_validate_and_select_rows():
+    with pytest.raises(ValueError, match=r"\(2, 5\)"):
+        Conditions(torch.zeros(2, 5))
+    with pytest.raises(ValueError, match=r"\(3, 4\)"):
+        Conditions(torch.zeros(2, 5, 8), torch.zeros(3, 4))
+    cond = Conditions(torch.arange(2.0).view(2, 1, 1), torch.arange(2.0).view(2, 1))
+    assert cond.rows(slice(1, 2)).embeds.flatten().tolist() == [1.0]
+    assert cond.repeat(2).pooled.flatten().tolist() == [0.0, 0.0, 1.0, 1.0]
