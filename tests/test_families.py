@@ -158,3 +158,32 @@ def test_conditions_validate_and_select_rows():
     cond = Conditions(torch.arange(2.0).view(2, 1, 1), torch.arange(2.0).view(2, 1))
     assert cond.rows(slice(1, 2)).embeds.flatten().tolist() == [1.0]
     assert cond.repeat(2).pooled.flatten().tolist() == [0.0, 0.0, 1.0, 1.0]
+
+
+def test_the_existing_guided_update_works_through_the_seam(adapter):
+    """guidance.guided_update, unchanged, on the SD3 adapter: the joint-attention store feeds
+    layer_losses, the step is scaled by noise.guided_step_scale("flow", sigma), and the loss of
+    moving "cat" into the top-left quarter falls at every iteration (measured 0.819 -> 0.730 -> 0.684
+    at the default step size 30, sigma 0.8)."""
+    from saltdiff.guidance import GuidanceConfig, GuidanceTargets, guided_update
+    from saltdiff.layout import Layout
+    from saltdiff.noise import guided_step_scale
+
+    layout = Layout.from_pairs([("cat", (0.0, 0.0, 0.5, 0.5))])
+    conditions = adapter.conditions("a red cat")
+    targets = GuidanceTargets([adapter.phrase_tokens("a red cat", "cat")], lambda h, w: layout.masks(h, w))
+    config = GuidanceConfig(guidance_steps=1, guidance_iters=3, loss_threshold=0.0)
+    torch.manual_seed(0)
+    latents = torch.randn(1, 16, 8, 8)
+    sigma = 0.8
+    with adapter.capture() as store:
+        result = guided_update(
+            lambda z: adapter.denoise(z, sigma, conditions),
+            latents,
+            store,
+            targets,
+            config,
+            guided_step_scale("flow", sigma),
+        )
+    assert len(result.losses) == 3 and result.losses[0] > result.losses[1] > result.losses[2], result.losses
+    assert not result.skipped and (result.latents - latents).abs().max() > 0.1
