@@ -187,3 +187,11 @@ def test_the_existing_guided_update_works_through_the_seam(adapter):
         )
     assert len(result.losses) == 3 and result.losses[0] > result.losses[1] > result.losses[2], result.losses
     assert not result.skipped and (result.latents - latents).abs().max() > 0.1
+
+
+def test_sd3_schedule_kwargs_give_the_grid_the_pipeline_ran(pipe, adapter):
+    pipe(
+        "a cat", height=32, width=32, num_inference_steps=3, max_sequence_length=LENGTH, output_type="latent"
+    )
+    grid = inversion_sigmas(pipe.scheduler, **adapter.schedule_kwargs(3, (16, 16)))
+    torch.testing.assert_close(grid, pipe.scheduler.sigmas.flip(0))

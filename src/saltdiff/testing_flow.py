@@ -185,8 +185,11 @@ def tiny_sd3_transformer(seed: int = 0, num_layers: int = 2):
     ).eval()
 
 
-def tiny_flux_transformer(seed: int = 0, num_layers: int = 1, num_single_layers: int = 1):
-    """A ``FluxTransformer2DModel``: packed 2x2 x 16 channels (64 in), 2 heads of 16, RoPE axes (4, 6, 6)."""
+def tiny_flux_transformer(
+    seed: int = 0, num_layers: int = 1, num_single_layers: int = 1, guidance_embeds: bool = False
+):
+    """A ``FluxTransformer2DModel``: packed 2x2 x 16 channels (64 in), 2 heads of 16, RoPE axes (4, 6, 6);
+    ``guidance_embeds``: guidance-distilled, as FLUX.1-dev."""
     from diffusers import FluxTransformer2DModel
 
     torch.manual_seed(seed)
@@ -200,6 +203,7 @@ def tiny_flux_transformer(seed: int = 0, num_layers: int = 1, num_single_layers:
         joint_attention_dim=32,
         pooled_projection_dim=32,
         axes_dims_rope=(4, 6, 6),
+        guidance_embeds=guidance_embeds,
     ).eval()
 
 
@@ -236,7 +240,7 @@ def tiny_sd3_components(seed: int = 0) -> dict:
     }
 
 
-def tiny_flux_components(seed: int = 0) -> dict:
+def tiny_flux_components(seed: int = 0, guidance_embeds: bool = False) -> dict:
     """Components of a tiny ``FluxPipeline`` (random weights, real classes).
 
     A CLIP text encoder (pooled width 32) with a CLIP BPE tokenizer, a T5 encoder (width 32 = the
@@ -248,7 +252,7 @@ def tiny_flux_components(seed: int = 0) -> dict:
     from .testing import _clip_text_encoder, tiny_tokenizer
 
     tokenizer, tokenizer_2 = tiny_tokenizer(77), tiny_t5_tokenizer()
-    transformer = tiny_flux_transformer(seed)
+    transformer = tiny_flux_transformer(seed, guidance_embeds=guidance_embeds)
     torch.manual_seed(seed)
     text_encoder = _clip_text_encoder(
         tokenizer, hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2
@@ -282,8 +286,8 @@ def tiny_sd3_pipeline(seed: int = 0):
     return StableDiffusion3Pipeline(**tiny_sd3_components(seed))
 
 
-def tiny_flux_pipeline(seed: int = 0):
+def tiny_flux_pipeline(seed: int = 0, guidance_embeds: bool = False):
     """A plain diffusers ``FluxPipeline`` on tiny random components."""
     from diffusers import FluxPipeline
 
-    return FluxPipeline(**tiny_flux_components(seed))
+    return FluxPipeline(**tiny_flux_components(seed, guidance_embeds=guidance_embeds))

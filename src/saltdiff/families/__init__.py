@@ -1,6 +1,6 @@
 """The model-family seam: what differs between denoisers, behind one declared contract.
 
-A family adapter (one module each: ``sd3`` today; ``unet`` and ``flux`` next) owns everything that
+A family adapter (one module each: ``sd3`` and ``flux`` today; ``unet`` next) owns everything that
 differs between SD 1.x/2.x/XL UNets and flow-matching transformers: how the network is called, what
 it is conditioned on, which text tokens the layout loss reads, which attention can be captured and
 at what token grid, how latents are packed, and which noise family (:mod:`saltdiff.noise`) its
@@ -99,6 +99,11 @@ class FamilyAdapter(Protocol):
     noise_family: str
     size_multiple: int
     latent_channels: int
+
+    def schedule_kwargs(self, num_inference_steps: int, latent_hw: tuple[int, int]) -> dict:
+        """What the family's pipeline passes to ``scheduler.set_timesteps`` (step count or custom sigmas,
+        FLUX's ``mu``): inversion and sampling must run the same grid."""
+        ...
 
     def conditions(self, prompt: str | list[str]) -> Conditions:
         """Encode ``prompt`` (one row per prompt) with every text encoder the network reads."""

@@ -21,6 +21,7 @@ from collections.abc import Sequence
 
 import torch
 
+from ..flow_inversion import dynamic_shift_mu
 from ..joint_attention import capture_joint_attention, joint_attention_layers
 from ..layout import resolve_phrase_tokens
 from . import Conditions
@@ -78,6 +79,16 @@ class SD3Family:
     def clip_length(self) -> int:
         """Tokens of the CLIP part at the front of the text sequence."""
         return int(self.pipe.tokenizer_max_length)
+
+    def schedule_kwargs(self, num_inference_steps: int, latent_hw: tuple[int, int]) -> dict:
+        """What ``StableDiffusion3Pipeline`` passes to ``set_timesteps``: the step count, and ``mu`` for
+        the image's token count when the scheduler shifts dynamically (SD3.5 configs may)."""
+        kwargs: dict = {"num_inference_steps": num_inference_steps}
+        if self.pipe.scheduler.config.get("use_dynamic_shifting"):
+            patch = int(self.transformer.config.patch_size)
+            tokens = (int(latent_hw[0]) // patch) * (int(latent_hw[1]) // patch)
+            kwargs["mu"] = dynamic_shift_mu(self.pipe.scheduler.config, tokens)
+        return kwargs
 
     def conditions(self, prompt: str | list[str]) -> Conditions:
         """``StableDiffusion3Pipeline.encode_prompt`` of ``prompt`` (same prompt for all three encoders)."""
