@@ -279,3 +279,17 @@ def test_a_processor_it_cannot_reproduce_is_refused_by_name(sd3):
                 pass
     finally:
         sd3.set_attn_processor(dict(original))
+
+
+def test_flux_capture_keeps_the_processors_attention_backend(flux):
+    """set_attention_backend configures each processor instance; the capture must dispatch the same way."""
+    processor = flux.attn_processors["transformer_blocks.0.attn.processor"]
+    processor._attention_backend = "native"
+    try:
+        with capture_joint_attention(flux):
+            capture = flux.attn_processors["transformer_blocks.0.attn.processor"]
+            assert isinstance(capture, FluxJointCaptureProcessor) and capture._attention_backend == "native"
+            other = flux.attn_processors["single_transformer_blocks.0.attn.processor"]
+            assert other._attention_backend is None
+    finally:
+        processor._attention_backend = None

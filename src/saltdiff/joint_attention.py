@@ -344,7 +344,11 @@ def _capture_processor(original, store: JointAttentionStore, name: str):
     if type(original) is JointAttnProcessor2_0:
         return SD3JointCaptureProcessor(store, name)
     if type(original) is FluxAttnProcessor:
-        return FluxJointCaptureProcessor(store, name)
+        capture = FluxJointCaptureProcessor(store, name)
+        # set_attention_backend / context parallelism configure the processor instance: keep them
+        capture._attention_backend = getattr(original, "_attention_backend", None)
+        capture._parallel_config = getattr(original, "_parallel_config", None)
+        return capture
     raise ValueError(
         f"layer {name!r} uses {type(original).__name__}; joint-attention capture replaces only "
         "JointAttnProcessor2_0 (SD3) and FluxAttnProcessor (FLUX) -- unfuse QKV, drop IP-Adapters first"
