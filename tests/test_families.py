@@ -222,3 +222,40 @@ def test_sampling_diffusers_pipeline_from_the_inversion_comes_back(pipe, adapter
         ).images
         errors.append(float((back - x0).norm() / x0.norm()))
     assert errors[1] < 0.08 and errors[1] < errors[0] / 3, errors
+
+
+def test_guided_denoiser_is_cfg_in_one_batched_call(pipe, adapter):
+    from saltdiff.families import guided_denoiser
+
+    conditions, negative = adapter.conditions("a red cat"), adapter.conditions("")
+    torch.manual_seed(0)
+    x = torch.randn(1, 16, 8, 8)
+    with torch.no_grad():
+        cond, uncond = adapter.denoise(x, 0.6, conditions), adapter.denoise(x, 0.6, negative)
+        calls = []
+        handle = pipe.transformer.register_forward_pre_hook(
+            lambda m, a, k: calls.append(k["hidden_states"].shape[0]), with_kwargs=True
+        )
+        try:
+            guided = guided_denoiser(adapter, conditions, negative, 4.0)(x, 0.6)
+            plain = guided_denoiser(adapter, conditions)(x, 0.6)
+        finally:
+            handle.remove()
+    torch.testing.assert_close(guided, uncond + 4.0 * (cond - uncond), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(plain, cond, rtol=0, atol=1e-6)
+    assert calls == [2, 1]  # [negative; conditional] in one call, then the conditional row alone
+    with pytest.raises(ValueError, match="needs negative"):
+        guided_denoiser(adapter, conditions, None, 2.0)
+    with pytest.raises(ValueError, match="0.5"):
+        guided_denoiser(adapter, conditions, negative, 0.5)
+
+
+def test_conditions_cat_stacks_rows_and_refuses_mismatched_sequences():
+    a = Conditions(torch.zeros(1, 5, 8), torch.zeros(1, 4))
+    b = Conditions(torch.ones(2, 5, 8), torch.ones(2, 4))
+    both = Conditions.cat(a, b)
+    assert both.batch == 3 and both.pooled[:, 0].tolist() == [0.0, 1.0, 1.0]
+    with pytest.raises(ValueError, match=r"\(5, 8\).*\(6, 8\)"):
+        Conditions.cat(a, Conditions(torch.zeros(1, 6, 8), torch.zeros(1, 4)))
+    with pytest.raises(ValueError, match="pooled"):
+        Conditions.cat(a, Conditions(torch.zeros(1, 5, 8)))

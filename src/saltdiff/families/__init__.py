@@ -36,7 +36,7 @@ import torch
 
 from ..noise import NOISE_FAMILIES
 
-__all__ = ["Conditions", "FamilyAdapter", "check_adapter"]
+__all__ = ["Conditions", "FamilyAdapter", "check_adapter", "guided_denoiser"]
 
 
 @dataclass(frozen=True)
@@ -77,6 +77,22 @@ class Conditions:
         """These rows only (e.g. the conditional half of a classifier-free-guidance batch)."""
         pooled = None if self.pooled is None else self.pooled[index]
         return Conditions(self.embeds[index], pooled, self.extras)
+
+    @staticmethod
+    def cat(*parts: Conditions) -> Conditions:
+        """The rows of ``parts`` stacked in order (a ``[negative; conditional]`` batch); extras from the first.
+
+        Text sequences of different lengths cannot share a batch: ``ValueError`` naming both shapes.
+        """
+        if not parts:
+            raise ValueError("Conditions.cat needs at least one Conditions")
+        shapes = {tuple(p.embeds.shape[1:]) for p in parts}
+        if len(shapes) > 1 or len({p.pooled is None for p in parts}) > 1:
+            raise ValueError(
+                f"cannot stack conditions with embeds {sorted(shapes)} and pooled of mixed presence"
+            )
+        pooled = None if parts[0].pooled is None else torch.cat([p.pooled for p in parts])
+        return Conditions(torch.cat([p.embeds for p in parts]), pooled, parts[0].extras)
 
     def repeat(self, n: int) -> Conditions:
         """Each row repeated ``n`` times in place (one prompt for ``n`` latents)."""
@@ -156,3 +172,30 @@ def check_adapter(adapter) -> None:
         raise ValueError(
             f"{adapter.name}: size_multiple must be a positive int, got {adapter.size_multiple!r}"
         )
+
+
+def guided_denoiser(
+    adapter, conditions: Conditions, negative: Conditions | None = None, guidance_scale: float = 1.0
+):
+    """``(x, sigma) -> prediction`` with classifier-free guidance ``u_neg + g (u_cond - u_neg)`` composed in.
+
+    One network call per evaluation (the ``[negative; conditional]`` rows in one batch), as the
+    pipelines do; with ``guidance_scale`` 1 only the conditional rows run. The result is a plain
+    velocity callable for :func:`saltdiff.flow_inversion.flow_invert` (k-diffusion's
+    ``CFGDenoiser``: guidance by composition, the integrator untouched).
+    """
+    if not isinstance(guidance_scale, (int, float)) or not guidance_scale >= 1.0:
+        raise ValueError(f"guidance_scale must be a number >= 1 (1 = no guidance), got {guidance_scale!r}")
+    if guidance_scale == 1.0:
+        return lambda x, sigma: adapter.denoise(x, sigma, conditions)
+    if negative is None:
+        raise ValueError(f"guidance_scale={guidance_scale} > 1 needs negative conditions")
+    both = Conditions.cat(negative, conditions)
+
+    def denoise(x: torch.Tensor, sigma) -> torch.Tensor:
+        sigma = torch.as_tensor(sigma)
+        out = adapter.denoise(torch.cat([x, x]), sigma.repeat(2) if sigma.ndim else sigma, both)
+        uncond, cond = out.chunk(2)
+        return uncond + guidance_scale * (cond - uncond)
+
+    return denoise
