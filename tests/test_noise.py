@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from diffusers import DDIMScheduler, EulerDiscreteScheduler, FlowMatchEulerDiscreteScheduler
@@ -163,3 +164,19 @@ def test_flow_step_with_the_exact_velocity_of_one_pair_lands_on_its_path():
 def test_bad_family_or_sigma_is_one_line_naming_it(call, match):
     with pytest.raises(ValueError, match=match):
         call()
+
+
+def test_vp_timestep_is_exact_at_training_timesteps_and_eulers_between():
+    scheduler = EulerDiscreteScheduler.from_config(sd_ddim_scheduler().config)
+    alphas = scheduler.alphas_cumprod
+    for t in (0, 1, 500, 999):
+        assert float(N.vp_timestep(N.vp_sigma(alphas[t].double()), alphas)) == pytest.approx(t, abs=1e-4)
+    log_sigmas = torch.log(N.vp_sigma(alphas.double())).numpy()
+    for sigma in (0.05, 1.0, 3.7, 14.0):
+        assert float(N.vp_timestep(sigma, alphas)) == pytest.approx(
+            float(scheduler._sigma_to_t(np.array(sigma), log_sigmas)), abs=1e-3
+        )
+    both = N.vp_timestep(torch.tensor([1.0, 3.7]), alphas)
+    assert both.shape == (2,)
+    with pytest.raises(ValueError, match="100"):
+        N.vp_timestep(100.0, alphas)

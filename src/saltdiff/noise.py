@@ -38,6 +38,7 @@ __all__ = [
     "vp_inversion_step",
     "vp_latent",
     "vp_sigma",
+    "vp_timestep",
     "vp_x0_eps",
 ]
 
@@ -72,6 +73,32 @@ def vp_sigma(alpha_bar: Number) -> Number:
     if isinstance(alpha_bar, torch.Tensor):
         return ((1.0 - alpha_bar) / alpha_bar).sqrt()
     return math.sqrt((1.0 - alpha_bar) / alpha_bar)
+
+
+def vp_timestep(sigma: Number, alphas_cumprod: torch.Tensor) -> torch.Tensor:
+    """The (fractional) discrete timestep of a VP ``sigma``: linear interpolation in ``log sigma``.
+
+    k-diffusion's ``DiscreteSchedule.sigma_to_t`` (diffusers' ``EulerDiscreteScheduler._sigma_to_t``):
+    a VP UNet is trained on integer timesteps, and between two of them the noise level is read
+    log-linearly. Exact at each training timestep's own sigma. A sigma outside the schedule's range
+    (beyond float rounding) is a ``ValueError``, not a clamp.
+    """
+    log_sigmas = torch.log(vp_sigma(alphas_cumprod.double()))  # increasing with t
+    value = torch.as_tensor(sigma, dtype=torch.float64, device=log_sigmas.device)
+    if bool((value <= 0).any()):
+        raise ValueError(f"VP sigma must be > 0 to have a timestep, got {sigma!r}")
+    log_sigma = torch.log(value)
+    low, high = log_sigmas[0], log_sigmas[-1]
+    tol = 1e-6
+    if bool(((log_sigma < low - tol) | (log_sigma > high + tol)).any()):
+        raise ValueError(
+            f"VP sigma {sigma!r} is outside the schedule's [{float(low.exp()):.4g}, {float(high.exp()):.4g}]"
+        )
+    log_sigma = log_sigma.clamp(low, high)  # float rounding only
+    hi = torch.searchsorted(log_sigmas, log_sigma.reshape(-1)).clamp(1, len(log_sigmas) - 1)
+    lo = hi - 1
+    w = (log_sigma.reshape(-1) - log_sigmas[lo]) / (log_sigmas[hi] - log_sigmas[lo])
+    return (lo + w).reshape(log_sigma.shape).float()
 
 
 def coefficients(family: str, sigma: Number) -> tuple[Number, Number]:
