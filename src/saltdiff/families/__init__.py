@@ -1,6 +1,6 @@
 """The model-family seam: what differs between denoisers, behind one declared contract.
 
-A family adapter (one module each: ``sd3`` and ``flux`` today; ``unet`` next) owns everything that
+A family adapter (one module each: ``unet`` for SD 1.x/2.x, ``sd3``, ``flux``; SDXL next) owns everything that
 differs between SD 1.x/2.x/XL UNets and flow-matching transformers: how the network is called, what
 it is conditioned on, which text tokens the layout loss reads, which attention can be captured and
 at what token grid, how latents are packed, and which noise family (:mod:`saltdiff.noise`) its
@@ -20,8 +20,10 @@ Conventions every adapter keeps, so callers never branch on the family:
 - :meth:`~FamilyAdapter.denoise` returns the network's own prediction (flow: the velocity
   ``eps - x0``; VP: epsilon or v per the scheduler's ``prediction_type``); :mod:`saltdiff.noise`
   turns it into ``x0`` / ``eps``.
-- Captured maps are ``[B, image_tokens, T]`` distributions over the text tokens, read through an
-  :class:`~saltdiff.attention.AttentionStore` interface (``phrase_maps_per_layer``), and
+- Captured maps are distributions over the text tokens per image token (joint attention:
+  ``[B, image_tokens, T]``; UNet cross-attention keeps its heads), always read through the
+  :class:`~saltdiff.attention.AttentionStore` interface (``phrase_maps_per_layer``, what
+  ``guidance.layer_losses`` reads), with each layer's grid taken from the call itself;
   :meth:`~FamilyAdapter.phrase_tokens` returns column indices of those maps.
 """
 
