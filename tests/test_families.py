@@ -259,3 +259,15 @@ def test_conditions_cat_stacks_rows_and_refuses_mismatched_sequences():
         Conditions.cat(a, Conditions(torch.zeros(1, 6, 8), torch.zeros(1, 4)))
     with pytest.raises(ValueError, match="pooled"):
         Conditions.cat(a, Conditions(torch.zeros(1, 5, 8)))
+
+
+def test_without_t5_the_phrase_is_read_in_clip_only():
+    """SD3 runs without its T5 encoder (zeros in the T5 columns): 'both' must not point at them."""
+    from diffusers import StableDiffusion3Pipeline
+
+    from saltdiff.testing_flow import tiny_sd3_components
+
+    pipe = StableDiffusion3Pipeline(**{**tiny_sd3_components(), "text_encoder_3": None, "tokenizer_3": None})
+    assert SD3Family(pipe).phrase_tokens("a red cat", "cat") == [3]
+    with pytest.raises(ValueError, match="text_encoder_3=None"):
+        SD3Family(pipe, text_tokens="t5")
