@@ -381,8 +381,8 @@ def capture_joint_attention(
         key = name + _PROCESSOR_SUFFIX
         replaced[key] = _capture_processor(original[key], store, name)
     handle = transformer.register_forward_pre_hook(_grid_hook(store, transformer), with_kwargs=True)
-    transformer.set_attn_processor(dict(replaced))
     try:
+        transformer.set_attn_processor(dict(replaced))
         yield store
     finally:
         handle.remove()
