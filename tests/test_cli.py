@@ -210,3 +210,21 @@ def test_too_few_sampling_steps_for_the_inversion_is_one_line_that_says_what_to_
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "use inversion_steps <= 3 (--inversion-steps) or more sampling steps" in err[0]
     assert main([*args, "--steps", "3", "--inversion-steps", "3", "--out", out]) == 0
+
+
+@pytest.mark.parametrize(("steps", "depth"), [(1, 1), (4, 4), (6, 5)])
+def test_short_runs_work_by_default_and_the_recipe_records_the_inversion_depth(
+    tiny_pipe_dir, tmp_path, steps, depth
+):
+    from saltdiff.request import GenerationRequest
+
+    args = [*BASE[: BASE.index("--steps")], *BASE[BASE.index("--height") :], "--model", tiny_pipe_dir]
+    out = tmp_path / "short.png"
+    assert main([*args, "--steps", str(steps), "--out", str(out)]) == 0
+    recipe = read_recipe(str(out))
+    assert recipe["steps"] == steps and recipe["init_params"]["inversion_steps"] == depth
+    again = tmp_path / "again.png"  # the recipe's explicit depth makes the same image
+    request = GenerationRequest.from_png(str(out))
+    assert request.init_params["inversion_steps"] == depth
+    assert main([*args, "--steps", str(steps), "--inversion-steps", str(depth), "--out", str(again)]) == 0
+    assert Image.open(out).tobytes() == Image.open(again).tobytes()

@@ -156,7 +156,10 @@ def test_validate_request_compare_runs_random_then_salt_with_the_same_seed():
 
 
 def test_the_page_defaults_and_choices_come_from_the_registry():
-    assert CONTROL_DEFAULTS["inversion_steps"] == INITIALIZERS.get("salt").param("inversion_steps").default
+    # the page's "automatic" inversion depth is the registry's unset default (it follows the steps)
+    assert INITIALIZERS.get("salt").param("inversion_steps").default is None
+    auto = validate_request(PROMPT, two_boxes(), inversion_steps=CONTROL_DEFAULTS["inversion_steps"])
+    assert "inversion_steps" not in auto.generation.init_params
     objects = REFERENCE_BUILDERS.get("objects")
     assert CONTROL_DEFAULTS["object_steps"] == objects.param("num_inference_steps").default
     assert CONTROL_DEFAULTS["background"] == objects.param("background").default
@@ -181,7 +184,8 @@ def test_the_page_defaults_and_choices_come_from_the_registry():
         ({"num_inference_steps": 0}, ValueError, "steps must be an integer"),
         ({"num_inference_steps": 2.5}, ValueError, "steps must be an integer"),
         ({"inversion_steps": 1000}, ValueError, "inversion steps"),
-        ({"inversion_steps": 0}, ValueError, "inversion steps"),
+        ({"inversion_steps": -1}, ValueError, "inversion steps"),
+        ({"inversion_steps": 2.5}, ValueError, "inversion steps"),
         ({"seed": -1}, ValueError, "seed"),
         ({"guidance_scale": float("inf")}, ValueError, "CFG scale"),
         ({"object_steps": 0}, ValueError, "object steps"),
@@ -558,3 +562,12 @@ def test_the_sampler_is_a_registered_name_and_the_demo_flag_sets_the_page_defaul
     page = build_app(tiny_pipe, model_name="tiny", defaults={"scheduler": args.scheduler})
     controls = {c.elem_id: c for c in page.blocks.values() if getattr(c, "elem_id", None)}
     assert controls["scheduler"].value == "euler-a"
+
+
+def test_the_automatic_inversion_depth_follows_the_steps_into_the_png_recipe(tiny_pipe, tmp_path):
+    fast = {**FAST, "num_inference_steps": 3, "inversion_steps": CONTROL_DEFAULTS["inversion_steps"]}
+    req = validate_request(PROMPT, two_boxes(), tokenizer=tiny_pipe.tokenizer, **fast)
+    result = run_generation(tiny_pipe, req, model="tiny", out_dir=str(tmp_path))
+    # 5 inversion steps cannot end at the 3-step sampler's first timestep (667): 3 do
+    assert read_recipe(result.png_path)["init_params"]["inversion_steps"] == 3
+    assert result.runs[-1].output.info["inversion_steps"] == 3

@@ -84,6 +84,42 @@ def test_salt_init_returns_reference_and_inverts_to_sampler_start(tiny_pipe):
     assert sampler_start_timestep(tiny_pipe.scheduler, 4) == int(tiny_pipe.scheduler.timesteps[0])
 
 
+@pytest.mark.parametrize(("steps", "depth"), [(1, 1), (2, 2), (3, 3), (4, 4), (5, 5), (25, 5)])
+def test_unset_inversion_steps_follow_the_sampling_steps(tiny_pipe, steps, depth):
+    from saltdiff.testing import UNetCalls
+
+    # SD's "leading" 4-step sampler starts at 751, too low for 5 inversion steps of 200: 4 of 250
+    reference = Image.new("RGB", (32, 32), (128, 128, 128))
+    with UNetCalls(tiny_pipe.unet) as calls:
+        out = tiny_pipe(
+            PROMPT,
+            LAYOUT,
+            reference_image=reference,
+            guidance="none",
+            seed=0,
+            output_type="np",
+            **{**FAST, "num_inference_steps": steps},
+        )
+    assert out.info["inversion_steps"] == depth
+    assert len(calls.calls) == depth + steps  # the inversion ran that deep, then sampling
+    explicit = SpatialAwareInit(reference=UserImages(image=reference), inversion_steps=depth + 1)
+    if steps < 5:  # an explicit depth that cannot end at the first timestep keeps its one-line error
+        with pytest.raises(ValueError, match=f"inversion_steps={depth + 1} cannot end .* <= {depth} "):
+            tiny_pipe(PROMPT, LAYOUT, init=explicit, **{**FAST, "num_inference_steps": steps})
+
+
+@pytest.mark.parametrize("spacing", ["leading", "trailing", "linspace"])
+@pytest.mark.parametrize("steps", [10, 25, 50])
+def test_the_default_inversion_depth_is_5_at_usual_step_counts(tiny_pipe, spacing, steps):
+    from diffusers import DDIMScheduler
+
+    from saltdiff.init import DEFAULT_INVERSION_STEPS
+
+    scheduler = DDIMScheduler.from_config(tiny_pipe.scheduler.config, timestep_spacing=spacing)
+    assert SpatialAwareInit().depth(scheduler, steps) == DEFAULT_INVERSION_STEPS == 5
+    assert SpatialAwareInit(inversion_steps=2).depth(scheduler, steps) == 2
+
+
 def test_user_reference_image(tiny_pipe, tmp_path):
     ref = Image.new("RGB", (64, 64), (128, 128, 128))
     path = tmp_path / "ref.png"

@@ -124,6 +124,7 @@ def cmd_generate(args) -> int:
         raise CliError(f"output folder {out_dir!r} does not exist")
     pipe = load_pipeline(args.model, device=args.device, dtype=args.dtype)  # quiet: no loading bars
     check_image_size(pipe, args.height, args.width, force=args.force)
+    request = request.resolved(pipe.scheduler)  # e.g. the inversion depth --steps allows, for the recipe
     if args.quiet:
         pipe.set_progress_bar_config(disable=True)
     start = time.perf_counter()

@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from PIL import Image, PngImagePlugin
@@ -131,6 +131,26 @@ class GenerationRequest:
         """``pipe(prompt, layout, ...)`` for this request, with its sampler; ``extra`` adds call options."""
         with self.using_scheduler(pipe):
             return pipe(self.prompt, self.layout, **self.pipeline_kwargs(), **extra)
+
+    def resolved(self, scheduler) -> GenerationRequest:
+        """This request with the initializer params it leaves to the sampler filled in, as a run on a
+        model whose scheduler is ``scheduler`` sets them (this request's sampler is built from its
+        config): an unset ``inversion_steps`` becomes the depth :class:`~saltdiff.init.SpatialAwareInit`
+        uses at these steps. Run and save the resolved request, and the recipe records the value used."""
+        from .samplers import make_scheduler, scheduler_name
+
+        init = self.build_init()
+        resolve = getattr(init, "resolved", None)
+        unset = [k for k, v in self.init_entry.resolve(self.init_params).items() if v is None]
+        if resolve is None or not unset:
+            return self
+        if scheduler_name(scheduler) != self.scheduler:
+            scheduler = make_scheduler(self.scheduler, scheduler.config)
+        concrete = resolve(scheduler, self.num_inference_steps)
+        filled = {k: getattr(concrete, k) for k in unset if getattr(concrete, k, None) is not None}
+        if not filled:
+            return self
+        return replace(self, init_params={**self.init_params, **filled})
 
     # -- the recipe ----------------------------------------------------------------------------------
     def method(self) -> dict[str, Any]:

@@ -27,6 +27,7 @@ from .requests import (
     BACKGROUND,
     DEFAULT_STEPS,
     INVERSION_STEPS,
+    INVERSION_STEPS_AUTO,
     MAX_CFG,
     MAX_INVERSION_STEPS,
     MAX_OUTSIDE_PROMPT_STEPS,
@@ -71,7 +72,7 @@ CONTROL_DEFAULTS = {
     "steps": DEFAULT_STEPS,
     "cfg": 7.5,
     "seed": 0,
-    "inversion_steps": INVERSION_STEPS.default,
+    "inversion_steps": INVERSION_STEPS_AUTO,
     "compare": False,
     "object_steps": OBJECT_STEPS.default,
     "background": BACKGROUND.default,
@@ -292,12 +293,12 @@ def build_app(
                         d["seed"], precision=0, minimum=0, maximum=MAX_SEED, label="Seed", elem_id="seed"
                     )
                     inv_steps = gr.Slider(
-                        INVERSION_STEPS.minimum or 1,
+                        INVERSION_STEPS_AUTO,
                         MAX_INVERSION_STEPS,
                         value=d["inversion_steps"],
                         step=1,
                         label="Inversion steps (SALT)",
-                        info=INVERSION_STEPS.help,
+                        info=f"{INVERSION_STEPS_AUTO}: automatic. " + INVERSION_STEPS.help,
                         elem_id="inv-steps",
                     )
                 noise_outside = gr.Slider(
