@@ -319,6 +319,8 @@ class SaltMixin:
             clip_skip: text-encoder layers to skip, as in diffusers.
             reference_image: a whole reference image for ``init="salt"`` (instead of generated objects).
             inversion_steps: override ``SpatialAwareInit.inversion_steps`` for ``init="salt"``.
+            return_dict: ``False`` returns ``(images, nsfw_content_detected)`` as diffusers does; the
+                reference image, latent, losses and maps are on the ``SaltOutput`` only.
             return_attention_maps: also return per-phrase attention maps averaged over steps.
             callback_on_step_end: a function ``(pipe, i, t, tensors) -> dict`` or a diffusers
                 ``PipelineCallback``; ``prompt_embeds`` is diffusers' CFG batch (negative rows first).
@@ -472,8 +474,8 @@ class SaltMixin:
             nsfw_content_detected=nsfw,
             info={**init_result.info, "guidance": guidance.to_dict()},
         )
-        if not return_dict:
-            return (output.images, output.reference_image)
+        if not return_dict:  # diffusers' tuple; the reference image and the rest are on SaltOutput
+            return (output.images, output.nsfw_content_detected)
         return output
 
 
