@@ -519,8 +519,18 @@ def test_example_rows_show_their_boxes_in_the_page(app):
         assert near_box_colour.sum() > 500  # every example draws its first box (the canvas has none)
 
 
-def test_the_page_starts_with_the_readme_screenshots_steps():
-    assert CONTROL_DEFAULTS["steps"] == 25
+def test_the_page_starts_with_the_benchmarks_steps():
+    # DEFAULT_STEPS promises the steps of `saltdiff bench` and of the README's benchmark table
+    import re
+    from pathlib import Path
+
+    from saltdiff.cli import build_parser
+
+    bench = build_parser().parse_args(["bench", "--suite", "shapes", "--out", "x"])
+    assert CONTROL_DEFAULTS["steps"] == bench.steps
+    readme = (Path(__file__).parents[1] / "README.md").read_text(encoding="utf-8")
+    table = re.search(r"N = 200 held-out layouts[^\n]*?, (\d+) steps", readme)
+    assert table is not None and int(table.group(1)) == CONTROL_DEFAULTS["steps"]
 
 
 def test_the_demo_log_drops_gradios_debug_lines_and_keeps_the_rest():
