@@ -228,3 +228,50 @@ def test_short_runs_work_by_default_and_the_recipe_records_the_inversion_depth(
     assert request.init_params["inversion_steps"] == depth
     assert main([*args, "--steps", str(steps), "--inversion-steps", str(depth), "--out", str(again)]) == 0
     assert Image.open(out).tobytes() == Image.open(again).tobytes()
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (["--box", "green dog=0,0,0.5,0.5"], "phrase 'green dog' not found in prompt"),
+        (["--height", "30"], "height must be a positive multiple of 4 for this model, got 30"),
+        (["--width", "1024"], "width 1024 is more than 4x the size this model was trained at (32"),
+        (["--steps", "0"], "num_inference_steps must be an integer >= 1, got 0"),
+        (["--cfg", "nan"], "guidance_scale must be a finite number >= 0, got nan"),
+        (["--steps", "3", "--inversion-steps", "5"], "inversion_steps=5 cannot end at the sampler's first"),
+        (
+            ["--scheduler", "euler-a", "--steps", "4", "--inversion-steps", "4"],
+            "inversion_steps=4 cannot end",
+        ),
+    ],
+)
+def test_what_the_config_files_can_check_fails_before_any_weight_loads(
+    tiny_pipe_dir, tmp_path, capsys, monkeypatch, change, message
+):
+    import saltdiff.loading
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the weights were loaded before the error")
+
+    monkeypatch.setattr(saltdiff.loading, "load_pipeline", no_loading)
+    args = [*BASE, "--model", tiny_pipe_dir, "--out", str(tmp_path / "x.png"), *change]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
+
+
+def test_the_checks_before_loading_pass_what_the_pipeline_runs_and_skip_a_model_not_at_hand(
+    tiny_pipe_dir, monkeypatch, tmp_path
+):
+    from saltdiff.cli import build_parser, build_request
+    from saltdiff.preflight import check_before_loading, local_model_folder
+
+    args = build_parser().parse_args([*BASE, "--model", tiny_pipe_dir])
+    assert check_before_loading(tiny_pipe_dir, build_request(args)) is True
+    assert local_model_folder("builtin:shapes").endswith("shapes")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))  # an empty cache: a hub id is not at hand
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    assert local_model_folder("someone/not-cached") is None
+    assert check_before_loading("someone/not-cached", build_request(args)) is False

@@ -116,12 +116,14 @@ def build_request(args):
 
 def cmd_generate(args) -> int:
     from .loading import check_image_size, load_pipeline
+    from .preflight import check_before_loading
     from .viz import overlay_figure
 
     request = build_request(args)
     out_dir = os.path.dirname(os.path.abspath(args.out))
     if not os.path.isdir(out_dir):
         raise CliError(f"output folder {out_dir!r} does not exist")
+    check_before_loading(args.model, request, force=args.force)  # config files only: no waiting for weights
     pipe = load_pipeline(args.model, device=args.device, dtype=args.dtype)  # quiet: no loading bars
     check_image_size(pipe, args.height, args.width, force=args.force)
     request = request.resolved(pipe.scheduler)  # e.g. the inversion depth --steps allows, for the recipe

@@ -26,6 +26,7 @@ from .checkpoints import (  # noqa: F401  (re-exported: loading is where users l
     resolve_model,
     weights_stamp,
 )
+from .preflight import MAX_SIZE_FACTOR, check_trained_size  # noqa: F401  (MAX_SIZE_FACTOR re-exported)
 
 if TYPE_CHECKING:  # pragma: no cover
     from .pipeline import SaltPipeline
@@ -33,8 +34,6 @@ if TYPE_CHECKING:  # pragma: no cover
 logger = logging.getLogger(__name__)
 
 DTYPES = ("float32", "float16", "bfloat16")
-#: An image side more than this many times the model's trained size is refused unless forced.
-MAX_SIZE_FACTOR = 4
 #: Signs, anywhere in a load error's chain, that the Hub could not be reached (or may not be).
 _OFFLINE = re.compile(
     r"Connect(ion)?Error|ConnectTimeout|ReadTimeout|Name or service not known|Temporary failure in name "
@@ -170,12 +169,4 @@ def check_image_size(pipe, height: int | None, width: int | None, *, force: bool
     Such a run takes minutes (the cost grows with the pixel count, attention with its square) and
     asks for what the model never saw; ``force=True`` (``--force``) runs it anyway.
     """
-    trained = pipe.unet.config.sample_size * pipe.vae_scale_factor
-    limit = MAX_SIZE_FACTOR * trained
-    sides = (("height", height), ("width", width))
-    over = [f"{name} {value}" for name, value in sides if (value or 0) > limit]
-    if over and not force:
-        raise ValueError(
-            f"{' and '.join(over)} is more than {MAX_SIZE_FACTOR}x the size this model was trained at "
-            f"({trained}, so at most {limit}): pass --force (API: force=True) to run it anyway"
-        )
+    check_trained_size(pipe.unet.config.sample_size * pipe.vae_scale_factor, height, width, force=force)
