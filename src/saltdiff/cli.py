@@ -148,8 +148,21 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def _log_to_stderr() -> None:
+    """saltdiff's warnings as ``saltdiff: WARNING: ...`` lines on stderr, once. Only saltdiff's
+    logger gets the handler: other libraries' records keep their own handlers (a handler on the
+    root logger printed each of huggingface_hub's warnings a second time)."""
+    if not any(getattr(h, "_saltdiff_cli", False) for h in logger.handlers):
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("saltdiff: %(levelname)s: %(message)s"))
+        handler._saltdiff_cli = True  # type: ignore[attr-defined]
+        logger.addHandler(handler)
+    if logger.level == logging.NOTSET:
+        logger.setLevel(logging.WARNING)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    logging.basicConfig(level=logging.WARNING, format="saltdiff: %(levelname)s: %(message)s")
+    _log_to_stderr()
     parser = build_parser()
     try:
         args = parser.parse_args(argv)

@@ -111,6 +111,57 @@ def load_error_message(model: str, exc: BaseException) -> str:
     return f"cannot load model {model!r}: {first}"
 
 
+#: Seconds :func:`hub_reachable` waits for the Hub to accept a connection.
+HUB_PROBE_TIMEOUT = 3.0
+
+
+def hub_reachable(timeout: float = HUB_PROBE_TIMEOUT) -> bool:
+    """Whether the Hugging Face Hub's endpoint accepts a TCP connection within ``timeout`` seconds:
+    one try, where ``huggingface_hub`` would retry five times over 30 s before failing. ``False``
+    under ``HF_HUB_OFFLINE``; ``True`` when a proxy is configured (only the proxy knows)."""
+    import socket
+    from urllib.parse import urlsplit
+
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return False
+    if any(os.environ.get(k) for k in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return True
+    url = urlsplit(constants.ENDPOINT)
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        socket.create_connection((url.hostname, port), timeout=timeout).close()
+    except OSError:
+        return False
+    return True
+
+
+def offline_message(model: str) -> str:
+    """One line for a hub id that is neither cached nor reachable: what to pass instead."""
+    return (
+        f"cannot load model {model!r}: it is not in the local Hugging Face cache and the Hub cannot be "
+        "reached (no network, or HF_HUB_OFFLINE is set); pass a local diffusers folder "
+        "(--model /path/to/folder), download it where there is network "
+        f"(huggingface-cli download {model}), or use builtin:shapes"
+    )
+
+
+def hub_files_only(model: str) -> bool:
+    """For a hub id: whether to load it from the local cache only (the Hub is unreachable and the
+    cache holds it); a one-line :class:`ModelLoadError` when it is neither reachable nor cached.
+    ``False`` for a folder or a ``builtin:`` name, and for a hub id while the Hub answers."""
+    from .preflight import local_model_folder
+
+    path = resolve_model(model)
+    if os.path.isdir(os.path.expanduser(path)) or hub_reachable():
+        return False
+    folder = local_model_folder(model)
+    if folder is None or not os.path.isfile(os.path.join(folder, "model_index.json")):
+        raise ModelLoadError(offline_message(model))
+    return True
+
+
 def model_family_of(model: str) -> str:
     """``"sd"`` or ``"sdxl"`` from the model's ``model_index.json`` (a folder, a cached hub id, or, for a
     hub id not cached yet, that one file fetched first); another family is refused in one line."""
@@ -143,6 +194,7 @@ def load_pipeline(
     device, dtype = resolve_device_dtype(device, dtype, fallback_device)
     if model.startswith((".", "/", "~")) and not os.path.exists(os.path.expanduser(model)):
         raise ModelLoadError(f"model folder {model!r} does not exist")
+    cache_only = hub_files_only(model)  # offline: the local cache at once, no retries
     with quiet_loading():
         family = model_family_of(model)
         if family == "sdxl":
@@ -150,8 +202,9 @@ def load_pipeline(
         else:
             from .pipeline import SaltPipeline as pipeline_class
 
+        extra = {"local_files_only": True} if cache_only else {}
         try:
-            pipe = pipeline_class.from_pretrained(model, **{dtype_keyword(): getattr(torch, dtype)})
+            pipe = pipeline_class.from_pretrained(model, **{dtype_keyword(): getattr(torch, dtype)}, **extra)
         except OSError as exc:
             raise ModelLoadError(load_error_message(model, exc)) from exc
         pipe = pipe.to(device)  # diffusers' "float16 ... cannot run with cpu" is silenced: it runs
