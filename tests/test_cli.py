@@ -275,3 +275,23 @@ def test_the_checks_before_loading_pass_what_the_pipeline_runs_and_skip_a_model_
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
     assert local_model_folder("someone/not-cached") is None
     assert check_before_loading("someone/not-cached", build_request(args)) is False
+
+
+@pytest.mark.parametrize(
+    ("device", "message"),
+    [
+        ("tpu", "device 'tpu' is not a device torch knows: use cpu, cuda, cuda:N (a GPU's index) or mps"),
+        ("cuda:x", "device 'cuda:x' is not a device torch knows"),
+        ("mps", "MPS (Apple GPU) is not available"),
+    ],
+)
+def test_a_device_torch_does_not_know_or_this_machine_lacks_is_one_line_and_exit_2(
+    tiny_pipe_dir, tmp_path, capsys, device, message
+):
+    import torch
+
+    if device == "mps" and torch.backends.mps.is_available():
+        pytest.skip("this machine has MPS")
+    assert main([*BASE, "--model", tiny_pipe_dir, "--out", str(tmp_path / "x.png"), "--device", device]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err

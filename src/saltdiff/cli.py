@@ -115,7 +115,7 @@ def build_request(args):
 
 
 def cmd_generate(args) -> int:
-    from .loading import check_image_size, load_pipeline
+    from .loading import check_image_size, load_pipeline, resolve_device_dtype
     from .preflight import check_before_loading
     from .viz import overlay_figure
 
@@ -123,6 +123,7 @@ def cmd_generate(args) -> int:
     out_dir = os.path.dirname(os.path.abspath(args.out))
     if not os.path.isdir(out_dir):
         raise CliError(f"output folder {out_dir!r} does not exist")
+    resolve_device_dtype(args.device, args.dtype)  # an unknown or missing device: one line, now
     check_before_loading(args.model, request, force=args.force)  # config files only: no waiting for weights
     pipe = load_pipeline(args.model, device=args.device, dtype=args.dtype)  # quiet: no loading bars
     check_image_size(pipe, args.height, args.width, force=args.force)

@@ -53,6 +53,14 @@ def resolve_device_dtype(
 
     if device is None:
         device = fallback_device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        kind = torch.device(device).type
+    except (RuntimeError, TypeError, ValueError):
+        raise ValueError(
+            f"device {device!r} is not a device torch knows: use cpu, cuda, cuda:N (a GPU's index) or mps"
+        ) from None
+    if kind == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"device {device!r} requested but MPS (Apple GPU) is not available on this machine")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"device {device!r} requested but CUDA is not available on this machine")
     if dtype is None:
