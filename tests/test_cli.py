@@ -295,3 +295,35 @@ def test_a_device_torch_does_not_know_or_this_machine_lacks_is_one_line_and_exit
     assert main([*BASE, "--model", tiny_pipe_dir, "--out", str(tmp_path / "x.png"), "--device", device]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0], err
+
+
+def test_the_output_format_follows_the_extension_and_keeps_the_recipe(tiny_pipe_dir, tmp_path):
+    import numpy as np
+
+    from saltdiff.request import GenerationRequest
+
+    args = [*RANDOM_BASE, "--model", tiny_pipe_dir, "--init", "random", "--seed", "5"]
+    images = {}
+    for name, fmt in (("a.png", "PNG"), ("b.jpg", "JPEG"), ("c.jpeg", "JPEG"), ("d.webp", "WEBP")):
+        assert main([*args, "--out", str(tmp_path / name)]) == 0
+        with Image.open(tmp_path / name) as im:
+            assert im.format == fmt, name
+            images[name] = np.asarray(im.convert("RGB"), dtype=np.int16)
+        recipe = read_recipe(str(tmp_path / name))
+        assert recipe["seed"] == 5 and recipe["init"] == "random", name
+        assert GenerationRequest.from_png(str(tmp_path / name)).seed == 5
+    assert np.array_equal(images["d.webp"], images["a.png"])  # lossless
+    assert np.abs(images["b.jpg"] - images["a.png"]).mean() < 8  # the same image, JPEG-compressed
+
+
+@pytest.mark.parametrize("name", ["b.gif", "b.bmp", "b"])
+def test_an_extension_saltdiff_cannot_write_is_one_line_before_loading(
+    tiny_pipe_dir, tmp_path, capsys, monkeypatch, name
+):
+    import saltdiff.loading
+
+    monkeypatch.setattr(saltdiff.loading, "load_pipeline", lambda *a, **k: pytest.fail("loaded"))
+    assert main([*RANDOM_BASE, "--model", tiny_pipe_dir, "--out", str(tmp_path / name)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "is not one of .png, .jpg, .jpeg, .webp" in err[0], err
+    assert not (tmp_path / name).exists()

@@ -61,7 +61,12 @@ def build_parser() -> Parser:
         action="store_true",
         help="run a height or width more than 4x the model's trained size (refused otherwise: slow)",
     )
-    gen.add_argument("--out", default="out.png", help="output PNG, recipe in its metadata")
+    gen.add_argument(
+        "--out",
+        default="out.png",
+        help="output image, in the format of its extension (.png, .jpg/.jpeg, .webp: lossless), the recipe "
+        "in its metadata",
+    )
     gen.add_argument(
         "--overlay",
         action="store_true",
@@ -117,9 +122,11 @@ def build_request(args):
 def cmd_generate(args) -> int:
     from .loading import check_image_size, load_pipeline, resolve_device_dtype
     from .preflight import check_before_loading
+    from .request import image_format
     from .viz import overlay_figure
 
     request = build_request(args)
+    image_format(args.out)  # an extension saltdiff cannot write: one line, before any work
     out_dir = os.path.dirname(os.path.abspath(args.out))
     if not os.path.isdir(out_dir):
         raise CliError(f"output folder {out_dir!r} does not exist")

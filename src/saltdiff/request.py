@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -210,9 +211,10 @@ class GenerationRequest:
         )
 
     def save_png(self, image: Image.Image, path: str, **extra: Any) -> dict[str, Any]:
-        """Save ``image`` with this request's recipe (plus ``extra``) in a PNG text chunk; returns it."""
+        """Save ``image`` with this request's recipe (plus ``extra``); returns it. The format is the
+        extension's (:func:`write_image`: PNG, or JPEG / lossless WebP with the recipe in EXIF)."""
         recipe = self.recipe(**{"height": image.height, "width": image.width, **extra})
-        write_png(image, path, recipe)
+        write_image(image, path, recipe)
         return recipe
 
     @classmethod
@@ -227,12 +229,46 @@ def write_png(image: Image.Image, path: str, recipe: Mapping[str, Any]) -> None:
     image.save(path, format="PNG", pnginfo=info)
 
 
+#: Output formats by file extension (:func:`write_image`).
+IMAGE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
+#: The EXIF tag (ImageDescription) that holds the recipe in a JPEG or WebP file.
+EXIF_RECIPE_TAG = 0x010E
+
+
+def image_format(path: str) -> str:
+    """The format ``path``'s extension names (:data:`IMAGE_FORMATS`), or a one-line ``ValueError``."""
+    ext = os.path.splitext(str(path))[1].lower()
+    if ext not in IMAGE_FORMATS:
+        raise ValueError(
+            f"cannot write {str(path)!r}: its extension {ext or '(none)'!r} is not one of "
+            f"{', '.join(IMAGE_FORMATS)} (the format follows the extension)"
+        )
+    return IMAGE_FORMATS[ext]
+
+
+def write_image(image: Image.Image, path: str, recipe: Mapping[str, Any]) -> None:
+    """Save ``image`` in the format of ``path``'s extension with ``recipe``: PNG (text chunk), JPEG
+    (quality 95, no chroma subsampling) or WebP (lossless), both with the recipe in EXIF ImageDescription."""
+    fmt = image_format(path)
+    if fmt == "PNG":
+        write_png(image, path, recipe)
+        return
+    exif = Image.Exif()
+    exif[EXIF_RECIPE_TAG] = f"{RECIPE_KEY}:{json.dumps(recipe, sort_keys=True)}"  # ASCII: JSON escapes
+    options = {"quality": 95, "subsampling": 0} if fmt == "JPEG" else {"lossless": True}
+    image.convert("RGB").save(path, format=fmt, exif=exif.tobytes(), **options)
+
+
 def read_recipe(path_or_image) -> dict[str, Any]:
-    """The recipe stored in a PNG written by saltdiff."""
+    """The recipe stored in an image written by saltdiff (PNG text chunk, or JPEG/WebP EXIF)."""
     image = path_or_image if isinstance(path_or_image, Image.Image) else Image.open(path_or_image)
     text = getattr(image, "text", {}).get(RECIPE_KEY) or image.info.get(RECIPE_KEY)
     if text is None:
-        raise ValueError("this PNG carries no saltdiff recipe")
+        description = image.getexif().get(EXIF_RECIPE_TAG)
+        if isinstance(description, str) and description.startswith(f"{RECIPE_KEY}:"):
+            text = description[len(RECIPE_KEY) + 1 :]
+    if text is None:
+        raise ValueError(f"this {image.format or 'image'} carries no saltdiff recipe")
     return json.loads(text)
 
 
