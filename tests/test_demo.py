@@ -374,11 +374,15 @@ def test_app_handler_turns_bad_input_into_a_page_error(app):
         "euler",
         3,
     ]
-    with pytest.raises(gr.Error, match="blue square"):
-        fn(*args, request=None, progress=lambda *a, **k: None)
+    # a toast and the status line; the outputs are left as they were (no red "Error" badge on each)
+    with pytest.warns(UserWarning, match="blue square"):
+        outputs = fn(*args, request=None, progress=lambda *a, **k: None)
+    assert all(isinstance(o, type(gr.skip())) and o == gr.skip() for o in outputs[:-1])
+    assert outputs[-1].startswith("**Not generated:**") and "phrase 'blue square' not found" in outputs[-1]
     args[0] = "/etc/passwd"
-    with pytest.raises(gr.Error, match="allow-model-paths"):
-        fn(*args, request=None, progress=lambda *a, **k: None)
+    with pytest.warns(UserWarning, match="allow-model-paths"):
+        outputs = fn(*args, request=None, progress=lambda *a, **k: None)
+    assert "allow-model-paths" in outputs[-1]
     args[0], args[1] = "tiny", PROMPT
     outputs = fn(*args, request=None, progress=lambda *a, **k: None)
     assert outputs[0].size == (256, 256)  # the 32x32 result, upscaled for display
@@ -581,3 +585,24 @@ def test_the_automatic_inversion_depth_follows_the_steps_into_the_png_recipe(tin
     # 5 inversion steps cannot end at the 3-step sampler's first timestep (667): 3 do
     assert read_recipe(result.png_path)["init_params"]["inversion_steps"] == 3
     assert result.runs[-1].output.info["inversion_steps"] == 3
+
+
+def test_the_loss_plot_legend_is_titled_for_a_reader_not_with_the_frames_column(app):
+    from gradio.components import LinePlot
+
+    from saltdiff.demo.requests import DemoResult
+
+    plot = next(c for c in app.blocks.values() if isinstance(c, LinePlot))
+    frame_columns = DemoResult.losses_frame(DemoResult(*[None] * 4, [], *[None] * 5)).columns
+    assert plot.color in frame_columns  # the plot colours by a column of the frame ...
+    assert plot.color_title and plot.color_title not in frame_columns  # ... but does not show its name
+    assert plot.x_title and plot.y_title
+
+
+def test_the_status_line_shows_messages_literally():
+    from saltdiff.demo.page import status_markdown
+
+    text = "use inversion_steps <= 3 (--inversion-steps) or *more* steps"
+    shown = status_markdown(text, failed=True)
+    assert shown.startswith("**Not generated:** ")
+    assert "inversion\\_steps" in shown and "\\*more\\*" in shown and "\\<= 3" in shown
