@@ -606,3 +606,177 @@ def test_the_status_line_shows_messages_literally():
     shown = status_markdown(text, failed=True)
     assert shown.startswith("**Not generated:** ")
     assert "inversion\\_steps" in shown and "\\*more\\*" in shown and "\\<= 3" in shown
+
+
+# -- the server under concurrent use ------------------------------------------------------------------
+
+
+def _cli_args_of(recipe: dict) -> list[str]:
+    """``saltdiff generate`` flags for the request a demo PNG's recipe describes."""
+    args = ["--prompt", recipe["prompt"], "--seed", str(recipe["seed"]), "--steps", str(recipe["steps"])]
+    args += ["--cfg", str(recipe["cfg"]), "--scheduler", recipe["scheduler"], "--init", recipe["init"]]
+    args += ["--guidance", recipe["guidance"]["loss"]]
+    args += ["--outside-prompt-steps", str(recipe["guidance"]["outside_prompt_steps"])]
+    for box in recipe["layout"]["boxes"]:
+        args += ["--box", f"{box['phrase']}={','.join(repr(float(v)) for v in box['box'])}"]
+    if recipe["init"] == "salt":
+        params, reference = recipe["init_params"], recipe["reference_params"]
+        args += ["--inversion-steps", str(params["inversion_steps"])]
+        args += ["--noise-outside", str(params["noise_outside"]), "--background", reference["background"]]
+        args += ["--object-steps", str(reference["num_inference_steps"])]
+    return args
+
+
+def test_concurrent_requests_each_get_their_own_image_or_their_own_error(
+    tiny_pipe_dir, tmp_path, monkeypatch
+):
+    """Six generations and two bad requests sent at once to a server on loopback, from eight sessions:
+    each valid one gets the image ``saltdiff generate`` makes for its recipe, each bad one its own
+    message, and the server keeps serving."""
+    import socket
+    from concurrent.futures import ThreadPoolExecutor
+
+    pytest.importorskip("gradio")
+    pytest.importorskip("gradio_image_annotation")
+    from gradio_client import Client, handle_file
+
+    from saltdiff.cli import main
+    from saltdiff.demo.page import build_app, launch_kwargs
+    from saltdiff.demo.requests import neutral_canvas
+
+    monkeypatch.setenv("SALTDIFF_CACHE", str(tmp_path / "cache"))  # the objects the CLI finds, too
+    from saltdiff.pipeline import SaltPipeline
+
+    pipe = SaltPipeline.from_pretrained(tiny_pipe_dir)  # the weights `--model tiny_pipe_dir` loads
+    pipe.set_progress_bar_config(disable=True)
+    app = build_app(pipe, model_name=tiny_pipe_dir)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    app.launch(**launch_kwargs("127.0.0.1", port), prevent_thread_lock=True, quiet=True)
+    url = f"http://127.0.0.1:{port}/"
+    canvas = tmp_path / "canvas.png"
+    neutral_canvas().save(canvas)
+
+    def annotation(*boxes):
+        pixels = [
+            dict(zip(("xmin", "ymin", "xmax", "ymax"), (v * 512 for v in b)), label=p) for p, b in boxes
+        ]
+        return {"image": handle_file(str(canvas)), "boxes": pixels, "orientation": 0}
+
+    two = annotation(("red circle", (0.0, 0.25, 0.5, 0.75)), ("blue square", (0.5, 0.25, 1.0, 0.75)))
+    one = annotation(("blue square", (0.25, 0.0, 0.75, 0.5)))
+    # model, prompt, canvas, use_reference, init, guidance, steps, cfg, seed, inversion steps (0: auto),
+    # compare, object steps, background, noise outside, sampler, outside-prompt steps
+    requests = [
+        [tiny_pipe_dir, PROMPT, two, False, "salt", "salt", 2, 7.5, 1, 0, False, 1, "gray", 1.0, "ddim", 1],
+        [tiny_pipe_dir, PROMPT, two, False, "salt", "salt", 3, 5.0, 2, 2, False, 1, "gray", 0.5, "euler", 0],
+        [
+            tiny_pipe_dir,
+            PROMPT,
+            two,
+            False,
+            "random",
+            "layout-guidance",
+            2,
+            7.5,
+            3,
+            0,
+            False,
+            1,
+            "gray",
+            1.0,
+            "ddim",
+            2,
+        ],
+        [
+            tiny_pipe_dir,
+            "a blue square",
+            one,
+            False,
+            "salt",
+            "boxdiff",
+            3,
+            7.5,
+            4,
+            0,
+            False,
+            1,
+            "white",
+            1.0,
+            "euler-a",
+            1,
+        ],
+        [
+            tiny_pipe_dir,
+            "a blue square",
+            one,
+            False,
+            "salt",
+            "none",
+            2,
+            3.0,
+            5,
+            1,
+            False,
+            1,
+            "gray",
+            0.0,
+            "dpm++2m",
+            0,
+        ],
+        [tiny_pipe_dir, PROMPT, two, False, "salt", "salt", 2, 7.5, 1, 0, False, 1, "gray", 1.0, "ddim", 1],
+        [
+            tiny_pipe_dir,
+            "a red circle",
+            two,
+            False,
+            "salt",
+            "salt",
+            2,
+            7.5,
+            6,
+            0,
+            False,
+            1,
+            "gray",
+            1.0,
+            "ddim",
+            1,
+        ],
+        [tiny_pipe_dir, PROMPT, two, False, "salt", "salt", 2, 7.5, 7, 0, False, 1, "plaid", 1.0, "ddim", 1],
+    ]
+    bad = {6: "phrase 'blue square' not found", 7: "got 'plaid'"}
+
+    def send(args):
+        client = Client(url, verbose=False)  # a session of its own, like another browser tab
+        return client.submit(*args, api_name="/generate").result(timeout=600)
+
+    try:
+        with ThreadPoolExecutor(len(requests)) as pool:
+            results = list(pool.map(send, requests))
+        assert (
+            Client(url, verbose=False).predict(*requests[0], api_name="/generate")[-1].startswith("Done in")
+        )
+    finally:
+        app.close()
+
+    for k, result in enumerate(results):
+        status = result[-1]
+        if k in bad:
+            assert status.startswith("**Not generated:**") and bad[k] in status, (k, status)
+            continue
+        assert status.startswith("Done in"), (k, status)
+        recipe = read_recipe(result[6])
+        sent = requests[k]
+        assert (recipe["prompt"], recipe["seed"], recipe["scheduler"]) == (sent[1], sent[8], sent[14]), k
+        out = tmp_path / f"cli{k}.png"
+        assert (
+            main(["generate", *_cli_args_of(recipe), "--model", tiny_pipe_dir, "--quiet", "--out", str(out)])
+            == 0
+        )
+        assert read_recipe(str(out))["init_params"] == recipe["init_params"], k
+        with Image.open(result[6]) as demo, Image.open(out) as cli:
+            assert np.array_equal(np.asarray(demo), np.asarray(cli)), k  # its own image, the CLI's
+    assert np.array_equal(np.asarray(Image.open(results[0][6])), np.asarray(Image.open(results[5][6])))
+    assert not np.array_equal(np.asarray(Image.open(results[0][6])), np.asarray(Image.open(results[1][6])))
