@@ -139,12 +139,17 @@ def check_before_loading(model: str, request, *, force: bool = False) -> bool:
         return False
     unet = _config(folder, "unet/config.json")
     vae = _config(folder, "vae/config.json")
-    if unet and vae and unet.get("down_block_types") and vae.get("block_out_channels"):
-        scale = 2 ** (len(vae["block_out_channels"]) - 1)
-        trained = int(unet.get("sample_size") or 64) * scale
+    blocks, channels, side = (
+        (unet or {}).get("down_block_types"),
+        (vae or {}).get("block_out_channels"),
+        (unet or {}).get("sample_size"),
+    )
+    if isinstance(blocks, list) and isinstance(channels, list) and isinstance(side, int) and blocks:
+        scale = 2 ** (len(channels) - 1)
+        trained = side * scale
         height = trained if request.height is None else request.height
         width = trained if request.width is None else request.width
-        multiple = size_multiple(scale, len(unet["down_block_types"]))
+        multiple = size_multiple(scale, len(blocks))
         check_image_sides(height, width, multiple)
         check_trained_size(trained, request.height, request.width, force=force)
     if len(request.layout):  # (transformers is a shorter import than diffusers: phrases first)
