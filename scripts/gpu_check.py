@@ -36,15 +36,11 @@ LAYOUT = [("red circle", (0.06, 0.3, 0.44, 0.7)), ("blue square", (0.56, 0.3, 0.
 
 def method_kwargs(name: str, steps: int) -> dict:
     """``init`` and ``guidance`` of one method, as ``pipe(...)`` takes them. ``salt`` inverts in its
-    default number of steps, or in ``steps`` when sampling has fewer (inversion ends at the sampler's
-    first timestep)."""
-    from saltdiff import SpatialAwareInit
-
-    inversion = SpatialAwareInit().inversion_steps
+    default number of steps, which follows ``steps`` where sampling starts too low for it."""
     return {
         "sd": dict(init="random", guidance="none"),
         "layout-guidance": dict(init="random", guidance="layout-guidance"),
-        "salt": dict(init="salt", inversion_steps=min(inversion, steps)),  # the default guidance
+        "salt": dict(init="salt"),  # the default guidance and inversion depth
     }[name]
 
 

@@ -1,4 +1,5 @@
-"""``saltdiff bench`` with extra, experimental samplers registered (the issue #12 probes).
+"""``saltdiff bench`` with extra, experimental samplers registered (the probes behind ``ancestral_skip``;
+results in ``benchmarks/RESULTS.md``, "``salt`` under each sampler").
 
     PYTHONPATH=src python scripts/sampler_variants.py bench --suite shapes --n 50 --seeds 1 \
         --steps 25 --methods salt --scheduler euler-a-skip4 --device cpu --out DIR

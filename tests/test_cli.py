@@ -210,3 +210,120 @@ def test_too_few_sampling_steps_for_the_inversion_is_one_line_that_says_what_to_
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "use inversion_steps <= 3 (--inversion-steps) or more sampling steps" in err[0]
     assert main([*args, "--steps", "3", "--inversion-steps", "3", "--out", out]) == 0
+
+
+@pytest.mark.parametrize(("steps", "depth"), [(1, 1), (4, 4), (6, 5)])
+def test_short_runs_work_by_default_and_the_recipe_records_the_inversion_depth(
+    tiny_pipe_dir, tmp_path, steps, depth
+):
+    from saltdiff.request import GenerationRequest
+
+    args = [*BASE[: BASE.index("--steps")], *BASE[BASE.index("--height") :], "--model", tiny_pipe_dir]
+    out = tmp_path / "short.png"
+    assert main([*args, "--steps", str(steps), "--out", str(out)]) == 0
+    recipe = read_recipe(str(out))
+    assert recipe["steps"] == steps and recipe["init_params"]["inversion_steps"] == depth
+    again = tmp_path / "again.png"  # the recipe's explicit depth makes the same image
+    request = GenerationRequest.from_png(str(out))
+    assert request.init_params["inversion_steps"] == depth
+    assert main([*args, "--steps", str(steps), "--inversion-steps", str(depth), "--out", str(again)]) == 0
+    assert Image.open(out).tobytes() == Image.open(again).tobytes()
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (["--box", "green dog=0,0,0.5,0.5"], "phrase 'green dog' not found in prompt"),
+        (["--height", "30"], "height must be a positive multiple of 4 for this model, got 30"),
+        (["--width", "1024"], "width 1024 is more than 4x the size this model was trained at (32"),
+        (["--steps", "0"], "num_inference_steps must be an integer >= 1, got 0"),
+        (["--cfg", "nan"], "guidance_scale must be a finite number >= 0, got nan"),
+        (["--steps", "3", "--inversion-steps", "5"], "inversion_steps=5 cannot end at the sampler's first"),
+        (
+            ["--scheduler", "euler-a", "--steps", "4", "--inversion-steps", "4"],
+            "inversion_steps=4 cannot end",
+        ),
+    ],
+)
+def test_what_the_config_files_can_check_fails_before_any_weight_loads(
+    tiny_pipe_dir, tmp_path, capsys, monkeypatch, change, message
+):
+    import saltdiff.loading
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the weights were loaded before the error")
+
+    monkeypatch.setattr(saltdiff.loading, "load_pipeline", no_loading)
+    args = [*BASE, "--model", tiny_pipe_dir, "--out", str(tmp_path / "x.png"), *change]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
+
+
+def test_the_checks_before_loading_pass_what_the_pipeline_runs_and_skip_a_model_not_at_hand(
+    tiny_pipe_dir, monkeypatch, tmp_path
+):
+    from saltdiff.cli import build_parser, build_request
+    from saltdiff.preflight import check_before_loading, local_model_folder
+
+    args = build_parser().parse_args([*BASE, "--model", tiny_pipe_dir])
+    assert check_before_loading(tiny_pipe_dir, build_request(args)) is True
+    assert local_model_folder("builtin:shapes").endswith("shapes")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))  # an empty cache: a hub id is not at hand
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    assert local_model_folder("someone/not-cached") is None
+    assert check_before_loading("someone/not-cached", build_request(args)) is False
+
+
+@pytest.mark.parametrize(
+    ("device", "message"),
+    [
+        ("tpu", "device 'tpu' is not a device torch knows: use cpu, cuda, cuda:N (a GPU's index) or mps"),
+        ("cuda:x", "device 'cuda:x' is not a device torch knows"),
+        ("mps", "MPS (Apple GPU) is not available"),
+    ],
+)
+def test_a_device_torch_does_not_know_or_this_machine_lacks_is_one_line_and_exit_2(
+    tiny_pipe_dir, tmp_path, capsys, device, message
+):
+    import torch
+
+    if device == "mps" and torch.backends.mps.is_available():
+        pytest.skip("this machine has MPS")
+    assert main([*BASE, "--model", tiny_pipe_dir, "--out", str(tmp_path / "x.png"), "--device", device]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
+
+
+def test_the_output_format_follows_the_extension_and_keeps_the_recipe(tiny_pipe_dir, tmp_path):
+    import numpy as np
+
+    from saltdiff.request import GenerationRequest
+
+    args = [*RANDOM_BASE, "--model", tiny_pipe_dir, "--init", "random", "--seed", "5"]
+    images = {}
+    for name, fmt in (("a.png", "PNG"), ("b.jpg", "JPEG"), ("c.jpeg", "JPEG"), ("d.webp", "WEBP")):
+        assert main([*args, "--out", str(tmp_path / name)]) == 0
+        with Image.open(tmp_path / name) as im:
+            assert im.format == fmt, name
+            images[name] = np.asarray(im.convert("RGB"), dtype=np.int16)
+        recipe = read_recipe(str(tmp_path / name))
+        assert recipe["seed"] == 5 and recipe["init"] == "random", name
+        assert GenerationRequest.from_png(str(tmp_path / name)).seed == 5
+    assert np.array_equal(images["d.webp"], images["a.png"])  # lossless
+    assert np.abs(images["b.jpg"] - images["a.png"]).mean() < 8  # the same image, JPEG-compressed
+
+
+@pytest.mark.parametrize("name", ["b.gif", "b.bmp", "b"])
+def test_an_extension_saltdiff_cannot_write_is_one_line_before_loading(
+    tiny_pipe_dir, tmp_path, capsys, monkeypatch, name
+):
+    import saltdiff.loading
+
+    monkeypatch.setattr(saltdiff.loading, "load_pipeline", lambda *a, **k: pytest.fail("loaded"))
+    assert main([*RANDOM_BASE, "--model", tiny_pipe_dir, "--out", str(tmp_path / name)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "is not one of .png, .jpg, .jpeg, .webp" in err[0], err
+    assert not (tmp_path / name).exists()

@@ -156,7 +156,10 @@ def test_validate_request_compare_runs_random_then_salt_with_the_same_seed():
 
 
 def test_the_page_defaults_and_choices_come_from_the_registry():
-    assert CONTROL_DEFAULTS["inversion_steps"] == INITIALIZERS.get("salt").param("inversion_steps").default
+    # the page's "automatic" inversion depth is the registry's unset default (it follows the steps)
+    assert INITIALIZERS.get("salt").param("inversion_steps").default is None
+    auto = validate_request(PROMPT, two_boxes(), inversion_steps=CONTROL_DEFAULTS["inversion_steps"])
+    assert "inversion_steps" not in auto.generation.init_params
     objects = REFERENCE_BUILDERS.get("objects")
     assert CONTROL_DEFAULTS["object_steps"] == objects.param("num_inference_steps").default
     assert CONTROL_DEFAULTS["background"] == objects.param("background").default
@@ -181,7 +184,8 @@ def test_the_page_defaults_and_choices_come_from_the_registry():
         ({"num_inference_steps": 0}, ValueError, "steps must be an integer"),
         ({"num_inference_steps": 2.5}, ValueError, "steps must be an integer"),
         ({"inversion_steps": 1000}, ValueError, "inversion steps"),
-        ({"inversion_steps": 0}, ValueError, "inversion steps"),
+        ({"inversion_steps": -1}, ValueError, "inversion steps"),
+        ({"inversion_steps": 2.5}, ValueError, "inversion steps"),
         ({"seed": -1}, ValueError, "seed"),
         ({"guidance_scale": float("inf")}, ValueError, "CFG scale"),
         ({"object_steps": 0}, ValueError, "object steps"),
@@ -370,11 +374,15 @@ def test_app_handler_turns_bad_input_into_a_page_error(app):
         "euler",
         3,
     ]
-    with pytest.raises(gr.Error, match="blue square"):
-        fn(*args, request=None, progress=lambda *a, **k: None)
+    # a toast and the status line; the outputs are left as they were (no red "Error" badge on each)
+    with pytest.warns(UserWarning, match="blue square"):
+        outputs = fn(*args, request=None, progress=lambda *a, **k: None)
+    assert all(isinstance(o, type(gr.skip())) and o == gr.skip() for o in outputs[:-1])
+    assert outputs[-1].startswith("**Not generated:**") and "phrase 'blue square' not found" in outputs[-1]
     args[0] = "/etc/passwd"
-    with pytest.raises(gr.Error, match="allow-model-paths"):
-        fn(*args, request=None, progress=lambda *a, **k: None)
+    with pytest.warns(UserWarning, match="allow-model-paths"):
+        outputs = fn(*args, request=None, progress=lambda *a, **k: None)
+    assert "allow-model-paths" in outputs[-1]
     args[0], args[1] = "tiny", PROMPT
     outputs = fn(*args, request=None, progress=lambda *a, **k: None)
     assert outputs[0].size == (256, 256)  # the 32x32 result, upscaled for display
@@ -515,8 +523,18 @@ def test_example_rows_show_their_boxes_in_the_page(app):
         assert near_box_colour.sum() > 500  # every example draws its first box (the canvas has none)
 
 
-def test_the_page_starts_with_the_readme_screenshots_steps():
-    assert CONTROL_DEFAULTS["steps"] == 25
+def test_the_page_starts_with_the_benchmarks_steps():
+    # DEFAULT_STEPS promises the steps of `saltdiff bench` and of the README's benchmark table
+    import re
+    from pathlib import Path
+
+    from saltdiff.cli import build_parser
+
+    bench = build_parser().parse_args(["bench", "--suite", "shapes", "--out", "x"])
+    assert CONTROL_DEFAULTS["steps"] == bench.steps
+    readme = (Path(__file__).parents[1] / "README.md").read_text(encoding="utf-8")
+    table = re.search(r"N = 200 held-out layouts[^\n]*?, (\d+) steps", readme)
+    assert table is not None and int(table.group(1)) == CONTROL_DEFAULTS["steps"]
 
 
 def test_the_demo_log_drops_gradios_debug_lines_and_keeps_the_rest():
@@ -558,3 +576,207 @@ def test_the_sampler_is_a_registered_name_and_the_demo_flag_sets_the_page_defaul
     page = build_app(tiny_pipe, model_name="tiny", defaults={"scheduler": args.scheduler})
     controls = {c.elem_id: c for c in page.blocks.values() if getattr(c, "elem_id", None)}
     assert controls["scheduler"].value == "euler-a"
+
+
+def test_the_automatic_inversion_depth_follows_the_steps_into_the_png_recipe(tiny_pipe, tmp_path):
+    fast = {**FAST, "num_inference_steps": 3, "inversion_steps": CONTROL_DEFAULTS["inversion_steps"]}
+    req = validate_request(PROMPT, two_boxes(), tokenizer=tiny_pipe.tokenizer, **fast)
+    result = run_generation(tiny_pipe, req, model="tiny", out_dir=str(tmp_path))
+    # 5 inversion steps cannot end at the 3-step sampler's first timestep (667): 3 do
+    assert read_recipe(result.png_path)["init_params"]["inversion_steps"] == 3
+    assert result.runs[-1].output.info["inversion_steps"] == 3
+
+
+def test_the_loss_plot_legend_is_titled_for_a_reader_not_with_the_frames_column(app):
+    from gradio.components import LinePlot
+
+    from saltdiff.demo.requests import DemoResult
+
+    plot = next(c for c in app.blocks.values() if isinstance(c, LinePlot))
+    frame_columns = DemoResult.losses_frame(DemoResult(*[None] * 4, [], *[None] * 5)).columns
+    assert plot.color in frame_columns  # the plot colours by a column of the frame ...
+    assert plot.color_title and plot.color_title not in frame_columns  # ... but does not show its name
+    assert plot.x_title and plot.y_title
+
+
+def test_the_status_line_shows_messages_literally():
+    from saltdiff.demo.page import status_markdown
+
+    text = "use inversion_steps <= 3 (--inversion-steps) or *more* steps"
+    shown = status_markdown(text, failed=True)
+    assert shown.startswith("**Not generated:** ")
+    assert "inversion\\_steps" in shown and "\\*more\\*" in shown and "\\<= 3" in shown
+
+
+# -- the server under concurrent use ------------------------------------------------------------------
+
+
+def _cli_args_of(recipe: dict) -> list[str]:
+    """``saltdiff generate`` flags for the request a demo PNG's recipe describes."""
+    args = ["--prompt", recipe["prompt"], "--seed", str(recipe["seed"]), "--steps", str(recipe["steps"])]
+    args += ["--cfg", str(recipe["cfg"]), "--scheduler", recipe["scheduler"], "--init", recipe["init"]]
+    args += ["--guidance", recipe["guidance"]["loss"]]
+    args += ["--outside-prompt-steps", str(recipe["guidance"]["outside_prompt_steps"])]
+    for box in recipe["layout"]["boxes"]:
+        args += ["--box", f"{box['phrase']}={','.join(repr(float(v)) for v in box['box'])}"]
+    if recipe["init"] == "salt":
+        params, reference = recipe["init_params"], recipe["reference_params"]
+        args += ["--inversion-steps", str(params["inversion_steps"])]
+        args += ["--noise-outside", str(params["noise_outside"]), "--background", reference["background"]]
+        args += ["--object-steps", str(reference["num_inference_steps"])]
+    return args
+
+
+def test_concurrent_requests_each_get_their_own_image_or_their_own_error(
+    tiny_pipe_dir, tmp_path, monkeypatch
+):
+    """Six generations and two bad requests sent at once to a server on loopback, from eight sessions:
+    each valid one gets the image ``saltdiff generate`` makes for its recipe, each bad one its own
+    message, and the server keeps serving."""
+    import socket
+    from concurrent.futures import ThreadPoolExecutor
+
+    pytest.importorskip("gradio")
+    pytest.importorskip("gradio_image_annotation")
+    from gradio_client import Client, handle_file
+
+    from saltdiff.cli import main
+    from saltdiff.demo.page import build_app, launch_kwargs
+    from saltdiff.demo.requests import neutral_canvas
+
+    monkeypatch.setenv("SALTDIFF_CACHE", str(tmp_path / "cache"))  # the objects the CLI finds, too
+    from saltdiff.pipeline import SaltPipeline
+
+    pipe = SaltPipeline.from_pretrained(tiny_pipe_dir)  # the weights `--model tiny_pipe_dir` loads
+    pipe.set_progress_bar_config(disable=True)
+    app = build_app(pipe, model_name=tiny_pipe_dir)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    app.launch(**launch_kwargs("127.0.0.1", port), prevent_thread_lock=True, quiet=True)
+    url = f"http://127.0.0.1:{port}/"
+    canvas = tmp_path / "canvas.png"
+    neutral_canvas().save(canvas)
+
+    def annotation(*boxes):
+        pixels = [
+            dict(zip(("xmin", "ymin", "xmax", "ymax"), (v * 512 for v in b)), label=p) for p, b in boxes
+        ]
+        return {"image": handle_file(str(canvas)), "boxes": pixels, "orientation": 0}
+
+    two = annotation(("red circle", (0.0, 0.25, 0.5, 0.75)), ("blue square", (0.5, 0.25, 1.0, 0.75)))
+    one = annotation(("blue square", (0.25, 0.0, 0.75, 0.5)))
+    # model, prompt, canvas, use_reference, init, guidance, steps, cfg, seed, inversion steps (0: auto),
+    # compare, object steps, background, noise outside, sampler, outside-prompt steps
+    requests = [
+        [tiny_pipe_dir, PROMPT, two, False, "salt", "salt", 2, 7.5, 1, 0, False, 1, "gray", 1.0, "ddim", 1],
+        [tiny_pipe_dir, PROMPT, two, False, "salt", "salt", 3, 5.0, 2, 2, False, 1, "gray", 0.5, "euler", 0],
+        [
+            tiny_pipe_dir,
+            PROMPT,
+            two,
+            False,
+            "random",
+            "layout-guidance",
+            2,
+            7.5,
+            3,
+            0,
+            False,
+            1,
+            "gray",
+            1.0,
+            "ddim",
+            2,
+        ],
+        [
+            tiny_pipe_dir,
+            "a blue square",
+            one,
+            False,
+            "salt",
+            "boxdiff",
+            3,
+            7.5,
+            4,
+            0,
+            False,
+            1,
+            "white",
+            1.0,
+            "euler-a",
+            1,
+        ],
+        [
+            tiny_pipe_dir,
+            "a blue square",
+            one,
+            False,
+            "salt",
+            "none",
+            2,
+            3.0,
+            5,
+            1,
+            False,
+            1,
+            "gray",
+            0.0,
+            "dpm++2m",
+            0,
+        ],
+        [tiny_pipe_dir, PROMPT, two, False, "salt", "salt", 2, 7.5, 1, 0, False, 1, "gray", 1.0, "ddim", 1],
+        [
+            tiny_pipe_dir,
+            "a red circle",
+            two,
+            False,
+            "salt",
+            "salt",
+            2,
+            7.5,
+            6,
+            0,
+            False,
+            1,
+            "gray",
+            1.0,
+            "ddim",
+            1,
+        ],
+        [tiny_pipe_dir, PROMPT, two, False, "salt", "salt", 2, 7.5, 7, 0, False, 1, "plaid", 1.0, "ddim", 1],
+    ]
+    bad = {6: "phrase 'blue square' not found", 7: "got 'plaid'"}
+
+    def send(args):
+        client = Client(url, verbose=False)  # a session of its own, like another browser tab
+        return client.submit(*args, api_name="/generate").result(timeout=600)
+
+    try:
+        with ThreadPoolExecutor(len(requests)) as pool:
+            results = list(pool.map(send, requests))
+        assert (
+            Client(url, verbose=False).predict(*requests[0], api_name="/generate")[-1].startswith("Done in")
+        )
+    finally:
+        app.close()
+
+    for k, result in enumerate(results):
+        status = result[-1]
+        if k in bad:
+            assert status.startswith("**Not generated:**") and bad[k] in status, (k, status)
+            continue
+        assert status.startswith("Done in"), (k, status)
+        recipe = read_recipe(result[6])
+        sent = requests[k]
+        assert (recipe["prompt"], recipe["seed"], recipe["scheduler"]) == (sent[1], sent[8], sent[14]), k
+        out = tmp_path / f"cli{k}.png"
+        assert (
+            main(["generate", *_cli_args_of(recipe), "--model", tiny_pipe_dir, "--quiet", "--out", str(out)])
+            == 0
+        )
+        assert read_recipe(str(out))["init_params"] == recipe["init_params"], k
+        with Image.open(result[6]) as demo, Image.open(out) as cli:
+            assert np.array_equal(np.asarray(demo), np.asarray(cli)), k  # its own image, the CLI's
+    assert np.array_equal(np.asarray(Image.open(results[0][6])), np.asarray(Image.open(results[5][6])))
+    assert not np.array_equal(np.asarray(Image.open(results[0][6])), np.asarray(Image.open(results[1][6])))

@@ -202,3 +202,32 @@ def test_draw_generate_error_and_recover(server, page, tmp_path):
     )
     assert recorder.calls[1][0] == "a blue square and a red circle"
     assert sorted(b.phrase for b in recorder.calls[1][1]) == sorted(drawn)
+
+
+def test_the_fresh_page_says_what_is_missing_once_and_shows_the_examples_boxes(server, page, tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from saltdiff.viz import PALETTE
+
+    url, recorder = server
+    calls = len(recorder.calls)
+    page.goto(url, wait_until="networkidle")
+    # every example thumbnail is a loaded picture of its layout: the first box's colour is in it
+    thumbs = page.locator("table img")
+    thumbs.first.wait_for(state="visible")
+    assert thumbs.count() == 3
+    for k in range(thumbs.count()):
+        shot = tmp_path / f"thumb{k}.png"
+        assert thumbs.nth(k).evaluate("img => img.complete && img.naturalWidth > 0")
+        thumbs.nth(k).screenshot(path=str(shot))
+        pixels = np.asarray(Image.open(shot).convert("RGB")).reshape(-1, 3).astype(int)
+        assert (np.abs(pixels - np.array(PALETTE[0])).max(axis=1) < 40).sum() > 5, k
+
+    page.locator("#generate").click()  # nothing typed, nothing drawn
+    page.locator("#status").get_by_text("Not generated").wait_for()
+    assert "the prompt is empty" in page.locator("#status").inner_text()
+    page.get_by_text("the prompt is empty").first.wait_for(state="visible")  # the toast
+    page.screenshot(path=str(tmp_path / "demo-fresh-generate.png"), full_page=True)
+    assert page.get_by_text("Error", exact=True).count() == 0  # no red badge on each output
+    assert len(recorder.calls) == calls

@@ -214,3 +214,70 @@ def test_from_pipe_refuses_another_family(tiny_pipe):
     with pytest.raises(ValueError, match=r"the FluxPipeline given is a Flux pipeline"):
         SaltPipeline.from_pipe(FluxPipeline())
     assert isinstance(SaltPipeline.from_pipe(tiny_pipe), SaltPipeline)  # SD 1.x-style: accepted
+
+
+def test_hub_reachable_is_one_quick_try(monkeypatch):
+    import socket
+
+    from huggingface_hub import constants
+
+    from saltdiff.loading import hub_reachable
+
+    for key in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(key, raising=False)
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(1)
+    port = server.getsockname()[1]
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{port}")
+    assert hub_reachable()
+    server.close()  # nothing listens there now: refused at once
+    assert not hub_reachable()
+    monkeypatch.setattr(constants, "ENDPOINT", "https://nosuchhost.invalid")
+    assert not hub_reachable()
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{port}")
+    assert not hub_reachable()
+
+
+def _generate(model: str, out, env) -> subprocess.CompletedProcess:
+    args = ["generate", "--prompt", "a red circle", "--box", "red circle=0,0,0.5,1", "--model", model]
+    fast = ["--steps", "2", "--height", "32", "--width", "32", "--object-steps", "1", "--background", "gray"]
+    return subprocess.run(
+        [sys.executable, "-m", "saltdiff", *args, *fast, "--quiet", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
+
+
+def _unreachable_hub_env(cache) -> dict:
+    env = {k: v for k, v in os.environ.items() if "proxy" not in k.lower() and k != "HF_HUB_OFFLINE"}
+    # a closed loopback port: the Hub refuses at once, as with no network (HF_HUB_OFFLINE not set)
+    return {**env, "HF_ENDPOINT": "http://127.0.0.1:9", "HF_HUB_CACHE": str(cache), "OMP_NUM_THREADS": "1"}
+
+
+def test_an_unreachable_hub_without_the_model_cached_is_one_line_and_no_retries(tmp_path):
+    proc = _generate("nosuchorg/nosuchmodel", tmp_path / "x.png", _unreachable_hub_env(tmp_path / "hub"))
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr  # huggingface_hub retried 5 times, each warning printed twice
+    assert "nosuchorg/nosuchmodel" in lines[0] and "--model /path/to/folder" in lines[0]
+    assert "not in the local Hugging Face cache" in lines[0]
+
+
+def test_an_unreachable_hub_loads_a_cached_hub_id_from_the_cache(tiny_pipe_dir, tmp_path):
+    import shutil
+
+    cache = tmp_path / "hub"
+    repo = cache / "models--saltdiff-test--tiny"
+    revision = "0" * 40
+    shutil.copytree(tiny_pipe_dir, repo / "snapshots" / revision)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(revision)
+    proc = _generate("saltdiff-test/tiny", tmp_path / "x.png", _unreachable_hub_env(cache))
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "x.png").is_file()
+    assert "Retry" not in proc.stderr and "WARNING" not in proc.stderr, proc.stderr

@@ -194,6 +194,27 @@ def test_safety_checker_runs_as_in_the_parent_pipeline(tiny_pipe):
     assert tiny_pipe(PROMPT, LAYOUT, init="random", guidance="none", **FAST).nsfw_content_detected is None
 
 
+def test_return_dict_false_gives_images_and_nsfw_flags_as_diffusers_does():
+    from diffusers import StableDiffusionPipeline
+    from PIL import Image
+
+    pipe = _pipe()
+    pipe.register_modules(safety_checker=FlagEverything(), feature_extractor=PixelMean())
+    reference = Image.new("RGB", (32, 32), (128, 128, 128))  # SALT's start: there is a reference
+    salt = dict(reference_image=reference, guidance="none", **FAST)
+    output = pipe(PROMPT, LAYOUT, **salt)
+    assert output.reference_image is not None and output.nsfw_content_detected == [True]
+    images, nsfw = pipe(PROMPT, LAYOUT, return_dict=False, **salt)
+    np.testing.assert_array_equal(images, output.images)
+    assert nsfw == [True]  # the safety checker's flags, not the reference image
+    parent = StableDiffusionPipeline(**pipe.components)
+    parent.set_progress_bar_config(disable=True)
+    theirs = parent(PROMPT, num_inference_steps=2, height=32, width=32, output_type="np", return_dict=False)
+    assert len(theirs) == 2 and theirs[1] == [True]  # diffusers' tuple: (images, nsfw_content_detected)
+    plain = _pipe()(PROMPT, LAYOUT, init="random", return_dict=False, **{**FAST, "output_type": "pil"})
+    assert len(plain) == 2 and plain[1] is None and plain[0][0].size == (32, 32)  # no checker: None
+
+
 @pytest.mark.parametrize("mode", ["boxed-negative", "without-boxed"])
 def test_outside_prompt_adds_a_row_on_the_first_steps(mode):
     from saltdiff.reference import boxed_phrases_prompt, strip_phrases

@@ -69,19 +69,69 @@ def test_user_latent_is_used_as_is(tiny_pipe):
 
 
 def test_salt_init_returns_reference_and_inverts_to_sampler_start(tiny_pipe):
-    out = tiny_pipe(
-        PROMPT,
-        LAYOUT,
-        init=gray_reference_init(),
-        guidance="none",
-        seed=0,
-        return_attention_maps=True,
-        **FAST,
+    timesteps = []
+    hook = tiny_pipe.unet.register_forward_pre_hook(
+        lambda module, args, kwargs: timesteps.append(int(args[1] if len(args) > 1 else kwargs["timestep"])),
+        with_kwargs=True,
     )
+    try:
+        out = tiny_pipe(
+            PROMPT,
+            LAYOUT,
+            init=gray_reference_init(),
+            guidance="none",
+            seed=0,
+            return_attention_maps=True,
+            **FAST,
+        )
+    finally:
+        hook.remove()
     assert out.reference_image.size == (32, 32)
     assert out.attention_maps.shape == (1, 2, 16, 16)
-    assert out.info["init"] == "salt"
-    assert sampler_start_timestep(tiny_pipe.scheduler, 4) == int(tiny_pipe.scheduler.timesteps[0])
+    assert out.info["init"] == "salt" and out.info["inversion_steps"] == 3
+    # UNet calls: 2 object steps, then 3 inversion steps (DDIM inversion evaluates at each target
+    # timestep, the last one being where z_T* is), then the 4 sampling steps from that same timestep
+    sampling = [int(t) for t in tiny_pipe.scheduler.timesteps]
+    assert len(timesteps) == 2 + 3 + 4 and timesteps[-4:] == sampling
+    inversion = timesteps[2:5]
+    assert inversion == sorted(inversion) and inversion[-1] == sampling[0] == 751
+    assert sampler_start_timestep(tiny_pipe.scheduler, 4) == sampling[0]
+
+
+@pytest.mark.parametrize(("steps", "depth"), [(1, 1), (2, 2), (3, 3), (4, 4), (5, 5), (25, 5)])
+def test_unset_inversion_steps_follow_the_sampling_steps(tiny_pipe, steps, depth):
+    from saltdiff.testing import UNetCalls
+
+    # SD's "leading" 4-step sampler starts at 751, too low for 5 inversion steps of 200: 4 of 250
+    reference = Image.new("RGB", (32, 32), (128, 128, 128))
+    with UNetCalls(tiny_pipe.unet) as calls:
+        out = tiny_pipe(
+            PROMPT,
+            LAYOUT,
+            reference_image=reference,
+            guidance="none",
+            seed=0,
+            output_type="np",
+            **{**FAST, "num_inference_steps": steps},
+        )
+    assert out.info["inversion_steps"] == depth
+    assert len(calls.calls) == depth + steps  # the inversion ran that deep, then sampling
+    explicit = SpatialAwareInit(reference=UserImages(image=reference), inversion_steps=depth + 1)
+    if steps < 5:  # an explicit depth that cannot end at the first timestep keeps its one-line error
+        with pytest.raises(ValueError, match=f"inversion_steps={depth + 1} cannot end .* <= {depth} "):
+            tiny_pipe(PROMPT, LAYOUT, init=explicit, **{**FAST, "num_inference_steps": steps})
+
+
+@pytest.mark.parametrize("spacing", ["leading", "trailing", "linspace"])
+@pytest.mark.parametrize("steps", [10, 25, 50])
+def test_the_default_inversion_depth_is_5_at_usual_step_counts(tiny_pipe, spacing, steps):
+    from diffusers import DDIMScheduler
+
+    from saltdiff.init import DEFAULT_INVERSION_STEPS
+
+    scheduler = DDIMScheduler.from_config(tiny_pipe.scheduler.config, timestep_spacing=spacing)
+    assert SpatialAwareInit().depth(scheduler, steps) == DEFAULT_INVERSION_STEPS == 5
+    assert SpatialAwareInit(inversion_steps=2).depth(scheduler, steps) == 2
 
 
 def test_user_reference_image(tiny_pipe, tmp_path):
@@ -148,11 +198,28 @@ def test_strip_phrases():
 
 def test_generated_background_of_a_prompt_made_only_of_boxed_phrases(tiny_pipe):
     # Nothing is left once the phrases are removed: the background is an unconditional sample.
+    generator = tiny_pipe.object_generator()
+    asked = []
+
+    class Recording:
+        identity = generator.identity
+
+        def __call__(self, prompts, **kwargs):
+            asked.append(list(prompts))
+            return generator(prompts, **kwargs)
+
+    recording = Recording()
     builder = GeneratedObjects(background="generated", num_inference_steps=2, cache=False)
-    built = builder.build(
-        tiny_pipe.object_generator(), PROMPT, Layout.from_pairs(LAYOUT), height=32, width=32, generator=None
-    )
-    assert built.image.size == (32, 32)
+    layout = Layout.from_pairs(LAYOUT)
+    built = builder.build(recording, PROMPT, layout, height=32, width=32, generator=None)
+    assert asked[0] == [""]  # the background: the empty prompt
+    assert asked[1] == ["a red circle on a white background", "a blue square on a white background"]
+    (unconditional,) = generator([""], height=32, width=32, num_inference_steps=2, guidance_scale=7.5, seed=0)
+    expected = np.clip(unconditional.image, 0, 1)
+    outside = ~built.object_masks.any(0)  # what no object covers is that unconditional sample
+    assert outside.any()
+    pixels = np.asarray(built.image, dtype=np.float32)[outside] / 255
+    np.testing.assert_allclose(pixels, expected[outside], atol=1 / 255 + 1e-6)
 
 
 def test_processors_restored_even_after_an_error(tiny_pipe):
@@ -209,14 +276,21 @@ def test_bad_inputs_raise_clear_errors(tiny_pipe, kwargs, error, match):
         tiny_pipe(**args)
 
 
-def test_from_pretrained_folder_and_builtin_resolution(tiny_pipe_dir):
-    pipe = SaltPipeline.from_pretrained(tiny_pipe_dir)
+def test_from_pretrained_folder_and_builtin_resolution(tiny_pipe, tiny_pipe_dir):
+    pipe = SaltPipeline.from_pretrained(tiny_pipe_dir)  # the folder tiny_pipe was saved to
     assert type(pipe) is SaltPipeline
-    saved = SaltPipeline.from_pretrained(tiny_pipe_dir).unet.state_dict()
-    assert all(torch.equal(v, saved[k]) for k, v in pipe.unet.state_dict().items())
-    assert (
-        pipe.tokenizer("red circle").input_ids
-        == SaltPipeline.from_pretrained(tiny_pipe_dir).tokenizer("red circle").input_ids
+    for name in ("unet", "vae", "text_encoder"):  # the saved weights, not a fresh initialization
+        saved = getattr(tiny_pipe, name).state_dict()
+        loaded = getattr(pipe, name).state_dict()
+        assert loaded.keys() == saved.keys(), name
+        assert all(torch.equal(loaded[k], v) for k, v in saved.items()), name
+    assert pipe.tokenizer("red circle").input_ids == tiny_pipe.tokenizer("red circle").input_ids
+    assert type(pipe.scheduler) is type(tiny_pipe.scheduler)
+    public = lambda config: {k: v for k, v in config.items() if not k.startswith("_")}  # noqa: E731
+    assert public(pipe.scheduler.config) == public(tiny_pipe.scheduler.config)
+    images = dict(init="random", guidance="none", seed=0, output_type="np", **FAST)
+    np.testing.assert_array_equal(
+        pipe(PROMPT, LAYOUT, **images).images, tiny_pipe(PROMPT, LAYOUT, **images).images
     )
     builtin = SaltPipeline.from_pretrained("builtin:shapes")  # shipped fp16, loaded whole in fp32
     assert {builtin.unet.dtype, builtin.text_encoder.dtype, builtin.vae.dtype} == {torch.float32}

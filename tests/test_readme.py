@@ -99,3 +99,63 @@ def test_generate_help_runs():
 
     assert [c for c in saltdiff_commands() if c[:2] == ["generate", "--help"]]
     assert main(["generate", "--help"]) == 0
+
+
+# -- the docs stand on their own -------------------------------------------------------------------
+ROOT = README.parent
+
+
+def test_the_docs_link_only_to_files_inside_the_repository():
+    docs = [ROOT / "README.md", ROOT / "DEVELOPERS.md", *sorted((ROOT / "docs").glob("*.md"))]
+    for doc in docs:
+        text = doc.read_text(encoding="utf-8")
+        targets = re.findall(r"\]\(([^)#\s]+)", text)  # markdown links and images
+        targets += re.findall(r"`((?:\.\./|/)[\w./-]+\.md)`", text)  # a path to another document
+        for target in targets:
+            if re.match(r"[a-z]+://", target):
+                continue
+            path = (doc.parent / target).resolve()
+            assert path.is_relative_to(ROOT), (doc.name, target)  # nothing outside the repository
+            assert path.exists(), (doc.name, target)
+
+
+def test_code_comments_cite_no_tracker_issue_numbers():
+    for path in sorted((ROOT / "src").rglob("*.py")) + sorted((ROOT / "scripts").glob("*.py")):
+        text = path.read_text(encoding="utf-8")
+        assert not re.search(r"\bissue #?\d+", text, re.I), (
+            path
+        )  # the reader has no tracker: say what it found
+
+
+def test_the_code_references_in_docstrings_resolve():
+    import importlib
+
+    found = 0
+    for path in sorted((ROOT / "src").rglob("*.py")):
+        text = path.read_text(encoding="utf-8")
+        for name in re.findall(r":(?:func|class|meth|data|mod|attr):`~?(saltdiff\.[\w.]+)`", text):
+            parts = name.split(".")
+            for i in range(len(parts), 0, -1):
+                try:
+                    obj, rest = importlib.import_module(".".join(parts[:i])), parts[i:]
+                    break
+                except ImportError:
+                    continue
+            for attr in rest:
+                assert hasattr(obj, attr), (path.name, name)
+                obj = getattr(obj, attr)
+            found += 1
+    assert found > 20
+
+
+def test_the_architecture_flow_has_the_calls_stages_in_the_codes_order():
+    flow = (ROOT / "docs" / "architecture.md").read_text(encoding="utf-8")
+    flow = flow[flow.index("SaltPipeline.__call__\n") :]  # the numbered stages of the flow
+    code = (ROOT / "src" / "saltdiff" / "salt_mixin.py").read_text(encoding="utf-8")
+    code = code[code.index("def __call__") :]
+    stages = [("scheduler.set_timesteps", "self.scheduler.set_timesteps(")]
+    stages += [("initial latents: init(", "self._init_latents("), ("denoising.denoise", "self._denoise(")]
+    stages += [("decode (", "self._decode(")]
+    in_docs = [flow.index(doc) for doc, _ in stages]
+    in_code = [code.index(call) for _, call in stages]
+    assert in_docs == sorted(in_docs) and in_code == sorted(in_code)

@@ -118,7 +118,11 @@ def test_files_without_a_readable_recipe_get_a_message_that_fits_them(tmp_path):
     plain = tmp_path / "plain.png"
     Image.new("RGB", (8, 8)).save(plain)
     assert "carries no saltdiff recipe (not made by saltdiff" in refused(plain)
-    for fmt, name in (("JPEG", "photo.jpg"), ("WEBP", "photo.webp")):
+    for fmt, name in (("JPEG", "photo.jpg"), ("WEBP", "photo.webp")):  # formats saltdiff writes
+        path = tmp_path / name
+        Image.new("RGB", (8, 8)).save(path, format=fmt)
+        assert "carries no saltdiff recipe (not made by saltdiff" in refused(path)
+    for fmt, name in (("BMP", "photo.bmp"), ("GIF", "photo.gif")):  # formats that never hold one
         path = tmp_path / name
         Image.new("RGB", (8, 8)).save(path, format=fmt)
         message = refused(path)

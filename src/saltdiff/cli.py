@@ -61,7 +61,12 @@ def build_parser() -> Parser:
         action="store_true",
         help="run a height or width more than 4x the model's trained size (refused otherwise: slow)",
     )
-    gen.add_argument("--out", default="out.png", help="output PNG, recipe in its metadata")
+    gen.add_argument(
+        "--out",
+        default="out.png",
+        help="output image, in the format of its extension (.png, .jpg/.jpeg, .webp: lossless), the recipe "
+        "in its metadata",
+    )
     gen.add_argument(
         "--overlay",
         action="store_true",
@@ -115,15 +120,21 @@ def build_request(args):
 
 
 def cmd_generate(args) -> int:
-    from .loading import check_image_size, load_pipeline
+    from .loading import check_image_size, load_pipeline, resolve_device_dtype
+    from .preflight import check_before_loading
+    from .request import image_format
     from .viz import overlay_figure
 
     request = build_request(args)
+    image_format(args.out)  # an extension saltdiff cannot write: one line, before any work
     out_dir = os.path.dirname(os.path.abspath(args.out))
     if not os.path.isdir(out_dir):
         raise CliError(f"output folder {out_dir!r} does not exist")
+    resolve_device_dtype(args.device, args.dtype)  # an unknown or missing device: one line, now
+    check_before_loading(args.model, request, force=args.force)  # config files only: no waiting for weights
     pipe = load_pipeline(args.model, device=args.device, dtype=args.dtype)  # quiet: no loading bars
     check_image_size(pipe, args.height, args.width, force=args.force)
+    request = request.resolved(pipe.scheduler)  # e.g. the inversion depth --steps allows, for the recipe
     if args.quiet:
         pipe.set_progress_bar_config(disable=True)
     start = time.perf_counter()
@@ -152,8 +163,21 @@ def save_png(image, path: str) -> str:
     return path
 
 
+def _log_to_stderr() -> None:
+    """saltdiff's warnings as ``saltdiff: WARNING: ...`` lines on stderr, once. Only saltdiff's
+    logger gets the handler: other libraries' records keep their own handlers (a handler on the
+    root logger printed each of huggingface_hub's warnings a second time)."""
+    if not any(getattr(h, "_saltdiff_cli", False) for h in logger.handlers):
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("saltdiff: %(levelname)s: %(message)s"))
+        handler._saltdiff_cli = True  # type: ignore[attr-defined]
+        logger.addHandler(handler)
+    if logger.level == logging.NOTSET:
+        logger.setLevel(logging.WARNING)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    logging.basicConfig(level=logging.WARNING, format="saltdiff: %(levelname)s: %(message)s")
+    _log_to_stderr()
     parser = build_parser()
     try:
         args = parser.parse_args(argv)

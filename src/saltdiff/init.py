@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
@@ -99,7 +99,7 @@ def inversion_memo_key(init: SpatialAwareInit, pipe, image: Image.Image, text: s
         image.size,
         digest.hexdigest(),
         text,
-        init.inversion_steps,
+        init.depth(pipe.scheduler, steps),
         steps,
         init.start_skip(pipe.scheduler, steps),
         type(pipe.scheduler).__name__,
@@ -114,6 +114,18 @@ def _grid_fits(scheduler, steps: int, end: int) -> bool:
     except ValueError:
         return False
     return True
+
+
+#: The inversion depth of an unset ``inversion_steps`` wherever the sampler's first timestep allows it.
+DEFAULT_INVERSION_STEPS = 5
+
+
+def default_inversion_steps(scheduler, end_timestep: int, most: int = DEFAULT_INVERSION_STEPS) -> int:
+    """The depth an unset ``inversion_steps`` takes: ``most`` (5), or the largest fewer steps whose
+    grid can end at ``end_timestep`` (few sampling steps start low, and ``DDIMInverseScheduler``
+    steps by ``1000 // K``; e.g. SD's 4-step "leading" sampler starts at 751: 4 steps). One step
+    always fits, so this never fails; at 25 or 50 steps it is 5."""
+    return next((k for k in range(most, 1, -1) if _grid_fits(scheduler, k, end_timestep)), 1)
 
 
 @dataclass
@@ -138,7 +150,9 @@ class SpatialAwareInit:
     background (95 % right, was 29 %), its unboxed objects (77 %, was 12 %) and the seed (no two
     seeds alike, was every pair identical).
 
-    ``inversion_steps`` trades layout for freedom: with SALT guidance on the built-in model
+    ``inversion_steps`` trades layout for freedom (unset, ``None``: 5 steps, or fewer where the
+    sampler's first timestep is too low for 5, see :func:`default_inversion_steps` and
+    :meth:`depth`; an explicit value that cannot end there is refused by :meth:`check_steps`): with SALT guidance on the built-in model
     (``saltdiff study inversion-steps``, 50 layouts, white reference, shipped grounded weights)
     1 / 5 / 10 / 25 steps gave mIoU 0.840 / 0.826 / 0.772 / 0.716, mAP@0.5 0.959 / 0.970 / 0.906 /
     0.824 and text alignment 0.840 / 0.840 / 0.840 / 0.894; 5 has the best mAP@0.5, 1 nearly copies
@@ -146,7 +160,7 @@ class SpatialAwareInit:
     """
 
     reference: ReferenceBuilder = field(default_factory=GeneratedObjects)
-    inversion_steps: int = 5
+    inversion_steps: int | None = None
     inversion_prompt: str = "empty"
     noise_outside: float = 1.0
     noise_inside: float = 0.0
@@ -203,10 +217,8 @@ class SpatialAwareInit:
             pipe.scheduler,
             z0.to(pipe.unet.dtype),
             embeds,
-            num_inference_steps=self.inversion_steps,
-            end_timestep=sampler_start_timestep(
-                pipe.scheduler, num_inference_steps, self.start_skip(pipe.scheduler, num_inference_steps)
-            ),
+            num_inference_steps=self.depth(pipe.scheduler, num_inference_steps),
+            end_timestep=self.end_timestep(pipe.scheduler, num_inference_steps),
             noise_scale=self.inversion_noise_scale,
             generator=generator,
             unet_kwargs=unet_kwargs,
@@ -218,12 +230,29 @@ class SpatialAwareInit:
         start's own noise (the layout) at level ``sigma``; none under a deterministic one."""
         return ancestral_start_skip(scheduler, num_inference_steps, self.ancestral_skip)
 
-    def check_steps(self, scheduler, num_inference_steps: int) -> None:
-        """One line, before any work, when ``inversion_steps`` cannot end at the sampler's first
-        timestep (few sampling steps start low; ``DDIMInverseScheduler`` steps by 1000 // K)."""
-        end = sampler_start_timestep(
+    def end_timestep(self, scheduler, num_inference_steps: int) -> int:
+        """Where the inversion ends: the timestep sampling starts at (after :meth:`start_skip`)."""
+        return sampler_start_timestep(
             scheduler, num_inference_steps, self.start_skip(scheduler, num_inference_steps)
         )
+
+    def depth(self, scheduler, num_inference_steps: int) -> int:
+        """The inversion steps this call uses: ``inversion_steps``, or when it is unset
+        :func:`default_inversion_steps` for the sampler's first timestep at ``num_inference_steps``."""
+        if self.inversion_steps is not None:
+            return self.inversion_steps
+        return default_inversion_steps(scheduler, self.end_timestep(scheduler, num_inference_steps))
+
+    def resolved(self, scheduler, num_inference_steps: int) -> SpatialAwareInit:
+        """A copy with an unset ``inversion_steps`` set to :meth:`depth` (what a recipe records)."""
+        return replace(self, inversion_steps=self.depth(scheduler, num_inference_steps))
+
+    def check_steps(self, scheduler, num_inference_steps: int) -> None:
+        """One line, before any work, when an explicit ``inversion_steps`` cannot end at the sampler's
+        first timestep (few sampling steps start low; ``DDIMInverseScheduler`` steps by 1000 // K)."""
+        if self.inversion_steps is None:
+            return  # the default depth always fits
+        end = self.end_timestep(scheduler, num_inference_steps)
         if not _grid_fits(scheduler, self.inversion_steps, end):
             fits = [k for k in range(1, self.inversion_steps) if _grid_fits(scheduler, k, end)]
             raise ValueError(
@@ -256,7 +285,7 @@ class SpatialAwareInit:
         latents = to_sampler_space(pipe.scheduler, latents, num_inference_steps, skip)
         info = {
             "init": "salt",
-            "inversion_steps": self.inversion_steps,
+            "inversion_steps": self.depth(pipe.scheduler, num_inference_steps),
             "inversion_prompt": self.inversion_prompt,
             "start_skip": skip,
         }

@@ -26,6 +26,7 @@ from .checkpoints import (  # noqa: F401  (re-exported: loading is where users l
     resolve_model,
     weights_stamp,
 )
+from .preflight import MAX_SIZE_FACTOR, check_trained_size  # noqa: F401  (MAX_SIZE_FACTOR re-exported)
 
 if TYPE_CHECKING:  # pragma: no cover
     from .pipeline import SaltPipeline
@@ -33,8 +34,6 @@ if TYPE_CHECKING:  # pragma: no cover
 logger = logging.getLogger(__name__)
 
 DTYPES = ("float32", "float16", "bfloat16")
-#: An image side more than this many times the model's trained size is refused unless forced.
-MAX_SIZE_FACTOR = 4
 #: Signs, anywhere in a load error's chain, that the Hub could not be reached (or may not be).
 _OFFLINE = re.compile(
     r"Connect(ion)?Error|ConnectTimeout|ReadTimeout|Name or service not known|Temporary failure in name "
@@ -54,6 +53,14 @@ def resolve_device_dtype(
 
     if device is None:
         device = fallback_device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        kind = torch.device(device).type
+    except (RuntimeError, TypeError, ValueError):
+        raise ValueError(
+            f"device {device!r} is not a device torch knows: use cpu, cuda, cuda:N (a GPU's index) or mps"
+        ) from None
+    if kind == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"device {device!r} requested but MPS (Apple GPU) is not available on this machine")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"device {device!r} requested but CUDA is not available on this machine")
     if dtype is None:
@@ -112,6 +119,57 @@ def load_error_message(model: str, exc: BaseException) -> str:
     return f"cannot load model {model!r}: {first}"
 
 
+#: Seconds :func:`hub_reachable` waits for the Hub to accept a connection.
+HUB_PROBE_TIMEOUT = 3.0
+
+
+def hub_reachable(timeout: float = HUB_PROBE_TIMEOUT) -> bool:
+    """Whether the Hugging Face Hub's endpoint accepts a TCP connection within ``timeout`` seconds:
+    one try, where ``huggingface_hub`` would retry five times over 30 s before failing. ``False``
+    under ``HF_HUB_OFFLINE``; ``True`` when a proxy is configured (only the proxy knows)."""
+    import socket
+    from urllib.parse import urlsplit
+
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return False
+    if any(os.environ.get(k) for k in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return True
+    url = urlsplit(constants.ENDPOINT)
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        socket.create_connection((url.hostname, port), timeout=timeout).close()
+    except OSError:
+        return False
+    return True
+
+
+def offline_message(model: str) -> str:
+    """One line for a hub id that is neither cached nor reachable: what to pass instead."""
+    return (
+        f"cannot load model {model!r}: it is not in the local Hugging Face cache and the Hub cannot be "
+        "reached (no network, or HF_HUB_OFFLINE is set); pass a local diffusers folder "
+        "(--model /path/to/folder), download it where there is network "
+        f"(huggingface-cli download {model}), or use builtin:shapes"
+    )
+
+
+def hub_files_only(model: str) -> bool:
+    """For a hub id: whether to load it from the local cache only (the Hub is unreachable and the
+    cache holds it); a one-line :class:`ModelLoadError` when it is neither reachable nor cached.
+    ``False`` for a folder or a ``builtin:`` name, and for a hub id while the Hub answers."""
+    from .preflight import local_model_folder
+
+    path = resolve_model(model)
+    if os.path.isdir(os.path.expanduser(path)) or hub_reachable():
+        return False
+    folder = local_model_folder(model)
+    if folder is None or not os.path.isfile(os.path.join(folder, "model_index.json")):
+        raise ModelLoadError(offline_message(model))
+    return True
+
+
 def model_family_of(model: str) -> str:
     """``"sd"`` or ``"sdxl"`` from the model's ``model_index.json`` (a folder, a cached hub id, or, for a
     hub id not cached yet, that one file fetched first); another family is refused in one line."""
@@ -144,6 +202,7 @@ def load_pipeline(
     device, dtype = resolve_device_dtype(device, dtype, fallback_device)
     if model.startswith((".", "/", "~")) and not os.path.exists(os.path.expanduser(model)):
         raise ModelLoadError(f"model folder {model!r} does not exist")
+    cache_only = hub_files_only(model)  # offline: the local cache at once, no retries
     with quiet_loading():
         family = model_family_of(model)
         if family == "sdxl":
@@ -151,8 +210,9 @@ def load_pipeline(
         else:
             from .pipeline import SaltPipeline as pipeline_class
 
+        extra = {"local_files_only": True} if cache_only else {}
         try:
-            pipe = pipeline_class.from_pretrained(model, **{dtype_keyword(): getattr(torch, dtype)})
+            pipe = pipeline_class.from_pretrained(model, **{dtype_keyword(): getattr(torch, dtype)}, **extra)
         except OSError as exc:
             raise ModelLoadError(load_error_message(model, exc)) from exc
         pipe = pipe.to(device)  # diffusers' "float16 ... cannot run with cpu" is silenced: it runs
@@ -170,12 +230,4 @@ def check_image_size(pipe, height: int | None, width: int | None, *, force: bool
     Such a run takes minutes (the cost grows with the pixel count, attention with its square) and
     asks for what the model never saw; ``force=True`` (``--force``) runs it anyway.
     """
-    trained = pipe.unet.config.sample_size * pipe.vae_scale_factor
-    limit = MAX_SIZE_FACTOR * trained
-    sides = (("height", height), ("width", width))
-    over = [f"{name} {value}" for name, value in sides if (value or 0) > limit]
-    if over and not force:
-        raise ValueError(
-            f"{' and '.join(over)} is more than {MAX_SIZE_FACTOR}x the size this model was trained at "
-            f"({trained}, so at most {limit}): pass --force (API: force=True) to run it anyway"
-        )
+    check_trained_size(pipe.unet.config.sample_size * pipe.vae_scale_factor, height, width, force=force)

@@ -375,7 +375,16 @@ INITIALIZERS.register(
         "saltdiff.init:SpatialAwareInit",
         "spatial-aware init: DDIM inversion of a reference image of the layout",
         params=(
-            Param("inversion_steps", 5, "DDIM inversion steps up to the sampler's first timestep", minimum=1),
+            Param(
+                "inversion_steps",
+                None,
+                "DDIM inversion steps up to the sampler's first timestep (default: 5, or as many as "
+                "fit when few sampling steps start too low for 5, e.g. 4 at 4 steps; the recipe "
+                "records the value used)",
+                kind=int,
+                optional=True,
+                minimum=1,
+            ),
             Param(
                 "inversion_prompt",
                 "empty",

@@ -14,7 +14,7 @@ import json
 import math
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from PIL import Image, PngImagePlugin, UnidentifiedImageError
@@ -199,6 +199,26 @@ class GenerationRequest:
         with self.using_scheduler(pipe):
             return pipe(self.prompt, self.layout, **self.pipeline_kwargs(), **extra)
 
+    def resolved(self, scheduler) -> GenerationRequest:
+        """This request with the initializer params it leaves to the sampler filled in, as a run on a
+        model whose scheduler is ``scheduler`` sets them (this request's sampler is built from its
+        config): an unset ``inversion_steps`` becomes the depth :class:`~saltdiff.init.SpatialAwareInit`
+        uses at these steps. Run and save the resolved request, and the recipe records the value used."""
+        from .samplers import make_scheduler, scheduler_name
+
+        init = self.build_init()
+        resolve = getattr(init, "resolved", None)
+        unset = [k for k, v in self.init_entry.resolve(self.init_params).items() if v is None]
+        if resolve is None or not unset:
+            return self
+        if scheduler_name(scheduler) != self.scheduler:
+            scheduler = make_scheduler(self.scheduler, scheduler.config)
+        concrete = resolve(scheduler, self.num_inference_steps)
+        filled = {k: getattr(concrete, k) for k in unset if getattr(concrete, k, None) is not None}
+        if not filled:
+            return self
+        return replace(self, init_params={**self.init_params, **filled})
+
     # -- the recipe ----------------------------------------------------------------------------------
     def method(self) -> dict[str, Any]:
         """The method part of the recipe (initializer, reference, guidance) with every default filled."""
@@ -313,9 +333,10 @@ class GenerationRequest:
         )
 
     def save_png(self, image: Image.Image, path: str, **extra: Any) -> dict[str, Any]:
-        """Save ``image`` with this request's recipe (plus ``extra``) in a PNG text chunk; returns it."""
+        """Save ``image`` with this request's recipe (plus ``extra``); returns it. The format is the
+        extension's (:func:`write_image`: PNG, or JPEG / lossless WebP with the recipe in EXIF)."""
         recipe = self.recipe(**{"height": image.height, "width": image.width, **extra})
-        write_png(image, path, recipe)
+        write_image(image, path, recipe)
         return recipe
 
     @classmethod
@@ -334,11 +355,43 @@ def write_png(image: Image.Image, path: str | os.PathLike, recipe: Mapping[str, 
     atomic_write(path, lambda fh: image.save(fh, format="PNG", pnginfo=info))
 
 
-def read_recipe(path_or_image) -> dict[str, Any]:
-    """The recipe (a JSON object) stored in a PNG written by saltdiff; a path or an open image.
+#: Output formats by file extension (:func:`write_image`).
+IMAGE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
+#: The EXIF tag (ImageDescription) that holds the recipe in a JPEG or WebP file.
+EXIF_RECIPE_TAG = 0x010E
 
-    ``ValueError`` naming the file when it is not an image, not a PNG, has no recipe, or its recipe
-    is not a JSON object; ``OSError`` (naming it) when it cannot be read.
+
+def image_format(path: str) -> str:
+    """The format ``path``'s extension names (:data:`IMAGE_FORMATS`), or a one-line ``ValueError``."""
+    ext = os.path.splitext(str(path))[1].lower()
+    if ext not in IMAGE_FORMATS:
+        raise ValueError(
+            f"cannot write {str(path)!r}: its extension {ext or '(none)'!r} is not one of "
+            f"{', '.join(IMAGE_FORMATS)} (the format follows the extension)"
+        )
+    return IMAGE_FORMATS[ext]
+
+
+def write_image(image: Image.Image, path: str, recipe: Mapping[str, Any]) -> None:
+    """Save ``image`` in the format of ``path``'s extension with ``recipe``: PNG (text chunk), JPEG
+    (quality 95, no chroma subsampling) or WebP (lossless), both with the recipe in EXIF ImageDescription."""
+    fmt = image_format(path)
+    if fmt == "PNG":
+        write_png(image, path, recipe)
+        return
+    exif = Image.Exif()
+    exif[EXIF_RECIPE_TAG] = f"{RECIPE_KEY}:{json.dumps(recipe, sort_keys=True)}"  # ASCII: JSON escapes
+    options = {"quality": 95, "subsampling": 0} if fmt == "JPEG" else {"lossless": True}
+    rgb = image.convert("RGB")
+    atomic_write(path, lambda fh: rgb.save(fh, format=fmt, exif=exif.tobytes(), **options))
+
+
+def read_recipe(path_or_image) -> dict[str, Any]:
+    """The recipe (a JSON object) stored in an image written by saltdiff (PNG text chunk, or JPEG/WebP
+    EXIF ImageDescription); a path or an open image.
+
+    ``ValueError`` naming the file when it is not an image, a format that holds no recipe, has no
+    recipe, or its recipe is not a JSON object; ``OSError`` (naming it) when it cannot be read.
     """
     source = _source_name(path_or_image)
     if isinstance(path_or_image, Image.Image):
@@ -348,19 +401,23 @@ def read_recipe(path_or_image) -> dict[str, Any]:
             return _recipe_of(image, source)
     except UnidentifiedImageError:
         raise ValueError(
-            f"{source!r} is not an image; a saltdiff recipe is read from the PNG it made"
+            f"{source!r} is not an image; a saltdiff recipe is read from the PNG, JPEG or WebP it made"
         ) from None
 
 
 def _recipe_of(image: Image.Image, source: str) -> dict[str, Any]:
     kind = image.format or "image"
-    if kind != "PNG" and RECIPE_KEY not in image.info:
+    if kind not in set(IMAGE_FORMATS.values()) and RECIPE_KEY not in image.info:
         raise ValueError(
             f"{source!r} is a {kind} file, which carries no saltdiff recipe: saltdiff stores the recipe "
-            "in the text chunk of the PNG it writes (--out x.png)"
+            "in the PNG, JPEG or WebP it writes (--out x.png)"
         )
     text = getattr(image, "text", {}).get(RECIPE_KEY) if kind == "PNG" else None
     text = text or image.info.get(RECIPE_KEY)
+    if text is None and kind != "PNG":
+        description = image.getexif().get(EXIF_RECIPE_TAG)
+        if isinstance(description, str) and description.startswith(f"{RECIPE_KEY}:"):
+            text = description[len(RECIPE_KEY) + 1 :]
     if text is None:
         raise ValueError(
             f"{source!r} carries no saltdiff recipe (not made by saltdiff, or its metadata was removed)"

@@ -47,6 +47,7 @@ from .ip_adapter import ip_adapter_off
 from .layout import Layout
 from .object_generator import PipelineObjectGenerator
 from .pipeline_output import SaltOutput
+from .preflight import check_image_sides, check_steps_and_scale, size_multiple
 from .reference import GeneratedObject, boxed_phrases_prompt, strip_phrases
 from .samplers import check_supported, ddim_twin, set_sampler_timesteps
 from .vocabulary import ModelVocabulary, load_vocabulary, warn_unknown_words
@@ -130,20 +131,9 @@ class SaltMixin:
             raise TypeError(f"prompt must be a string (one prompt per call), got {type(prompt).__name__}")
         check_component_dtypes(self)
         self._fit_tokenizers()  # pipelines built by hand or from_pipe
-        multiple = self.vae_scale_factor * 2 ** (len(self.unet.config.down_block_types) - 1)
-        for name, value in (("height", height), ("width", width)):
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0 or value % multiple:
-                raise ValueError(
-                    f"{name} must be a positive multiple of {multiple} for this model, got {value!r}"
-                )
-        if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
-            raise ValueError(f"num_inference_steps must be an integer >= 1, got {num_inference_steps!r}")
-        if (
-            not isinstance(guidance_scale, (int, float))
-            or not np.isfinite(guidance_scale)
-            or guidance_scale < 0
-        ):
-            raise ValueError(f"guidance_scale must be a finite number >= 0, got {guidance_scale!r}")
+        multiple = size_multiple(self.vae_scale_factor, len(self.unet.config.down_block_types))
+        check_image_sides(height, width, multiple)
+        check_steps_and_scale(num_inference_steps, guidance_scale)
         if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
             raise ValueError(f"num_images_per_prompt must be an integer >= 1, got {num_images_per_prompt!r}")
         if output_type not in OUTPUT_TYPES:
@@ -348,6 +338,8 @@ class SaltMixin:
             clip_skip: text-encoder layers to skip, as in diffusers.
             reference_image: a whole reference image for ``init="salt"`` (instead of generated objects).
             inversion_steps: override ``SpatialAwareInit.inversion_steps`` for ``init="salt"``.
+            return_dict: ``False`` returns ``(images, nsfw_content_detected)`` as diffusers does; the
+                reference image, latent, losses and maps are on the ``SaltOutput`` only.
             return_attention_maps: also return per-phrase attention maps averaged over steps.
             callback_on_step_end: a function ``(pipe, i, t, tensors) -> dict`` or a diffusers
                 ``PipelineCallback``; ``prompt_embeds`` is diffusers' CFG batch (negative rows first).
@@ -502,8 +494,8 @@ class SaltMixin:
             nsfw_content_detected=nsfw,
             info={**init_result.info, "guidance": guidance.to_dict()},
         )
-        if not return_dict:
-            return (output.images, output.reference_image)
+        if not return_dict:  # diffusers' tuple; the reference image and the rest are on SaltOutput
+            return (output.images, output.nsfw_content_detected)
         return output
 
 

@@ -11,8 +11,8 @@ Every sampler's ``scale_model_input(x, t)`` is linear in ``x``: it multiplies by
 (1 for VP samplers). :func:`model_input_scale` reads that factor from the scheduler itself, and
 :func:`to_sampler_space` divides a VP latent by it at the sampler's first timestep, so the
 conversion holds for any scheduler that follows diffusers' convention, registered or not. Guided
-updates use the same factor to take their gradient steps in VP space (see ``SaltPipeline._denoise``),
-so a step size means the same thing under every sampler.
+updates use the same factor to take their gradient steps in VP space (see
+:func:`saltdiff.denoising.denoise`), so a step size means the same thing under every sampler.
 
 Ancestral samplers (Euler a) add fresh noise at every step: from ``sigma`` to ``sigma'`` the noise
 ``x`` carries is ``sigma'^2 / sigma`` of the old one plus fresh noise, so of the start's own noise --
@@ -21,7 +21,9 @@ where DDIM inversion puts the reference's layout -- only ``sigma / sigma_start``
 sampler lower keeps more: :func:`ancestral_start_skip` is how many of the noisiest steps of a
 ``steps + k`` schedule SALT's start skips, :func:`set_sampler_timesteps` sets that schedule the way
 diffusers' img2img does (``set_begin_index``) and returns the timesteps to run, and
-``sampler_start_timestep`` / ``to_sampler_space`` take the same ``skip``. ``scripts/sampler_variants.py`` and issue #12's report have the numbers.
+``sampler_start_timestep`` / ``to_sampler_space`` take the same ``skip``. The measurements behind
+the default (``ancestral_skip`` 0.14) are in ``benchmarks/RESULTS.md`` ("``salt`` under each
+sampler"); ``scripts/sampler_variants.py`` reruns the probes.
 """
 
 from __future__ import annotations

@@ -11,6 +11,7 @@ gradio finds the ``gr.Request`` and ``gr.Progress`` parameters of a handler by t
 """
 
 import logging
+import re
 import tempfile
 import threading
 from collections.abc import Mapping
@@ -27,6 +28,7 @@ from .requests import (
     BACKGROUND,
     DEFAULT_STEPS,
     INVERSION_STEPS,
+    INVERSION_STEPS_AUTO,
     MAX_CFG,
     MAX_INVERSION_STEPS,
     MAX_OUTSIDE_PROMPT_STEPS,
@@ -71,7 +73,7 @@ CONTROL_DEFAULTS = {
     "steps": DEFAULT_STEPS,
     "cfg": 7.5,
     "seed": 0,
-    "inversion_steps": INVERSION_STEPS.default,
+    "inversion_steps": INVERSION_STEPS_AUTO,
     "compare": False,
     "object_steps": OBJECT_STEPS.default,
     "background": BACKGROUND.default,
@@ -99,6 +101,18 @@ def launch_kwargs(host: str, port: int) -> dict:
         "show_error": True,
         "inbrowser": False,
     }
+
+
+#: The loss plot's legend title (each entry reads "<init> init: layout energy / guidance loss").
+LOSS_LEGEND_TITLE = "curve"
+_MARKDOWN_SPECIAL = re.compile(r"([\\`*_{}\[\]()<>#+!|~])")
+
+
+def status_markdown(text: str, *, failed: bool = False) -> str:
+    """The status line as Markdown: ``text`` shown literally (``inversion_steps`` keeps its
+    underscores), prefixed with "Not generated:" when ``failed``."""
+    escaped = _MARKDOWN_SPECIAL.sub(r"\\\1", text)
+    return f"**Not generated:** {escaped}" if failed else escaped
 
 
 def registry_help(registry: Registry) -> str:
@@ -202,7 +216,14 @@ def build_app(
         except Exception as exc:
             if not isinstance(exc, (ValueError, TypeError, OSError, GenerationCancelled)):
                 logger.exception("generation failed")
-            raise gr.Error(user_message(exc), print_exception=False) from None
+            message = user_message(exc)
+            # A toast and the status line; the outputs keep what they showed. (Raising gr.Error
+            # marked every output component with a red "Error" badge besides the toast.)
+            if isinstance(exc, GenerationCancelled):
+                gr.Info(message)
+            else:
+                gr.Warning(message, title="Not generated")
+            return (*[gr.skip()] * (len(outputs) - 1), status_markdown(message, failed=True))
         gen = req.generation
         inits = f"{RANDOM_INIT} vs {gen.init}" if req.compare else gen.init
         status = (
@@ -217,7 +238,7 @@ def build_app(
             result.losses_frame(),
             gr.update(value=result.compare, visible=req.compare),
             result.png_path,
-            status,
+            status_markdown(status),
         )
 
     def cancel(request: gr.Request):
@@ -292,12 +313,12 @@ def build_app(
                         d["seed"], precision=0, minimum=0, maximum=MAX_SEED, label="Seed", elem_id="seed"
                     )
                     inv_steps = gr.Slider(
-                        INVERSION_STEPS.minimum or 1,
+                        INVERSION_STEPS_AUTO,
                         MAX_INVERSION_STEPS,
                         value=d["inversion_steps"],
                         step=1,
                         label="Inversion steps (SALT)",
-                        info=INVERSION_STEPS.help,
+                        info=f"{INVERSION_STEPS_AUTO}: automatic. " + INVERSION_STEPS.help,
                         elem_id="inv-steps",
                     )
                 noise_outside = gr.Slider(
@@ -372,6 +393,9 @@ def build_app(
                     x="step",
                     y="loss",
                     color="series",
+                    x_title="denoising step",
+                    y_title="loss",
+                    color_title=LOSS_LEGEND_TITLE,  # not the frame's column name
                     label="Loss per denoising step",
                     elem_id="loss-plot",
                     height=220,

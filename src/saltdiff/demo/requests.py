@@ -58,6 +58,9 @@ DEFAULT_STEPS = 25
 SALT_INIT = "salt"
 RANDOM_INIT = "random"
 INVERSION_STEPS = INITIALIZERS.get(SALT_INIT).param("inversion_steps")
+#: The page's inversion-steps value that leaves ``inversion_steps`` unset (the registered default:
+#: 5, or as many as fit when few sampling steps start too low for 5); a slider cannot say None.
+INVERSION_STEPS_AUTO = 0
 OBJECT_STEPS = REFERENCE_BUILDERS.get("objects").param("num_inference_steps")
 BACKGROUND = REFERENCE_BUILDERS.get("objects").param("background")
 NOISE_OUTSIDE = INITIALIZERS.get(SALT_INIT).param("noise_outside")
@@ -264,7 +267,7 @@ def validate_request(
     num_inference_steps: Any = DEFAULT_STEPS,
     guidance_scale: Any = 7.5,
     seed: Any = 0,
-    inversion_steps: Any = INVERSION_STEPS.default,
+    inversion_steps: Any = None,
     compare: bool = False,
     use_canvas_as_reference: bool = False,
     object_steps: Any = OBJECT_STEPS.default,
@@ -275,8 +278,8 @@ def validate_request(
 ) -> DemoRequest:
     """Check a request from the page; ``ValueError`` (``LayoutError`` for the layout) names the bad value.
 
-    ``init``, ``guidance`` and ``scheduler`` are registered names; ``inversion_steps`` and ``noise_outside`` go to
-    the initializer when it has those params, ``object_steps`` and ``background`` to the ``objects``
+    ``init``, ``guidance`` and ``scheduler`` are registered names; ``inversion_steps`` (``None`` or
+    :data:`INVERSION_STEPS_AUTO`: unset) and ``noise_outside`` go to the initializer when it has those params, ``object_steps`` and ``background`` to the ``objects``
     reference builder. ``outside_prompt_steps`` (default :data:`~saltdiff.guidance.OUTSIDE_PROMPT_STEPS`)
     goes to the guidance config; with guidance ``"none"`` it is dropped (plain sampling, 0 steps), as
     the SALT-only fields are under random init.
@@ -295,7 +298,9 @@ def validate_request(
     GUIDANCE_LOSSES.get(guidance)
     SCHEDULERS.get(scheduler)
     steps = _as_int(num_inference_steps, "steps", 1, MAX_STEPS)
-    inv = _as_int(inversion_steps, "inversion steps", _low(INVERSION_STEPS), MAX_INVERSION_STEPS)
+    inv = None
+    if inversion_steps is not None and inversion_steps != INVERSION_STEPS_AUTO:
+        inv = _as_int(inversion_steps, "inversion steps", _low(INVERSION_STEPS), MAX_INVERSION_STEPS)
     seed = _as_int(seed, "seed", 0, MAX_SEED)
     object_steps = _as_int(object_steps, "object steps", _low(OBJECT_STEPS), MAX_STEPS)
     BACKGROUND.check(background, "reference builder 'objects'")
@@ -329,7 +334,9 @@ def validate_request(
     # The page's fields → registered names and params (only those the chosen entry has).
     chosen = SALT_INIT if compare else init
     entry = INITIALIZERS.get(chosen)
-    page_init = {INVERSION_STEPS.name: inv, NOISE_OUTSIDE.name: noise_outside}
+    page_init = {NOISE_OUTSIDE.name: noise_outside}
+    if inv is not None:
+        page_init[INVERSION_STEPS.name] = inv
     init_params = {k: v for k, v in page_init.items() if k in entry.defaults()}
     uses_reference = entry.requires("reference", entry.resolve(init_params))
     if use_canvas_as_reference:
@@ -436,6 +443,7 @@ def run_generation(
     runs: list[RunOutput] = []
     start = time.perf_counter()
     for r, (label, generation) in enumerate(planned):
+        generation = generation.resolved(pipe.scheduler)  # the recipe records what the run used
 
         def callback(_pipe, i, _t, kwargs, r=r, label=label):
             if should_cancel is not None and should_cancel():

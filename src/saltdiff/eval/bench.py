@@ -296,6 +296,7 @@ def generate_record(
         height=config.height,
         width=config.width,
     )
+    request = request.resolved(pipe.scheduler)  # as the method's description records it
     reset_peak_memory(ctx["device"])
     start = time.perf_counter()
     result = request.run(pipe, progress=False)
@@ -392,7 +393,6 @@ def run_bench(config: BenchConfig, pipe=None) -> dict | None:
         cache_dir = os.path.join(os.path.abspath(out), sub)
         shared = replace(shared, reference_params={**shared.reference_params, "cache_dir": cache_dir})
     specs = list(config.methods)
-    descriptions = {spec.name: describe(spec, shared) for spec in specs}
     if pipe is None:
         from ..loading import load_pipeline
 
@@ -402,6 +402,8 @@ def run_bench(config: BenchConfig, pipe=None) -> dict | None:
     from ..loading import check_image_size
 
     check_image_size(pipe, config.height, config.width, force=config.force)
+    sampling = {"num_inference_steps": config.steps, "scheduler": config.scheduler}
+    descriptions = {spec.name: describe(spec, shared, pipe.scheduler, **sampling) for spec in specs}
     device = str(pipe.device)
     dtype = str(pipe.unet.dtype).replace("torch.", "")
     pipe.set_progress_bar_config(disable=True)

@@ -175,7 +175,15 @@ def build_request(spec: MethodSpec, shared: SharedSettings, **sampling: Any):
     )
 
 
-def describe(spec: MethodSpec, shared: SharedSettings) -> dict[str, Any]:
-    """A JSON-able description of the method (stored with every record, checked when a run resumes)."""
-    request = build_request(spec, shared, prompt="-")
+def describe(
+    spec: MethodSpec, shared: SharedSettings, model_scheduler=None, **sampling: Any
+) -> dict[str, Any]:
+    """A JSON-able description of the method (stored with every record, checked when a run resumes).
+
+    With the model's scheduler (``model_scheduler``) and the run's ``sampling`` settings (steps,
+    sampler name), the params a run leaves to the sampler are filled in as the run sets them (an
+    unset ``inversion_steps``)."""
+    request = build_request(spec, shared, prompt="-", **sampling)
+    if model_scheduler is not None:
+        request = request.resolved(model_scheduler)
     return {"name": spec.name, **request.method()}
