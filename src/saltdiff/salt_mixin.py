@@ -108,7 +108,7 @@ class SaltMixin:
             background = None
         tokenizers = [getattr(self, name, None) for name in ("tokenizer", "tokenizer_2", "tokenizer_3")]
         return warn_unknown_words(
-            self.model_name or self.config._name_or_path or type(self).__name__,
+            self.model_name or self.config.get("_name_or_path") or type(self).__name__,
             prompt,
             vocabulary=self.model_vocabulary,
             tokenizers=tokenizers,
