@@ -103,46 +103,6 @@ def test_summarize_pools_boxes_and_recall():
     assert s["ref_iou"] is None and s["n_images"] == 2 and s["final_layout_loss"] == pytest.approx(0.25)
 
 
-def test_map_ignores_objects_the_prompt_names_without_a_box_but_not_other_extras():
-    def record(dets, unboxed):
-        return {
-            "width": 64,
-            "height": 64,
-            "boxes": [{"phrase": "red circle", "box": list(A)}],
-            "detections": [d.to_dict() for d in dets],
-            "unboxed": list(unboxed),
-        }
-
-    right = DetectedBox("red circle", A, 0.5)
-    green = DetectedBox("green square", B, 0.9)  # a confident detection no box asks for
-    copy = DetectedBox("red circle", B, 0.9)  # a second red circle, outside the red circle's box
-    # "green square" is a target class elsewhere, so an unasked-for one is a false positive there
-    other = {"width": 64, "height": 64, "boxes": [{"phrase": "green square", "box": list(B)}], "unboxed": []}
-    other["detections"] = [DetectedBox("green square", B, 0.1).to_dict()]
-
-    def map50(*records):
-        return coco_map(
-            {
-                "width": 64,
-                "height": 64,
-                "targets": [(b["phrase"], b["box"]) for b in r["boxes"]],
-                "detections": map_detections(r),
-            }
-            for r in records
-        )["map50"]
-
-    perfect = map50(record([right], []), other)
-    assert perfect == pytest.approx(1.0)
-    assert map50(record([right, green], ["green square"]), other) == pytest.approx(perfect)  # asked for
-    assert map50(record([right, green], []), other) < 0.9  # not asked for: a false positive
-    # a phrase named once more without a box stands for one more object: one copy is asked for ...
-    assert map50(record([right, copy], ["red circle"]), other) == pytest.approx(perfect)
-    # ... a second is not, and neither is a copy with no unboxed mention
-    copy2 = DetectedBox("red circle", (0.55, 0.55, 0.95, 0.95), 0.8)
-    assert map50(record([right, copy, copy2], ["red circle"]), other) < 0.9
-    assert map50(record([right, copy], []), other) < 0.9
-
-
 def _map_record(dets, boxes, unboxed):
     return {
         "width": 64,
@@ -163,6 +123,29 @@ def _map50(*records):
         }
         for r in records
     )["map50"]
+
+
+def test_map_ignores_objects_the_prompt_names_without_a_box_but_not_other_extras():
+    def record(dets, unboxed):
+        return _map_record(dets, [("red circle", A)], unboxed)
+
+    right = DetectedBox("red circle", A, 0.5)
+    green = DetectedBox("green square", B, 0.9)  # a confident detection no box asks for
+    copy = DetectedBox("red circle", B, 0.9)  # a second red circle, outside the red circle's box
+    # "green square" is a target class elsewhere, so an unasked-for one is a false positive there
+    other = _map_record([DetectedBox("green square", B, 0.1)], [("green square", B)], [])
+    map50 = _map50
+
+    perfect = map50(record([right], []), other)
+    assert perfect == pytest.approx(1.0)
+    assert map50(record([right, green], ["green square"]), other) == pytest.approx(perfect)  # asked for
+    assert map50(record([right, green], []), other) < 0.9  # not asked for: a false positive
+    # a phrase named once more without a box stands for one more object: one copy is asked for ...
+    assert map50(record([right, copy], ["red circle"]), other) == pytest.approx(perfect)
+    # ... a second is not, and neither is a copy with no unboxed mention
+    copy2 = DetectedBox("red circle", (0.55, 0.55, 0.95, 0.95), 0.8)
+    assert map50(record([right, copy, copy2], ["red circle"]), other) < 0.9
+    assert map50(record([right, copy], []), other) < 0.9
 
 
 def test_map_ignores_only_as_many_unboxed_detections_as_the_prompt_names():
