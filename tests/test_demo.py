@@ -533,7 +533,7 @@ def test_the_page_starts_with_the_benchmarks_steps():
     bench = build_parser().parse_args(["bench", "--suite", "shapes", "--out", "x"])
     assert CONTROL_DEFAULTS["steps"] == bench.steps
     readme = (Path(__file__).parents[1] / "README.md").read_text(encoding="utf-8")
-    table = re.search(r"N = 200 held-out layouts[^\n]*?, (\d+) steps", readme)
+    table = re.search(r"N = 200 layouts × 2 seeds[^\n]*?, (\d+) steps", readme)
     assert table is not None and int(table.group(1)) == CONTROL_DEFAULTS["steps"]
 
 

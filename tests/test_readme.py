@@ -69,7 +69,10 @@ def test_bench_defaults_are_the_readme_tables_settings():
     from saltdiff.eval.suites import DEFAULT_N
 
     assert defaults["n"] is None and readme["n"] == DEFAULT_N  # None: the suite's 200 layouts
-    assert {**readme, "n": None} == defaults  # `saltdiff bench --out DIR` makes the README's table
+    # `saltdiff bench --methods M --out DIR` makes the README's table: the test split, its settings;
+    # the table shows the three methods the targets are stated against
+    assert readme["methods"] == "sd,random+salt-loss,salt" and readme["suite"] == "shapes"
+    assert {**readme, "n": None, "methods": defaults["methods"]} == defaults
 
 
 def test_the_first_command_runs_verbatim_and_prints_only_saltdiffs_lines(tmp_path):
