@@ -73,10 +73,10 @@ def boxes_matched(
 
     Greedy one-to-one matching, highest IoU first, so two boxes of one phrase need two detections.
     """
-    return _match_boxes(targets, detections, min_iou)[0]
+    return match_boxes(targets, detections, min_iou)[0]
 
 
-def _match_boxes(
+def match_boxes(
     targets: Sequence[tuple[str, Sequence[float]]], detections: Sequence[DetectedBox], min_iou: float
 ) -> tuple[list[bool], set[int]]:
     """:func:`boxes_matched` and the indices of the detections it used."""
@@ -148,7 +148,7 @@ def match_prompt(
     Boxed targets first, one-to-one (:func:`boxes_matched`), then the unboxed objects among the
     remaining detections (:func:`allowed_unboxed`); the rest are extras.
     """
-    matched, used = _match_boxes(targets, detections, min_iou)
+    matched, used = match_boxes(targets, detections, min_iou)
     for_unboxed = allowed_unboxed(targets, unboxed, detections, used)
     wanted = len(unboxed)
     taken = used | set(for_unboxed)

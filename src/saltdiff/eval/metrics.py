@@ -244,14 +244,14 @@ def _targets(record: dict) -> list[tuple[str, list[float]]]:
 def map_detections(record: dict) -> list[DetectedBox]:
     """The record's detections that mAP scores: all but those that stand for its unboxed objects
     (at most as many per phrase as the prompt names it; see the module docstring)."""
-    from .fidelity import _match_boxes, allowed_unboxed
+    from .fidelity import match_boxes, allowed_unboxed
 
     dets = [DetectedBox.from_dict(d) for d in record["detections"]]
     unboxed = list(record.get("unboxed") or ())
     if not unboxed:
         return dets
     targets = _targets(record)
-    _, used = _match_boxes(targets, dets, 0.5)
+    _, used = match_boxes(targets, dets, 0.5)
     ignored = set(allowed_unboxed(targets, unboxed, dets, used))
     return [d for j, d in enumerate(dets) if j not in ignored]
 
