@@ -244,7 +244,7 @@ def _targets(record: dict) -> list[tuple[str, list[float]]]:
 def map_detections(record: dict) -> list[DetectedBox]:
     """The record's detections that mAP scores: all but those that stand for its unboxed objects
     (at most as many per phrase as the prompt names it; see the module docstring)."""
-    from .fidelity import match_boxes, allowed_unboxed
+    from .fidelity import allowed_unboxed, match_boxes
 
     dets = [DetectedBox.from_dict(d) for d in record["detections"]]
     unboxed = list(record.get("unboxed") or ())
