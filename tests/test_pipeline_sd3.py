@@ -68,13 +68,26 @@ def test_parity_holds_with_embeds_and_without_cfg(base, pipe):
     assert torch.equal(out.images, expected)
     kw = {**FAST, "guidance_scale": 1.0}
     expected = base(PROMPT, generator=torch.Generator().manual_seed(2), output_type="latent", **kw).images
-    assert torch.equal(pipe(PROMPT, init="random", guidance="none", seed=2, output_type="latent", **kw).images, expected)
+    assert torch.equal(
+        pipe(PROMPT, init="random", guidance="none", seed=2, output_type="latent", **kw).images, expected
+    )
 
 
 def test_guidance_lowers_its_loss_and_changes_the_image(pipe):
-    cfg = GuidanceConfig(loss="layout-guidance", guidance_steps=1, guidance_iters=3, loss_threshold=0.0, step_size=200.0)
+    cfg = GuidanceConfig(
+        loss="layout-guidance", guidance_steps=1, guidance_iters=3, loss_threshold=0.0, step_size=200.0
+    )
     plain = pipe(PROMPT, LAYOUT, init="random", guidance="none", seed=1, output_type="np", **FAST)
-    guided = pipe(PROMPT, LAYOUT, init="random", guidance=cfg, seed=1, output_type="np", return_attention_maps=True, **FAST)
+    guided = pipe(
+        PROMPT,
+        LAYOUT,
+        init="random",
+        guidance=cfg,
+        seed=1,
+        output_type="np",
+        return_attention_maps=True,
+        **FAST,
+    )
     history = guided.guidance_losses[0]
     assert len(guided.guidance_losses) == 1 and len(history) == 3 and history[-1] < history[0]
     assert np.abs(guided.images - plain.images).max() > 1e-3
@@ -93,7 +106,13 @@ def test_refusals_are_one_line(pipe):
     with pytest.raises(ValueError, match="inversion_noise_scale"):
         pipe(PROMPT, LAYOUT, init=SpatialAwareInit(inversion_noise_scale=0.1), **FAST)
     with pytest.raises(ValueError, match="also pass the prompt"):
-        pipe(None, LAYOUT, prompt_embeds=torch.zeros(1, 93, 32), pooled_prompt_embeds=torch.zeros(1, 32), **FAST)
+        pipe(
+            None,
+            LAYOUT,
+            prompt_embeds=torch.zeros(1, 93, 32),
+            pooled_prompt_embeds=torch.zeros(1, 32),
+            **FAST,
+        )
 
 
 def test_salt_init_is_the_flow_inversion_of_the_reference(pipe):
@@ -142,7 +161,12 @@ def test_salt_init_with_generated_objects_differs_by_seed_outside_the_objects(pi
 
 def test_generate_objects_gives_images_and_their_phrase_maps(pipe):
     made = pipe.generate_objects(
-        ["a cat", "a dog"], phrases=["cat", "dog"], height=32, width=32, num_inference_steps=2, max_sequence_length=16
+        ["a cat", "a dog"],
+        phrases=["cat", "dog"],
+        height=32,
+        width=32,
+        num_inference_steps=2,
+        max_sequence_length=16,
     )
     assert [m.image.shape for m in made] == [(32, 32, 3)] * 2
     assert made[0].attention.shape == (16, 16) and np.isfinite(made[0].attention).all()

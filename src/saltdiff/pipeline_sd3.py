@@ -26,7 +26,6 @@ Not yet on SD3 (each refused in one line rather than ignored): the outside promp
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
 import os
@@ -43,16 +42,13 @@ from diffusers.utils.torch_utils import randn_tensor
 from .call_inputs import OUTPUT_TYPES, as_guidance, as_layout, resolve_init, seeded_generator
 from .checkpoints import check_family, check_model_index, resolve_model
 from .components import dtype_keyword
-from .denoising import NoBar
-from .families import Conditions, guided_denoiser
+from .families import Conditions
 from .families.sd3 import SD3Family
-from .flow_inversion import flow_invert, inversion_sigmas, sampler_sigmas
-from .guidance import GuidanceConfig, GuidanceTargets, guided_update, layer_losses
+from .flow_denoising import flow_denoise
+from .flow_init import flow_salt_start
+from .guidance import GuidanceConfig
 from .init import InitResult, RandomInit, SpatialAwareInit
-from .joint_attention import JointAttentionStore
 from .layout import Layout, LayoutError
-from .losses import layout_guidance_loss
-from .noise import guided_step_scale
 from .object_generator import PipelineObjectGenerator
 from .pipeline_output import SaltOutput
 from .reference import GeneratedObject
@@ -60,11 +56,8 @@ from .vocabulary import ModelVocabulary, load_vocabulary
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["FLOW_INVERSION_METHOD", "SaltSD3Pipeline"]
+__all__ = ["SaltSD3Pipeline"]
 
-#: The flow integrator of SALT's inversion on SD3 (:data:`saltdiff.flow_inversion.FLOW_INVERSION_METHODS`):
-#: reverse Euler, one transformer call per inversion step, like DDIM inversion on the UNet models.
-FLOW_INVERSION_METHOD = "euler"
 #: Tensors a step callback may ask for (diffusers' SD3 names).
 SD3_CALLBACK_INPUTS = ("latents", "prompt_embeds", "pooled_prompt_embeds")
 
@@ -78,6 +71,9 @@ class SaltSD3Pipeline(StableDiffusion3Pipeline):
     """
 
     _family = "sd3"
+    #: Guidance fields whose unset value (``None``) means something else on SD3 than on the UNet loop:
+    #: no outside prompt yet. The call applies them; the CLI writes them into the recipe.
+    guidance_defaults = {"outside_prompt_steps": 0}
     model_name: str | None = None
     model_vocabulary: ModelVocabulary | None = None
 
@@ -127,10 +123,20 @@ class SaltSD3Pipeline(StableDiffusion3Pipeline):
         multiple = adapter.size_multiple
         for name, value in (("height", height), ("width", width)):
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0 or value % multiple:
-                raise ValueError(f"{name} must be a positive multiple of {multiple} for this model, got {value!r}")
-        if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int) or num_inference_steps < 1:
+                raise ValueError(
+                    f"{name} must be a positive multiple of {multiple} for this model, got {value!r}"
+                )
+        if (
+            isinstance(num_inference_steps, bool)
+            or not isinstance(num_inference_steps, int)
+            or num_inference_steps < 1
+        ):
             raise ValueError(f"num_inference_steps must be an integer >= 1, got {num_inference_steps!r}")
-        if not isinstance(guidance_scale, (int, float)) or not np.isfinite(guidance_scale) or guidance_scale < 0:
+        if (
+            not isinstance(guidance_scale, (int, float))
+            or not np.isfinite(guidance_scale)
+            or guidance_scale < 0
+        ):
             raise ValueError(f"guidance_scale must be a finite number >= 0, got {guidance_scale!r}")
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise ValueError(f"num_images_per_prompt must be an integer >= 1, got {n!r}")
@@ -146,7 +152,9 @@ class SaltSD3Pipeline(StableDiffusion3Pipeline):
             clip = layout.resolve_tokens(self.tokenizer, prompt)
             clip_g = layout.resolve_tokens(self.tokenizer_2, prompt)
             if clip != clip_g:
-                raise LayoutError(f"the two CLIP tokenizers put the boxed phrases at different positions ({clip} and {clip_g})")
+                raise LayoutError(
+                    f"the two CLIP tokenizers put the boxed phrases at different positions ({clip} and {clip_g})"
+                )
             columns = [c + p for c, p in zip(columns, clip)]
         if adapter.text_tokens in ("both", "t5") and self.text_encoder_3 is not None:
             t5 = layout.resolve_tokens(self.tokenizer_3, prompt)
@@ -172,12 +180,16 @@ class SaltSD3Pipeline(StableDiffusion3Pipeline):
         names = list(available)
         if spec in (None, "default", "all"):
             return names
-        tokens = [t.strip() for t in spec.split(",")] if isinstance(spec, str) else [str(t).strip() for t in spec]
+        tokens = (
+            [t.strip() for t in spec.split(",")] if isinstance(spec, str) else [str(t).strip() for t in spec]
+        )
         chosen = set()
         for token in tokens:
             hits = [n for n in names if n == token or n.startswith(token.rstrip(".") + ".")]
             if not hits:
-                raise ValueError(f"guidance layers: {token!r} matches no joint-attention layer; choose among {names}")
+                raise ValueError(
+                    f"guidance layers: {token!r} matches no joint-attention layer; choose among {names}"
+                )
             chosen.update(hits)
         return [n for n in names if n in chosen]
 
@@ -188,86 +200,22 @@ class SaltSD3Pipeline(StableDiffusion3Pipeline):
         latents: torch.Tensor,
         conditions: Conditions,
         *,
-        guidance_scale: float,
-        token_indices: list[list[int]] | None = None,
-        layout_masks: Callable[[int, int], torch.Tensor] | None = None,
-        guidance: GuidanceConfig | None = None,
-        layers: Sequence[str] | None = None,
-        unboxed_indices: Sequence[int] = (),
-        collect_maps: bool = False,
-        on_step: Callable | None = None,
-        progress: bool = True,
+        progress=True,
         scheduler=None,
+        **kwargs,
     ):
-        """Flow-matching sampling over ``scheduler.timesteps`` (set by the caller), as diffusers' SD3 loop.
-
-        ``conditions`` holds the CFG rows ``[negative; conditional]`` when ``guidance_scale > 1``.
-        With ``token_indices`` the joint attention of ``layers`` is captured on the conditional rows
-        (layout energy, step-averaged maps); with ``guidance`` the first ``guidance_steps`` steps take
-        guided updates. Returns ``(latents, layout_losses, guidance_losses, mean_maps)``.
-        """
+        """:func:`saltdiff.flow_denoising.flow_denoise` with this pipeline's scheduler, progress bar and interrupt flag."""
         scheduler = self.scheduler if scheduler is None else scheduler
-        n = latents.shape[0]
-        do_cfg = conditions.batch == 2 * n
-        cond = conditions.rows(slice(n, 2 * n)) if do_cfg else conditions
-        track = token_indices is not None and len(token_indices) > 0
-        guide = track and guidance is not None and guidance.enabled and layout_masks is not None
-        targets = tracking = None
-        if track and layout_masks is not None:
-            tracking = GuidanceTargets(token_indices, layout_masks)
-            targets = GuidanceTargets(token_indices, layout_masks, list(unboxed_indices))
-        layout_losses: list[float] = []
-        guidance_losses: list[list[float]] = []
-        maps_sum = None
-        steps_run = 0
-        timesteps = scheduler.timesteps
-        store = JointAttentionStore()
-        capture = adapter.capture(layers, store) if track else contextlib.nullcontext(store)
-        bar = self.progress_bar(total=len(timesteps)) if progress else NoBar()
-        with capture, bar as progress_bar:
-            for i, t in enumerate(timesteps):
-                if self.interrupt:
-                    continue
-                steps_run += 1
-                # the scheduler's own sigma of this step: adapter.timestep(sigma) is exactly t
-                sigma = scheduler.sigmas[scheduler.step_index if scheduler.step_index is not None else i]
-                if guide and i < guidance.guidance_steps:
-                    store.batch_rows = None
-
-                    def conditional(z, sigma=sigma):
-                        adapter.denoise(z, sigma, cond)
-
-                    scale = 1.0
-                    if guidance.step_size_schedule == "sigma":
-                        scale = float(guided_step_scale("flow", float(sigma)))
-                    result = guided_update(conditional, latents, store, targets, guidance, scale)
-                    guidance_losses.append(result.losses)
-                    latents = result.latents
-                store.batch_rows = slice(n, 2 * n) if do_cfg else None
-                store.reset()
-                model_in = torch.cat([latents] * 2) if do_cfg else latents
-                noise_pred = adapter.denoise(model_in, sigma, conditions)
-                if track:
-                    if tracking is not None:
-                        layout_losses.append(float(layer_losses(store, tracking, layout_guidance_loss)))
-                    if collect_maps:
-                        per_layer = store.phrase_maps_per_layer(token_indices)
-                        size = tuple(latents.shape[-2:])
-                        maps = torch.stack(
-                            [torch.nn.functional.interpolate(m.float(), size=size, mode="bilinear") for m in per_layer]
-                        ).mean(0)
-                        maps_sum = maps if maps_sum is None else maps_sum + maps
-                    store.reset()
-                if do_cfg:
-                    uncond, text = noise_pred.chunk(2)
-                    noise_pred = uncond + guidance_scale * (text - uncond)
-                latents = scheduler.step(noise_pred, t, latents, return_dict=False)[0]
-                if on_step is not None:
-                    latents, conditions = on_step(i, t, latents, conditions)
-                    cond = conditions.rows(slice(n, 2 * n)) if do_cfg else conditions
-                progress_bar.update()
-        mean_maps = None if maps_sum is None else maps_sum / max(steps_run, 1)
-        return latents, layout_losses, guidance_losses, mean_maps
+        bar = self.progress_bar(total=len(scheduler.timesteps)) if progress else None
+        return flow_denoise(
+            adapter,
+            scheduler,
+            latents,
+            conditions,
+            progress_bar=bar,
+            interrupted=lambda: self.interrupt,
+            **kwargs,
+        )
 
     def _decode(self, adapter: SD3Family, latents: torch.Tensor, output_type: str):
         if output_type == "latent":
@@ -318,7 +266,9 @@ class SaltSD3Pipeline(StableDiffusion3Pipeline):
             conditions = Conditions.cat(Conditions(negative, negative_pooled), conditions)
         generators = [torch.Generator("cpu").manual_seed(int(seed)) for _ in prompts]
         latent_hw = (height // self.vae_scale_factor, width // self.vae_scale_factor)
-        latents = randn_tensor((n, adapter.latent_channels, *latent_hw), generator=generators, device=device, dtype=embeds.dtype)
+        latents = randn_tensor(
+            (n, adapter.latent_channels, *latent_hw), generator=generators, device=device, dtype=embeds.dtype
+        )
         scheduler = type(self.scheduler).from_config(self.scheduler.config)
         scheduler.set_timesteps(**adapter.schedule_kwargs(num_inference_steps, latent_hw), device=device)
         token_indices = None
@@ -327,23 +277,17 @@ class SaltSD3Pipeline(StableDiffusion3Pipeline):
                 self._resolve_tokens(adapter, Layout.from_pairs([(phrase, (0.0, 0.0, 1.0, 1.0))]), prompt)[0]
                 for prompt, phrase in zip(prompts, phrases)
             ]
-        saved = getattr(self, "_interrupt", False)
-        self._interrupt = False
-        try:
-            latents, _, _, maps = self._sample(
-                adapter,
-                latents,
-                conditions,
-                guidance_scale=guidance_scale,
-                token_indices=token_indices,
-                collect_maps=phrases is not None,
-                progress=False,
-                scheduler=scheduler,
-            )
-        finally:
-            self._interrupt = saved
-        images = self._decode(adapter, latents, "np")
-        maps = None if maps is None else maps.cpu().numpy()
+        denoised = flow_denoise(  # never interrupted: the call that asked for the objects decides that
+            adapter,
+            scheduler,
+            latents,
+            conditions,
+            guidance_scale=guidance_scale,
+            token_indices=token_indices,
+            collect_maps=phrases is not None,
+        )
+        images = self._decode(adapter, denoised.latents, "np")
+        maps = None if denoised.mean_maps is None else denoised.mean_maps.cpu().numpy()
         return [
             GeneratedObject(np.asarray(images[b], dtype=np.float32), None if maps is None else maps[b, b])
             for b in range(n)
@@ -351,66 +295,14 @@ class SaltSD3Pipeline(StableDiffusion3Pipeline):
 
     # -- SALT's start --------------------------------------------------------------------------------
     def salt_latents(
-        self,
-        init: SpatialAwareInit,
-        adapter: SD3Family,
-        prompt: str,
-        layout: Layout,
-        generator,
-        *,
-        height: int,
-        width: int,
-        num_inference_steps: int,
-        num_images: int,
+        self, init: SpatialAwareInit, adapter: SD3Family, prompt, layout, generator, **kwargs
     ) -> InitResult:
-        """SALT's initial latent on the flow model: reference → VAE → flow inversion → fresh noise outside.
+        """SALT's initial latent on this flow model (:func:`saltdiff.flow_init.flow_salt_start`)."""
+        return flow_salt_start(init, self, adapter, prompt, layout, generator, **kwargs)
 
-        The inversion runs ``init.inversion_steps`` reverse-Euler steps on the sampler's own sigma grid
-        for that many steps (:func:`~saltdiff.flow_inversion.inversion_sigmas`, with the sampler's
-        ``mu``), ending at the first sigma of the ``num_inference_steps`` the call samples, with the
-        velocity of the empty prompt (or the prompt, ``inversion_prompt="prompt"``) at guidance scale 1.
-        Fresh noise is blended in as :class:`~saltdiff.init.SpatialAwareInit` does (variance preserving,
-        ``noise_outside`` outside the kept region, ``noise_inside`` inside).
-        """
-        if init.inversion_noise_scale > 0:
-            raise ValueError(
-                f"inversion_noise_scale={init.inversion_noise_scale} is not supported on SD3 yet (flow inversion is deterministic)"
-            )
-        reference = init.reference.build(
-            self.object_generator(), prompt, layout, height=height, width=width, generator=generator
-        )
-        if reference.image.size != (width, height):
-            raise ValueError(f"reference builder returned a {reference.image.size} image, expected {(width, height)}")
-        device = self._execution_device
-        pixels = self.image_processor.preprocess(reference.image).to(device=device, dtype=self.vae.dtype)
-        x0 = adapter.encode(pixels).to(self.transformer.dtype)
-        latent_hw = tuple(x0.shape[-2:])
-        kwargs = adapter.schedule_kwargs(num_inference_steps, latent_hw)
-        start = float(sampler_sigmas(self.scheduler, **kwargs)[0])
-        kwargs["num_inference_steps"] = init.inversion_steps
-        grid = inversion_sigmas(self.scheduler, **kwargs)
-        if abs(float(grid[-1]) - start) > 1e-6:  # a schedule whose top depends on the step count
-            grid = grid[grid < start]
-            grid = torch.cat([grid, grid.new_tensor([start])])
-        text = prompt if init.inversion_prompt == "prompt" else ""
-        velocity = guided_denoiser(adapter, adapter.conditions(text))
-        latents = flow_invert(velocity, x0, grid, method=FLOW_INVERSION_METHOD)
-        latents = latents.expand(num_images, -1, -1, -1).clone()
-        if init.noise_outside > 0 or init.noise_inside > 0:
-            keep = init.kept_region(layout, reference, latent_hw).to(latents)
-            weight = init.noise_inside * keep + init.noise_outside * (1 - keep)
-            noise = randn_tensor(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
-            latents = torch.sqrt(1 - weight) * latents + torch.sqrt(weight) * noise
-        info = {
-            "init": "salt",
-            "inversion_steps": init.inversion_steps,
-            "inversion_prompt": init.inversion_prompt,
-            "inversion_method": FLOW_INVERSION_METHOD,
-            "inversion_sigmas": [round(float(s), 6) for s in grid],
-        }
-        return InitResult(latents, reference, info)
-
-    def _init_latents(self, init, adapter, prompt, layout, generator, *, height, width, steps, n, dtype) -> InitResult:
+    def _init_latents(
+        self, init, adapter, prompt, layout, generator, *, height, width, steps, n, dtype
+    ) -> InitResult:
         device = self._execution_device
         shape = (n, adapter.latent_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
         if torch.is_tensor(init):
@@ -424,7 +316,15 @@ class SaltSD3Pipeline(StableDiffusion3Pipeline):
             return InitResult(latents, None, {"init": "random"})
         if isinstance(init, SpatialAwareInit):
             result = self.salt_latents(
-                init, adapter, prompt, layout, generator, height=height, width=width, num_inference_steps=steps, num_images=n
+                init,
+                adapter,
+                prompt,
+                layout,
+                generator,
+                height=height,
+                width=width,
+                num_inference_steps=steps,
+                num_images=n,
             )
             result.latents = result.latents.to(device=device, dtype=dtype)
             return result
@@ -495,8 +395,12 @@ class SaltSD3Pipeline(StableDiffusion3Pipeline):
         if prompt is not None and not isinstance(prompt, str):
             raise TypeError(f"prompt must be a string (one prompt per call), got {type(prompt).__name__}")
         if prompt is not None and not prompt.strip() and len(layout):
-            raise ValueError("prompt is empty but the layout has boxes: every boxed phrase must be in the prompt")
-        adapter = self.family(max_sequence_length=max_sequence_length, joint_attention_kwargs=joint_attention_kwargs)
+            raise ValueError(
+                "prompt is empty but the layout has boxes: every boxed phrase must be in the prompt"
+            )
+        adapter = self.family(
+            max_sequence_length=max_sequence_length, joint_attention_kwargs=joint_attention_kwargs
+        )
         self._check_sizes(adapter, height, width, num_inference_steps, guidance_scale, num_images_per_prompt)
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type must be one of {list(OUTPUT_TYPES)}, got {output_type!r}")
@@ -526,8 +430,11 @@ class SaltSD3Pipeline(StableDiffusion3Pipeline):
                 f"outside_prompt_steps={guidance.outside_prompt_steps}: the outside prompt is not implemented on SD3 yet (use 0)"
             )
         # unset means "the family's default": none on SD3 (recorded as 0, not the UNet loop's 10)
-        guidance = dataclasses.replace(guidance, outside_prompt_steps=0)
-        layers = self._select_layers(adapter.attention_layers((2 * adapter.size_multiple,) * 2), guidance.layers)
+        unset = {k: v for k, v in self.guidance_defaults.items() if getattr(guidance, k) is None}
+        guidance = dataclasses.replace(guidance, **unset)
+        layers = self._select_layers(
+            adapter.attention_layers((2 * adapter.size_multiple,) * 2), guidance.layers
+        )
         text = "" if prompt is None else prompt
         token_indices = self._resolve_tokens(adapter, layout, text)
         generator = seeded_generator(seed, generator)
@@ -572,7 +479,16 @@ class SaltSD3Pipeline(StableDiffusion3Pipeline):
 
         # 4. Initial latents
         init_result = self._init_latents(
-            init, adapter, text, layout, generator, height=height, width=width, steps=num_inference_steps, n=n, dtype=embeds.dtype
+            init,
+            adapter,
+            text,
+            layout,
+            generator,
+            height=height,
+            width=width,
+            steps=num_inference_steps,
+            n=n,
+            dtype=embeds.dtype,
         )
         init_latent = init_result.latents.detach().cpu().clone()
         guidance = guidance.for_start(init_result.reference is not None)
@@ -585,7 +501,7 @@ class SaltSD3Pipeline(StableDiffusion3Pipeline):
         unboxed = []
         if has_boxes and guidance.enabled and guidance.needs_unboxed_tokens:
             unboxed = self._unboxed_indices(text, token_indices)
-        latents, layout_losses, guidance_losses, mean_maps = self._sample(
+        denoised = self._sample(
             adapter,
             init_result.latents,
             conditions,
@@ -601,15 +517,15 @@ class SaltSD3Pipeline(StableDiffusion3Pipeline):
         )
 
         # 6. Decode
-        images = self._decode(adapter, latents, output_type)
+        images = self._decode(adapter, denoised.latents, output_type)
         self.maybe_free_model_hooks()
         output = SaltOutput(
             images=images,
             reference_image=init_result.reference_image,
             init_latent=init_latent,
-            layout_losses=layout_losses,
-            guidance_losses=guidance_losses,
-            attention_maps=None if mean_maps is None else mean_maps.cpu().numpy(),
+            layout_losses=denoised.layout_losses,
+            guidance_losses=denoised.guidance_losses,
+            attention_maps=None if denoised.mean_maps is None else denoised.mean_maps.cpu().numpy(),
             phrases=layout.phrases,
             token_indices=token_indices,
             info={**init_result.info, "guidance": guidance.to_dict(), "family": adapter.name},
@@ -623,7 +539,11 @@ class SaltSD3Pipeline(StableDiffusion3Pipeline):
         the (CFG batch of) ``prompt_embeds`` / ``pooled_prompt_embeds``; ``_guidance_scale`` is read back."""
 
         def on_step(i, t, latents, conditions: Conditions):
-            local = {"latents": latents, "prompt_embeds": conditions.embeds, "pooled_prompt_embeds": conditions.pooled}
+            local = {
+                "latents": latents,
+                "prompt_embeds": conditions.embeds,
+                "pooled_prompt_embeds": conditions.pooled,
+            }
             outputs = callback(self, i, t, {k: local[k] for k in names}) or {}
             embeds = outputs.pop("prompt_embeds", conditions.embeds)
             pooled = outputs.pop("pooled_prompt_embeds", conditions.pooled)
