@@ -173,6 +173,16 @@ def test_generate_objects_gives_images_and_their_phrase_maps(pipe):
     assert not np.array_equal(made[0].image, made[1].image)
 
 
+def test_a_vp_scheduler_on_the_pipeline_is_refused(base):
+    from diffusers import DDIMScheduler
+
+    pipe = SaltSD3Pipeline.from_pipe(base, scheduler=DDIMScheduler())
+    with pytest.raises(
+        ValueError, match=r"DDIMScheduler is not a flow-matching sampler: SD3 samples with \['flow-euler'\]"
+    ):
+        pipe(PROMPT, init="random", guidance="none", **FAST)
+
+
 def test_from_pipe_refuses_another_family(pipe):
     from saltdiff.testing import tiny_sd_pipeline
 

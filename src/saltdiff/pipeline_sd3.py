@@ -52,6 +52,7 @@ from .layout import Layout, LayoutError
 from .object_generator import PipelineObjectGenerator
 from .pipeline_output import SaltOutput
 from .reference import GeneratedObject
+from .samplers import config_family, family_samplers
 from .vocabulary import ModelVocabulary, load_vocabulary
 
 logger = logging.getLogger(__name__)
@@ -424,6 +425,11 @@ class SaltSD3Pipeline(StableDiffusion3Pipeline):
             negative_pooled_prompt_embeds=negative_pooled_prompt_embeds,
             max_sequence_length=max_sequence_length,
         )
+        if config_family(self.scheduler.config) != "flow":
+            raise ValueError(
+                f"scheduler {type(self.scheduler).__name__} is not a flow-matching sampler: SD3 samples with "
+                f"{family_samplers('flow')} (pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_config(...))"
+            )
         guidance = as_guidance(guidance)
         if guidance.outside_prompt_steps:
             raise ValueError(
