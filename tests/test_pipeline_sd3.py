@@ -188,3 +188,36 @@ def test_from_pipe_refuses_another_family(pipe):
 
     with pytest.raises(ValueError, match="SaltSD3Pipeline"):
         SaltSD3Pipeline.from_pipe(tiny_sd_pipeline())
+
+
+def test_step_callback_sees_sd3_tensors_and_can_interrupt(pipe):
+    seen = []
+
+    def callback(p, i, t, tensors):
+        seen.append((i, tuple(tensors["latents"].shape), tuple(tensors["prompt_embeds"].shape)))
+        if i == 1:
+            p._interrupt = True
+        return {}
+
+    out = pipe(
+        PROMPT,
+        LAYOUT,
+        init="random",
+        guidance="none",
+        seed=1,
+        num_images_per_prompt=2,
+        output_type="latent",
+        callback_on_step_end=callback,
+        callback_on_step_end_tensor_inputs=["latents", "prompt_embeds"],
+        **FAST,
+    )
+    assert seen == [(0, (2, 16, 16, 16), (4, 93, 32)), (1, (2, 16, 16, 16), (4, 93, 32))]
+    assert len(out.layout_losses) == 2 and out.images.shape == (2, 16, 16, 16)
+    with pytest.raises(ValueError, match="not available"):
+        pipe(
+            PROMPT,
+            init="random",
+            callback_on_step_end=callback,
+            callback_on_step_end_tensor_inputs=["noise"],
+            **FAST,
+        )
