@@ -105,6 +105,9 @@ def test_refusals_are_one_line(pipe):
         pipe(PROMPT, LAYOUT, init="random", guidance=GuidanceConfig(layers="down"), **FAST)
     with pytest.raises(ValueError, match="inversion_noise_scale"):
         pipe(PROMPT, LAYOUT, init=SpatialAwareInit(inversion_noise_scale=0.1), **FAST)
+    long_prompt = "a red cat " * 30 + "and a dog"
+    with pytest.raises(ValueError, match="more than the text encoder's limit of 77"):
+        pipe(long_prompt, [("dog", (0, 0, 1, 1))], init="random", **FAST)
     with pytest.raises(ValueError, match="also pass the prompt"):
         pipe(
             None,
