@@ -162,6 +162,16 @@ def test_salt_init_with_generated_objects_differs_by_seed_outside_the_objects(pi
     assert (a.init_latent[..., 12:, 12:] - b.init_latent[..., 12:, 12:]).abs().mean() > 0.5
 
 
+def test_an_unset_inversion_depth_is_the_flow_default(pipe):
+    from saltdiff.flow_init import FLOW_INVERSION_STEPS
+    from saltdiff.reference import UserImages
+
+    init = SpatialAwareInit(reference=UserImages(image=reference_image()))
+    init.inversion_steps = None  # main's registry leaves it unset by default ("as many as fit")
+    out = pipe(PROMPT, LAYOUT, init=init, guidance="none", seed=1, output_type="latent", **FAST)
+    assert out.info["inversion_steps"] == FLOW_INVERSION_STEPS == len(out.info["inversion_sigmas"]) - 1
+
+
 def test_generate_objects_gives_images_and_their_phrase_maps(pipe):
     made = pipe.generate_objects(
         ["a cat", "a dog"],

@@ -19,11 +19,15 @@ from .flow_inversion import flow_invert, inversion_sigmas, sampler_sigmas
 from .init import InitResult, SpatialAwareInit
 from .layout import Layout
 
-__all__ = ["FLOW_INVERSION_METHOD", "flow_salt_start"]
+__all__ = ["FLOW_INVERSION_METHOD", "FLOW_INVERSION_STEPS", "flow_salt_start"]
 
 #: The flow integrator of SALT's inversion (:data:`saltdiff.flow_inversion.FLOW_INVERSION_METHODS`):
 #: reverse Euler, one transformer call per inversion step, like DDIM inversion on the UNet models.
 FLOW_INVERSION_METHOD = "euler"
+#: Inversion steps when ``SpatialAwareInit.inversion_steps`` is unset (``None``): the VP default depth.
+#: A flow sampler's grid of any step count tops at its first sigma, so every depth fits (no
+#: ``DDIMInverseScheduler`` stride to respect, unlike :meth:`SpatialAwareInit.check_steps`).
+FLOW_INVERSION_STEPS = 5
 
 
 def flow_salt_start(
@@ -45,7 +49,7 @@ def flow_salt_start(
     image processor, the execution device and the scheduler; ``adapter`` the VAE latents and the
     velocity.
 
-    The inversion runs ``init.inversion_steps`` reverse-Euler steps on the sampler's own sigma grid
+    The inversion runs ``init.inversion_steps`` (unset: :data:`FLOW_INVERSION_STEPS`) reverse-Euler steps on the sampler's own sigma grid
     for that many steps (:func:`~saltdiff.flow_inversion.inversion_sigmas`, with the sampler's
     ``mu``), ending at the first sigma of the ``num_inference_steps`` the call samples, with the
     velocity of the empty prompt (or the prompt, ``inversion_prompt="prompt"``) at guidance scale 1.
@@ -69,7 +73,8 @@ def flow_salt_start(
     latent_hw = tuple(x0.shape[-2:])
     kwargs = adapter.schedule_kwargs(num_inference_steps, latent_hw)
     start = float(sampler_sigmas(pipe.scheduler, **kwargs)[0])
-    kwargs["num_inference_steps"] = init.inversion_steps
+    depth = FLOW_INVERSION_STEPS if init.inversion_steps is None else init.inversion_steps
+    kwargs["num_inference_steps"] = depth
     grid = inversion_sigmas(pipe.scheduler, **kwargs)
     if abs(float(grid[-1]) - start) > 1e-6:  # a schedule whose top depends on the step count
         grid = grid[grid < start]
@@ -85,7 +90,7 @@ def flow_salt_start(
         latents = torch.sqrt(1 - weight) * latents + torch.sqrt(weight) * noise
     info = {
         "init": "salt",
-        "inversion_steps": init.inversion_steps,
+        "inversion_steps": depth,
         "inversion_prompt": init.inversion_prompt,
         "inversion_method": FLOW_INVERSION_METHOD,
         "inversion_sigmas": [round(float(s), 6) for s in grid],
