@@ -62,6 +62,16 @@ def test_generate_salt_on_sd3_writes_image_and_recipe_and_follows_the_seed(sd3_d
     assert request.scheduler == "flow-euler" and request.guidance.outside_prompt_steps == 0
 
 
+def test_the_default_sampler_is_read_from_model_index_before_loading(sd3_dir, tiny_pipe_dir, tmp_path):
+    from saltdiff.checkpoints import DEFAULT_SAMPLERS
+    from saltdiff.cli import default_sampler_of
+    from saltdiff.registry import SCHEDULERS
+
+    assert default_sampler_of(sd3_dir) == "flow-euler" and default_sampler_of(tiny_pipe_dir) == "ddim"
+    assert default_sampler_of(str(tmp_path / "missing")) == "ddim"  # load_pipeline reports it
+    assert set(DEFAULT_SAMPLERS.values()) <= set(SCHEDULERS.names())
+
+
 def test_generate_random_init_is_deterministic_per_seed(sd3_dir, tmp_path):
     paths = [tmp_path / "a.png", tmp_path / "b.png"]
     for path in paths:

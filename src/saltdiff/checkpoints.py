@@ -68,6 +68,8 @@ FAMILIES = {
     "sdxl": ("SDXL", "SaltXLPipeline"),
     "sd3": ("Stable Diffusion 3", "SaltSD3Pipeline"),
 }
+#: The sampler (a :data:`saltdiff.registry.SCHEDULERS` name) each family runs unless told otherwise.
+DEFAULT_SAMPLERS = {"sd": "ddim", "sdxl": "ddim", "sd3": "flow-euler"}
 #: Pipeline class-name prefixes of families saltdiff does not run, and what to call them.
 UNSUPPORTED_FAMILIES = (
     ("Flux", "Flux"),

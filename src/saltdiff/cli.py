@@ -123,8 +123,10 @@ def cmd_generate(args) -> int:
     out_dir = os.path.dirname(os.path.abspath(args.out))
     if not os.path.isdir(out_dir):
         raise CliError(f"output folder {out_dir!r} does not exist")
+    if args.scheduler is None:  # the model's own family's sampler (SD3: flow-euler), from model_index.json
+        request = dataclasses.replace(request, scheduler=default_sampler_of(args.model))
     pipe = load_pipeline(args.model, device=args.device, dtype=args.dtype)  # quiet: no loading bars
-    if args.scheduler is None:  # the model's own family's sampler (SD3: flow-euler)
+    if args.scheduler is None:  # a hub id not in the cache has no index before loading: ask its scheduler
         from .samplers import default_sampler
 
         request = dataclasses.replace(request, scheduler=default_sampler(pipe.scheduler))
@@ -151,6 +153,18 @@ def cmd_generate(args) -> int:
             written.append(save_png(result.reference_image, stem + "-reference.png"))
     sys.stderr.write(f"saltdiff: wrote {', '.join(written)} ({seconds:.1f} s)\n")
     return 0
+
+
+def default_sampler_of(model: str) -> str:
+    """The sampler ``model``'s family runs by default (:data:`saltdiff.checkpoints.DEFAULT_SAMPLERS`),
+    read from its ``model_index.json`` (a folder or a cached hub id; never the network), else ``"ddim"``."""
+    from .checkpoints import DEFAULT_SAMPLERS, ModelLoadError, index_family, resolve_model
+
+    try:
+        family = index_family(resolve_model(model), model)
+    except (ModelLoadError, OSError, ValueError):  # load_pipeline says what is wrong, in one line
+        family = None
+    return DEFAULT_SAMPLERS.get(family or "sd", "ddim")
 
 
 def save_png(image, path: str) -> str:
