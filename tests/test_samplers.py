@@ -121,9 +121,15 @@ def test_a_sampler_of_the_other_noise_family_is_refused_in_one_line():
     made = make_scheduler("flow-euler", flow)
     assert type(made) is FlowMatchEulerDiscreteScheduler and made.config.shift == 3.0
     assert scheduler_name(made) == "flow-euler"
-    with pytest.raises(ValueError, match=r"^scheduler 'ddim' is a VP .* sampler, but this model's noise schedule is flow-matching .*: choose one of \['flow-euler'\]$"):
+    with pytest.raises(
+        ValueError,
+        match=r"^scheduler 'ddim' is a VP .* sampler, but this model's noise schedule is flow-matching .*: choose one of \['flow-euler'\]$",
+    ):
         make_scheduler("ddim", flow)
-    with pytest.raises(ValueError, match=r"^scheduler 'flow-euler' is a flow-matching .* sampler, but this model's noise schedule is VP .*: choose one of \['ddim', 'pndm'"):
+    with pytest.raises(
+        ValueError,
+        match=r"^scheduler 'flow-euler' is a flow-matching .* sampler, but this model's noise schedule is VP .*: choose one of \['ddim', 'pndm'",
+    ):
         make_scheduler("flow-euler", sd_ddim_scheduler().config)
     assert default_sampler(made) == "flow-euler" and default_sampler(sd_ddim_scheduler()) == "ddim"
 
