@@ -271,3 +271,19 @@ def test_without_t5_the_phrase_is_read_in_clip_only():
     assert SD3Family(pipe).phrase_tokens("a red cat", "cat") == [3]
     with pytest.raises(ValueError, match="text_encoder_3=None"):
         SD3Family(pipe, text_tokens="t5")
+
+
+def test_joint_attention_kwargs_reach_every_transformer_call(pipe):
+    seen = []
+    handle = pipe.transformer.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append(kwargs.get("joint_attention_kwargs")), with_kwargs=True
+    )
+    try:
+        adapter = SD3Family(pipe, max_sequence_length=LENGTH, joint_attention_kwargs={"scale": 1.0})
+        with torch.no_grad():
+            adapter.denoise(torch.randn(1, 16, 8, 8), 0.5, adapter.conditions("a cat"))
+    finally:
+        handle.remove()
+    assert seen == [{"scale": 1.0}]
+    with pytest.raises(ValueError, match="joint_attention_kwargs must be a dict"):
+        SD3Family(pipe, joint_attention_kwargs=[("scale", 1.0)])

@@ -13,6 +13,8 @@ from saltdiff.registry import SCHEDULERS
 from saltdiff.samplers import (
     ancestral_start_skip,
     check_supported,
+    default_sampler,
+    family_samplers,
     is_ancestral,
     make_scheduler,
     sampler_start_timestep,
@@ -21,6 +23,9 @@ from saltdiff.samplers import (
     to_sampler_space,
 )
 from saltdiff.testing import GaussianDenoiser
+
+#: The VP samplers (every test below runs them on SD's DDPM schedule; flow-euler is a flow model's).
+VP_SAMPLERS = family_samplers("vp")
 
 EMBEDS = torch.zeros(1, 7, 32)
 
@@ -57,7 +62,7 @@ def _round_trip(name, steps, *, convert=True, prediction_type="epsilon", **step_
 
 
 @pytest.mark.parametrize("steps", [25, 50])
-@pytest.mark.parametrize("name", [n for n in SCHEDULERS.names() if n not in ("ddim", "euler-a")])
+@pytest.mark.parametrize("name", [n for n in VP_SAMPLERS if n not in ("ddim", "euler-a")])
 def test_every_sampler_round_trips_salt_latents_like_ddim(name, steps):
     """Measured at 25 / 50 steps: DDIM 0.076 / 0.037, Euler 0.084 / 0.042, DPM++ 2M 0.053 / 0.022,
     Heun 0.020 / 0.011, LMS 0.016 / 0.011, PNDM 0.002 / 0.007, UniPC 0.053 / 0.023."""
@@ -101,11 +106,32 @@ def test_v_prediction_inversion_is_as_accurate_as_epsilon():
 
 def test_registry_names_round_trip_and_pipeline_schedulers():
     config = sd_ddim_scheduler().config
-    for name in SCHEDULERS.names():
+    for name in VP_SAMPLERS:
         assert scheduler_name(make_scheduler(name, config)) == name
     assert make_scheduler("dpm++2m-karras", config).config.use_karras_sigmas
     with pytest.raises(ValueError, match="unknown scheduler 'dpm3'"):
         make_scheduler("dpm3", config)
+
+
+def test_a_sampler_of_the_other_noise_family_is_refused_in_one_line():
+    from saltdiff.testing_flow import tiny_sd3_components
+
+    flow = tiny_sd3_components()["scheduler"].config
+    assert VP_SAMPLERS == [n for n in SCHEDULERS.names() if n != "flow-euler"]
+    made = make_scheduler("flow-euler", flow)
+    assert type(made) is FlowMatchEulerDiscreteScheduler and made.config.shift == 3.0
+    assert scheduler_name(made) == "flow-euler"
+    with pytest.raises(
+        ValueError,
+        match=r"^scheduler 'ddim' is a VP .* sampler, but this model's noise schedule is flow-matching .*: choose one of \['flow-euler'\]$",
+    ):
+        make_scheduler("ddim", flow)
+    with pytest.raises(
+        ValueError,
+        match=r"^scheduler 'flow-euler' is a flow-matching .* sampler, but this model's noise schedule is VP .*: choose one of \['ddim', 'pndm'",
+    ):
+        make_scheduler("flow-euler", sd_ddim_scheduler().config)
+    assert default_sampler(made) == "flow-euler" and default_sampler(sd_ddim_scheduler()) == "ddim"
 
 
 def test_unsupported_scheduler_is_one_clear_line():
@@ -161,7 +187,7 @@ def test_guidance_runs_under_every_sampler(tiny_pipe):
     from saltdiff.pipeline import SaltPipeline
 
     cfg = GuidanceConfig(loss="layout-guidance", guidance_steps=2, guidance_iters=2, loss_threshold=0.0)
-    for name in SCHEDULERS.names():
+    for name in VP_SAMPLERS:
         pipe = SaltPipeline.from_pipe(tiny_pipe)
         pipe.scheduler = make_scheduler(name, tiny_pipe.scheduler.config)
         pipe.set_progress_bar_config(disable=True)
@@ -210,7 +236,7 @@ def test_request_runs_with_its_sampler_and_restores_the_pipes(tiny_pipe):
         GenerationRequest(PROMPT, scheduler="dpm3")
 
 
-@pytest.mark.parametrize("name", list(SCHEDULERS.names()))
+@pytest.mark.parametrize("name", VP_SAMPLERS)
 def test_plain_sampling_is_diffusers_own_loop_under_every_sampler(tiny_pipe, name):
     """Same components, scheduler config, seed and steps as ``StableDiffusionPipeline``: bit-identical
     without boxes; with boxes and no guidance (the bench's ``sd``: attention captured explicitly)
@@ -286,7 +312,7 @@ def test_only_ancestral_samplers_skip_steps_from_salts_start():
     from diffusers import DPMSolverMultistepScheduler
 
     config = sd_ddim_scheduler().config
-    assert [n for n in SCHEDULERS.names() if is_ancestral(make_scheduler(n, config))] == ["euler-a"]
+    assert [n for n in VP_SAMPLERS if is_ancestral(make_scheduler(n, config))] == ["euler-a"]
     assert is_ancestral(DPMSolverMultistepScheduler.from_config(config, algorithm_type="sde-dpmsolver++"))
     euler_a = make_scheduler("euler-a", config)
     assert [ancestral_start_skip(euler_a, n, 0.14) for n in (25, 50, 10)] == [4, 8, 2]
@@ -296,7 +322,7 @@ def test_only_ancestral_samplers_skip_steps_from_salts_start():
         ancestral_start_skip(euler_a, 25, 1.0)
 
 
-@pytest.mark.parametrize("name", list(SCHEDULERS.names()))
+@pytest.mark.parametrize("name", VP_SAMPLERS)
 def test_a_skipped_schedule_is_the_longer_one_without_its_noisiest_steps(name):
     config = sd_ddim_scheduler().config
     longer, cut = make_scheduler(name, config), make_scheduler(name, config)

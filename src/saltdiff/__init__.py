@@ -21,6 +21,7 @@ _EXPORTS = {
     "SaltPipeline": "pipeline",
     "SaltOutput": "pipeline",
     "SaltXLPipeline": "pipeline_xl",
+    "SaltSD3Pipeline": "pipeline_sd3",
     "resolve_model": "checkpoints",
     "load_pipeline": "loading",
     "GenerationRequest": "request",
@@ -45,7 +46,7 @@ __all__ = sorted(_EXPORTS) + ["__version__"]
 def __getattr__(name: str):
     if name in _EXPORTS:
         module = f"{__name__}.{_EXPORTS[name]}"
-        if _EXPORTS[name] in ("pipeline", "pipeline_xl") and module not in sys.modules:
+        if _EXPORTS[name] in ("pipeline", "pipeline_xl", "pipeline_sd3") and module not in sys.modules:
             from .loading import quiet_loading
 
             with quiet_loading():  # no notes from image processors saltdiff never uses (torchvision)

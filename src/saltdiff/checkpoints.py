@@ -53,7 +53,7 @@ def weights_stamp(model_id: str) -> list:
     if not os.path.isdir(model_id):
         return []
     stamp = []
-    for sub in ("unet", "text_encoder", "text_encoder_2"):
+    for sub in ("unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3"):
         for path in sorted(Path(model_id, sub).glob("*.safetensors")) + sorted(
             Path(model_id, sub).glob("*.bin")
         ):
@@ -66,10 +66,12 @@ def weights_stamp(model_id: str) -> list:
 FAMILIES = {
     "sd": ("Stable Diffusion 1.x/2.x", "SaltPipeline"),
     "sdxl": ("SDXL", "SaltXLPipeline"),
+    "sd3": ("Stable Diffusion 3", "SaltSD3Pipeline"),
 }
+#: The sampler (a :data:`saltdiff.registry.SCHEDULERS` name) each family runs unless told otherwise.
+DEFAULT_SAMPLERS = {"sd": "ddim", "sdxl": "ddim", "sd3": "flow-euler"}
 #: Pipeline class-name prefixes of families saltdiff does not run, and what to call them.
 UNSUPPORTED_FAMILIES = (
-    ("StableDiffusion3", "Stable Diffusion 3"),
     ("Flux", "Flux"),
     ("PixArt", "PixArt"),
     ("Kandinsky", "Kandinsky"),
@@ -84,20 +86,32 @@ UNSUPPORTED_FAMILIES = (
 SUPPORTED_TEXT = (
     "saltdiff runs Stable Diffusion 1.x/2.x-style checkpoints (one UNet2DConditionModel with one CLIP "
     "text encoder: SD 1.5, SD 2.1, their fine-tunes, LCM) with SaltPipeline and SDXL base-style ones "
-    f"(two CLIP text encoders, e.g. {SDXL_MODEL_ID}) with SaltXLPipeline"
+    f"(two CLIP text encoders, e.g. {SDXL_MODEL_ID}) with SaltXLPipeline, and Stable Diffusion 3 text-to-image "
+    "ones (SD3Transformer2DModel, two CLIP text encoders, optionally T5) with SaltSD3Pipeline"
 )
 _SD_COMPONENTS = {"unet", "text_encoder", "tokenizer"}
 _SDXL_COMPONENTS = _SD_COMPONENTS | {"text_encoder_2", "tokenizer_2"}
+#: SD3's text-to-image components (``text_encoder_3`` / ``tokenizer_3``, T5, may be left out, as diffusers allows).
+_SD3_COMPONENTS = {"transformer", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2"}
+_SD3_CLASSES = ("StableDiffusion3Pipeline", "SaltSD3Pipeline")
 
 
 def model_family(class_name: str, components, source: str) -> str:
-    """``"sd"`` or ``"sdxl"`` for a pipeline's class name and component names, else one ``ValueError`` line.
+    """``"sd"``, ``"sdxl"`` or ``"sd3"`` for a pipeline's class name and component names, else one ``ValueError`` line.
 
     Read from ``model_index.json`` before any weight is loaded, or from a pipeline given to
     ``from_pipe``: a wrong family otherwise fails deep inside diffusers (loaded as SD, SDXL's second
     text encoder is dropped silently and the UNet dies on its missing added conditions).
     """
     names = set(components)
+    if class_name.startswith("StableDiffusion3") or class_name == "SaltSD3Pipeline":
+        if class_name in _SD3_CLASSES and _SD3_COMPONENTS <= names:
+            return "sd3"
+        missing = sorted(_SD3_COMPONENTS - names)
+        what = f"without {missing}" if missing else "not the text-to-image one"
+        raise ModelLoadError(
+            f"{source} is a Stable Diffusion 3 ({what}) pipeline ({class_name}): not supported; {SUPPORTED_TEXT}"
+        )
     family = next((label for prefix, label in UNSUPPORTED_FAMILIES if class_name.startswith(prefix)), None)
     if family is None and (class_name.startswith("StableDiffusionXL") or "text_encoder_2" in names):
         if _SDXL_COMPONENTS <= names:

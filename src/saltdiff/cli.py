@@ -8,6 +8,7 @@ input exits with status 2 and one line naming the problem (``SALTDIFF_DEBUG=1`` 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import sys
@@ -49,7 +50,7 @@ def build_parser() -> Parser:
     gen.add_argument(
         "--layout", default=None, help="a layout JSON file ({'boxes': [{'phrase', 'box'}]}) instead of --box"
     )
-    add_model_args(gen)
+    add_model_args(gen, scheduler_default=None)
     gen.add_argument("--steps", type=int, default=50, help="denoising steps")
     gen.add_argument("--cfg", type=float, default=7.5, help="classifier-free guidance scale")
     gen.add_argument("--negative-prompt", default=None, help="negative prompt")
@@ -113,14 +114,14 @@ def build_request(args):
         guidance_scale=args.cfg,
         negative_prompt=args.negative_prompt,
         seed=args.seed,
-        scheduler=args.scheduler,
+        scheduler=args.scheduler or "ddim",
         height=args.height,
         width=args.width,
     )
 
 
 def cmd_generate(args) -> int:
-    from .loading import check_image_size, load_pipeline, resolve_device_dtype
+    from .loading import check_image_size, denoiser, load_pipeline, resolve_device_dtype
     from .preflight import check_before_loading
     from .request import image_format
     from .viz import overlay_figure
@@ -131,8 +132,18 @@ def cmd_generate(args) -> int:
     if not os.path.isdir(out_dir):
         raise CliError(f"output folder {out_dir!r} does not exist")
     resolve_device_dtype(args.device, args.dtype)  # an unknown or missing device: one line, now
+    if args.scheduler is None:  # the model's own family's sampler (SD3: flow-euler), from model_index.json
+        request = dataclasses.replace(request, scheduler=default_sampler_of(args.model))
     check_before_loading(args.model, request, force=args.force)  # config files only: no waiting for weights
     pipe = load_pipeline(args.model, device=args.device, dtype=args.dtype)  # quiet: no loading bars
+    if args.scheduler is None:  # a hub id not in the cache has no index before loading: ask its scheduler
+        from .samplers import default_sampler
+
+        request = dataclasses.replace(request, scheduler=default_sampler(pipe.scheduler))
+    family_defaults = getattr(pipe, "guidance_defaults", {})  # SD3: no outside prompt; the recipe says so
+    unset = {k: v for k, v in family_defaults.items() if getattr(request.guidance, k) is None}
+    if unset:
+        request = dataclasses.replace(request, guidance=dataclasses.replace(request.guidance, **unset))
     check_image_size(pipe, args.height, args.width, force=args.force)
     request = request.resolved(pipe.scheduler)  # e.g. the inversion depth --steps allows, for the recipe
     if args.quiet:
@@ -141,7 +152,7 @@ def cmd_generate(args) -> int:
     result = request.run(pipe, return_attention_maps=args.overlay)
     seconds = time.perf_counter() - start
     image = result.images[0]
-    dtype = str(pipe.unet.dtype).replace("torch.", "")
+    dtype = str(denoiser(pipe).dtype).replace("torch.", "")
     request.save_png(image, args.out, model=args.model, dtype=dtype)
     written = [args.out]
     if args.overlay:
@@ -153,6 +164,18 @@ def cmd_generate(args) -> int:
             written.append(save_png(result.reference_image, stem + "-reference.png"))
     sys.stderr.write(f"saltdiff: wrote {', '.join(written)} ({seconds:.1f} s)\n")
     return 0
+
+
+def default_sampler_of(model: str) -> str:
+    """The sampler ``model``'s family runs by default (:data:`saltdiff.checkpoints.DEFAULT_SAMPLERS`),
+    read from its ``model_index.json`` (a folder or a cached hub id; never the network), else ``"ddim"``."""
+    from .checkpoints import DEFAULT_SAMPLERS, ModelLoadError, index_family, resolve_model
+
+    try:
+        family = index_family(resolve_model(model), model)
+    except (ModelLoadError, OSError, ValueError):  # load_pipeline says what is wrong, in one line
+        family = None
+    return DEFAULT_SAMPLERS.get(family or "sd", "ddim")
 
 
 def save_png(image, path: str) -> str:

@@ -245,7 +245,9 @@ def method_options(args: argparse.Namespace) -> MethodOptions:
     return options
 
 
-def add_model_args(parser: argparse.ArgumentParser) -> None:
+def add_model_args(parser: argparse.ArgumentParser, *, scheduler_default: str | None = "ddim") -> None:
+    """``--model``, ``--scheduler``, ``--device``, ``--dtype``; ``scheduler_default=None``: the model's
+    own family's sampler (:func:`saltdiff.samplers.default_sampler`), chosen once it is loaded."""
     parser.add_argument(
         "--model",
         default=DEFAULT_MODEL,
@@ -255,9 +257,14 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--scheduler",
-        default="ddim",
+        default=scheduler_default,
         choices=SCHEDULERS.names(),
-        help="sampler, built from the model's scheduler config; SALT's start is converted into its noise space",
+        help="sampler, built from the model's scheduler config; SALT's start is converted into its noise space"
+        + (
+            " (default: ddim for SD/SDXL, flow-euler for SD3; a sampler of the other noise family is refused)"
+            if scheduler_default is None
+            else ""
+        ),
     )
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps (default: cuda if available)")
     parser.add_argument(

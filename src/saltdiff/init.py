@@ -24,7 +24,10 @@ from .losses import gaussian_blur
 from .object_generator import PipelineObjectGenerator
 from .reference import GeneratedObjects, ReferenceBuilder, ReferenceImage
 from .registry import INITIALIZERS, check_fields
-from .samplers import ancestral_start_skip, sampler_start_timestep, to_sampler_space
+from .samplers import ancestral_start_skip, config_family, sampler_start_timestep, to_sampler_space
+
+#: Reverse-Euler steps of SALT's flow inversion when ``inversion_steps`` is unset (:mod:`saltdiff.flow_init`).
+FLOW_INVERSION_STEPS = 5
 
 if TYPE_CHECKING:  # pragma: no cover
     from .pipeline import SaltPipeline
@@ -238,9 +241,13 @@ class SpatialAwareInit:
 
     def depth(self, scheduler, num_inference_steps: int) -> int:
         """The inversion steps this call uses: ``inversion_steps``, or when it is unset
-        :func:`default_inversion_steps` for the sampler's first timestep at ``num_inference_steps``."""
+        :func:`default_inversion_steps` for the sampler's first timestep at ``num_inference_steps``
+        (a flow-matching sampler: :data:`FLOW_INVERSION_STEPS`, on its own sigma grid, which every
+        depth fits)."""
         if self.inversion_steps is not None:
             return self.inversion_steps
+        if config_family(scheduler.config) == "flow":
+            return FLOW_INVERSION_STEPS
         return default_inversion_steps(scheduler, self.end_timestep(scheduler, num_inference_steps))
 
     def resolved(self, scheduler, num_inference_steps: int) -> SpatialAwareInit:
@@ -250,8 +257,8 @@ class SpatialAwareInit:
     def check_steps(self, scheduler, num_inference_steps: int) -> None:
         """One line, before any work, when an explicit ``inversion_steps`` cannot end at the sampler's
         first timestep (few sampling steps start low; ``DDIMInverseScheduler`` steps by 1000 // K)."""
-        if self.inversion_steps is None:
-            return  # the default depth always fits
+        if self.inversion_steps is None or config_family(scheduler.config) == "flow":
+            return  # the default depth always fits, and any depth fits a flow sampler's own grid
         end = self.end_timestep(scheduler, num_inference_steps)
         if not _grid_fits(scheduler, self.inversion_steps, end):
             fits = [k for k in range(1, self.inversion_steps) if _grid_fits(scheduler, k, end)]

@@ -171,7 +171,7 @@ def hub_files_only(model: str) -> bool:
 
 
 def model_family_of(model: str) -> str:
-    """``"sd"`` or ``"sdxl"`` from the model's ``model_index.json`` (a folder, a cached hub id, or, for a
+    """``"sd"``, ``"sdxl"`` or ``"sd3"`` from the model's ``model_index.json`` (a folder, a cached hub id, or, for a
     hub id not cached yet, that one file fetched first); another family is refused in one line."""
     path = resolve_model(model)
     family = index_family(path, model)
@@ -193,7 +193,8 @@ def load_pipeline(
     dtype: str | None = None,
     fallback_device: str | None = None,
 ) -> SaltPipeline:
-    """A ``SaltPipeline`` (SD 1.x/2.x) or ``SaltXLPipeline`` (SDXL, detected from ``model_index.json``)
+    """A ``SaltPipeline`` (SD 1.x/2.x), ``SaltXLPipeline`` (SDXL) or ``SaltSD3Pipeline`` (SD3; the family
+    is read from ``model_index.json``)
     for ``model`` on ``device`` in ``dtype``, or a one-line :class:`ModelLoadError`."""
     import torch
 
@@ -207,6 +208,8 @@ def load_pipeline(
         family = model_family_of(model)
         if family == "sdxl":
             from .pipeline_xl import SaltXLPipeline as pipeline_class
+        elif family == "sd3":
+            from .pipeline_sd3 import SaltSD3Pipeline as pipeline_class
         else:
             from .pipeline import SaltPipeline as pipeline_class
 
@@ -224,10 +227,16 @@ def load_pipeline(
     return pipe
 
 
+def denoiser(pipe):
+    """The pipeline's denoising network: its ``unet``, or its ``transformer`` (SD3)."""
+    unet = getattr(pipe, "unet", None)
+    return unet if unet is not None else pipe.transformer
+
+
 def check_image_size(pipe, height: int | None, width: int | None, *, force: bool = False) -> None:
     """Refuse (``ValueError``) a side more than :data:`MAX_SIZE_FACTOR` times the model's trained size.
 
     Such a run takes minutes (the cost grows with the pixel count, attention with its square) and
     asks for what the model never saw; ``force=True`` (``--force``) runs it anyway.
     """
-    check_trained_size(pipe.unet.config.sample_size * pipe.vae_scale_factor, height, width, force=force)
+    check_trained_size(denoiser(pipe).config.sample_size * pipe.vae_scale_factor, height, width, force=force)

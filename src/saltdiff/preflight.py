@@ -159,9 +159,10 @@ def check_before_loading(model: str, request, *, force: bool = False) -> bool:
     scheduler_config = _config(folder, "scheduler/scheduler_config.json")
     init = request.build_init()
     if scheduler_config and callable(getattr(init, "check_steps", None)):
-        from .samplers import check_supported, make_scheduler
+        from .samplers import check_supported, make_scheduler, sampler_family
 
-        sampler = make_scheduler(request.scheduler, scheduler_config)
-        check_supported(sampler)
+        sampler = make_scheduler(request.scheduler, scheduler_config)  # the other noise family: one line
+        if sampler_family(request.scheduler) == "vp":  # a flow sampler's grid fits any inversion depth
+            check_supported(sampler)
         init.check_steps(sampler, request.num_inference_steps)
     return True

@@ -574,5 +574,11 @@ for _name, _cls, _options, _text in (
     ("heun", "HeunDiscreteScheduler", {}, "Heun (2nd order: two UNet calls per step)"),
     ("lms", "LMSDiscreteScheduler", {}, "linear multistep (k-diffusion's LMS, order 4: same caveat as PNDM)"),
     ("unipc", "UniPCMultistepScheduler", {}, "UniPC (multistep predictor-corrector)"),
+    (
+        "flow-euler",
+        "FlowMatchEulerDiscreteScheduler",
+        {},
+        "flow-matching Euler (SD3's sampler; flow models only, as the others are VP models' only)",
+    ),
 ):
     SCHEDULERS.register(Entry(_name, f"diffusers:{_cls}", _text, options=_options))

@@ -39,11 +39,15 @@ __all__ = [
     "ANCESTRAL_CLASSES",
     "ancestral_start_skip",
     "check_supported",
+    "config_family",
     "ddim_twin",
+    "default_sampler",
+    "family_samplers",
     "known_config",
     "make_scheduler",
     "is_ancestral",
     "model_input_scale",
+    "sampler_family",
     "sampler_start_timestep",
     "scheduler_name",
     "set_sampler_timesteps",
@@ -61,9 +65,49 @@ ANCESTRAL_CLASSES = frozenset(
 )
 
 
+#: What users call the two noise families (:data:`saltdiff.noise.NOISE_FAMILIES`) in messages.
+_FAMILY_TEXT = {"vp": "VP (DDPM-noise: SD 1.x/2.x/XL)", "flow": "flow-matching (SD3, FLUX)"}
+
+
+def sampler_family(name: str) -> str:
+    """``"flow"`` for a registered flow-matching sampler (``FlowMatch*`` classes), else ``"vp"``."""
+    cls = str(SCHEDULERS.get(name).target).partition(":")[2]
+    return "flow" if cls.startswith("FlowMatch") else "vp"
+
+
+def config_family(config) -> str | None:
+    """The noise family a scheduler ``config`` belongs to: ``"vp"`` (a beta schedule), ``"flow"``
+    (a flow ``shift`` and no betas), ``None`` when it says neither."""
+    if "beta_start" in config or "trained_betas" in config or "beta_schedule" in config:
+        return "vp"
+    if "shift" in config:
+        return "flow"
+    return None
+
+
+def family_samplers(family: str) -> list[str]:
+    """The registered samplers of one noise family, in registration order."""
+    return [n for n in SCHEDULERS.names() if sampler_family(n) == family]
+
+
+def default_sampler(scheduler) -> str:
+    """The sampler a run uses unless told: ``"flow-euler"`` for a flow model's scheduler, else ``"ddim"``."""
+    return "flow-euler" if config_family(scheduler.config) == "flow" else "ddim"
+
+
 def make_scheduler(name: str, config):
-    """The registered sampler ``name`` built from ``config`` (a scheduler's config: same noise schedule)."""
+    """The registered sampler ``name`` built from ``config`` (a scheduler's config: same noise schedule).
+
+    A sampler of the other noise family than the model's (a VP sampler on a flow model's config, or
+    the flow sampler on a VP one) is one ``ValueError`` line: ``from_config`` would drop the schedule
+    silently and sample a different model."""
     entry = SCHEDULERS.get(name)
+    model, sampler = config_family(config), sampler_family(name)
+    if model is not None and model != sampler:
+        raise ValueError(
+            f"scheduler {name!r} is a {_FAMILY_TEXT[sampler]} sampler, but this model's noise schedule is "
+            f"{_FAMILY_TEXT[model]}: choose one of {family_samplers(model)}"
+        )
     return entry.load().from_config(config, **entry.options)
 
 
@@ -103,7 +147,8 @@ def check_supported(scheduler) -> None:
         raise ValueError(
             f"scheduler {type(scheduler).__name__} is not supported: saltdiff needs a discrete DDPM noise "
             f"schedule (alphas_cumprod), as Stable Diffusion 1.x/2.x/XL samplers have; choose one of "
-            f"{list(SCHEDULERS.names())} (pipe.scheduler = ...from_config(pipe.scheduler.config))"
+            f"{family_samplers('vp')} (pipe.scheduler = ...from_config(pipe.scheduler.config)); flow-matching "
+            "models (SD3) run with SaltSD3Pipeline"
         )
 
 

@@ -40,12 +40,21 @@ class SD3Family:
         max_sequence_length: T5 tokens per prompt (SD3's default 256).
         text_tokens: which text stream's tokens :meth:`phrase_tokens` returns: ``"both"``,
             ``"clip"`` or ``"t5"``.
+        joint_attention_kwargs: passed to every transformer call, as the pipeline passes its own
+            (e.g. ``{"scale": 0.7}`` for a LoRA); ``None``: none.
     """
 
     name = "sd3"
     noise_family = "flow"
 
-    def __init__(self, pipe, *, max_sequence_length: int = 256, text_tokens: str = "both"):
+    def __init__(
+        self,
+        pipe,
+        *,
+        max_sequence_length: int = 256,
+        text_tokens: str = "both",
+        joint_attention_kwargs: dict | None = None,
+    ):
         if text_tokens not in TEXT_TOKENS:
             raise ValueError(f"text_tokens must be one of {TEXT_TOKENS}, got {text_tokens!r}")
         if (
@@ -61,6 +70,11 @@ class SD3Family:
         self.pipe = pipe
         self.max_sequence_length = max_sequence_length
         self.text_tokens = text_tokens
+        if joint_attention_kwargs is not None and not isinstance(joint_attention_kwargs, dict):
+            raise ValueError(
+                f"joint_attention_kwargs must be a dict or None, got {type(joint_attention_kwargs).__name__}"
+            )
+        self.joint_attention_kwargs = joint_attention_kwargs
 
     @property
     def transformer(self):
@@ -123,6 +137,7 @@ class SD3Family:
             timestep=self.timestep(sigma, latents.shape[0], model_in),
             encoder_hidden_states=conditions.embeds,
             pooled_projections=conditions.pooled,
+            joint_attention_kwargs=self.joint_attention_kwargs,
             return_dict=False,
         )[0]
         return self.unpack(out, tuple(latents.shape[-2:]))

@@ -1,0 +1,236 @@
+"""SaltSD3Pipeline on tiny random SD3 components: diffusers parity, guidance, SALT's flow start."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from saltdiff import GuidanceConfig, SpatialAwareInit
+from saltdiff.families import guided_denoiser
+from saltdiff.flow_inversion import flow_invert, inversion_sigmas
+from saltdiff.pipeline_sd3 import SaltSD3Pipeline
+from saltdiff.reference import GeneratedObjects
+from saltdiff.testing_flow import tiny_sd3_pipeline
+
+PROMPT = "a cat and a dog"
+LAYOUT = [("cat", (0.0, 0.0, 0.5, 1.0)), ("dog", (0.5, 0.0, 1.0, 1.0))]
+FAST = dict(height=32, width=32, num_inference_steps=3, guidance_scale=2.0, max_sequence_length=16)
+
+
+@pytest.fixture(scope="module")
+def base():
+    pipe = tiny_sd3_pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture(scope="module")
+def pipe(base):
+    pipe = SaltSD3Pipeline.from_pipe(base)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def reference_image() -> Image.Image:
+    """Left half red, right half blue: the cat's box and the dog's box filled."""
+    pixels = np.zeros((32, 32, 3), dtype=np.uint8)
+    pixels[:, :16, 0] = 220
+    pixels[:, 16:, 2] = 220
+    return Image.fromarray(pixels)
+
+
+@pytest.mark.parametrize("layout", [None, LAYOUT], ids=["no-layout", "layout-captured"])
+def test_random_init_without_guidance_is_diffusers_bit_for_bit(base, pipe, layout):
+    """With a layout the capture processors run (layout energy is recorded): still the same bytes."""
+    expected = base(PROMPT, generator=torch.Generator().manual_seed(1), output_type="np", **FAST).images
+    out = pipe(PROMPT, layout, init="random", guidance="none", seed=1, output_type="np", **FAST)
+    assert out.images.tobytes() == expected.tobytes()
+    assert len(out.layout_losses) == (3 if layout else 0) and out.guidance_losses == []
+    assert out.reference_image is None and out.init_latent.shape == (1, 16, 16, 16)
+    # and the processors were put back
+    assert {type(p).__name__ for p in pipe.transformer.attn_processors.values()} == {"JointAttnProcessor2_0"}
+
+
+def test_parity_holds_with_embeds_and_without_cfg(base, pipe):
+    embeds, negative, pooled, negative_pooled = base.encode_prompt(
+        PROMPT, None, None, do_classifier_free_guidance=True, max_sequence_length=16
+    )
+    given = dict(
+        prompt_embeds=embeds,
+        negative_prompt_embeds=negative,
+        pooled_prompt_embeds=pooled,
+        negative_pooled_prompt_embeds=negative_pooled,
+    )
+    expected = base(generator=torch.Generator().manual_seed(2), output_type="latent", **given, **FAST).images
+    out = pipe(init="random", guidance="none", seed=2, output_type="latent", **given, **FAST)
+    assert torch.equal(out.images, expected)
+    kw = {**FAST, "guidance_scale": 1.0}
+    expected = base(PROMPT, generator=torch.Generator().manual_seed(2), output_type="latent", **kw).images
+    assert torch.equal(
+        pipe(PROMPT, init="random", guidance="none", seed=2, output_type="latent", **kw).images, expected
+    )
+
+
+def test_guidance_lowers_its_loss_and_changes_the_image(pipe):
+    cfg = GuidanceConfig(
+        loss="layout-guidance", guidance_steps=1, guidance_iters=3, loss_threshold=0.0, step_size=200.0
+    )
+    plain = pipe(PROMPT, LAYOUT, init="random", guidance="none", seed=1, output_type="np", **FAST)
+    guided = pipe(
+        PROMPT,
+        LAYOUT,
+        init="random",
+        guidance=cfg,
+        seed=1,
+        output_type="np",
+        return_attention_maps=True,
+        **FAST,
+    )
+    history = guided.guidance_losses[0]
+    assert len(guided.guidance_losses) == 1 and len(history) == 3 and history[-1] < history[0]
+    assert np.abs(guided.images - plain.images).max() > 1e-3
+    assert guided.attention_maps.shape == (1, 2, 16, 16)
+    assert guided.token_indices == [[2, 77 + 1], [5, 77 + 4]]  # CLIP "<bos> a cat and a dog", T5 after 77
+    assert guided.info["guidance"]["outside_prompt_steps"] == 0
+
+
+def test_refusals_are_one_line(pipe):
+    with pytest.raises(ValueError, match="multiple of 4"):
+        pipe(PROMPT, init="random", guidance="none", height=30, width=32)
+    with pytest.raises(ValueError, match="outside prompt is not implemented on SD3"):
+        pipe(PROMPT, LAYOUT, init="random", guidance=GuidanceConfig(outside_prompt_steps=2), **FAST)
+    with pytest.raises(ValueError, match="matches no joint-attention layer"):
+        pipe(PROMPT, LAYOUT, init="random", guidance=GuidanceConfig(layers="down"), **FAST)
+    with pytest.raises(ValueError, match="inversion_noise_scale"):
+        pipe(PROMPT, LAYOUT, init=SpatialAwareInit(inversion_noise_scale=0.1), **FAST)
+    long_prompt = "a red cat " * 30 + "and a dog"
+    with pytest.raises(ValueError, match="more than the text encoder's limit of 77"):
+        pipe(long_prompt, [("dog", (0, 0, 1, 1))], init="random", **FAST)
+    with pytest.raises(ValueError, match="also pass the prompt"):
+        pipe(
+            None,
+            LAYOUT,
+            prompt_embeds=torch.zeros(1, 93, 32),
+            pooled_prompt_embeds=torch.zeros(1, 32),
+            **FAST,
+        )
+
+
+def test_salt_init_is_the_flow_inversion_of_the_reference(pipe):
+    """Without fresh noise the start is exactly the reference, VAE-encoded with SD3's scaling and shift,
+    inverted up the sampler's own sigma grid to its first sigma; with it, the seed renews the latent."""
+    from saltdiff.reference import UserImages
+
+    def salt(**fields):
+        return SpatialAwareInit(reference=UserImages(image=reference_image()), inversion_steps=2, **fields)
+
+    common = dict(layout=LAYOUT, guidance="none", output_type="np", **FAST)
+    kept = pipe(PROMPT, init=salt(noise_outside=0.0), seed=1, **common)
+    adapter = pipe.family(max_sequence_length=16)
+    with torch.no_grad():
+        x0 = adapter.encode(pipe.image_processor.preprocess(kept.reference_image))
+        grid = inversion_sigmas(pipe.scheduler, 2)
+        expected = flow_invert(guided_denoiser(adapter, adapter.conditions("")), x0, grid)
+    assert float(grid[-1]) == float(pipe.scheduler.sigmas[0]) == 1.0  # the sampler's first sigma
+    assert kept.info["inversion_sigmas"] == [round(float(s), 6) for s in grid]
+    torch.testing.assert_close(kept.init_latent, expected, rtol=0, atol=1e-5)
+    # the left (red, "cat") and right (blue, "dog") halves of the reference stay apart in the start
+    left, right = expected[..., :8].mean((0, 2, 3)), expected[..., 8:].mean((0, 2, 3))
+    assert (left - right).abs().max() > 0.05
+
+    a = pipe(PROMPT, init=salt(), seed=1, **common)
+    b = pipe(PROMPT, init=salt(), seed=2, **common)
+    again = pipe(PROMPT, init=salt(), seed=1, **common)
+    assert a.images.tobytes() == again.images.tobytes()
+    assert np.abs(a.images - b.images).max() > 0.05
+    assert (a.init_latent - expected).abs().mean() > 0.01  # fresh noise where the feathered keep is < 1
+
+
+def test_salt_init_with_generated_objects_differs_by_seed_outside_the_objects(pipe):
+    init = SpatialAwareInit(
+        reference=GeneratedObjects(background="gray", num_inference_steps=2, cache=False), inversion_steps=2
+    )
+    layout = [("cat", (0.0, 0.0, 0.5, 0.5))]
+    a = pipe(PROMPT, layout, init=init, seed=1, output_type="np", **FAST)
+    b = pipe(PROMPT, layout, init=init, seed=2, output_type="np", **FAST)
+    assert a.reference_image.size == (32, 32) and a.info["init"] == "salt"
+    assert len(a.guidance_losses) == 3  # SALT's budget from z_T*: 3 steps of 1 update
+    assert np.abs(a.images - b.images).max() > 0.05
+    # the far corner (outside the cat's box) is fresh noise: it differs between seeds
+    assert (a.init_latent[..., 12:, 12:] - b.init_latent[..., 12:, 12:]).abs().mean() > 0.5
+
+
+def test_an_unset_inversion_depth_is_the_flow_default(pipe):
+    from saltdiff.flow_init import FLOW_INVERSION_STEPS
+    from saltdiff.reference import UserImages
+
+    init = SpatialAwareInit(reference=UserImages(image=reference_image()))
+    init.inversion_steps = None  # main's registry leaves it unset by default ("as many as fit")
+    out = pipe(PROMPT, LAYOUT, init=init, guidance="none", seed=1, output_type="latent", **FAST)
+    assert out.info["inversion_steps"] == FLOW_INVERSION_STEPS == len(out.info["inversion_sigmas"]) - 1
+
+
+def test_generate_objects_gives_images_and_their_phrase_maps(pipe):
+    made = pipe.generate_objects(
+        ["a cat", "a dog"],
+        phrases=["cat", "dog"],
+        height=32,
+        width=32,
+        num_inference_steps=2,
+        max_sequence_length=16,
+    )
+    assert [m.image.shape for m in made] == [(32, 32, 3)] * 2
+    assert made[0].attention.shape == (16, 16) and np.isfinite(made[0].attention).all()
+    assert not np.array_equal(made[0].image, made[1].image)
+
+
+def test_a_vp_scheduler_on_the_pipeline_is_refused(base):
+    from diffusers import DDIMScheduler
+
+    pipe = SaltSD3Pipeline.from_pipe(base, scheduler=DDIMScheduler())
+    with pytest.raises(
+        ValueError, match=r"DDIMScheduler is not a flow-matching sampler: SD3 samples with \['flow-euler'\]"
+    ):
+        pipe(PROMPT, init="random", guidance="none", **FAST)
+
+
+def test_from_pipe_refuses_another_family(pipe):
+    from saltdiff.testing import tiny_sd_pipeline
+
+    with pytest.raises(ValueError, match="SaltSD3Pipeline"):
+        SaltSD3Pipeline.from_pipe(tiny_sd_pipeline())
+
+
+def test_step_callback_sees_sd3_tensors_and_can_interrupt(pipe):
+    seen = []
+
+    def callback(p, i, t, tensors):
+        seen.append((i, tuple(tensors["latents"].shape), tuple(tensors["prompt_embeds"].shape)))
+        if i == 1:
+            p._interrupt = True
+        return {}
+
+    out = pipe(
+        PROMPT,
+        LAYOUT,
+        init="random",
+        guidance="none",
+        seed=1,
+        num_images_per_prompt=2,
+        output_type="latent",
+        callback_on_step_end=callback,
+        callback_on_step_end_tensor_inputs=["latents", "prompt_embeds"],
+        **FAST,
+    )
+    assert seen == [(0, (2, 16, 16, 16), (4, 93, 32)), (1, (2, 16, 16, 16), (4, 93, 32))]
+    assert len(out.layout_losses) == 2 and out.images.shape == (2, 16, 16, 16)
+    with pytest.raises(ValueError, match="not available"):
+        pipe(
+            PROMPT,
+            init="random",
+            callback_on_step_end=callback,
+            callback_on_step_end_tensor_inputs=["noise"],
+            **FAST,
+        )
