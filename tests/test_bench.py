@@ -35,7 +35,7 @@ LAYOUTS = [
 FAST = [
     "--steps", "2", "--guidance-steps", "1", "--guidance-iters", "1", "--inversion-steps", "1",
     "--object-steps", "1", "--background", "gray", "--detector", "shapes", "--device", "cpu",
-    "--dtype", "float32", "-q",
+    "--dtype", "float32", "-q", "--bootstrap", "100",
 ]  # fmt: skip
 METHODS = "sd,layout-guidance,salt"
 QUALITY = ("miou", "map50", "map50_95", "text_alignment", "ref_iou", "n_images")
