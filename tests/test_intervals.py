@@ -147,3 +147,24 @@ def test_method_records_reads_a_run_folder(tmp_path):
         method_records(f"{tmp_path}:boxdiff")
     with pytest.raises(ValueError, match="not a bench run folder"):
         method_records(f"{tmp_path / 'nowhere'}:sd")
+
+
+def test_saltdiff_compare_prints_the_paired_table(tmp_path, capsys):
+    """The CLI: two methods of one run folder, the default metrics less those the records lack."""
+    from saltdiff.cli import main
+
+    rng = np.random.default_rng(4)
+    base = _records(30, rng)
+    runs = {"sd": base, "salt": [dict(r, box_ious=[min(1.0, r["box_ious"][0] + 0.05)]) for r in base]}
+    for method, records in runs.items():
+        folder = tmp_path / "records" / method
+        folder.mkdir(parents=True)
+        for r in records:
+            (folder / f"{r['layout_id']}_s{r['seed']}.json").write_text(json.dumps(r))
+    assert main(["compare", f"{tmp_path}:sd", f"{tmp_path}:salt", "--bootstrap", "100"]) == 0
+    out = capsys.readouterr().out
+    assert "30 layouts in common" in out
+    row = next(line for line in out.splitlines() if line.startswith("| miou |"))
+    assert row.endswith("| yes |") and "+0.050" in row
+    assert "| unboxed_recall |" not in out  # no record names an unboxed object
+    assert main(["compare", f"{tmp_path}:sd", f"{tmp_path}:salt", "--metrics", "nope"]) == 2
