@@ -38,7 +38,7 @@ import torch
 
 from ..noise import NOISE_FAMILIES
 
-__all__ = ["Conditions", "FamilyAdapter", "check_adapter", "guided_denoiser"]
+__all__ = ["Conditions", "FamilyAdapter", "check_adapter", "guided_denoiser", "vae_decode", "vae_encode"]
 
 
 @dataclass(frozen=True)
@@ -201,3 +201,16 @@ def guided_denoiser(
         return uncond + guidance_scale * (cond - uncond)
 
     return denoise
+
+
+def vae_encode(vae, images: torch.Tensor) -> torch.Tensor:
+    """``(VAE mean - shift_factor) * scaling_factor``: the latents a family's network works in
+    (SD's VAEs have no shift; SD3's and FLUX's do). One place for every adapter's ``encode``."""
+    mean = vae.encode(images.to(device=vae.device, dtype=vae.dtype)).latent_dist.mean
+    return (mean - (vae.config.get("shift_factor") or 0.0)) * vae.config.scaling_factor
+
+
+def vae_decode(vae, latents: torch.Tensor) -> torch.Tensor:
+    """The inverse of :func:`vae_encode`: images in [-1, 1]."""
+    shift = vae.config.get("shift_factor") or 0.0
+    return vae.decode(latents / vae.config.scaling_factor + shift, return_dict=False)[0]

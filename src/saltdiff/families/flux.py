@@ -23,7 +23,7 @@ import torch
 from ..flow_inversion import dynamic_shift_mu
 from ..joint_attention import capture_joint_attention, joint_attention_layers
 from ..layout import resolve_phrase_tokens
-from . import Conditions
+from . import Conditions, vae_decode, vae_encode
 
 __all__ = ["FluxFamily", "image_ids", "pack_latents", "unpack_latents"]
 
@@ -162,11 +162,8 @@ class FluxFamily:
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         """``(VAE mean - shift_factor) * scaling_factor``, unpacked ``[B, 16, h, w]``."""
-        vae = self.pipe.vae
-        mean = vae.encode(images.to(device=vae.device, dtype=vae.dtype)).latent_dist.mean
-        return (mean - vae.config.shift_factor) * vae.config.scaling_factor
+        return vae_encode(self.pipe.vae, images)
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """``VAE decode(latents / scaling_factor + shift_factor)`` of unpacked latents."""
-        vae = self.pipe.vae
-        return vae.decode(latents / vae.config.scaling_factor + vae.config.shift_factor, return_dict=False)[0]
+        return vae_decode(self.pipe.vae, latents)

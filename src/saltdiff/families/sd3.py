@@ -24,7 +24,7 @@ import torch
 from ..flow_inversion import dynamic_shift_mu
 from ..joint_attention import capture_joint_attention, joint_attention_layers
 from ..layout import resolve_phrase_tokens
-from . import Conditions
+from . import Conditions, vae_decode, vae_encode
 
 __all__ = ["SD3Family"]
 
@@ -180,11 +180,8 @@ class SD3Family:
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         """``(VAE mean - shift_factor) * scaling_factor``: the latents SD3's transformer works in."""
-        vae = self.pipe.vae
-        mean = vae.encode(images.to(device=vae.device, dtype=vae.dtype)).latent_dist.mean
-        return (mean - vae.config.shift_factor) * vae.config.scaling_factor
+        return vae_encode(self.pipe.vae, images)
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """``VAE decode(latents / scaling_factor + shift_factor)``, as the pipeline decodes."""
-        vae = self.pipe.vae
-        return vae.decode(latents / vae.config.scaling_factor + vae.config.shift_factor, return_dict=False)[0]
+        return vae_decode(self.pipe.vae, latents)

@@ -20,7 +20,7 @@ import torch
 from ..attention import capture_cross_attention, cross_attention_layers
 from ..layout import resolve_phrase_tokens
 from ..noise import vp_timestep
-from . import Conditions
+from . import Conditions, vae_decode, vae_encode
 
 __all__ = ["UNetFamily"]
 
@@ -126,13 +126,8 @@ class UNetFamily:
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         """``VAE mean * scaling_factor`` (SD's VAEs have no shift)."""
-        vae = self.pipe.vae
-        mean = vae.encode(images.to(device=vae.device, dtype=vae.dtype)).latent_dist.mean
-        shift = vae.config.get("shift_factor") or 0.0
-        return (mean - shift) * vae.config.scaling_factor
+        return vae_encode(self.pipe.vae, images)
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """``VAE decode(latents / scaling_factor)``, as the pipeline decodes."""
-        vae = self.pipe.vae
-        shift = vae.config.get("shift_factor") or 0.0
-        return vae.decode(latents / vae.config.scaling_factor + shift, return_dict=False)[0]
+        return vae_decode(self.pipe.vae, latents)
