@@ -48,6 +48,21 @@ def resolve_model(name_or_path: str | os.PathLike) -> str:
     return name
 
 
+def null_components(folder: str | os.PathLike) -> list[str]:
+    """Components that a local folder's ``model_index.json`` lists as ``[null, null]``.
+
+    diffusers loads a null component only when the pipeline class declares it optional; SD3's T5
+    (``text_encoder_3``) is not declared so, although its pipeline runs without it. Passing these as
+    ``None`` lets a folder saved without T5 load as it was saved. ``[]`` for anything but a folder.
+    """
+    index = Path(folder) / "model_index.json"
+    if not index.is_file():
+        return []
+    with open(index, encoding="utf-8") as f:
+        entries = json.load(f)
+    return [k for k, v in entries.items() if isinstance(v, list) and v and all(x is None for x in v)]
+
+
 def weights_stamp(model_id: str) -> list:
     """Size and mtime of a local model's weight files: caches keyed on it never serve retrained weights."""
     if not os.path.isdir(model_id):

@@ -40,7 +40,7 @@ from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.utils.torch_utils import randn_tensor
 
 from .call_inputs import OUTPUT_TYPES, as_guidance, as_layout, resolve_init, seeded_generator
-from .checkpoints import check_family, check_model_index, resolve_model
+from .checkpoints import check_family, check_model_index, null_components, resolve_model
 from .components import dtype_keyword
 from .families import Conditions
 from .families.sd3 import SD3Family
@@ -86,6 +86,8 @@ class SaltSD3Pipeline(StableDiffusion3Pipeline):
         path = resolve_model(name)
         where = {"cache_dir": kwargs.get("cache_dir"), "revision": kwargs.get("revision")}
         checked = check_model_index(path, name, **where, family=cls._family)
+        for component in null_components(path):  # e.g. a folder saved without T5
+            kwargs.setdefault(component, None)
         pipe = super().from_pretrained(path, **kwargs)
         if not checked:
             check_model_index(path, name, **where, family=cls._family)

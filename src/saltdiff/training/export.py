@@ -12,17 +12,19 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["PIPELINE_COMPONENTS", "export_pipeline", "load_pretrained_weights", "write_vocabulary"]
+__all__ = [
+    "PIPELINE_COMPONENTS",
+    "export_pipeline",
+    "load_pretrained_weights",
+    "replace_components",
+    "write_vocabulary",
+]
 
 PIPELINE_COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 
 
 def export_pipeline(out: Path, vae, text_encoder, tokenizer, unet, scheduler, dtype=torch.float16) -> None:
-    """Save a ``StableDiffusionPipeline`` folder (fp16 weights) into ``out``, keeping other files there.
-
-    Components are written to a temporary folder first and then moved in one by one, so an
-    interrupted export never leaves a half-written component; a README or pictures in ``out`` stay.
-    """
+    """Save a ``StableDiffusionPipeline`` folder (fp16 weights) into ``out``, keeping other files there."""
     import copy
 
     from diffusers import StableDiffusionPipeline
@@ -37,11 +39,20 @@ def export_pipeline(out: Path, vae, text_encoder, tokenizer, unet, scheduler, dt
         feature_extractor=None,
         requires_safety_checker=False,
     )
+    replace_components(out, pipe, PIPELINE_COMPONENTS)
+
+
+def replace_components(out: Path, pipe, components) -> None:
+    """``pipe.save_pretrained`` into ``out``, one component folder at a time.
+
+    Components are written to a temporary folder first and then moved in one by one, so an
+    interrupted export never leaves a half-written component; a README or pictures in ``out`` stay.
+    """
     out.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".export-", dir=out.parent))
     try:
         pipe.save_pretrained(tmp, safe_serialization=True)
-        for name in PIPELINE_COMPONENTS:
+        for name in components:
             old = out / name
             if old.exists():
                 trash = out.parent / f".old-{name}-{os.getpid()}"

@@ -59,6 +59,8 @@ def grounding_loss(store, targets: list[list[tuple[int, tuple]]], keep: torch.Te
         if (h, w) not in mask_cache:
             mask_cache[(h, w)] = torch.stack([box_coverage(r[2], h, w) for r in rows])  # [R, h, w]
         masks = mask_cache[(h, w)]
-        maps = probs.mean(dim=1)[b_idx, :, t_idx]  # [R, Q]
+        if probs.ndim == 4:  # cross-attention keeps heads; joint-attention stores average them already
+            probs = probs.mean(dim=1)
+        maps = probs[b_idx, :, t_idx]  # [R, Q]
         losses.append(layout_guidance_loss(maps.reshape(1, len(rows), h, w), masks.unsqueeze(0)))
     return torch.stack(losses).mean()
