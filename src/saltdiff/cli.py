@@ -48,7 +48,18 @@ def build_parser() -> Parser:
         "'dog#2=...' boxes the second 'dog'",
     )
     gen.add_argument(
-        "--layout", default=None, help="a layout JSON file ({'boxes': [{'phrase', 'box'}]}) instead of --box"
+        "--layout",
+        default=None,
+        help="a layout JSON file ({'boxes': [{'phrase', 'box'}], 'unboxed'?: [phrase]}) instead of --box",
+    )
+    gen.add_argument(
+        "--unboxed",
+        action="append",
+        default=[],
+        metavar="PHRASE",
+        help="a phrase of the prompt naming an object wanted somewhere, without a box: SALT's reference "
+        "places it away from the boxes; repeat for more (default: found from the model's vocabulary, "
+        "for the built-in models)",
     )
     add_model_args(gen, scheduler_default=None)
     gen.add_argument("--steps", type=int, default=50, help="denoising steps")
@@ -90,8 +101,11 @@ def build_layout(args):
     if args.layout:
         if not os.path.isfile(args.layout):
             raise CliError(f"layout file {args.layout!r} not found")
-        return Layout.from_json(args.layout)
-    return Layout(tuple(Layout.parse_box_spec(spec) for spec in args.box))
+        layout = Layout.from_json(args.layout)
+        if args.unboxed and layout.unboxed:
+            raise CliError("the layout file lists unboxed phrases: give --unboxed or the file's, not both")
+        return Layout(layout.boxes, tuple(args.unboxed) or layout.unboxed)
+    return Layout(tuple(Layout.parse_box_spec(spec) for spec in args.box), tuple(args.unboxed))
 
 
 def build_request(args):

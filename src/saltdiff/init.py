@@ -183,7 +183,7 @@ class SpatialAwareInit:
         if not len(layout):
             return torch.zeros(h, w)
         if self.keep_region == "objects":
-            pixels = torch.from_numpy(np.asarray(reference.object_masks, dtype=np.float32))
+            pixels = torch.from_numpy(np.asarray(reference.all_masks, dtype=np.float32))
             masks = torch.nn.functional.adaptive_avg_pool2d(pixels[None], (h, w))[0]
         else:
             masks = layout.masks(h, w)
@@ -296,4 +296,6 @@ class SpatialAwareInit:
             "inversion_prompt": self.inversion_prompt,
             "start_skip": skip,
         }
+        if reference.free_boxes:  # where the unboxed objects were placed (Layout.free_boxes)
+            info["placed_unboxed"] = [b.to_dict() for b in reference.free_boxes]
         return InitResult(latents, reference, info, start_skip=skip)

@@ -32,7 +32,7 @@ __all__ = ["Box", "Layout", "LayoutError", "resolve_phrase_tokens"]
 
 _SPEC_FORM = "'PHRASE=x0,y0,x1,y1' or 'PHRASE#N=x0,y0,x1,y1' (N = 1 for the first occurrence)"
 _BOX_KEYS = {"phrase", "box", "occurrence"}
-_LAYOUT_KEYS = {"boxes", "prompt"}
+_LAYOUT_KEYS = {"boxes", "prompt", "unboxed"}
 #: The largest layout file read: a layout holds at most a prompt's worth of boxes (a few KB).
 MAX_LAYOUT_BYTES = 1_000_000
 
@@ -138,9 +138,17 @@ class Box:
 
 @dataclass(frozen=True)
 class Layout:
-    """An ordered, possibly empty, collection of :class:`Box` es; box ``k`` is mask/map ``k`` everywhere."""
+    """An ordered, possibly empty, collection of :class:`Box` es; box ``k`` is mask/map ``k`` everywhere.
+
+    ``unboxed``: phrases of the prompt that name an object the user wants somewhere, without a box
+    (``"a cat"`` in "a dog and a cat" with a box for the dog only). SALT's reference gives each of
+    them a place of its own away from the boxes (:meth:`free_boxes`), so the object is drawn once,
+    there, instead of in a box or twice. Empty: the pipeline detects them when the model lists its
+    object words (:func:`saltdiff.vocabulary.unboxed_objects`), and leaves them to the prompt otherwise.
+    """
 
     boxes: tuple[Box, ...] = ()
+    unboxed: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if isinstance(self.boxes, (str, bytes, Mapping)) or not isinstance(self.boxes, Iterable):
@@ -150,6 +158,13 @@ class Layout:
             if not isinstance(b, Box):
                 raise LayoutError(f"Layout.boxes must hold Box instances, got {excerpt(b)}")
         object.__setattr__(self, "boxes", boxes)
+        if isinstance(self.unboxed, (str, bytes)) or not isinstance(self.unboxed, Iterable):
+            raise LayoutError(f"Layout.unboxed must be a sequence of phrases, got {excerpt(self.unboxed)}")
+        unboxed = tuple(self.unboxed)
+        for phrase in unboxed:
+            if not isinstance(phrase, str) or not phrase.strip():
+                raise LayoutError(f"an unboxed phrase must be a non-empty string, got {excerpt(phrase)}")
+        object.__setattr__(self, "unboxed", unboxed)
         self.validate()
 
     def validate(self) -> None:
@@ -181,7 +196,7 @@ class Layout:
 
     def __getitem__(self, index: int | slice) -> Box | Layout:
         if isinstance(index, slice):
-            return Layout(self.boxes[index])
+            return Layout(self.boxes[index], self.unboxed)
         return self.boxes[index]
 
     @property
@@ -227,7 +242,8 @@ class Layout:
 
     @classmethod
     def from_dict(cls, data: Mapping) -> Layout:
-        """``{"boxes": [{"phrase": str, "box": [x0, y0, x1, y1], "occurrence"?: int}], "prompt"?: str}``.
+        """``{"boxes": [{"phrase": str, "box": [x0, y0, x1, y1], "occurrence"?: int}], "unboxed"?: [str],
+        "prompt"?: str}``.
 
         ``occurrence`` is 0-based, as in :class:`Box`. ``prompt`` is allowed (and ignored) so a file
         can carry the prompt its layout was written for; any other key is an error.
@@ -259,7 +275,10 @@ class Layout:
                     f"layout box #{i} {excerpt(dict(entry))} has unknown keys {excerpt(sorted(unknown))}; allowed: {sorted(_BOX_KEYS)}"
                 )
             boxes.append(Box(entry["phrase"], entry["box"], entry.get("occurrence")))
-        return cls(tuple(boxes))
+        unboxed = data.get("unboxed", [])
+        if isinstance(unboxed, (str, bytes, Mapping)) or not isinstance(unboxed, Sequence):
+            raise LayoutError(f"layout 'unboxed' must be a list of phrases, got {excerpt(unboxed)}")
+        return cls(tuple(boxes), tuple(unboxed))
 
     def to_dict(self, prompt: str | None = None) -> dict[str, Any]:
         """The JSON-able form read by :meth:`from_dict`; ``prompt`` is stored alongside when given."""
@@ -267,6 +286,8 @@ class Layout:
         if prompt is not None:
             out["prompt"] = prompt
         out["boxes"] = [b.to_dict() for b in self.boxes]
+        if self.unboxed:
+            out["unboxed"] = list(self.unboxed)
         return out
 
     @classmethod
@@ -306,6 +327,44 @@ class Layout:
         """Write :meth:`to_dict` as JSON, atomically (a failed write leaves ``path`` as it was)."""
         text = json.dumps(self.to_dict(prompt), indent=2, ensure_ascii=False) + "\n"
         atomic_write(path, text)
+
+    def free_boxes(self, side: float | None = None, grid: int = 32) -> list[Box]:
+        """A square box for each :attr:`unboxed` phrase, placed where it overlaps the boxes least.
+
+        Why: an object the prompt names without a box is otherwise drawn wherever the noise lets it,
+        often twice or on top of a boxed object (issue 19's pictures). Each phrase gets a square of
+        ``side`` (default: the boxes' median side, within [0.2, 0.35]) at the grid position with the
+        least overlap with the boxes and the squares placed before it; among those, the one whose
+        centre lies farthest from every box (the middle of the free space), then the most central.
+        Deterministic: the same layout always gets the same places.
+        """
+        if not self.unboxed:
+            return []
+        if side is None:
+            sides = sorted((b.width * b.height) ** 0.5 for b in self.boxes) or [0.3]
+            side = min(0.35, max(0.2, sides[len(sides) // 2]))
+        steps = [i * (1.0 - side) / (grid - 1) for i in range(grid)]
+        fixed = [b.box for b in self.boxes]
+
+        def best(others: list) -> tuple[float, float, float, float]:
+            def score(xy: tuple[float, float]) -> tuple[float, float, float]:
+                x, y = xy
+                cand = (x, y, x + side, y + side)
+                overlap = sum(_overlap(cand, t) for t in fixed + others)
+                cx, cy = x + side / 2, y + side / 2
+                clearance = min((_distance_to_box(cx, cy, t) for t in fixed + others), default=1.0)
+                return (round(overlap, 6), -round(clearance, 6), abs(cx - 0.5) + abs(cy - 0.5))
+
+            x, y = min(((x, y) for y in steps for x in steps), key=score)
+            return (x, y, x + side, y + side)
+
+        places: list = []
+        for _ in self.unboxed:  # greedy, in phrase order
+            places.append(best(places))
+        for _ in range(2):  # then each again given the others: the first no longer blocks the rest
+            for i in range(len(places)):
+                places[i] = best(places[:i] + places[i + 1 :])
+        return [Box(phrase, place) for phrase, place in zip(self.unboxed, places)]
 
     @staticmethod
     def parse_box_spec(spec: str) -> Box:
@@ -395,6 +454,20 @@ class Layout:
             owner.update(dict.fromkeys(positions, b))
             result.append(positions)
         return result
+
+
+def _overlap(a: Sequence[float], b: Sequence[float]) -> float:
+    """Area of the intersection of two normalized boxes."""
+    w = min(a[2], b[2]) - max(a[0], b[0])
+    h = min(a[3], b[3]) - max(a[1], b[1])
+    return max(0.0, w) * max(0.0, h)
+
+
+def _distance_to_box(x: float, y: float, box: Sequence[float]) -> float:
+    """Euclidean distance from a point to a box (0 inside it)."""
+    dx = max(box[0] - x, 0.0, x - box[2])
+    dy = max(box[1] - y, 0.0, y - box[3])
+    return math.hypot(dx, dy)
 
 
 def resolve_phrase_tokens(

@@ -71,11 +71,24 @@ class ObjectGenerator(Protocol):
 
 @dataclass
 class ReferenceImage:
-    """A reference image and, per box, the pixels where an object was pasted."""
+    """A reference image and, per box, the pixels where an object was pasted.
+
+    ``free_boxes`` / ``free_masks``: the objects placed for the layout's unboxed phrases (not boxes of
+    the layout; no guidance reads them), and their pixels.
+    """
 
     image: Image.Image
     object_masks: np.ndarray  # [K, H, W] bool
     object_images: list[Image.Image] = field(default_factory=list)  # raw object generations, if any
+    free_boxes: list = field(default_factory=list)
+    free_masks: np.ndarray | None = None  # [U, H, W] bool
+
+    @property
+    def all_masks(self) -> np.ndarray:
+        """Every pasted object's pixels, boxed then placed: ``[K + U, H, W]``."""
+        if self.free_masks is None or not len(self.free_masks):
+            return np.asarray(self.object_masks)
+        return np.concatenate([np.asarray(self.object_masks), self.free_masks])
 
 
 class ReferenceBuilder(Protocol):
@@ -249,6 +262,7 @@ class GeneratedObjects:
     threshold: float = 0.15
     attention_threshold: float = 0.5
     fit: str = "stretch"
+    unboxed: str = "place"
     batch_size: int = 8
     cache: bool = True
     cache_dir: str | None = None
@@ -320,11 +334,13 @@ class GeneratedObjects:
                 canvas[:] = np.median(canvas.reshape(-1, 3), axis=0)
         else:
             canvas = solid_background(self.background, height, width, generator)
-        masks = np.zeros((len(layout), height, width), dtype=bool)
-        prompts = [self.object_prompt.format(phrase=box.phrase) for box in layout]
-        generated = self.generate(objects, prompts, layout.phrases, height, width)
+        placed = layout.free_boxes() if self.unboxed == "place" else []
+        boxes = [*layout, *placed]
+        masks = np.zeros((len(boxes), height, width), dtype=bool)
+        prompts = [self.object_prompt.format(phrase=box.phrase) for box in boxes]
+        generated = self.generate(objects, prompts, [b.phrase for b in boxes], height, width)
         images = []
-        for k, (box, made) in enumerate(zip(layout, generated)):
+        for k, (box, made) in enumerate(zip(boxes, generated)):
             obj = made.image
             images.append(Image.fromarray((np.clip(obj, 0, 1) * 255).astype(np.uint8)))
             mask = cut_out(
@@ -341,7 +357,8 @@ class GeneratedObjects:
                 mask = np.ones(obj.shape[:2], dtype=bool)
             masks[k] = paste_object(canvas, obj, mask, box.to_pixels(width, height), self.fit)
         image = Image.fromarray((np.clip(canvas, 0, 1) * 255).round().astype(np.uint8))
-        return ReferenceImage(image, masks, images)
+        k = len(layout)
+        return ReferenceImage(image, masks[:k], images[:k], free_boxes=placed, free_masks=masks[k:])
 
 
 def _save_object(path: Path, obj: GeneratedObject) -> None:

@@ -503,6 +503,15 @@ REFERENCE_BUILDERS.register(
                 choices=("stretch", "contain"),
             ),
             Param(
+                "unboxed",
+                "place",
+                "objects the prompt names without a box (the layout's unboxed phrases): 'place' pastes each "
+                "into the reference where no box is (Layout.free_boxes), so it is drawn once, there; "
+                "'ignore' leaves them to the prompt",
+                choices=("place", "ignore"),
+                flag="reference-unboxed",
+            ),
+            Param(
                 "batch_size",
                 8,
                 "objects generated per batched call (lower it when memory is short)",

@@ -50,7 +50,7 @@ from .pipeline_output import SaltOutput
 from .preflight import check_image_sides, check_steps_and_scale, size_multiple
 from .reference import GeneratedObject, boxed_phrases_prompt, strip_phrases
 from .samplers import check_supported, ddim_twin, set_sampler_timesteps
-from .vocabulary import ModelVocabulary, load_vocabulary, warn_unknown_words
+from .vocabulary import ModelVocabulary, load_vocabulary, warn_unknown_words, with_unboxed_objects
 
 logger = logging.getLogger(__name__)
 
@@ -367,6 +367,7 @@ class SaltMixin:
                 "prompt is empty but the layout has boxes: every boxed phrase must be in the prompt"
             )
         token_indices = self._resolve_tokens(layout, prompt_text)
+        layout = with_unboxed_objects(layout, prompt_text, self.model_vocabulary)
         self.warn_unknown_words(prompt_text, init)
         guidance = as_guidance(guidance)
         if len(layout) and guidance.enabled:

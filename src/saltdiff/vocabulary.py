@@ -139,3 +139,48 @@ def warn_unknown_words(
     line = f"{model} was not trained on {' and '.join(parts)}: the image will not show them{knows}"
     logger.warning(line)
     return line
+
+
+def object_phrases(prompt: str, vocabulary: ModelVocabulary | None) -> list[str]:
+    """Every ``"<colour> <shape>"`` of ``prompt`` (repeats kept, in order) for a model whose vocabulary
+    names its ``colours`` and ``shapes`` groups; ``[]`` for any other model (no way to tell an object)."""
+    if vocabulary is None:
+        return []
+    colours = [c.lower() for c in vocabulary.groups.get("colours", ())]
+    shapes = [s.lower() for s in vocabulary.groups.get("shapes", ())]
+    if not colours or not shapes:
+        return []
+    pattern = re.compile(
+        r"\b(" + "|".join(map(re.escape, colours)) + r")\s+(" + "|".join(map(re.escape, shapes)) + r")\b",
+        re.IGNORECASE,
+    )
+    return [f"{m.group(1).lower()} {m.group(2).lower()}" for m in pattern.finditer(prompt)]
+
+
+def unboxed_objects(prompt: str, boxed: Sequence[str], vocabulary: ModelVocabulary | None) -> list[str]:
+    """The object phrases of ``prompt`` (:func:`object_phrases`) left once each ``boxed`` phrase has
+    taken one occurrence: what the prompt names without a box."""
+    left = object_phrases(prompt, vocabulary)
+    for phrase in boxed:
+        key = " ".join(phrase.lower().split())
+        if key in left:
+            left.remove(key)
+    return left
+
+
+def with_unboxed_objects(layout, prompt: str, vocabulary: ModelVocabulary | None):
+    """``layout`` with its :attr:`~saltdiff.layout.Layout.unboxed` phrases: the user's, each checked to
+    occur in ``prompt`` (one line naming a missing one), or else those :func:`unboxed_objects` finds."""
+    from dataclasses import replace
+
+    from .layout import LayoutError
+
+    if layout.unboxed:
+        for phrase in layout.unboxed:
+            if not re.search(r"(?<!\w)" + re.escape(" ".join(phrase.split())) + r"(?!\w)", prompt, re.IGNORECASE):
+                raise LayoutError(f"unboxed phrase {phrase!r} is not in the prompt {prompt!r}")
+        return layout
+    if not len(layout):
+        return layout
+    found = unboxed_objects(prompt, layout.phrases, vocabulary)
+    return replace(layout, unboxed=tuple(found)) if found else layout

@@ -1,8 +1,10 @@
-"""Quality bar of the built-in ``builtin:shapes`` model: text faithfulness and VAE fidelity.
+"""Quality bar of the built-in models (``builtin:shapes``, ``builtin:shapes-mmdit``): text faithfulness
+and VAE fidelity.
 
 * **Caption accuracy**: for ``n`` captions of held-out scenes (:data:`HELDOUT_SEEDS`), generate one
-  image each with plain ``StableDiffusionPipeline`` (random initial noise, no layout guidance, DDIM,
-  classifier-free guidance) and count the images in which the exact detector finds *every* object
+  image each with the model's plain diffusers pipeline (``StableDiffusionPipeline`` with DDIM, or
+  ``StableDiffusion3Pipeline`` with its flow-matching Euler sampler; random initial noise, no layout
+  guidance, classifier-free guidance) and count the images in which the exact detector finds *every* object
   the caption mentions with the right color and shape. Per-object recall is reported too.
 * **Attention localization**: does each mentioned phrase's cross-attention map (argmax cell) land on
   the object the detector finds for it (:func:`attention_localization`)?
@@ -56,11 +58,31 @@ def heldout_prompts(n: int) -> list[tuple[str, list[str]]]:
 
 
 def load_pipeline(model: str, dtype: torch.dtype = torch.float32):
-    from diffusers import StableDiffusionPipeline
+    """The model's own diffusers pipeline class (from ``model_index.json``); components the folder saved
+    as null (the MMDiT's T5) are passed as ``None``."""
+    from diffusers import DiffusionPipeline
 
-    pipe = StableDiffusionPipeline.from_pretrained(model, torch_dtype=dtype)
+    from ..checkpoints import null_components, resolve_model
+
+    path = resolve_model(model)
+    nulls = {c: None for c in null_components(path)}
+    pipe = DiffusionPipeline.from_pretrained(path, torch_dtype=dtype, **nulls)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def salt_pipeline_of(pipe):
+    """The saltdiff pipeline on ``pipe``'s components: ``SaltSD3Pipeline`` for SD3, ``SaltPipeline`` else."""
+    if hasattr(pipe, "transformer"):
+        from ..pipeline_sd3 import SaltSD3Pipeline
+
+        salt = SaltSD3Pipeline.from_pipe(pipe)
+    else:
+        from ..pipeline import SaltPipeline
+
+        salt = SaltPipeline.from_pipe(pipe)
+    salt.set_progress_bar_config(disable=True)
+    return salt
 
 
 @torch.no_grad()
@@ -136,19 +158,17 @@ def attention_localization(pipe, n: int, guidance_scale: float, num_inference_st
     """Do the model's cross-attention maps point at the objects it draws?
 
     For the first ``n`` held-out captions, generate with ``pipe``'s components in a
-    :class:`~saltdiff.SaltPipeline` (random
+    :class:`~saltdiff.SaltPipeline` or ``SaltSD3Pipeline`` (random
     init, no guidance; each mentioned phrase is put in the layout only so that its tokens are found
     and its map recorded), average each phrase's map (its color and shape tokens) over the steps and
     the default layers, and check whether the argmax cell of the map overlaps the box of the
     highest-scoring detection with that label. Objects the detector does not find are not counted.
     """
-    from ..pipeline import SaltPipeline
     from ..worlds.detector import detect
     from ..worlds.shapes import HELDOUT_SEEDS, sample_scene
     from .metrics import box_iou
 
-    pipe = SaltPipeline.from_pipe(pipe)
-    pipe.set_progress_bar_config(disable=True)
+    pipe = salt_pipeline_of(pipe)
     hits, counted, t0 = 0, 0, time.time()
     for i in range(n):
         scene = sample_scene(HELDOUT_SEEDS[i])
