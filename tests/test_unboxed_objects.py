@@ -138,3 +138,16 @@ def test_cli_unboxed_flag_builds_the_layout():
          "--unboxed", "blue square"]
     )
     assert build_layout(args).unboxed == ("blue square",)
+
+
+def test_overlay_draws_the_placed_boxes_on_the_reference():
+    from PIL import Image
+
+    from saltdiff.viz import overlay_figure
+
+    layout = Layout((Box("red circle", (0.0, 0.0, 0.5, 0.5)),), ("blue square",))
+    white = Image.new("RGB", (64, 64), (255, 255, 255))
+    plain = np.asarray(overlay_figure(white, layout, None, white))
+    marked = np.asarray(overlay_figure(white, layout, None, white, placed=[b.to_dict() for b in layout.free_boxes()]))
+    gray = (marked == 128).all(-1) & ~(plain == 128).all(-1)
+    assert gray[:, 260:].any() and not gray[:, :256].any()  # on the reference tile only

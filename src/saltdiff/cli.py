@@ -172,7 +172,9 @@ def cmd_generate(args) -> int:
     if args.overlay:
         stem = os.path.splitext(args.out)[0]
         maps = result.attention_maps[0] if result.attention_maps is not None else None
-        figure = overlay_figure(image, request.layout, maps, result.reference_image)
+        figure = overlay_figure(
+            image, request.layout, maps, result.reference_image, placed=result.info.get("placed_unboxed", ())
+        )
         written.append(save_png(figure, stem + "-overlay.png"))
         if result.reference_image is not None:
             written.append(save_png(result.reference_image, stem + "-reference.png"))

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from .layout import Layout
+from .layout import Box, Layout
 
 PALETTE = [
     (255, 64, 64),
@@ -66,15 +66,27 @@ def overlay_figure(
     reference_image: Image.Image | None = None,
     *,
     tile: int = 256,
+    placed: Sequence = (),
 ) -> Image.Image:
-    """One picture: result with boxes | reference | one heat map per boxed phrase (with its box)."""
+    """One picture: result with boxes | reference | one heat map per boxed phrase (with its box).
+
+    ``placed``: the boxes SALT chose for the prompt's unboxed objects (``SaltOutput.info
+    ["placed_unboxed"]``, dicts or :class:`~saltdiff.layout.Box`), drawn on the reference in gray.
+    """
     scale = max(1, tile // image.width)
     tiles = [draw_boxes(image, layout, scale=scale).resize((tile, tile * image.height // image.width))]
     captions = ["result"]
     th = tiles[0].height
     if reference_image is not None:
-        tiles.append(draw_boxes(reference_image, layout, scale=scale, labels=False).resize((tile, th)))
-        captions.append("reference")
+        ref = draw_boxes(reference_image, layout, scale=scale, labels=False)
+        if placed:
+            boxes = [b if isinstance(b, Box) else Box(b["phrase"], b["box"]) for b in placed]
+            draw = ImageDraw.Draw(ref)
+            for b in boxes:
+                x0, y0, x1, y1 = b.to_pixels(ref.width, ref.height)
+                draw.rectangle([x0, y0, x1 - 1, y1 - 1], outline=(128, 128, 128), width=max(1, ref.width // 128))
+        tiles.append(ref.resize((tile, th)))
+        captions.append("reference" + (" (gray: unboxed, placed)" if placed else ""))
     if attention_maps is not None:
         for k, (box, label) in enumerate(zip(layout, layout.labels)):
             heat = heatmap(attention_maps[k], (tile, th))
