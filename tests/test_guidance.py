@@ -418,6 +418,7 @@ def test_to_dict_lists_every_field_with_resolved_loss_params():
         "loss_threshold": None,
         "outside_prompt_steps": 10,
         "outside_prompt": "boxed-negative",
+        "placed_unboxed": "guide",
         "layers": "default",
         "max_grad_norm": None,
         "loss_params": {"reg_weight": 0.5, "unboxed_weight": 0.0},

@@ -151,3 +151,17 @@ def test_overlay_draws_the_placed_boxes_on_the_reference():
     marked = np.asarray(overlay_figure(white, layout, None, white, placed=[b.to_dict() for b in layout.free_boxes()]))
     gray = (marked == 128).all(-1) & ~(plain == 128).all(-1)
     assert gray[:, 260:].any() and not gray[:, :256].any()  # on the reference tile only
+
+
+def test_a_recipe_written_before_placement_replays_without_it():
+    from saltdiff.request import GenerationRequest
+
+    new = GenerationRequest(prompt="a red circle and a blue square", layout=Layout.from_pairs([("red circle", (0, 0, 0.5, 0.5))]))
+    recipe = new.recipe()
+    assert GenerationRequest.from_recipe(recipe).reference_params.get("unboxed", "place") == "place"
+    assert GenerationRequest.from_recipe(recipe).guidance.placed_unboxed == "guide"
+    old = dict(recipe)
+    old["reference_params"] = {k: v for k, v in recipe["reference_params"].items() if k != "unboxed"}
+    old["guidance"] = {k: v for k, v in recipe["guidance"].items() if k != "placed_unboxed"}
+    replay = GenerationRequest.from_recipe(old)
+    assert replay.reference_params["unboxed"] == "ignore" and replay.guidance.placed_unboxed == "free"

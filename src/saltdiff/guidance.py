@@ -55,6 +55,7 @@ class GuidanceConfig:
     loss_threshold: float | None = None
     outside_prompt_steps: int | None = None
     outside_prompt: str = "boxed-negative"
+    placed_unboxed: str = "guide"
     layers: str | tuple[str, ...] = "default"
     max_grad_norm: float | None = None
     loss_params: Mapping[str, Any] = field(default_factory=dict)

@@ -307,6 +307,14 @@ GUIDANCE_PARAMS: tuple[Param, ...] = (
         choices=("boxed-negative", "without-boxed"),
     ),
     Param(
+        "placed_unboxed",
+        "guide",
+        "where SALT's reference placed an object the prompt names without a box: 'guide' treats that "
+        "place as a box for the guidance loss and the outside prompt (the object stays there, once); "
+        "'free' leaves it to the prompt",
+        choices=("guide", "free"),
+    ),
+    Param(
         "layers",
         "default",
         "cross-attention layers for the loss: default, all, down, mid, up, x4/x8 tags or names",

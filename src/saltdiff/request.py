@@ -307,12 +307,19 @@ class GenerationRequest:
             init_params, reference, reference_params = _legacy_init(init, recipe["init_config"] or {})
         if reference == "image" and not isinstance(reference_params.get("image"), str):
             reference_params["image"] = None
+        # Recipes list every option; one without these was written before unboxed objects were placed
+        # (December 2026), and replays as it ran: objects left to the prompt, guidance on the boxes only.
+        if reference == "objects" and reference_params and "unboxed" not in reference_params:
+            reference_params["unboxed"] = "ignore"
+        guidance_data = dict(recipe.get("guidance") or {})
+        if guidance_data and "placed_unboxed" not in guidance_data:
+            guidance_data["placed_unboxed"] = "free"
         try:
             layout = Layout.from_dict(recipe.get("layout") or {"boxes": []})
         except ValueError as exc:
             raise ValueError(f"field 'layout': {exc}") from None
         try:
-            guidance = GuidanceConfig.from_dict(recipe.get("guidance") or {})
+            guidance = GuidanceConfig.from_dict(guidance_data)
         except (ValueError, TypeError) as exc:
             raise ValueError(f"field 'guidance': {exc}") from None
         return cls(

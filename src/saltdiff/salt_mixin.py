@@ -44,7 +44,7 @@ from .denoising import Denoised, OutsidePrompt, UNetExtras, denoise, step_callba
 from .guidance import GuidanceConfig
 from .init import InitResult
 from .ip_adapter import ip_adapter_off
-from .layout import Layout
+from .layout import Box, Layout
 from .object_generator import PipelineObjectGenerator
 from .pipeline_output import SaltOutput
 from .preflight import check_image_sides, check_steps_and_scale, size_multiple
@@ -177,6 +177,16 @@ class SaltMixin:
             )
         result.latents = result.latents.to(device=self._execution_device, dtype=self.unet.dtype)
         return result
+
+    def _guided_layout(self, layout, token_indices, prompt: str, init_result, guidance):
+        """The boxes the guidance and the outside prompt act on, and their tokens: the layout's, plus
+        the places SALT's reference chose for unboxed objects when ``guidance.placed_unboxed`` is
+        ``"guide"`` (after the layout's boxes, so map ``k < len(layout)`` is still box ``k``)."""
+        placed = init_result.info.get("placed_unboxed") or []
+        if not placed or guidance.placed_unboxed != "guide" or not guidance.enabled:
+            return layout, token_indices
+        guided = Layout(layout.boxes + tuple(Box(b["phrase"], b["box"]) for b in placed))
+        return guided, self._resolve_tokens(guided, prompt)
 
     def _unboxed_indices(self, prompt: str, token_indices: list[list[int]]) -> list[int]:
         ids = self.tokenizer(prompt).input_ids
@@ -439,26 +449,27 @@ class SaltMixin:
             )
 
         has_boxes = len(layout) > 0
+        guided, guided_tokens = self._guided_layout(layout, token_indices, prompt_text, init_result, guidance)
         outside = None
         if has_boxes and guidance.outside_steps > 0:
             if guidance.outside_prompt == "boxed-negative":
                 # the boxed phrases alone, whether the negative prompt came as text or as embeds
-                outside_text = boxed_phrases_prompt(layout.phrases)
+                outside_text = boxed_phrases_prompt(guided.phrases)
             else:
-                outside_text = strip_phrases(prompt_text, layout.phrases)
+                outside_text = strip_phrases(prompt_text, guided.phrases)
             outside_embeds, _, outside_added = self._encode_text(
                 outside_text, device, n, False, height=height, width=width, clip_skip=clip_skip
             )
             outside = OutsidePrompt(
                 outside_embeds,
-                lambda h, w: layout.masks(h, w).amax(0),
+                lambda h, w: guided.masks(h, w).amax(0),
                 guidance.outside_steps,
                 added_cond=outside_added,
                 replaces="negative" if guidance.outside_prompt == "boxed-negative" else "conditional",
             )
         unboxed = []
         if has_boxes and guidance.enabled and guidance.needs_unboxed_tokens:
-            unboxed = self._unboxed_indices(prompt_text, token_indices)
+            unboxed = self._unboxed_indices(prompt_text, guided_tokens)
         denoised = self._denoise(
             init_result.latents,
             scheduler=self.scheduler,
@@ -467,8 +478,8 @@ class SaltMixin:
             guidance_scale=guidance_scale,
             extra_step_kwargs=extra_step_kwargs,
             extras=extras,
-            token_indices=token_indices if has_boxes else None,
-            layout_masks=(lambda h, w: layout.masks(h, w)) if has_boxes else None,
+            token_indices=guided_tokens if has_boxes else None,
+            layout_masks=(lambda h, w: guided.masks(h, w)) if has_boxes else None,
             guidance=guidance,
             unboxed_indices=unboxed,
             collect_maps=return_attention_maps and has_boxes,
@@ -482,7 +493,7 @@ class SaltMixin:
         images, nsfw = self._decode(denoised.latents, output_type, safety_dtype=prompt_embeds.dtype)
         self.maybe_free_model_hooks()
 
-        attention_maps = None if denoised.mean_maps is None else denoised.mean_maps.cpu().numpy()
+        attention_maps = None if denoised.mean_maps is None else denoised.mean_maps[:, : len(layout)].cpu().numpy()
         output = SaltOutput(
             images=images,
             reference_image=init_result.reference_image,
