@@ -1,4 +1,4 @@
-"""The sampling loop of flow-matching models (SD3; FLUX next), on the family seam.
+"""The sampling loop of flow-matching models (SD3, FLUX), on the family seam.
 
 :func:`flow_denoise` is :func:`saltdiff.denoising.denoise`'s counterpart for a
 :class:`~saltdiff.families.FamilyAdapter` of the ``"flow"`` noise family: classifier-free guidance
@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from .denoising import Denoised, NoBar
+from .denoising import Denoised, NoBar, stop_after
 from .families import Conditions
 from .guidance import GuidanceConfig, GuidanceTargets, guided_update, layer_losses
 from .joint_attention import JointAttentionStore
@@ -42,6 +42,7 @@ def flow_denoise(
     on_step: Callable | None = None,
     interrupted: Callable[[], bool] = lambda: False,
     progress_bar=None,
+    cfg_batch: bool = True,
 ) -> Denoised:
     """Flow-matching sampling over ``scheduler.timesteps`` (set by the caller), as diffusers' SD3 loop.
 
@@ -54,6 +55,12 @@ def flow_denoise(
     guided updates, their gradient step scaled by ``noise.guided_step_scale("flow", sigma)``
     (``sigma^2``; ``step_size_schedule="constant"``: 1). ``on_step(i, t, latents, conditions)``
     returns ``(latents, conditions)`` (a step callback).
+
+    ``cfg_batch``: the CFG rows in one network call (``StableDiffusion3Pipeline``), or one call per
+    branch (``FluxPipeline``'s true CFG; the negative one first here, so that the store keeps the
+    conditional maps): each family keeps its diffusers pipeline's arithmetic, bit for bit. A guided pass stops after its last captured layer
+    (:func:`saltdiff.denoising.stop_after`): the later blocks feed nothing the loss reads, so they
+    would only hold activations for autograd; the gradient is the same.
     """
     n = latents.shape[0]
     do_cfg = conditions.batch == 2 * n
@@ -71,6 +78,9 @@ def flow_denoise(
     timesteps = scheduler.timesteps
     store = JointAttentionStore()
     capture = adapter.capture(layers, store) if track else contextlib.nullcontext(store)
+    last_layer = None
+    if guide:
+        last_layer = list(layers or adapter.attention_layers(tuple(latents.shape[-2:])))[-1]
     bar = NoBar() if progress_bar is None else progress_bar
     with capture, bar as progress_bar:
         for i, t in enumerate(timesteps):
@@ -83,7 +93,8 @@ def flow_denoise(
                 store.batch_rows = None
 
                 def conditional(z, sigma=sigma, cond=cond):
-                    adapter.denoise(z, sigma, cond)
+                    with stop_after(adapter.transformer, last_layer):
+                        adapter.denoise(z, sigma, cond)
 
                 scale = 1.0
                 if guidance.step_size_schedule == "sigma":
@@ -91,10 +102,14 @@ def flow_denoise(
                 result = guided_update(conditional, latents, store, targets, guidance, scale)
                 guidance_losses.append(result.losses)
                 latents = result.latents
-            store.batch_rows = slice(n, 2 * n) if do_cfg else None
+            if do_cfg and not cfg_batch:  # the negative call first: the store keeps the conditional maps
+                negative_pred = adapter.denoise(latents, sigma, conditions.rows(slice(0, n)))
+            store.batch_rows = slice(n, 2 * n) if do_cfg and cfg_batch else None
             store.reset()
-            model_in = torch.cat([latents] * 2) if do_cfg else latents
-            noise_pred = adapter.denoise(model_in, sigma, conditions)
+            if do_cfg and cfg_batch:
+                noise_pred = adapter.denoise(torch.cat([latents] * 2), sigma, conditions)
+            else:
+                noise_pred = adapter.denoise(latents, sigma, cond)
             if track:
                 if tracking is not None:
                     layout_losses.append(float(layer_losses(store, tracking, layout_guidance_loss)))
@@ -110,7 +125,7 @@ def flow_denoise(
                     maps_sum = maps if maps_sum is None else maps_sum + maps
                 store.reset()
             if do_cfg:
-                uncond, text = noise_pred.chunk(2)
+                uncond, text = noise_pred.chunk(2) if cfg_batch else (negative_pred, noise_pred)
                 noise_pred = uncond + guidance_scale * (text - uncond)
             latents = scheduler.step(noise_pred, t, latents, return_dict=False)[0]
             if on_step is not None:
