@@ -277,7 +277,7 @@ class FlowSaltMixin:
         has_boxes = len(layout) > 0
         unboxed = []
         if has_boxes and guidance.enabled and guidance.needs_unboxed_tokens:
-            unboxed = self._unboxed_indices(call.text, call.token_indices)
+            unboxed = self._unboxed_indices(adapter, call.text, call.token_indices)
         denoised = self._sample(
             adapter,
             init_result.latents,

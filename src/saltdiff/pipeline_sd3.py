@@ -98,7 +98,7 @@ class SaltSD3Pipeline(FlowSaltMixin, StableDiffusion3Pipeline):
             columns = [c + [adapter.clip_length + i for i in p] for c, p in zip(columns, t5)]
         return columns
 
-    def _unboxed_indices(self, prompt: str, token_indices: list[list[int]]) -> list[int]:
+    def _unboxed_indices(self, adapter: SD3Family, prompt: str, token_indices: list[list[int]]) -> list[int]:
         """The prompt's other CLIP tokens (between BOS and EOS): what an ``unboxed_tokens`` loss protects."""
         ids = self.tokenizer(prompt).input_ids
         boxed = {i for group in token_indices for i in group}
