@@ -1,4 +1,4 @@
-"""SALT's initial latent on a flow-matching model (SD3; FLUX next): reference → VAE → flow inversion.
+"""SALT's initial latent on a flow-matching model (SD3, FLUX): reference → VAE → flow inversion.
 
 The flow counterpart of :meth:`saltdiff.init.SpatialAwareInit.__call__`, reading the same
 ``SpatialAwareInit`` fields (reference builder, ``inversion_steps``, ``inversion_prompt``, fresh-noise
@@ -67,11 +67,10 @@ def flow_salt_start(
     pixels = pipe.image_processor.preprocess(reference.image).to(device=device, dtype=pipe.vae.dtype)
     x0 = adapter.encode(pixels).to(adapter.transformer.dtype)
     latent_hw = tuple(x0.shape[-2:])
-    kwargs = adapter.schedule_kwargs(num_inference_steps, latent_hw)
-    start = float(sampler_sigmas(pipe.scheduler, **kwargs)[0])
+    start = float(sampler_sigmas(pipe.scheduler, **adapter.schedule_kwargs(num_inference_steps, latent_hw))[0])
     depth = FLOW_INVERSION_STEPS if init.inversion_steps is None else init.inversion_steps
-    kwargs["num_inference_steps"] = depth
-    grid = inversion_sigmas(pipe.scheduler, **kwargs)
+    # the family's own grid for `depth` steps (FLUX: custom sigmas for that count, shifted by mu)
+    grid = inversion_sigmas(pipe.scheduler, **adapter.schedule_kwargs(depth, latent_hw))
     if abs(float(grid[-1]) - start) > 1e-6:  # a schedule whose top depends on the step count
         grid = grid[grid < start]
         grid = torch.cat([grid, grid.new_tensor([start])])
