@@ -71,7 +71,17 @@ def test_the_default_sampler_is_read_from_model_index(flux_dir):
 
 
 def test_a_vp_sampler_on_flux_is_one_line(flux_dir, tmp_path, capsys):
-    args = [*BASE, "--init", "random", "--model", flux_dir, "--scheduler", "ddim", "--out", str(tmp_path / "x.png")]
+    args = [
+        *BASE,
+        "--init",
+        "random",
+        "--model",
+        flux_dir,
+        "--scheduler",
+        "ddim",
+        "--out",
+        str(tmp_path / "x.png"),
+    ]
     assert main(args) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1

@@ -85,7 +85,14 @@ def test_guidance_lowers_its_loss_and_reads_t5_columns(pipe):
     )
     plain = pipe(PROMPT, LAYOUT, init="random", guidance="none", seed=1, output_type="np", **FAST)
     guided = pipe(
-        PROMPT, LAYOUT, init="random", guidance=cfg, seed=1, output_type="np", return_attention_maps=True, **FAST
+        PROMPT,
+        LAYOUT,
+        init="random",
+        guidance=cfg,
+        seed=1,
+        output_type="np",
+        return_attention_maps=True,
+        **FAST,
     )
     history = guided.guidance_losses[0]
     assert len(guided.guidance_losses) == 1 and len(history) == 3 and history[-1] < history[0]
@@ -102,7 +109,9 @@ def test_a_guided_pass_stops_after_its_last_captured_block(pipe):
         pipe.transformer.single_transformer_blocks[0].register_forward_hook(
             lambda *a: calls.__setitem__("single", calls["single"] + 1)
         ),
-        pipe.transformer.proj_out.register_forward_hook(lambda *a: calls.__setitem__("out", calls["out"] + 1)),
+        pipe.transformer.proj_out.register_forward_hook(
+            lambda *a: calls.__setitem__("out", calls["out"] + 1)
+        ),
     ]
     cfg = GuidanceConfig(
         loss="layout-guidance",
@@ -126,7 +135,9 @@ def test_refusals_are_one_line(pipe):
     with pytest.raises(ValueError, match="the outside prompt is not implemented on FLUX"):
         pipe(PROMPT, LAYOUT, init="random", guidance=GuidanceConfig(outside_prompt_steps=2), **FAST)
     with pytest.raises(ValueError, match="the outside prompt is not implemented on FLUX"):
-        pipe(PROMPT, LAYOUT, init="random", guidance=GuidanceConfig(outside_prompt_steps=2), **TRUE_CFG, **FAST)
+        pipe(
+            PROMPT, LAYOUT, init="random", guidance=GuidanceConfig(outside_prompt_steps=2), **TRUE_CFG, **FAST
+        )
     with pytest.raises(ValueError, match="true_cfg_scale=2.0 needs negative_prompt"):
         pipe(PROMPT, init="random", true_cfg_scale=2.0, **FAST)
     with pytest.raises(ValueError, match="negative_prompt has no effect on FLUX with true_cfg_scale=1"):
@@ -192,7 +203,12 @@ def test_salt_with_generated_objects_and_true_cfg(pipe):
 
 def test_generate_objects_gives_images_and_their_phrase_maps(pipe):
     made = pipe.generate_objects(
-        ["a cat", "a dog"], phrases=["cat", "dog"], height=32, width=32, num_inference_steps=2, max_sequence_length=16
+        ["a cat", "a dog"],
+        phrases=["cat", "dog"],
+        height=32,
+        width=32,
+        num_inference_steps=2,
+        max_sequence_length=16,
     )
     assert [m.image.shape for m in made] == [(32, 32, 3)] * 2
     assert made[0].attention.shape == (16, 16) and np.isfinite(made[0].attention).all()
@@ -208,7 +224,9 @@ def test_step_callback_sees_fluxs_tensors_and_can_interrupt(pipe):
             p._interrupt = True
         return {"latents": tensors["latents"] * 0.5} if i == 0 else {}
 
-    kw = dict(layout=LAYOUT, init="random", guidance="none", seed=1, num_images_per_prompt=2, output_type="latent")
+    kw = dict(
+        layout=LAYOUT, init="random", guidance="none", seed=1, num_images_per_prompt=2, output_type="latent"
+    )
     out = pipe(
         PROMPT,
         callback_on_step_end=callback,
@@ -223,7 +241,13 @@ def test_step_callback_sees_fluxs_tensors_and_can_interrupt(pipe):
     untouched = pipe(PROMPT, **kw, **TRUE_CFG, **{**FAST, "num_inference_steps": 3})
     assert not torch.equal(untouched.images, out.images)  # the callback's latents were used
     with pytest.raises(ValueError, match="not available"):
-        pipe(PROMPT, init="random", callback_on_step_end=callback, callback_on_step_end_tensor_inputs=["noise"], **FAST)
+        pipe(
+            PROMPT,
+            init="random",
+            callback_on_step_end=callback,
+            callback_on_step_end_tensor_inputs=["noise"],
+            **FAST,
+        )
 
 
 def test_a_vp_scheduler_and_another_family_are_refused(base):

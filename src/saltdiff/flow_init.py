@@ -67,7 +67,9 @@ def flow_salt_start(
     pixels = pipe.image_processor.preprocess(reference.image).to(device=device, dtype=pipe.vae.dtype)
     x0 = adapter.encode(pixels).to(adapter.transformer.dtype)
     latent_hw = tuple(x0.shape[-2:])
-    start = float(sampler_sigmas(pipe.scheduler, **adapter.schedule_kwargs(num_inference_steps, latent_hw))[0])
+    start = float(
+        sampler_sigmas(pipe.scheduler, **adapter.schedule_kwargs(num_inference_steps, latent_hw))[0]
+    )
     depth = FLOW_INVERSION_STEPS if init.inversion_steps is None else init.inversion_steps
     # the family's own grid for `depth` steps (FLUX: custom sigmas for that count, shifted by mu)
     grid = inversion_sigmas(pipe.scheduler, **adapter.schedule_kwargs(depth, latent_hw))

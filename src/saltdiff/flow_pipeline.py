@@ -5,7 +5,8 @@ does differently: prompt encoding (its text encoders, CFG rows), diffusers' rand
 where a boxed phrase sits in the text sequence, and its step-callback tensors. Everything else runs
 here, once, on the family adapter (:mod:`saltdiff.families`):
 
-- loading (``from_pretrained``/``from_pipe`` refuse another family before any weight is used);
+- loading (:class:`~saltdiff.pretrained.PretrainedMixin`: ``from_pretrained``/``from_pipe`` refuse
+  another family before any weight is used);
 - the SALT arguments checked up front (:meth:`FlowSaltMixin._check_salt_call`: sizes, layout,
   initializer, guidance, captured layers, the phrases' token columns);
 - stages 3 to 6 of the call (:meth:`FlowSaltMixin._sample_and_decode`): the adapter's schedule on
@@ -21,16 +22,14 @@ value is refused in one line.
 from __future__ import annotations
 
 import dataclasses
-import os
 from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 import torch
+from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.utils.torch_utils import randn_tensor
 
 from .call_inputs import OUTPUT_TYPES, as_guidance, as_layout, resolve_init, seeded_generator
-from .checkpoints import check_family, check_model_index, resolve_model
-from .components import dtype_keyword
 from .families import Conditions
 from .flow_denoising import flow_denoise
 from .flow_init import flow_salt_start
@@ -39,9 +38,9 @@ from .init import InitResult, RandomInit, SpatialAwareInit
 from .layout import Layout
 from .object_generator import PipelineObjectGenerator
 from .pipeline_output import SaltOutput
+from .pretrained import PretrainedMixin
 from .reference import GeneratedObject
 from .samplers import config_family, family_samplers
-from .vocabulary import ModelVocabulary, load_vocabulary
 
 __all__ = ["FlowCall", "FlowSaltMixin"]
 
@@ -59,9 +58,11 @@ class FlowCall:
     generator: torch.Generator | None
     height: int
     width: int
+    callback: Callable | None = None
+    callback_tensor_inputs: list[str] = dataclasses.field(default_factory=list)
 
 
-class FlowSaltMixin:
+class FlowSaltMixin(PretrainedMixin):
     """SALT on a flow-matching diffusers pipeline; mix in before the diffusers class.
 
     A subclass sets :attr:`_family` (a :data:`saltdiff.checkpoints.FAMILIES` key), :attr:`_label`
@@ -76,33 +77,6 @@ class FlowSaltMixin:
     #: Guidance fields whose unset value (``None``) means something else on flow models than on the
     #: UNet loop: no outside prompt. The call applies them; the CLI writes them into the recipe.
     guidance_defaults = {"outside_prompt_steps": 0}
-    model_name: str | None = None
-    model_vocabulary: ModelVocabulary | None = None
-
-    # -- loading -------------------------------------------------------------------------------------
-    @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
-        name = str(pretrained_model_name_or_path)
-        if "torch_dtype" not in kwargs and "dtype" not in kwargs:
-            kwargs[dtype_keyword()] = torch.float32  # one dtype throughout, as SaltMixin loads
-        path = resolve_model(name)
-        where = {"cache_dir": kwargs.get("cache_dir"), "revision": kwargs.get("revision")}
-        checked = check_model_index(path, name, **where, family=cls._family)
-        pipe = super().from_pretrained(path, **kwargs)
-        if not checked:
-            check_model_index(path, name, **where, family=cls._family)
-        pipe.model_name = name
-        pipe.model_vocabulary = load_vocabulary(path) if os.path.isdir(str(path)) else None
-        return pipe
-
-    @classmethod
-    def from_pipe(cls, pipeline, **kwargs):
-        source = f"the {type(pipeline).__name__} given"
-        check_family(type(pipeline).__name__, pipeline.components, source, family=cls._family)
-        pipe = super().from_pipe(pipeline, **kwargs)
-        pipe.model_name = getattr(pipeline, "model_name", None)
-        pipe.model_vocabulary = getattr(pipeline, "model_vocabulary", None)
-        return pipe
 
     def default_size(self) -> int:
         """diffusers' default side in pixels: ``default_sample_size`` latents."""
@@ -159,6 +133,7 @@ class FlowSaltMixin:
         self,
         adapter,
         *,
+        callback,
         prompt,
         layout,
         init,
@@ -176,7 +151,12 @@ class FlowSaltMixin:
         seed,
         generator,
     ) -> FlowCall:
-        """Stage 1's SALT part, before any network runs: every bad value one ``ValueError``/``TypeError``."""
+        """Stage 1's SALT part, before any network runs: every bad value one ``ValueError``/``TypeError``.
+
+        ``callback``: diffusers' ``callback_on_step_end`` (a ``PipelineCallback`` brings its own
+        tensor names), kept on the returned :class:`FlowCall` for :meth:`_sample_and_decode`."""
+        if isinstance(callback, (PipelineCallback, MultiPipelineCallbacks)):
+            callback_tensor_inputs = callback.tensor_inputs
         default = self.default_size()
         height = default if height is None else height
         width = default if width is None else width
@@ -216,7 +196,9 @@ class FlowSaltMixin:
         # unset means "the family's default": none on flow models (recorded as 0, not the UNet loop's 10)
         unset = {k: v for k, v in self.guidance_defaults.items() if getattr(guidance, k) is None}
         guidance = dataclasses.replace(guidance, **unset)
-        layers = self._select_layers(adapter.attention_layers((2 * adapter.size_multiple,) * 2), guidance.layers)
+        layers = self._select_layers(
+            adapter.attention_layers((2 * adapter.size_multiple,) * 2), guidance.layers
+        )
         text = "" if prompt is None else prompt
         return FlowCall(
             layout=layout,
@@ -228,6 +210,8 @@ class FlowSaltMixin:
             generator=seeded_generator(seed, generator),
             height=height,
             width=width,
+            callback=callback,
+            callback_tensor_inputs=list(callback_tensor_inputs),
         )
 
     # -- stages 3 to 6 -------------------------------------------------------------------------------
@@ -242,13 +226,17 @@ class FlowSaltMixin:
         n: int,
         output_type: str,
         return_attention_maps: bool,
-        on_step: Callable | None,
+        return_dict: bool,
         progress: bool,
-    ) -> SaltOutput:
-        """Timesteps → initial latents → the (guided) loop → decode → :class:`SaltOutput`.
+    ) -> SaltOutput | tuple:
+        """Timesteps → initial latents → the (guided) loop → decode → :class:`SaltOutput` (diffusers'
+        ``(images, reference)`` tuple when not ``return_dict``).
 
         ``conditions`` holds the CFG rows ``[negative; conditional]`` when ``cfg_scale > 1``.
         """
+        on_step = None
+        if call.callback is not None:
+            on_step = self._step_callback(call.callback, call.callback_tensor_inputs, n)
         device = self._execution_device
         layout = call.layout
         # 3. Timesteps: the adapter's schedule (FLUX's and SD3.5's dynamic shift), shared with the inversion
@@ -296,7 +284,7 @@ class FlowSaltMixin:
         # 6. Decode
         images = self._decode(adapter, denoised.latents, output_type)
         self.maybe_free_model_hooks()
-        return SaltOutput(
+        output = SaltOutput(
             images=images,
             reference_image=init_result.reference_image,
             init_latent=init_latent,
@@ -307,6 +295,7 @@ class FlowSaltMixin:
             token_indices=call.token_indices,
             info={**init_result.info, "guidance": guidance.to_dict(), "family": adapter.name},
         )
+        return output if return_dict else (output.images, output.reference_image)
 
     def _sample(self, adapter, latents, conditions, *, progress=True, scheduler=None, **kwargs):
         """:func:`saltdiff.flow_denoising.flow_denoise` with this pipeline's scheduler, progress bar,
@@ -335,7 +324,9 @@ class FlowSaltMixin:
         return latents
 
     # -- initial latents -----------------------------------------------------------------------------
-    def salt_latents(self, init: SpatialAwareInit, adapter, prompt, layout, generator, **kwargs) -> InitResult:
+    def salt_latents(
+        self, init: SpatialAwareInit, adapter, prompt, layout, generator, **kwargs
+    ) -> InitResult:
         """SALT's initial latent on this flow model (:func:`saltdiff.flow_init.flow_salt_start`)."""
         return flow_salt_start(init, self, adapter, prompt, layout, generator, **kwargs)
 
@@ -434,4 +425,3 @@ class FlowSaltMixin:
             GeneratedObject(np.asarray(images[b], dtype=np.float32), None if maps is None else maps[b, b])
             for b in range(n)
         ]
-

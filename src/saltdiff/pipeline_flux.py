@@ -45,7 +45,6 @@ import numpy as np
 import PIL.Image
 import torch
 from diffusers import FluxPipeline
-from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 
 from .families import Conditions
 from .families.flux import FluxFamily, pack_latents, unpack_latents
@@ -186,15 +185,15 @@ class SaltFluxPipeline(FlowSaltMixin, FluxPipeline):
         T5 columns of the joint attention. The outside prompt is not available (module docstring).
         """
         # 1. Check inputs
-        if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
-            callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
         if (
             isinstance(true_cfg_scale, bool)
             or not isinstance(true_cfg_scale, (int, float))
             or not np.isfinite(true_cfg_scale)
             or true_cfg_scale < 1
         ):
-            raise ValueError(f"true_cfg_scale must be a finite number >= 1 (1: no true CFG), got {true_cfg_scale!r}")
+            raise ValueError(
+                f"true_cfg_scale must be a finite number >= 1 (1: no true CFG), got {true_cfg_scale!r}"
+            )
         has_negative = negative_prompt is not None or (
             negative_prompt_embeds is not None and negative_pooled_prompt_embeds is not None
         )
@@ -229,6 +228,7 @@ class SaltFluxPipeline(FlowSaltMixin, FluxPipeline):
             guidance_scale=guidance_scale,
             num_images_per_prompt=num_images_per_prompt,
             output_type=output_type,
+            callback=callback_on_step_end,
             callback_tensor_inputs=callback_on_step_end_tensor_inputs,
             seed=seed,
             generator=generator,
@@ -244,7 +244,7 @@ class SaltFluxPipeline(FlowSaltMixin, FluxPipeline):
             negative_prompt_embeds=negative_prompt_embeds,
             pooled_prompt_embeds=pooled_prompt_embeds,
             negative_pooled_prompt_embeds=negative_pooled_prompt_embeds,
-            callback_on_step_end_tensor_inputs=list(callback_on_step_end_tensor_inputs),
+            callback_on_step_end_tensor_inputs=call.callback_tensor_inputs,
             max_sequence_length=max_sequence_length,
         )
         if (
@@ -266,7 +266,12 @@ class SaltFluxPipeline(FlowSaltMixin, FluxPipeline):
 
         # 2. Encode the prompt (diffusers' encode_prompt: the same embeddings as FluxPipeline)
         lora_scale = (joint_attention_kwargs or {}).get("scale")
-        encode = dict(device=device, num_images_per_prompt=n, max_sequence_length=max_sequence_length, lora_scale=lora_scale)
+        encode = dict(
+            device=device,
+            num_images_per_prompt=n,
+            max_sequence_length=max_sequence_length,
+            lora_scale=lora_scale,
+        )
         embeds, pooled, text_ids = self.encode_prompt(
             prompt=prompt,
             prompt_2=prompt_2,
@@ -285,13 +290,12 @@ class SaltFluxPipeline(FlowSaltMixin, FluxPipeline):
                 pooled_prompt_embeds=negative_pooled_prompt_embeds,
                 **encode,
             )
-            conditions = Conditions.cat(Conditions(negative, negative_pooled, {"txt_ids": negative_ids}), conditions)
+            conditions = Conditions.cat(
+                Conditions(negative, negative_pooled, {"txt_ids": negative_ids}), conditions
+            )
 
         # 3.-6. Timesteps, initial latents, the guided loop, decode (FlowSaltMixin)
-        on_step = None
-        if callback_on_step_end is not None:
-            on_step = self._step_callback(callback_on_step_end, callback_on_step_end_tensor_inputs, n)
-        output = self._sample_and_decode(
+        return self._sample_and_decode(
             adapter,
             call,
             conditions,
@@ -300,12 +304,9 @@ class SaltFluxPipeline(FlowSaltMixin, FluxPipeline):
             n=n,
             output_type=output_type,
             return_attention_maps=return_attention_maps,
-            on_step=on_step,
+            return_dict=return_dict,
             progress=progress,
         )
-        if not return_dict:
-            return (output.images, output.reference_image)
-        return output
 
     def _step_callback(self, callback, names, n: int):
         """diffusers' ``callback_on_step_end`` with FLUX's tensors: packed ``latents`` and the

@@ -34,7 +34,6 @@ from typing import Any
 import PIL.Image
 import torch
 from diffusers import StableDiffusion3Pipeline
-from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 
 from .families import Conditions
 from .families.sd3 import SD3Family
@@ -174,8 +173,6 @@ class SaltSD3Pipeline(FlowSaltMixin, StableDiffusion3Pipeline):
         CFG 7). Boxed phrases are read in the CLIP and T5 columns of the joint attention.
         """
         # 1. Check inputs
-        if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
-            callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
         adapter = self.family(
             max_sequence_length=max_sequence_length, joint_attention_kwargs=joint_attention_kwargs
         )
@@ -194,6 +191,7 @@ class SaltSD3Pipeline(FlowSaltMixin, StableDiffusion3Pipeline):
             guidance_scale=guidance_scale,
             num_images_per_prompt=num_images_per_prompt,
             output_type=output_type,
+            callback=callback_on_step_end,
             callback_tensor_inputs=callback_on_step_end_tensor_inputs,
             seed=seed,
             generator=generator,
@@ -247,10 +245,7 @@ class SaltSD3Pipeline(FlowSaltMixin, StableDiffusion3Pipeline):
             conditions = Conditions.cat(Conditions(negative_embeds, negative_pooled), conditions)
 
         # 3.-6. Timesteps, initial latents, the guided loop, decode (FlowSaltMixin)
-        on_step = None
-        if callback_on_step_end is not None:
-            on_step = self._step_callback(callback_on_step_end, callback_on_step_end_tensor_inputs, n)
-        output = self._sample_and_decode(
+        return self._sample_and_decode(
             adapter,
             call,
             conditions,
@@ -259,12 +254,9 @@ class SaltSD3Pipeline(FlowSaltMixin, StableDiffusion3Pipeline):
             n=n,
             output_type=output_type,
             return_attention_maps=return_attention_maps,
-            on_step=on_step,
+            return_dict=return_dict,
             progress=progress,
         )
-        if not return_dict:
-            return (output.images, output.reference_image)
-        return output
 
     def _step_callback(self, callback, names, n: int):
         """diffusers' ``callback_on_step_end`` with SD3's tensor names; it may replace the latents and
