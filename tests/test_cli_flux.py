@@ -86,3 +86,38 @@ def test_a_vp_sampler_on_flux_is_one_line(flux_dir, tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1
     assert "scheduler 'ddim' is a VP" in err and "choose one of ['flow-euler']" in err
+
+
+def test_the_same_layout_with_another_seed_reuses_its_flow_inversion(flux_dir, tmp_path):
+    """z_T* is kept on the pipeline (a folder-loaded model has an identity): seed 2 after seed 1
+    runs only the sampling steps, and the kept z_T* is the one a fresh inversion gives."""
+    import dataclasses
+
+    import torch
+
+    from saltdiff import GeneratedObjects, SpatialAwareInit
+    from saltdiff.loading import load_pipeline
+
+    pipe = load_pipeline(flux_dir, device="cpu")
+    pipe.set_progress_bar_config(disable=True)
+    calls = []
+    hook = pipe.transformer.register_forward_hook(lambda *a: calls.append(1))
+    fast = dict(num_inference_steps=3, height=32, width=32, output_type="latent", guidance="none")
+    reference = GeneratedObjects(num_inference_steps=2, cache_dir=str(tmp_path))
+    init = SpatialAwareInit(reference=reference, inversion_steps=2)
+
+    def run(init, seed):
+        calls.clear()
+        out = pipe("a cat on the grass", [("a cat", (0.0, 0.25, 0.5, 0.75))], init=init, seed=seed, **fast)
+        return out, len(calls)
+
+    try:
+        first, n_first = run(init, 1)  # objects, inversion (2), sampling (3)
+        second, n_second = run(init, 2)  # objects from the cache, z_T* from the memo
+        pipe.__dict__.pop("_inversion_memo")
+        fresh, _ = run(init, 2)
+        other_depth = run(dataclasses.replace(init, inversion_steps=1), 2)[1]
+    finally:
+        hook.remove()
+    assert n_second == 3 and n_first > n_second + 2 and other_depth == 3 + 1
+    assert torch.equal(second.images, fresh.images)
