@@ -9,7 +9,7 @@ from PIL import Image
 
 from saltdiff import GuidanceConfig, SpatialAwareInit
 from saltdiff.families import guided_denoiser
-from saltdiff.families.flux import pack_latents
+from saltdiff.families.flux import pack_latents, unpack_latents
 from saltdiff.flow_inversion import flow_invert, inversion_sigmas
 from saltdiff.pipeline_flux import SaltFluxPipeline
 from saltdiff.reference import GeneratedObjects, UserImages
@@ -132,12 +132,8 @@ def test_a_guided_pass_stops_after_its_last_captured_block(pipe):
 def test_refusals_are_one_line(pipe):
     with pytest.raises(ValueError, match="multiple of 4"):
         pipe(PROMPT, init="random", guidance="none", height=30, width=32)
-    with pytest.raises(ValueError, match="the outside prompt is not implemented on FLUX"):
+    with pytest.raises(ValueError, match="this FLUX call has none \\(it needs true CFG"):
         pipe(PROMPT, LAYOUT, init="random", guidance=GuidanceConfig(outside_prompt_steps=2), **FAST)
-    with pytest.raises(ValueError, match="the outside prompt is not implemented on FLUX"):
-        pipe(
-            PROMPT, LAYOUT, init="random", guidance=GuidanceConfig(outside_prompt_steps=2), **TRUE_CFG, **FAST
-        )
     with pytest.raises(ValueError, match="true_cfg_scale=2.0 needs negative_prompt"):
         pipe(PROMPT, init="random", true_cfg_scale=2.0, **FAST)
     with pytest.raises(ValueError, match="negative_prompt has no effect on FLUX with true_cfg_scale=1"):
@@ -196,7 +192,7 @@ def test_salt_with_generated_objects_and_true_cfg(pipe):
     b = pipe(PROMPT, layout, init=init, seed=2, output_type="np", **TRUE_CFG, **FAST)
     assert a.reference_image.size == (32, 32) and a.info["init"] == "salt"
     assert len(a.guidance_losses) == 3  # SALT's budget from z_T*: 3 steps of 1 update
-    assert a.info["guidance"]["outside_prompt_steps"] == 0  # nothing replaces the outside prompt
+    assert a.info["guidance"]["outside_prompt_steps"] == 0  # unset: no outside prompt on flow models
     assert np.abs(a.images - b.images).max() > 0.05
     assert (a.init_latent[..., 12:, 12:] - b.init_latent[..., 12:, 12:]).abs().mean() > 0.5
 
@@ -270,3 +266,34 @@ def test_packed_latent_output_round_trips_as_init(pipe):
     out = pipe(PROMPT, init="random", guidance="none", seed=3, output_type="latent", **FAST)
     again = pipe(PROMPT, init=out.images, guidance="none", output_type="latent", **FAST)
     torch.testing.assert_close(pack_latents(again.init_latent), out.images, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    ("kind", "cfg"),
+    [("boxed-negative", TRUE_CFG), ("without-boxed", {})],
+    ids=["boxed-negative", "without-boxed"],
+)
+def test_the_outside_prompt_replaces_one_branch_outside_the_boxes(pipe, kind, cfg):
+    """One step by hand: inside the cat's box the step is the plain one; outside it, the boxed
+    phrases' velocity is the true-CFG negative branch ("boxed-negative"), or the prompt without its
+    boxed phrases is the conditional branch ("without-boxed", no negative branch needed)."""
+    layout = [("cat", (0.0, 0.0, 0.5, 1.0))]
+    kw = dict(init="random", seed=1, output_type="latent", **{**FAST, "num_inference_steps": 1}, **cfg)
+    outside = GuidanceConfig(loss="none", outside_prompt_steps=1, outside_prompt=kind)
+    out = pipe(PROMPT, layout, guidance=outside, **kw)
+    plain = pipe(PROMPT, layout, guidance="none", **kw)
+    x, sigma = out.init_latent, float(pipe.scheduler.sigmas[0])
+    adapter = pipe.family(max_sequence_length=16)
+    with torch.no_grad():
+        u_prompt = adapter.denoise(x, sigma, adapter.conditions(PROMPT))
+        if kind == "boxed-negative":
+            u_boxed = adapter.denoise(x, sigma, adapter.conditions("a cat"))
+            velocity = u_boxed + 2.0 * (u_prompt - u_boxed)
+        else:
+            velocity = adapter.denoise(x, sigma, adapter.conditions("a dog"))
+    got, untouched = unpack_latents(out.images, (16, 16)), unpack_latents(plain.images, (16, 16))
+    expected = x + (float(pipe.scheduler.sigmas[1]) - sigma) * velocity
+    torch.testing.assert_close(got[..., 8:], expected[..., 8:], rtol=0, atol=1e-5)
+    assert torch.equal(got[..., :8], untouched[..., :8])
+    assert (got[..., 8:] - untouched[..., 8:]).abs().max() > 1e-3
+    assert out.info["guidance"]["outside_prompt_steps"] == 1

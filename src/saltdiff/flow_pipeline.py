@@ -14,9 +14,11 @@ here, once, on the family adapter (:mod:`saltdiff.families`):
   or SALT's flow start), :func:`saltdiff.flow_denoising.flow_denoise`, decode, ``SaltOutput``;
 - ``generate_objects`` for reference builders.
 
-The outside prompt of the UNet loop (``outside_prompt_steps``) is not implemented on flow models:
-unset it is 0 (:attr:`FlowSaltMixin.guidance_defaults`, written into the recipe), and a positive
-value is refused in one line.
+The outside prompt of the UNet loop runs here too (:meth:`FlowSaltMixin._outside_prompt`), but unset
+it is 0 steps on flow models (:attr:`FlowSaltMixin.guidance_defaults`, written into the recipe): the
+UNet default (10 steps) was measured on the built-in model, nothing was measured on a trained flow
+model. ``"boxed-negative"`` needs a negative branch (SD3's CFG, FLUX's true CFG) and is refused in
+one line without one; ``"without-boxed"`` edits the conditional branch and runs on any call.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from .call_inputs import OUTPUT_TYPES, as_guidance, as_layout, resolve_init, seeded_generator
 from .families import Conditions
-from .flow_denoising import flow_denoise
+from .flow_denoising import FlowOutsidePrompt, flow_denoise
 from .flow_init import flow_salt_start
 from .guidance import GuidanceConfig
 from .init import InitResult, RandomInit, SpatialAwareInit
@@ -39,7 +41,7 @@ from .layout import Layout
 from .object_generator import PipelineObjectGenerator
 from .pipeline_output import SaltOutput
 from .pretrained import PretrainedMixin
-from .reference import GeneratedObject
+from .reference import GeneratedObject, boxed_phrases_prompt, strip_phrases
 from .samplers import config_family, family_samplers
 
 __all__ = ["FlowCall", "FlowSaltMixin"]
@@ -74,8 +76,11 @@ class FlowSaltMixin(PretrainedMixin):
     _family: str
     _label: str
     _cfg_batch: bool = True
+    #: What gives the call a negative branch (for the boxed-negative outside prompt's message).
+    _negative_branch: str = "guidance_scale > 1"
     #: Guidance fields whose unset value (``None``) means something else on flow models than on the
-    #: UNet loop: no outside prompt. The call applies them; the CLI writes them into the recipe.
+    #: UNet loop: no outside prompt unless asked for (unmeasured on flow models). The call applies
+    #: them; the CLI writes them into the recipe.
     guidance_defaults = {"outside_prompt_steps": 0}
 
     def default_size(self) -> int:
@@ -188,11 +193,6 @@ class FlowSaltMixin(PretrainedMixin):
                 f"samples with {family_samplers('flow')} (pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_config(...))"
             )
         guidance = as_guidance(guidance)
-        if guidance.outside_prompt_steps:
-            raise ValueError(
-                f"outside_prompt_steps={guidance.outside_prompt_steps}: the outside prompt is not "
-                f"implemented on {self._label} yet (use 0)"
-            )
         # unset means "the family's default": none on flow models (recorded as 0, not the UNet loop's 10)
         unset = {k: v for k, v in self.guidance_defaults.items() if getattr(guidance, k) is None}
         guidance = dataclasses.replace(guidance, **unset)
@@ -239,6 +239,7 @@ class FlowSaltMixin(PretrainedMixin):
             on_step = self._step_callback(call.callback, call.callback_tensor_inputs, n)
         device = self._execution_device
         layout = call.layout
+        outside = self._outside_prompt(adapter, call, conditions.batch == 2 * n, n)
         # 3. Timesteps: the adapter's schedule (FLUX's and SD3.5's dynamic shift), shared with the inversion
         latent_hw = (call.height // self.vae_scale_factor, call.width // self.vae_scale_factor)
         self.scheduler.set_timesteps(**adapter.schedule_kwargs(num_inference_steps, latent_hw), device=device)
@@ -279,6 +280,7 @@ class FlowSaltMixin(PretrainedMixin):
             collect_maps=return_attention_maps and has_boxes,
             on_step=on_step,
             progress=progress,
+            outside=outside,
         )
 
         # 6. Decode
@@ -296,6 +298,32 @@ class FlowSaltMixin(PretrainedMixin):
             info={**init_result.info, "guidance": guidance.to_dict(), "family": adapter.name},
         )
         return output if return_dict else (output.images, output.reference_image)
+
+    def _outside_prompt(
+        self, adapter, call: FlowCall, has_negative: bool, n: int
+    ) -> FlowOutsidePrompt | None:
+        """The outside prompt of this call (:class:`~saltdiff.flow_denoising.FlowOutsidePrompt`), or
+        ``None``: no boxes, or ``outside_prompt_steps`` 0 (the flow default, unmeasured on flow models).
+        ``"boxed-negative"`` replaces the negative branch, so a call without one is refused in one line."""
+        guidance, layout = call.guidance, call.layout
+        if not len(layout) or not guidance.outside_steps:
+            return None
+        if guidance.outside_prompt == "boxed-negative":
+            if not has_negative:
+                raise ValueError(
+                    f"outside_prompt='boxed-negative' replaces the negative branch outside the boxes, and this "
+                    f"{self._label} call has none (it needs {self._negative_branch}); use "
+                    "outside_prompt='without-boxed' or outside_prompt_steps=0"
+                )
+            text = boxed_phrases_prompt(layout.phrases)
+        else:
+            text = strip_phrases(call.text, layout.phrases)
+        return FlowOutsidePrompt(
+            adapter.conditions(text).repeat(n),
+            lambda h, w: layout.masks(h, w).amax(0),
+            guidance.outside_steps,
+            replaces="negative" if guidance.outside_prompt == "boxed-negative" else "conditional",
+        )
 
     def _sample(self, adapter, latents, conditions, *, progress=True, scheduler=None, **kwargs):
         """:func:`saltdiff.flow_denoising.flow_denoise` with this pipeline's scheduler, progress bar,

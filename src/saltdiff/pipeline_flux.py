@@ -23,11 +23,15 @@ image is diffusers' own, bit for bit, with or without ``guidance_embeds`` and wi
 
 **The outside prompt.** On UNet models the "boxed-negative" outside prompt replaces, outside the
 boxes, the negative branch of CFG by the boxed phrases' prediction. FLUX.1-dev is guidance-distilled:
-it has no negative branch unless true CFG is on (``true_cfg_scale > 1`` with a ``negative_prompt``),
-so by default nothing replaces it: ``outside_prompt_steps`` is 0 unset (the recipe records 0), and a
-positive value is refused in one line, with or without true CFG (the flow loop has no outside
-prompt yet, on SD3 either). What keeps copies of the boxed objects out of the fresh noise outside
-the boxes on FLUX is SALT's start and the guidance loss alone.
+it has no negative branch unless true CFG is on (``true_cfg_scale > 1`` with a ``negative_prompt``).
+So on FLUX: with true CFG, "boxed-negative" replaces the true-CFG negative branch outside the boxes,
+as on the UNets; without it, nothing replaces it -- "boxed-negative" is refused in one line, and
+``outside_prompt="without-boxed"`` (the conditional branch becomes the prompt without its boxed
+phrases outside the boxes, one more transformer call per step) is the variant that needs no
+negative branch. Unset, ``outside_prompt_steps`` is 0 on flow models (the recipe records 0):
+SALT's start and the guidance loss alone keep copies of the boxed objects out of the fresh noise
+outside the boxes. Only the mechanics were checked (tiny random models, ``tests/test_pipeline_flux.py``);
+whether either variant helps on a trained FLUX is unmeasured.
 
 Phrases are looked up in the T5 tokenizer (SentencePiece pieces): FLUX's text sequence is T5's
 alone, CLIP gives only the pooled embedding. Not yet on FLUX (refused in one line): noise added
@@ -69,6 +73,7 @@ class SaltFluxPipeline(FlowSaltMixin, FluxPipeline):
     _family = "flux"
     _label = "FLUX"
     _cfg_batch = False  # FluxPipeline's true CFG: one transformer call per branch
+    _negative_branch = "true CFG: true_cfg_scale > 1 with a negative_prompt"
 
     # -- the family seam -----------------------------------------------------------------------------
     def family(
@@ -182,7 +187,7 @@ class SaltFluxPipeline(FlowSaltMixin, FluxPipeline):
         guidance-distilled transformer (FLUX.1-dev; unused by FLUX.1-schnell), true CFG is
         ``negative_prompt`` + ``true_cfg_scale > 1`` (two transformer calls per step). Defaults:
         diffusers' FLUX ones (28 steps, guidance 3.5, T5 length 512). Boxed phrases are read in the
-        T5 columns of the joint attention. The outside prompt is not available (module docstring).
+        T5 columns of the joint attention. The outside prompt: see the module docstring.
         """
         # 1. Check inputs
         if (

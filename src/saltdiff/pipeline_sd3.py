@@ -20,8 +20,9 @@ diffusers' ``StableDiffusion3Pipeline`` stages and arithmetic, so that with
    capture processors are restored in ``try/finally`` (:func:`~saltdiff.joint_attention.capture_joint_attention`);
 6. decode (``latents / scaling_factor + shift_factor``) and the :class:`~saltdiff.pipeline_output.SaltOutput`.
 
-Not yet on SD3 (each refused in one line rather than ignored): the outside prompt of the UNet loop
-(``outside_prompt_steps > 0``), noise added during inversion, initializers other than ``"salt"`` /
+The outside prompt of the UNet loop runs on SD3's CFG rows (one batch), but is off unless
+``outside_prompt_steps`` is set (:class:`~saltdiff.flow_pipeline.FlowSaltMixin`). Not yet on SD3 (each
+refused in one line rather than ignored): noise added during inversion, initializers other than ``"salt"`` /
 ``"random"`` / a tensor, SD3.5's skip-layer guidance, IP-Adapters.
 """
 
