@@ -121,3 +121,22 @@ def test_the_same_layout_with_another_seed_reuses_its_flow_inversion(flux_dir, t
         hook.remove()
     assert n_second == 3 and n_first > n_second + 2 and other_depth == 3 + 1
     assert torch.equal(second.images, fresh.images)
+
+
+def test_preflight_reads_fluxs_phrases_in_t5_not_clip(flux_dir, tmp_path):
+    """A phrase past CLIP's 77 tokens is fine on FLUX (its text is T5's, 512 tokens): the check before
+    loading reads the T5 tokenizer; a phrase the prompt lacks is still one line."""
+    from saltdiff.layout import Layout, LayoutError
+    from saltdiff.preflight import check_before_loading
+    from saltdiff.request import GenerationRequest
+
+    prompt = "a red cat " * 30 + "and a dog"
+    request = GenerationRequest(
+        prompt=prompt, layout=Layout.from_pairs([("dog", (0, 0, 1, 1))]), init="random"
+    )
+    assert check_before_loading(flux_dir, request) is True
+    missing = GenerationRequest(
+        prompt="a cat", layout=Layout.from_pairs([("dog", (0, 0, 1, 1))]), init="random"
+    )
+    with pytest.raises(LayoutError, match="dog"):
+        check_before_loading(flux_dir, missing)

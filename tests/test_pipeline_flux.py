@@ -146,6 +146,15 @@ def test_refusals_are_one_line(pipe):
         pipe(PROMPT, LAYOUT, init=SpatialAwareInit(inversion_noise_scale=0.1), **FAST)
     with pytest.raises(ValueError, match="past max_sequence_length=4"):
         pipe(PROMPT, [("dog", (0, 0, 1, 1))], init="random", **{**FAST, "max_sequence_length": 4})
+    long_prompt = "a red cat " * 30 + "and a dog"  # past CLIP's 77 tokens, not T5's 128: fine on FLUX
+    long = pipe(
+        long_prompt,
+        [("dog", (0, 0, 1, 1))],
+        init="random",
+        guidance="none",
+        **{**FAST, "max_sequence_length": 128},
+    )
+    assert long.token_indices == [[92]]
     with pytest.raises(ValueError, match="init latent has shape"):
         pipe(PROMPT, latents=torch.zeros(1, 60, 64), **FAST)
 
