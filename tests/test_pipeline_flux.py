@@ -306,3 +306,12 @@ def test_the_outside_prompt_replaces_one_branch_outside_the_boxes(pipe, kind, cf
     assert torch.equal(got[..., :8], untouched[..., :8])
     assert (got[..., 8:] - untouched[..., 8:]).abs().max() > 1e-3
     assert out.info["guidance"]["outside_prompt_steps"] == 1
+
+
+def test_processors_come_back_after_an_exception_in_a_guided_call(pipe):
+    def fail(p, i, t, tensors):
+        raise RuntimeError("stop here")
+
+    with pytest.raises(RuntimeError, match="stop here"):
+        pipe(PROMPT, LAYOUT, init="random", guidance="salt", seed=1, callback_on_step_end=fail, **FAST)
+    assert {type(p).__name__ for p in pipe.transformer.attn_processors.values()} == {"FluxAttnProcessor"}
