@@ -180,7 +180,8 @@ def test_missing_folder_is_a_model_load_error():
     ("class_name", "components", "family"),
     [
         ("StableDiffusionXLPipeline", ["unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2"], "SDXL"),
-        ("FluxPipeline", ["transformer", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2"], "Flux"),
+        ("FluxFillPipeline", ["transformer", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2"], r"FLUX \(not the text-to-image one\)"),
+        ("FluxPipeline", ["transformer", "vae", "text_encoder", "tokenizer"], r"FLUX \(without \[.text_encoder_2., .tokenizer_2.\]\)"),
         ("StableDiffusion3Pipeline", ["transformer", "vae", "text_encoder", "text_encoder_3"], r"Stable Diffusion 3 \(without \[.text_encoder_2., .tokenizer., .tokenizer_2.\]\)"),
         ("PixArtSigmaPipeline", ["transformer", "vae", "text_encoder", "tokenizer"], "PixArt"),
         ("KandinskyV22Pipeline", ["unet", "movq", "scheduler"], "Kandinsky"),
@@ -211,7 +212,7 @@ def test_from_pipe_refuses_another_family(tiny_pipe):
     class FluxPipeline:
         components = {"transformer": None, "vae": None, "text_encoder": None, "text_encoder_2": None}
 
-    with pytest.raises(ValueError, match=r"the FluxPipeline given is a Flux pipeline"):
+    with pytest.raises(ValueError, match=r"the FluxPipeline given is a FLUX \(without \['tokenizer', 'tokenizer_2'\]\) pipeline"):
         SaltPipeline.from_pipe(FluxPipeline())
     assert isinstance(SaltPipeline.from_pipe(tiny_pipe), SaltPipeline)  # SD 1.x-style: accepted
 

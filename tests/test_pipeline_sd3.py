@@ -99,8 +99,9 @@ def test_guidance_lowers_its_loss_and_changes_the_image(pipe):
 def test_refusals_are_one_line(pipe):
     with pytest.raises(ValueError, match="multiple of 4"):
         pipe(PROMPT, init="random", guidance="none", height=30, width=32)
-    with pytest.raises(ValueError, match="outside prompt is not implemented on SD3"):
-        pipe(PROMPT, LAYOUT, init="random", guidance=GuidanceConfig(outside_prompt_steps=2), **FAST)
+    with pytest.raises(ValueError, match=r"this SD3 call has none \(it needs guidance_scale > 1\)"):
+        no_cfg = {**FAST, "guidance_scale": 1.0}
+        pipe(PROMPT, LAYOUT, init="random", guidance=GuidanceConfig(outside_prompt_steps=2), **no_cfg)
     with pytest.raises(ValueError, match="matches no joint-attention layer"):
         pipe(PROMPT, LAYOUT, init="random", guidance=GuidanceConfig(layers="down"), **FAST)
     with pytest.raises(ValueError, match="inversion_noise_scale"):
@@ -234,3 +235,23 @@ def test_step_callback_sees_sd3_tensors_and_can_interrupt(pipe):
             callback_on_step_end_tensor_inputs=["noise"],
             **FAST,
         )
+
+
+def test_the_boxed_negative_outside_prompt_is_a_third_row_of_the_cfg_batch(pipe):
+    """One step by hand: outside the cat's box the boxed phrase's velocity is the negative branch
+    (one [negative; conditional; outside] batch, as SD3 batches CFG); inside, the plain step."""
+    from saltdiff.families import Conditions
+
+    layout = [("cat", (0.0, 0.0, 0.5, 1.0))]
+    kw = dict(init="random", seed=1, output_type="latent", **{**FAST, "num_inference_steps": 1})
+    out = pipe(PROMPT, layout, guidance=GuidanceConfig(loss="none", outside_prompt_steps=1), **kw)
+    plain = pipe(PROMPT, layout, guidance="none", **kw)
+    x, sigma = out.init_latent, float(pipe.scheduler.sigmas[0])
+    adapter = pipe.family(max_sequence_length=16)
+    with torch.no_grad():
+        rows = Conditions.cat(adapter.conditions(""), adapter.conditions(PROMPT), adapter.conditions("a cat"))
+        _, u_prompt, u_boxed = adapter.denoise(torch.cat([x] * 3), sigma, rows).chunk(3)
+    expected = x + (float(pipe.scheduler.sigmas[1]) - sigma) * (u_boxed + 2.0 * (u_prompt - u_boxed))
+    torch.testing.assert_close(out.images[..., 8:], expected[..., 8:], rtol=0, atol=1e-5)
+    assert torch.equal(out.images[..., :8], plain.images[..., :8])
+    assert (out.images[..., 8:] - plain.images[..., 8:]).abs().max() > 1e-3

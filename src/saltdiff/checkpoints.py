@@ -82,12 +82,12 @@ FAMILIES = {
     "sd": ("Stable Diffusion 1.x/2.x", "SaltPipeline"),
     "sdxl": ("SDXL", "SaltXLPipeline"),
     "sd3": ("Stable Diffusion 3", "SaltSD3Pipeline"),
+    "flux": ("FLUX", "SaltFluxPipeline"),
 }
 #: The sampler (a :data:`saltdiff.registry.SCHEDULERS` name) each family runs unless told otherwise.
-DEFAULT_SAMPLERS = {"sd": "ddim", "sdxl": "ddim", "sd3": "flow-euler"}
+DEFAULT_SAMPLERS = {"sd": "ddim", "sdxl": "ddim", "sd3": "flow-euler", "flux": "flow-euler"}
 #: Pipeline class-name prefixes of families saltdiff does not run, and what to call them.
 UNSUPPORTED_FAMILIES = (
-    ("Flux", "Flux"),
     ("PixArt", "PixArt"),
     ("Kandinsky", "Kandinsky"),
     ("Sana", "Sana"),
@@ -102,17 +102,21 @@ SUPPORTED_TEXT = (
     "saltdiff runs Stable Diffusion 1.x/2.x-style checkpoints (one UNet2DConditionModel with one CLIP "
     "text encoder: SD 1.5, SD 2.1, their fine-tunes, LCM) with SaltPipeline and SDXL base-style ones "
     f"(two CLIP text encoders, e.g. {SDXL_MODEL_ID}) with SaltXLPipeline, and Stable Diffusion 3 text-to-image "
-    "ones (SD3Transformer2DModel, two CLIP text encoders, optionally T5) with SaltSD3Pipeline"
+    "ones (SD3Transformer2DModel, two CLIP text encoders, optionally T5) with SaltSD3Pipeline, and FLUX "
+    "text-to-image ones (FluxTransformer2DModel, CLIP + T5, e.g. black-forest-labs/FLUX.1-dev) with SaltFluxPipeline"
 )
 _SD_COMPONENTS = {"unet", "text_encoder", "tokenizer"}
 _SDXL_COMPONENTS = _SD_COMPONENTS | {"text_encoder_2", "tokenizer_2"}
 #: SD3's text-to-image components (``text_encoder_3`` / ``tokenizer_3``, T5, may be left out, as diffusers allows).
 _SD3_COMPONENTS = {"transformer", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2"}
 _SD3_CLASSES = ("StableDiffusion3Pipeline", "SaltSD3Pipeline")
+#: FLUX's text-to-image components (the IP-Adapter's image encoder is optional, as in diffusers).
+_FLUX_COMPONENTS = {"transformer", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2"}
+_FLUX_CLASSES = ("FluxPipeline", "SaltFluxPipeline")
 
 
 def model_family(class_name: str, components, source: str) -> str:
-    """``"sd"``, ``"sdxl"`` or ``"sd3"`` for a pipeline's class name and component names, else one ``ValueError`` line.
+    """``"sd"``, ``"sdxl"``, ``"sd3"`` or ``"flux"`` for a pipeline's class name and component names, else one ``ValueError`` line.
 
     Read from ``model_index.json`` before any weight is loaded, or from a pipeline given to
     ``from_pipe``: a wrong family otherwise fails deep inside diffusers (loaded as SD, SDXL's second
@@ -127,6 +131,12 @@ def model_family(class_name: str, components, source: str) -> str:
         raise ModelLoadError(
             f"{source} is a Stable Diffusion 3 ({what}) pipeline ({class_name}): not supported; {SUPPORTED_TEXT}"
         )
+    if class_name.startswith("Flux") or class_name == "SaltFluxPipeline":
+        if class_name in _FLUX_CLASSES and _FLUX_COMPONENTS <= names:
+            return "flux"
+        missing = sorted(_FLUX_COMPONENTS - names)
+        what = f"without {missing}" if missing else "not the text-to-image one"
+        raise ModelLoadError(f"{source} is a FLUX ({what}) pipeline ({class_name}): not supported; {SUPPORTED_TEXT}")
     family = next((label for prefix, label in UNSUPPORTED_FAMILIES if class_name.startswith(prefix)), None)
     if family is None and (class_name.startswith("StableDiffusionXL") or "text_encoder_2" in names):
         if _SDXL_COMPONENTS <= names:

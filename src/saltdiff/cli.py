@@ -154,7 +154,7 @@ def cmd_generate(args) -> int:
         from .samplers import default_sampler
 
         request = dataclasses.replace(request, scheduler=default_sampler(pipe.scheduler))
-    family_defaults = getattr(pipe, "guidance_defaults", {})  # SD3: no outside prompt; the recipe says so
+    family_defaults = getattr(pipe, "guidance_defaults", {})  # SD3, FLUX: no outside prompt unset; the recipe says so
     unset = {k: v for k, v in family_defaults.items() if getattr(request.guidance, k) is None}
     if unset:
         request = dataclasses.replace(request, guidance=dataclasses.replace(request.guidance, **unset))

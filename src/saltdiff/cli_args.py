@@ -261,7 +261,7 @@ def add_model_args(parser: argparse.ArgumentParser, *, scheduler_default: str | 
         choices=SCHEDULERS.names(),
         help="sampler, built from the model's scheduler config; SALT's start is converted into its noise space"
         + (
-            " (default: ddim for SD/SDXL, flow-euler for SD3; a sampler of the other noise family is refused)"
+            " (default: ddim for SD/SDXL, flow-euler for SD3 and FLUX; a sampler of the other noise family is refused)"
             if scheduler_default is None
             else ""
         ),

@@ -1,4 +1,4 @@
-"""The sampling loop of flow-matching models (SD3; FLUX next), on the family seam.
+"""The sampling loop of flow-matching models (SD3, FLUX), on the family seam.
 
 :func:`flow_denoise` is :func:`saltdiff.denoising.denoise`'s counterpart for a
 :class:`~saltdiff.families.FamilyAdapter` of the ``"flow"`` noise family: classifier-free guidance
@@ -13,17 +13,66 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 
-from .denoising import Denoised, NoBar
+from .denoising import Denoised, NoBar, stop_after
 from .families import Conditions
 from .guidance import GuidanceConfig, GuidanceTargets, guided_update, layer_losses
 from .joint_attention import JointAttentionStore
 from .losses import layout_guidance_loss
 from .noise import guided_step_scale
 
-__all__ = ["flow_denoise"]
+__all__ = ["FlowOutsidePrompt", "flow_denoise"]
+
+
+@dataclass
+class FlowOutsidePrompt:
+    """A second text condition for the area outside every box, on the first ``steps`` steps (the flow
+    loop's :class:`saltdiff.denoising.OutsidePrompt`).
+
+    ``mask(h, w)`` is 1 inside the boxes; outside them ``conditions`` (one row per latent) give the
+    prediction of the branch ``replaces`` names:
+
+    * ``"negative"``: ``conditions`` encode the boxed phrases, and the negative branch of CFG becomes
+      their prediction there, so CFG pushes away from the boxed objects outside their boxes (needs a
+      negative branch: SD3's CFG, FLUX's true CFG);
+    * ``"conditional"``: ``conditions`` encode the prompt without its boxed phrases, and the
+      conditional branch becomes ``m u(prompt) + (1 - m) u(outside)`` (no negative branch needed).
+    """
+
+    conditions: Conditions
+    mask: Callable[[int, int], torch.Tensor]
+    steps: int
+    replaces: str = "conditional"
+
+
+def _branches(adapter, latents, sigma, conditions: Conditions, n: int, store, cfg_batch: bool, outside):
+    """``(negative or None, conditional, outside or None)`` predictions of one step.
+
+    Batched (SD3): one call on ``[negative;] conditional [; outside]`` rows. Separate (FLUX): one
+    call per branch, the conditional one last so that ``store`` holds its maps. Either way the
+    store keeps the conditional rows only.
+    """
+    do_cfg = conditions.batch == 2 * n
+    cond = conditions.rows(slice(n, 2 * n)) if do_cfg else conditions
+    if cfg_batch:
+        rows = [conditions] + ([outside.conditions] if outside is not None else [])
+        store.batch_rows = slice(n, 2 * n) if do_cfg else slice(0, n) if outside is not None else None
+        store.reset()
+        both = Conditions.cat(*rows) if len(rows) > 1 else conditions
+        pred = adapter.denoise(
+            torch.cat([latents] * (both.batch // n)) if both.batch > n else latents, sigma, both
+        )
+        parts = list(pred.split(n))
+        uncond = parts.pop(0) if do_cfg else None
+        return uncond, parts[0], parts[1] if outside is not None else None
+    uncond = adapter.denoise(latents, sigma, conditions.rows(slice(0, n))) if do_cfg else None
+    outside_pred = adapter.denoise(latents, sigma, outside.conditions) if outside is not None else None
+    store.batch_rows = None
+    store.reset()
+    return uncond, adapter.denoise(latents, sigma, cond), outside_pred
 
 
 def flow_denoise(
@@ -42,6 +91,8 @@ def flow_denoise(
     on_step: Callable | None = None,
     interrupted: Callable[[], bool] = lambda: False,
     progress_bar=None,
+    cfg_batch: bool = True,
+    outside: FlowOutsidePrompt | None = None,
 ) -> Denoised:
     """Flow-matching sampling over ``scheduler.timesteps`` (set by the caller), as diffusers' SD3 loop.
 
@@ -54,9 +105,20 @@ def flow_denoise(
     guided updates, their gradient step scaled by ``noise.guided_step_scale("flow", sigma)``
     (``sigma^2``; ``step_size_schedule="constant"``: 1). ``on_step(i, t, latents, conditions)``
     returns ``(latents, conditions)`` (a step callback).
+
+    ``cfg_batch``: the CFG rows in one network call (``StableDiffusion3Pipeline``), or one call per
+    branch (``FluxPipeline``'s true CFG; the negative one first here, so that the store keeps the
+    conditional maps): each family keeps its diffusers pipeline's arithmetic, bit for bit. A guided pass stops after its last captured layer
+    (:func:`saltdiff.denoising.stop_after`): the later blocks feed nothing the loss reads, so they
+    would only hold activations for autograd; the gradient is the same. ``outside``: on its first
+    ``steps`` steps, outside the boxes its prediction replaces one branch (:class:`FlowOutsidePrompt`).
     """
     n = latents.shape[0]
     do_cfg = conditions.batch == 2 * n
+    if outside is not None and outside.replaces == "negative" and not do_cfg:
+        raise ValueError(
+            "an outside prompt that replaces the negative branch needs CFG rows [negative; conditional]"
+        )
     cond = conditions.rows(slice(n, 2 * n)) if do_cfg else conditions
     track = token_indices is not None and len(token_indices) > 0
     guide = track and guidance is not None and guidance.enabled and layout_masks is not None
@@ -71,6 +133,9 @@ def flow_denoise(
     timesteps = scheduler.timesteps
     store = JointAttentionStore()
     capture = adapter.capture(layers, store) if track else contextlib.nullcontext(store)
+    last_layer = None
+    if guide:
+        last_layer = list(layers or adapter.attention_layers(tuple(latents.shape[-2:])))[-1]
     bar = NoBar() if progress_bar is None else progress_bar
     with capture, bar as progress_bar:
         for i, t in enumerate(timesteps):
@@ -83,7 +148,8 @@ def flow_denoise(
                 store.batch_rows = None
 
                 def conditional(z, sigma=sigma, cond=cond):
-                    adapter.denoise(z, sigma, cond)
+                    with stop_after(adapter.transformer, last_layer):
+                        adapter.denoise(z, sigma, cond)
 
                 scale = 1.0
                 if guidance.step_size_schedule == "sigma":
@@ -91,10 +157,10 @@ def flow_denoise(
                 result = guided_update(conditional, latents, store, targets, guidance, scale)
                 guidance_losses.append(result.losses)
                 latents = result.latents
-            store.batch_rows = slice(n, 2 * n) if do_cfg else None
-            store.reset()
-            model_in = torch.cat([latents] * 2) if do_cfg else latents
-            noise_pred = adapter.denoise(model_in, sigma, conditions)
+            regional = outside is not None and i < outside.steps
+            uncond, text, outside_pred = _branches(
+                adapter, latents, sigma, conditions, n, store, cfg_batch, outside if regional else None
+            )
             if track:
                 if tracking is not None:
                     layout_losses.append(float(layer_losses(store, tracking, layout_guidance_loss)))
@@ -109,9 +175,13 @@ def flow_denoise(
                     ).mean(0)
                     maps_sum = maps if maps_sum is None else maps_sum + maps
                 store.reset()
-            if do_cfg:
-                uncond, text = noise_pred.chunk(2)
-                noise_pred = uncond + guidance_scale * (text - uncond)
+            if outside_pred is not None:  # outside the boxes the outside prompt takes over its branch
+                inside = outside.mask(*latents.shape[-2:]).to(text)
+                if outside.replaces == "negative":
+                    uncond = uncond * inside + outside_pred * (1 - inside)
+                else:
+                    text = text * inside + outside_pred * (1 - inside)
+            noise_pred = text if uncond is None else uncond + guidance_scale * (text - uncond)
             latents = scheduler.step(noise_pred, t, latents, return_dict=False)[0]
             if on_step is not None:
                 latents, conditions = on_step(i, t, latents, conditions)

@@ -1,4 +1,4 @@
-"""SALT's initial latent on a flow-matching model (SD3; FLUX next): reference → VAE → flow inversion.
+"""SALT's initial latent on a flow-matching model (SD3, FLUX): reference → VAE → flow inversion.
 
 The flow counterpart of :meth:`saltdiff.init.SpatialAwareInit.__call__`, reading the same
 ``SpatialAwareInit`` fields (reference builder, ``inversion_steps``, ``inversion_prompt``, fresh-noise
@@ -11,15 +11,19 @@ space (a flow sampler's ``c_in`` is 1: :func:`saltdiff.noise.model_input_scale`)
 
 from __future__ import annotations
 
+import hashlib
+import json
+
 import torch
 from diffusers.utils.torch_utils import randn_tensor
 
 from .families import guided_denoiser
 from .flow_inversion import flow_invert, inversion_sigmas, sampler_sigmas
-from .init import FLOW_INVERSION_STEPS, InitResult, SpatialAwareInit
+from .init import FLOW_INVERSION_STEPS, InitResult, SpatialAwareInit, memoized
 from .layout import Layout
+from .object_generator import PipelineObjectGenerator
 
-__all__ = ["FLOW_INVERSION_METHOD", "FLOW_INVERSION_STEPS", "flow_salt_start"]
+__all__ = ["FLOW_INVERSION_METHOD", "FLOW_INVERSION_STEPS", "flow_memo_key", "flow_salt_start"]
 
 #: The flow integrator of SALT's inversion (:data:`saltdiff.flow_inversion.FLOW_INVERSION_METHODS`):
 #: reverse Euler, one transformer call per inversion step, like DDIM inversion on the UNet models.
@@ -51,6 +55,9 @@ def flow_salt_start(
     velocity of the empty prompt (or the prompt, ``inversion_prompt="prompt"``) at guidance scale 1.
     Fresh noise is blended in as :class:`~saltdiff.init.SpatialAwareInit` does (variance preserving,
     ``noise_outside`` outside the kept region, ``noise_inside`` inside).
+
+    The inversion is deterministic: the pipeline keeps the last few z_T* (:func:`flow_memo_key`,
+    :func:`saltdiff.init.memoized`), so the same layout with another seed inverts once.
     """
     if init.inversion_noise_scale > 0:
         raise ValueError(
@@ -63,21 +70,25 @@ def flow_salt_start(
         raise ValueError(
             f"reference builder returned a {reference.image.size} image, expected {(width, height)}"
         )
-    device = pipe._execution_device
-    pixels = pipe.image_processor.preprocess(reference.image).to(device=device, dtype=pipe.vae.dtype)
-    x0 = adapter.encode(pixels).to(adapter.transformer.dtype)
-    latent_hw = tuple(x0.shape[-2:])
-    kwargs = adapter.schedule_kwargs(num_inference_steps, latent_hw)
-    start = float(sampler_sigmas(pipe.scheduler, **kwargs)[0])
+    latent_hw = (height // pipe.vae_scale_factor, width // pipe.vae_scale_factor)
+    start = float(
+        sampler_sigmas(pipe.scheduler, **adapter.schedule_kwargs(num_inference_steps, latent_hw))[0]
+    )
     depth = FLOW_INVERSION_STEPS if init.inversion_steps is None else init.inversion_steps
-    kwargs["num_inference_steps"] = depth
-    grid = inversion_sigmas(pipe.scheduler, **kwargs)
+    # the family's own grid for `depth` steps (FLUX: custom sigmas for that count, shifted by mu)
+    grid = inversion_sigmas(pipe.scheduler, **adapter.schedule_kwargs(depth, latent_hw))
     if abs(float(grid[-1]) - start) > 1e-6:  # a schedule whose top depends on the step count
         grid = grid[grid < start]
         grid = torch.cat([grid, grid.new_tensor([start])])
     text = prompt if init.inversion_prompt == "prompt" else ""
-    velocity = guided_denoiser(adapter, adapter.conditions(text))
-    latents = flow_invert(velocity, x0, grid, method=FLOW_INVERSION_METHOD)
+
+    def invert() -> torch.Tensor:
+        pixels = pipe.image_processor.preprocess(reference.image)
+        x0 = adapter.encode(pixels.to(device=pipe._execution_device, dtype=pipe.vae.dtype))
+        velocity = guided_denoiser(adapter, adapter.conditions(text))
+        return flow_invert(velocity, x0.to(adapter.transformer.dtype), grid, method=FLOW_INVERSION_METHOD)
+
+    latents = memoized(pipe, flow_memo_key(init, pipe, adapter, reference.image, text, grid), invert)
     latents = latents.expand(num_images, -1, -1, -1).clone()
     if init.noise_outside > 0 or init.noise_inside > 0:
         keep = init.kept_region(layout, reference, latent_hw).to(latents)
@@ -92,3 +103,27 @@ def flow_salt_start(
         "inversion_sigmas": [round(float(s), 6) for s in grid],
     }
     return InitResult(latents, reference, info)
+
+
+def flow_memo_key(init: SpatialAwareInit, pipe, adapter, image, text: str, grid: torch.Tensor) -> str | None:
+    """Everything a flow z_T* depends on, hashed: the model (``None``, nothing kept, for an in-memory
+    model or with the reference builder's cache off, as :func:`saltdiff.init.inversion_memo_key`),
+    the device, the reference's pixels, the inversion text and grid, the integrator and the
+    adapter's conditioning (T5 length, FLUX's embedded guidance, ``joint_attention_kwargs``)."""
+    identity = PipelineObjectGenerator(pipe).identity
+    if not identity or not getattr(init.reference, "cache", True):
+        return None
+    parts = [
+        identity,
+        str(pipe._execution_device),
+        image.size,
+        hashlib.sha256(image.convert("RGB").tobytes()).hexdigest(),
+        text,
+        [float(s) for s in grid],
+        FLOW_INVERSION_METHOD,
+        adapter.name,
+        adapter.max_sequence_length,
+        getattr(adapter, "guidance_scale", None),
+        adapter.joint_attention_kwargs,
+    ]
+    return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()

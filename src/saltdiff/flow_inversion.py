@@ -57,7 +57,8 @@ def dynamic_shift_mu(scheduler_config, image_seq_len: int) -> float:
     base_shift = scheduler_config.get("base_shift", 0.5)
     max_shift = scheduler_config.get("max_shift", 1.15)
     slope = (max_shift - base_shift) / (max_len - base_len)
-    return image_seq_len * slope + base_shift - slope * base_len
+    intercept = base_shift - slope * base_len  # calculate_shift's order of operations, to the last bit
+    return image_seq_len * slope + intercept
 
 
 def sampler_sigmas(

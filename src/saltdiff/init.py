@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -111,6 +112,21 @@ def inversion_memo_key(init: SpatialAwareInit, pipe, image: Image.Image, text: s
     return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()
 
 
+def memoized(pipe, key: str | None, invert: Callable[[], torch.Tensor]) -> torch.Tensor:
+    """z_T* kept under ``key`` in the pipeline's memo (its last :data:`INVERSION_MEMO_SIZE`), else
+    ``invert()`` run and kept; ``key`` ``None``: run, nothing kept. Shared by the UNet and flow starts."""
+    memo = pipe.__dict__.setdefault("_inversion_memo", OrderedDict()) if key else None
+    if memo is not None and key in memo:
+        memo.move_to_end(key)
+        return memo[key].clone()
+    latent = invert()
+    if memo is not None:
+        memo[key] = latent.detach().clone()
+        while len(memo) > INVERSION_MEMO_SIZE:
+            memo.popitem(last=False)
+    return latent
+
+
 def _grid_fits(scheduler, steps: int, end: int) -> bool:
     try:
         inversion_timesteps(scheduler, steps, end)
@@ -201,16 +217,11 @@ class SpatialAwareInit:
         batch call, reuses it (a sixth of ``sd``'s time on the built-in model)."""
         text = prompt if self.inversion_prompt == "prompt" else ""
         key = inversion_memo_key(self, pipe, image, text, num_inference_steps)
-        memo = pipe.__dict__.setdefault("_inversion_memo", OrderedDict()) if key else None
-        if memo is not None and key in memo:
-            memo.move_to_end(key)
-            return memo[key].clone()
-        latent = self._invert(pipe, image, text, generator, num_inference_steps=num_inference_steps)
-        if memo is not None:
-            memo[key] = latent.detach().clone()
-            while len(memo) > INVERSION_MEMO_SIZE:
-                memo.popitem(last=False)
-        return latent
+        return memoized(
+            pipe,
+            key,
+            lambda: self._invert(pipe, image, text, generator, num_inference_steps=num_inference_steps),
+        )
 
     def _invert(self, pipe, image: Image.Image, text: str, generator, *, num_inference_steps: int):
         z0 = pipe.encode_reference(image)

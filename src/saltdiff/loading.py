@@ -171,7 +171,7 @@ def hub_files_only(model: str) -> bool:
 
 
 def model_family_of(model: str) -> str:
-    """``"sd"``, ``"sdxl"`` or ``"sd3"`` from the model's ``model_index.json`` (a folder, a cached hub id, or, for a
+    """``"sd"``, ``"sdxl"``, ``"sd3"`` or ``"flux"`` from the model's ``model_index.json`` (a folder, a cached hub id, or, for a
     hub id not cached yet, that one file fetched first); another family is refused in one line."""
     path = resolve_model(model)
     family = index_family(path, model)
@@ -193,8 +193,8 @@ def load_pipeline(
     dtype: str | None = None,
     fallback_device: str | None = None,
 ) -> SaltPipeline:
-    """A ``SaltPipeline`` (SD 1.x/2.x), ``SaltXLPipeline`` (SDXL) or ``SaltSD3Pipeline`` (SD3; the family
-    is read from ``model_index.json``)
+    """A ``SaltPipeline`` (SD 1.x/2.x), ``SaltXLPipeline`` (SDXL), ``SaltSD3Pipeline`` (SD3) or
+    ``SaltFluxPipeline`` (FLUX; the family is read from ``model_index.json``)
     for ``model`` on ``device`` in ``dtype``, or a one-line :class:`ModelLoadError`."""
     import torch
 
@@ -210,6 +210,8 @@ def load_pipeline(
             from .pipeline_xl import SaltXLPipeline as pipeline_class
         elif family == "sd3":
             from .pipeline_sd3 import SaltSD3Pipeline as pipeline_class
+        elif family == "flux":
+            from .pipeline_flux import SaltFluxPipeline as pipeline_class
         else:
             from .pipeline import SaltPipeline as pipeline_class
 
@@ -228,7 +230,7 @@ def load_pipeline(
 
 
 def denoiser(pipe):
-    """The pipeline's denoising network: its ``unet``, or its ``transformer`` (SD3)."""
+    """The pipeline's denoising network: its ``unet``, or its ``transformer`` (SD3, FLUX)."""
     unet = getattr(pipe, "unet", None)
     return unet if unet is not None else pipe.transformer
 
@@ -239,4 +241,6 @@ def check_image_size(pipe, height: int | None, width: int | None, *, force: bool
     Such a run takes minutes (the cost grows with the pixel count, attention with its square) and
     asks for what the model never saw; ``force=True`` (``--force``) runs it anyway.
     """
-    check_trained_size(denoiser(pipe).config.sample_size * pipe.vae_scale_factor, height, width, force=force)
+    default_size = getattr(pipe, "default_size", None)  # flow pipelines: FLUX's transformer has no sample_size
+    trained = default_size() if callable(default_size) else denoiser(pipe).config.sample_size * pipe.vae_scale_factor
+    check_trained_size(trained, height, width, force=force)

@@ -100,13 +100,21 @@ def _config(folder: str, name: str) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else None
 
 
+#: T5 tokens a FLUX prompt is encoded to unless told (``FluxPipeline``'s ``max_sequence_length``).
+FLUX_SEQUENCE_LENGTH = 512
+
+
 def _tokenizer(folder: str):
-    """The model's (first) tokenizer, capped at its text encoder's length as the pipeline caps it."""
+    """The tokenizer the model's boxed phrases are read with, capped as the pipeline caps it: the
+    (first) CLIP tokenizer at its text encoder's length, or FLUX's T5 tokenizer (its text sequence
+    is T5's alone) at ``max_sequence_length``."""
     from .components import fit_tokenizer_length
 
     index = _config(folder, "model_index.json") or {}
-    library, class_name = (index.get("tokenizer") or [None, None])[:2]
-    if library != "transformers" or not class_name or not os.path.isdir(os.path.join(folder, "tokenizer")):
+    flux = str(index.get("_class_name", "")).startswith(("Flux", "SaltFlux"))
+    name = "tokenizer_2" if flux else "tokenizer"
+    library, class_name = (index.get(name) or [None, None])[:2]
+    if library != "transformers" or not class_name or not os.path.isdir(os.path.join(folder, name)):
         return None
     import transformers
 
@@ -114,9 +122,12 @@ def _tokenizer(folder: str):
     if cls is None:
         return None
     try:
-        tokenizer = cls.from_pretrained(os.path.join(folder, "tokenizer"))
+        tokenizer = cls.from_pretrained(os.path.join(folder, name))
     except (OSError, ValueError):
         return None
+    if flux:  # T5 has no position limit of its own: the pipeline pads and truncates to 512
+        tokenizer.model_max_length = FLUX_SEQUENCE_LENGTH
+        return tokenizer
     encoder = _config(folder, "text_encoder/config.json") or {}
     limit = encoder.get("max_position_embeddings") or (encoder.get("text_config") or {}).get(
         "max_position_embeddings"

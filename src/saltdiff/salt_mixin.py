@@ -17,7 +17,6 @@ The call's argument checks that need no pipeline are :mod:`saltdiff.call_inputs`
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -37,9 +36,8 @@ from .call_inputs import (
     seeded_generator,
     text_for_tokens,
 )
-from .checkpoints import check_family, check_model_index, resolve_model
 from .colors import GENERATED_BACKGROUNDS, SPECIAL_BACKGROUNDS
-from .components import check_component_dtypes, dtype_keyword
+from .components import check_component_dtypes
 from .denoising import Denoised, OutsidePrompt, UNetExtras, denoise, step_callback
 from .guidance import GuidanceConfig
 from .init import InitResult
@@ -48,14 +46,15 @@ from .layout import Box, Layout
 from .object_generator import PipelineObjectGenerator
 from .pipeline_output import SaltOutput
 from .preflight import check_image_sides, check_steps_and_scale, size_multiple
+from .pretrained import PretrainedMixin
 from .reference import GeneratedObject, boxed_phrases_prompt, strip_phrases
 from .samplers import check_supported, ddim_twin, set_sampler_timesteps
-from .vocabulary import ModelVocabulary, load_vocabulary, warn_unknown_words, with_unboxed_objects
+from .vocabulary import warn_unknown_words, with_unboxed_objects
 
 logger = logging.getLogger(__name__)
 
 
-class SaltMixin:
+class SaltMixin(PretrainedMixin):
     """The SALT call on top of a diffusers text-to-image pipeline; the family hooks are its subclasses'.
 
     Loads like the parent pipeline (``from_pretrained(id_or_folder)``, ``from_pipe(pipe)``, plus
@@ -66,38 +65,9 @@ class SaltMixin:
     _family: str  # the checkpoints.model_family name the subclass runs
     _salt_callback_inputs: tuple[str, ...] = CALLBACK_TENSOR_INPUTS  # what a step callback may ask for
 
-    @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
-        name = str(pretrained_model_name_or_path)
-        if "torch_dtype" not in kwargs and "dtype" not in kwargs:
-            # One dtype throughout, whatever the files hold (transformers loads a text encoder in its
-            # files' dtype, diffusers its models in fp32; the built-in model is fp16 on disk): fp32.
-            kwargs[dtype_keyword()] = torch.float32
-        path = resolve_model(name)
-        where = {"cache_dir": kwargs.get("cache_dir"), "revision": kwargs.get("revision")}
-        family = cls._family
-        checked = check_model_index(path, name, **where, family=family)  # a folder or a cached hub id
-        pipe = super().from_pretrained(path, **kwargs)
-        if not checked:  # a hub id fetched just now: its index is cached now
-            check_model_index(path, name, **where, family=family)
-        pipe._fit_tokenizers()
-        pipe.model_name = name
-        pipe.model_vocabulary = load_vocabulary(path) if os.path.isdir(str(path)) else None
-        return pipe
-
-    @classmethod
-    def from_pipe(cls, pipeline, **kwargs):
-        source = f"the {type(pipeline).__name__} given"
-        check_family(type(pipeline).__name__, pipeline.components, source, family=cls._family)
-        pipe = super().from_pipe(pipeline, **kwargs)
-        pipe.model_name = getattr(pipeline, "model_name", None)
-        pipe.model_vocabulary = getattr(pipeline, "model_vocabulary", None)
-        return pipe
-
-    #: Where the pipeline came from (``from_pretrained``'s name), and the words its model was trained
-    #: on when its folder lists them (:mod:`saltdiff.vocabulary`; the built-in models do).
-    model_name: str | None = None
-    model_vocabulary: ModelVocabulary | None = None
+    def _after_loading(self) -> None:
+        """Tokenizers capped at their text encoders' length (:class:`~saltdiff.pretrained.PretrainedMixin`)."""
+        self._fit_tokenizers()
 
     def warn_unknown_words(self, prompt: str, init=None) -> str | None:
         """One warning line for prompt words (and a reference background colour) that this model

@@ -4,7 +4,8 @@ What the adapter knows about FLUX (diffusers 0.42.1's ``FluxPipeline``):
 
 - latents ``[B, 16, h, w]`` are packed into 2x2 patches, ``[B, (h/2)(w/2), 64]`` (:func:`pack_latents`),
   with RoPE positions ``img_ids`` ``(0, row, col)`` on the packed grid and ``txt_ids`` zeros;
-- the transformer's ``timestep`` is the sigma itself (the pipeline passes ``timesteps / 1000``);
+- the transformer's ``timestep`` is the sigma (the pipeline passes ``timesteps / 1000``, computed
+  here the same way so that the value is the pipeline's to the bit);
   guidance-distilled checkpoints (``guidance_embeds``, FLUX.1-dev) also take the guidance scale;
 - the text sequence is T5's alone (CLIP gives only the pooled embedding), so phrase tokens are T5
   positions;
@@ -64,12 +65,21 @@ class FluxFamily:
         max_sequence_length: T5 tokens per prompt (FLUX's default 512).
         guidance_scale: the distilled guidance a ``guidance_embeds`` transformer is told
             (FluxPipeline's default 3.5); unused otherwise.
+        joint_attention_kwargs: passed to every transformer call, as the pipeline passes its own
+            (e.g. ``{"scale": 0.7}`` for a LoRA); ``None``: none.
     """
 
     name = "flux"
     noise_family = "flow"
 
-    def __init__(self, pipe, *, max_sequence_length: int = 512, guidance_scale: float = 3.5):
+    def __init__(
+        self,
+        pipe,
+        *,
+        max_sequence_length: int = 512,
+        guidance_scale: float = 3.5,
+        joint_attention_kwargs: dict | None = None,
+    ):
         if (
             isinstance(max_sequence_length, bool)
             or not isinstance(max_sequence_length, int)
@@ -78,9 +88,14 @@ class FluxFamily:
             raise ValueError(f"max_sequence_length must be a positive int, got {max_sequence_length!r}")
         if not isinstance(guidance_scale, (int, float)) or guidance_scale < 0:
             raise ValueError(f"guidance_scale must be a number >= 0, got {guidance_scale!r}")
+        if joint_attention_kwargs is not None and not isinstance(joint_attention_kwargs, dict):
+            raise ValueError(
+                f"joint_attention_kwargs must be a dict or None, got {type(joint_attention_kwargs).__name__}"
+            )
         self.pipe = pipe
         self.max_sequence_length = max_sequence_length
         self.guidance_scale = float(guidance_scale)
+        self.joint_attention_kwargs = joint_attention_kwargs
 
     @property
     def transformer(self):
@@ -109,6 +124,14 @@ class FluxFamily:
         )
         return Conditions(embeds, pooled, {"txt_ids": text_ids})
 
+    def timestep(self, sigma: float | torch.Tensor, batch: int, like: torch.Tensor) -> torch.Tensor:
+        """The transformer's ``timestep`` for ``sigma``, one per row, as ``FluxPipeline`` computes it:
+        the scheduler's ``t = sigma * num_train_timesteps`` (float32), cast to the latents' dtype, ``/ 1000``
+        (``t / 1000`` is not always ``sigma`` to the last bit)."""
+        t = torch.as_tensor(sigma, dtype=torch.float32, device=like.device)
+        t = (t * self.pipe.scheduler.config.num_train_timesteps).to(like.dtype)
+        return (t.expand(batch) if t.ndim == 0 else t) / 1000
+
     def denoise(
         self, latents: torch.Tensor, sigma: float | torch.Tensor, conditions: Conditions
     ) -> torch.Tensor:
@@ -119,18 +142,18 @@ class FluxFamily:
             raise ValueError(f"conditions have {conditions.batch} rows for {latents.shape[0]} latents")
         batch, hw = latents.shape[0], tuple(latents.shape[-2:])
         tokens = self.pack(latents)
-        timestep = torch.as_tensor(sigma, dtype=tokens.dtype, device=tokens.device)
         guidance = None
         if self.transformer.config.guidance_embeds:
             guidance = torch.full((batch,), self.guidance_scale, device=tokens.device, dtype=torch.float32)
         out = self.transformer(
             hidden_states=tokens,
-            timestep=timestep.expand(batch) if timestep.ndim == 0 else timestep,
+            timestep=self.timestep(sigma, batch, tokens),
             guidance=guidance,
             pooled_projections=conditions.pooled,
             encoder_hidden_states=conditions.embeds,
             txt_ids=conditions.extras["txt_ids"],
             img_ids=image_ids(hw, device=tokens.device, dtype=tokens.dtype),
+            joint_attention_kwargs=self.joint_attention_kwargs,
             return_dict=False,
         )[0]
         return self.unpack(out, hw)
