@@ -165,3 +165,46 @@ def test_a_recipe_written_before_placement_replays_without_it():
     old["guidance"] = {k: v for k, v in recipe["guidance"].items() if k != "placed_unboxed"}
     replay = GenerationRequest.from_recipe(old)
     assert replay.reference_params["unboxed"] == "ignore" and replay.guidance.placed_unboxed == "free"
+
+
+def _placed_run(pipe, prompt, **kwargs):
+    from saltdiff.init import SpatialAwareInit
+
+    init = SpatialAwareInit(
+        reference=GeneratedObjects(background="gray", num_inference_steps=2, cache=False), inversion_steps=2
+    )
+    layout = Layout((Box("cat", (0.0, 0.0, 0.5, 0.5)),), ("dog",))
+    return pipe(prompt, layout, init=init, seed=1, output_type="np", return_attention_maps=True, **kwargs)
+
+
+@pytest.mark.parametrize("family", ["sd", "sd3"])
+def test_pipelines_place_the_unboxed_phrase_and_guide_it_there(family, tiny_pipe, monkeypatch):
+    from saltdiff import salt_mixin
+    from saltdiff.guidance import GuidanceConfig
+
+    if family == "sd3":
+        from saltdiff.pipeline_sd3 import SaltSD3Pipeline
+        from saltdiff.testing_flow import tiny_sd3_pipeline
+
+        pipe = SaltSD3Pipeline.from_pipe(tiny_sd3_pipeline())
+        pipe.set_progress_bar_config(disable=True)
+        kwargs = dict(num_inference_steps=4, height=32, width=32, max_sequence_length=16)
+        target, name = type(pipe), "_sample"
+    else:
+        pipe = tiny_pipe
+        kwargs = dict(num_inference_steps=4, height=32, width=32)
+        target, name = salt_mixin, "denoise"
+    seen = []
+    real = getattr(target, name)
+
+    def spy(*args, **kw):
+        seen.append(kw["token_indices"])
+        return real(*args, **kw)
+
+    monkeypatch.setattr(target, name, spy)
+    out = _placed_run(pipe, "a cat and a dog", **kwargs)
+    (placed,) = out.info["placed_unboxed"]
+    assert placed["phrase"] == "dog" and _overlap(placed["box"], (0.0, 0.0, 0.5, 0.5)) == 0.0
+    assert len(seen[-1]) == 2 and out.attention_maps.shape[1] == 1  # guided on both, reported for the box
+    free = _placed_run(pipe, "a cat and a dog", guidance=GuidanceConfig(placed_unboxed="free"), **kwargs)
+    assert len(seen[-1]) == 1 and "placed_unboxed" in free.info

@@ -37,12 +37,13 @@ from .flow_denoising import FlowOutsidePrompt, flow_denoise
 from .flow_init import flow_salt_start
 from .guidance import GuidanceConfig
 from .init import InitResult, RandomInit, SpatialAwareInit
-from .layout import Layout
+from .layout import Box, Layout
 from .object_generator import PipelineObjectGenerator
 from .pipeline_output import SaltOutput
 from .pretrained import PretrainedMixin
 from .reference import GeneratedObject, boxed_phrases_prompt, strip_phrases
 from .samplers import config_family, family_samplers
+from .vocabulary import with_unboxed_objects
 
 __all__ = ["FlowCall", "FlowSaltMixin"]
 
@@ -200,13 +201,14 @@ class FlowSaltMixin(PretrainedMixin):
             adapter.attention_layers((2 * adapter.size_multiple,) * 2), guidance.layers
         )
         text = "" if prompt is None else prompt
+        token_indices = self._resolve_tokens(adapter, layout, text)
         return FlowCall(
-            layout=layout,
+            layout=with_unboxed_objects(layout, text, self.model_vocabulary),
             init=init,
             guidance=guidance,
             layers=layers,
             text=text,
-            token_indices=self._resolve_tokens(adapter, layout, text),
+            token_indices=token_indices,
             generator=seeded_generator(seed, generator),
             height=height,
             width=width,
@@ -239,7 +241,7 @@ class FlowSaltMixin(PretrainedMixin):
             on_step = self._step_callback(call.callback, call.callback_tensor_inputs, n)
         device = self._execution_device
         layout = call.layout
-        outside = self._outside_prompt(adapter, call, conditions.batch == 2 * n, n)
+        self._check_outside_branch(call, conditions.batch == 2 * n)  # before any work
         # 3. Timesteps: the adapter's schedule (FLUX's and SD3.5's dynamic shift), shared with the inversion
         latent_hw = (call.height // self.vae_scale_factor, call.width // self.vae_scale_factor)
         self.scheduler.set_timesteps(**adapter.schedule_kwargs(num_inference_steps, latent_hw), device=device)
@@ -262,18 +264,25 @@ class FlowSaltMixin(PretrainedMixin):
         init_latent = init_result.latents.detach().cpu().clone()
         guidance = call.guidance.for_start(init_result.reference is not None)
 
-        # 5. Denoising loop with attention guidance on the first steps
+        # 5. Denoising loop with attention guidance on the first steps (and the places SALT's reference
+        # chose for unboxed objects, as saltdiff.salt_mixin.SaltMixin._guided_layout)
         has_boxes = len(layout) > 0
+        guided, guided_tokens = layout, call.token_indices
+        placed = init_result.info.get("placed_unboxed") or []
+        if placed and guidance.enabled and guidance.placed_unboxed == "guide":
+            guided = Layout(layout.boxes + tuple(Box(b["phrase"], b["box"]) for b in placed))
+            guided_tokens = self._resolve_tokens(adapter, guided, call.text)
+        outside = self._outside_prompt(adapter, call, guided, conditions.batch == 2 * n, n)
         unboxed = []
         if has_boxes and guidance.enabled and guidance.needs_unboxed_tokens:
-            unboxed = self._unboxed_indices(adapter, call.text, call.token_indices)
+            unboxed = self._unboxed_indices(adapter, call.text, guided_tokens)
         denoised = self._sample(
             adapter,
             init_result.latents,
             conditions,
             guidance_scale=cfg_scale,
-            token_indices=call.token_indices if has_boxes else None,
-            layout_masks=(lambda h, w: layout.masks(h, w)) if has_boxes else None,
+            token_indices=guided_tokens if has_boxes else None,
+            layout_masks=(lambda h, w: guided.masks(h, w)) if has_boxes else None,
             guidance=guidance,
             layers=call.layers,
             unboxed_indices=unboxed,
@@ -292,29 +301,35 @@ class FlowSaltMixin(PretrainedMixin):
             init_latent=init_latent,
             layout_losses=denoised.layout_losses,
             guidance_losses=denoised.guidance_losses,
-            attention_maps=None if denoised.mean_maps is None else denoised.mean_maps.cpu().numpy(),
+            attention_maps=None if denoised.mean_maps is None else denoised.mean_maps[:, : len(layout)].cpu().numpy(),
             phrases=layout.phrases,
             token_indices=call.token_indices,
             info={**init_result.info, "guidance": guidance.to_dict(), "family": adapter.name},
         )
         return output if return_dict else (output.images, output.reference_image)
 
-    def _outside_prompt(
-        self, adapter, call: FlowCall, has_negative: bool, n: int
-    ) -> FlowOutsidePrompt | None:
-        """The outside prompt of this call (:class:`~saltdiff.flow_denoising.FlowOutsidePrompt`), or
-        ``None``: no boxes, or ``outside_prompt_steps`` 0 (the flow default, unmeasured on flow models).
-        ``"boxed-negative"`` replaces the negative branch, so a call without one is refused in one line."""
-        guidance, layout = call.guidance, call.layout
-        if not len(layout) or not guidance.outside_steps:
-            return None
-        if guidance.outside_prompt == "boxed-negative":
+    def _check_outside_branch(self, call: FlowCall, has_negative: bool) -> None:
+        """``"boxed-negative"`` replaces the negative branch: a call without one is refused in one line."""
+        guidance = call.guidance
+        if len(call.layout) and guidance.outside_steps and guidance.outside_prompt == "boxed-negative":
             if not has_negative:
                 raise ValueError(
                     f"outside_prompt='boxed-negative' replaces the negative branch outside the boxes, and this "
                     f"{self._label} call has none (it needs {self._negative_branch}); use "
                     "outside_prompt='without-boxed' or outside_prompt_steps=0"
                 )
+
+    def _outside_prompt(
+        self, adapter, call: FlowCall, layout: Layout, has_negative: bool, n: int
+    ) -> FlowOutsidePrompt | None:
+        """The outside prompt of this call (:class:`~saltdiff.flow_denoising.FlowOutsidePrompt`), or
+        ``None``: no boxes, or ``outside_prompt_steps`` 0 (the flow default, unmeasured on flow models).
+        ``"boxed-negative"`` replaces the negative branch, so a call without one is refused in one line."""
+        guidance = call.guidance
+        if not len(layout) or not guidance.outside_steps:
+            return None
+        self._check_outside_branch(call, has_negative)
+        if guidance.outside_prompt == "boxed-negative":
             text = boxed_phrases_prompt(layout.phrases)
         else:
             text = strip_phrases(call.text, layout.phrases)
