@@ -208,3 +208,19 @@ def test_pipelines_place_the_unboxed_phrase_and_guide_it_there(family, tiny_pipe
     assert len(seen[-1]) == 2 and out.attention_maps.shape[1] == 1  # guided on both, reported for the box
     free = _placed_run(pipe, "a cat and a dog", guidance=GuidanceConfig(placed_unboxed="free"), **kwargs)
     assert len(seen[-1]) == 1 and "placed_unboxed" in free.info
+
+
+def test_a_generator_draws_the_place_among_the_good_ones():
+    layout = Layout((Box("red circle", (0.0, 0.0, 0.4, 0.4)),), ("green square",))
+    fixed = layout.free_boxes()
+    draws = {layout.free_boxes(generator=torch.Generator().manual_seed(s))[0].box for s in range(8)}
+    assert len(draws) > 3  # the seed moves it
+    again = {layout.free_boxes(generator=torch.Generator().manual_seed(s))[0].box for s in range(8)}
+    assert draws == again  # and the same seed puts it at the same place
+    from saltdiff.layout import _distance_to_box
+
+    best = _distance_to_box(*fixed[0].center, layout[0].box)
+    for box in draws:
+        assert _overlap(box, layout[0].box) == 0.0
+        centre = ((box[0] + box[2]) / 2, (box[1] + box[3]) / 2)
+        assert _distance_to_box(*centre, layout[0].box) >= 0.5 * best - 1e-9  # in the free space, not hugging

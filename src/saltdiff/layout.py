@@ -328,15 +328,20 @@ class Layout:
         text = json.dumps(self.to_dict(prompt), indent=2, ensure_ascii=False) + "\n"
         atomic_write(path, text)
 
-    def free_boxes(self, side: float | None = None, grid: int = 32) -> list[Box]:
+    def free_boxes(
+        self, side: float | None = None, grid: int = 32, generator: torch.Generator | None = None
+    ) -> list[Box]:
         """A square box for each :attr:`unboxed` phrase, placed where it overlaps the boxes least.
 
         Why: an object the prompt names without a box is otherwise drawn wherever the noise lets it,
         often twice or on top of a boxed object (issue 19's pictures). Each phrase gets a square of
-        ``side`` (default: the boxes' median side, within [0.2, 0.35]) at the grid position with the
-        least overlap with the boxes and the squares placed before it; among those, the one whose
-        centre lies farthest from every box (the middle of the free space), then the most central.
-        Deterministic: the same layout always gets the same places.
+        ``side`` (default: the boxes' median side, within [0.2, 0.35]) at a grid position with the
+        least overlap with the boxes and the squares placed before it. Without ``generator``: among
+        those, the one whose centre lies farthest from every box (the middle of the free space), then
+        the most central, and each square is placed again given the others (so the first does not
+        block the rest); the same layout always gets the same places. With ``generator``: one drawn
+        from it among those at least half as far from every box as the farthest, so each seed puts
+        the object somewhere else in the free space (the seed keeps its say where no box is).
         """
         if not self.unboxed:
             return []
@@ -355,15 +360,23 @@ class Layout:
                 clearance = min((_distance_to_box(cx, cy, t) for t in fixed + others), default=1.0)
                 return (round(overlap, 6), -round(clearance, 6), abs(cx - 0.5) + abs(cy - 0.5))
 
-            x, y = min(((x, y) for y in steps for x in steps), key=score)
+            scored = sorted(((score(xy), xy) for y in steps for x in steps for xy in [(x, y)]))
+            if generator is None:
+                x, y = scored[0][1]
+            else:
+                least, far = scored[0][0][0], -scored[0][0][1]
+                good = [xy for sc, xy in scored if sc[0] == least and -sc[1] >= 0.5 * far]
+                pick = int(torch.randint(len(good), (1,), generator=generator, device=generator.device))
+                x, y = good[pick]
             return (x, y, x + side, y + side)
 
         places: list = []
         for _ in self.unboxed:  # greedy, in phrase order
             places.append(best(places))
-        for _ in range(2):  # then each again given the others: the first no longer blocks the rest
-            for i in range(len(places)):
-                places[i] = best(places[:i] + places[i + 1 :])
+        if generator is None:
+            for _ in range(2):  # then each again given the others: the first no longer blocks the rest
+                for i in range(len(places)):
+                    places[i] = best(places[:i] + places[i + 1 :])
         return [Box(phrase, place) for phrase, place in zip(self.unboxed, places)]
 
     @staticmethod

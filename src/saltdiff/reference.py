@@ -334,7 +334,11 @@ class GeneratedObjects:
                 canvas[:] = np.median(canvas.reshape(-1, 3), axis=0)
         else:
             canvas = solid_background(self.background, height, width, generator)
-        placed = layout.free_boxes() if self.unboxed == "place" else []
+        placed = []
+        if self.unboxed == "place":
+            placed = layout.free_boxes(generator=generator)
+        elif self.unboxed == "place-fixed":
+            placed = layout.free_boxes()
         boxes = [*layout, *placed]
         masks = np.zeros((len(boxes), height, width), dtype=bool)
         prompts = [self.object_prompt.format(phrase=box.phrase) for box in boxes]

@@ -514,9 +514,10 @@ REFERENCE_BUILDERS.register(
                 "unboxed",
                 "place",
                 "objects the prompt names without a box (the layout's unboxed phrases): 'place' pastes each "
-                "into the reference where no box is (Layout.free_boxes), so it is drawn once, there; "
-                "'ignore' leaves them to the prompt",
-                choices=("place", "ignore"),
+                "into the reference where no box is, at a place drawn from the seed (Layout.free_boxes), "
+                "so it is drawn once, there; 'place-fixed' at the same place for every seed; 'ignore' "
+                "leaves them to the prompt",
+                choices=("place", "place-fixed", "ignore"),
                 flag="reference-unboxed",
             ),
             Param(
