@@ -336,9 +336,9 @@ class GeneratedObjects:
             canvas = solid_background(self.background, height, width, generator)
         placed = []
         if self.unboxed == "place":
-            placed = layout.free_boxes(generator=generator)
-        elif self.unboxed == "place-fixed":
             placed = layout.free_boxes()
+        elif self.unboxed == "place-seeded":
+            placed = layout.free_boxes(generator=generator)
         boxes = [*layout, *placed]
         masks = np.zeros((len(boxes), height, width), dtype=bool)
         prompts = [self.object_prompt.format(phrase=box.phrase) for box in boxes]

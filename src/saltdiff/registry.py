@@ -514,10 +514,10 @@ REFERENCE_BUILDERS.register(
                 "unboxed",
                 "place",
                 "objects the prompt names without a box (the layout's unboxed phrases): 'place' pastes each "
-                "into the reference where no box is, at a place drawn from the seed (Layout.free_boxes), "
-                "so it is drawn once, there; 'place-fixed' at the same place for every seed; 'ignore' "
+                "into the reference in the middle of the free space (Layout.free_boxes), so it is drawn "
+                "once, there; 'place-seeded' at a free place drawn from the seed (unmeasured); 'ignore' "
                 "leaves them to the prompt",
-                choices=("place", "place-fixed", "ignore"),
+                choices=("place", "place-seeded", "ignore"),
                 flag="reference-unboxed",
             ),
             Param(
