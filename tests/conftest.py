@@ -30,6 +30,16 @@ def tiny_pipe_dir(tmp_path_factory, tiny_pipe):
     return str(path)
 
 
+@pytest.fixture(scope="session")
+def tiny_sd3_dir(tmp_path_factory):
+    """Tiny random SD3 components (CLIP-L, CLIP-G, T5) saved as a ``StableDiffusion3Pipeline`` folder."""
+    from saltdiff.testing_flow import tiny_sd3_pipeline
+
+    path = tmp_path_factory.mktemp("tiny-sd3")
+    tiny_sd3_pipeline().save_pretrained(path)
+    return str(path)
+
+
 class _FullDiskFile(io.FileIO):
     """A new file on a disk with ``budget`` bytes left: a write past them fails with ENOSPC, after
     writing what fits (as the OS does)."""

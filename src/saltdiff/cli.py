@@ -154,10 +154,8 @@ def cmd_generate(args) -> int:
         from .samplers import default_sampler
 
         request = dataclasses.replace(request, scheduler=default_sampler(pipe.scheduler))
-    family_defaults = getattr(pipe, "guidance_defaults", {})  # SD3, FLUX: no outside prompt unset; the recipe says so
-    unset = {k: v for k, v in family_defaults.items() if getattr(request.guidance, k) is None}
-    if unset:
-        request = dataclasses.replace(request, guidance=dataclasses.replace(request.guidance, **unset))
+    # the family's defaults (SD3, FLUX: no outside prompt unset, as the recipe says); what it lacks: one line
+    request = request.for_pipeline(pipe)
     check_image_size(pipe, args.height, args.width, force=args.force)
     request = request.resolved(pipe.scheduler)  # e.g. the inversion depth --steps allows, for the recipe
     if args.quiet:

@@ -43,7 +43,7 @@ from .pipeline_output import SaltOutput
 from .pretrained import PretrainedMixin
 from .reference import GeneratedObject, boxed_phrases_prompt, strip_phrases
 from .samplers import config_family, family_samplers
-from .vocabulary import with_unboxed_objects
+from .vocabulary import warn_pipeline_prompt, with_unboxed_objects
 
 __all__ = ["FlowCall", "FlowSaltMixin"]
 
@@ -202,6 +202,7 @@ class FlowSaltMixin(PretrainedMixin):
         )
         text = "" if prompt is None else prompt
         token_indices = self._resolve_tokens(adapter, layout, text)
+        warn_pipeline_prompt(self, text, init)  # words its vocabulary or a tokenizer (T5's unknown) lacks
         return FlowCall(
             layout=with_unboxed_objects(layout, text, self.model_vocabulary),
             init=init,

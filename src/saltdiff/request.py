@@ -57,6 +57,15 @@ RECIPE_FIELDS = (
 )
 
 
+#: Method options a flow-matching pipeline (``SaltSD3Pipeline``) does not run yet: (part, name) → the
+#: only value it takes there and why. The pipeline refuses the others when called;
+#: :meth:`GenerationRequest.for_pipeline` says so before any image is made.
+FLOW_LIMITS: dict[tuple[str, str], tuple[Any, str]] = {
+    ("guidance", "outside_prompt_steps"): (0, "no outside prompt on flow models yet"),
+    ("init", "inversion_noise_scale"): (0.0, "flow inversion is deterministic: no SDE-style noise yet"),
+}
+
+
 def check_steps(value: Any, name: str = "num_inference_steps") -> None:
     """An integer >= 1 (``bool`` and ``2.5`` refused: nothing is rounded)."""
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -193,6 +202,33 @@ class GenerationRequest:
             yield pipe
         finally:
             pipe.scheduler = original
+
+    def for_pipeline(self, pipe) -> GenerationRequest:
+        """This request as ``pipe``'s family runs it: unset guidance fields whose default differs there
+        (``pipe.guidance_defaults``; SD3: no outside prompt, recorded as 0) filled in, and one
+        ``ValueError`` line for a sampler of the other noise family or an option the family does not run
+        yet (:data:`FLOW_LIMITS`), before any work."""
+        from .samplers import config_family, make_scheduler
+
+        make_scheduler(self.scheduler, pipe.scheduler.config)  # a VP sampler on a flow model: one line
+        request = self
+        defaults = getattr(pipe, "guidance_defaults", {})
+        unset = {k: v for k, v in defaults.items() if getattr(self.guidance, k) is None}
+        if unset:
+            request = replace(self, guidance=replace(self.guidance, **unset))
+        if config_family(pipe.scheduler.config) != "flow":
+            return request
+        values = {
+            "guidance": {"outside_prompt_steps": request.guidance.outside_steps},
+            "init": request.init_entry.resolve(request.init_params),
+        }
+        for (part, name), (allowed, why) in FLOW_LIMITS.items():
+            value = values[part].get(name, allowed)
+            if value != allowed:
+                raise ValueError(
+                    f"{name}={value!r} does not run on {type(pipe).__name__} ({why}): use {allowed!r}"
+                )
+        return request
 
     def run(self, pipe, **extra):
         """``pipe(prompt, layout, ...)`` for this request, with its sampler; ``extra`` adds call options."""

@@ -36,7 +36,6 @@ from .call_inputs import (
     seeded_generator,
     text_for_tokens,
 )
-from .colors import GENERATED_BACKGROUNDS, SPECIAL_BACKGROUNDS
 from .components import check_component_dtypes
 from .denoising import Denoised, OutsidePrompt, UNetExtras, denoise, step_callback
 from .guidance import GuidanceConfig
@@ -49,7 +48,7 @@ from .preflight import check_image_sides, check_steps_and_scale, size_multiple
 from .pretrained import PretrainedMixin
 from .reference import GeneratedObject, boxed_phrases_prompt, strip_phrases
 from .samplers import check_supported, ddim_twin, set_sampler_timesteps
-from .vocabulary import warn_unknown_words, with_unboxed_objects
+from .vocabulary import warn_pipeline_prompt, with_unboxed_objects
 
 logger = logging.getLogger(__name__)
 
@@ -71,19 +70,8 @@ class SaltMixin(PretrainedMixin):
 
     def warn_unknown_words(self, prompt: str, init=None) -> str | None:
         """One warning line for prompt words (and a reference background colour) that this model
-        cannot draw (:func:`saltdiff.vocabulary.warn_unknown_words`); returns it."""
-        reference = getattr(init, "reference", None)
-        background = getattr(reference, "background", None)
-        if background in SPECIAL_BACKGROUNDS or background in GENERATED_BACKGROUNDS:
-            background = None
-        tokenizers = [getattr(self, name, None) for name in ("tokenizer", "tokenizer_2", "tokenizer_3")]
-        return warn_unknown_words(
-            self.model_name or self.config.get("_name_or_path") or type(self).__name__,
-            prompt,
-            vocabulary=self.model_vocabulary,
-            tokenizers=tokenizers,
-            background=background,
-        )
+        cannot draw (:func:`saltdiff.vocabulary.warn_pipeline_prompt`); returns it."""
+        return warn_pipeline_prompt(self, prompt, init)
 
     # -- inputs --------------------------------------------------------------------------------------
     def check_salt_inputs(

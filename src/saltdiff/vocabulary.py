@@ -28,7 +28,12 @@ logger = logging.getLogger(__name__)
 
 #: A model folder's list of the words it was trained on (optional).
 VOCABULARY_FILE = "saltdiff_vocabulary.json"
-_WORD = re.compile(r"[A-Za-z]+(?:['-][A-Za-z]+)*")
+#: A word: letters of any script (``"über"``, not ``"ber"``: a T5 vocabulary may lack the ``ü``),
+#: joined by inner apostrophes or hyphens.
+_WORD = re.compile(r"[^\W\d_]+(?:['-][^\W\d_]+)*")
+#: The tokenizer attributes of a pipeline that are checked for words mapped to the unknown token
+#: (SD 1.x: the first; SDXL: two CLIPs; SD3: two CLIPs and T5).
+TOKENIZER_NAMES = ("tokenizer", "tokenizer_2", "tokenizer_3")
 
 
 @dataclass(frozen=True)
@@ -184,3 +189,23 @@ def with_unboxed_objects(layout, prompt: str, vocabulary: ModelVocabulary | None
         return layout
     found = unboxed_objects(prompt, layout.phrases, vocabulary)
     return replace(layout, unboxed=tuple(found)) if found else layout
+
+
+def warn_pipeline_prompt(pipe, prompt: str, init=None) -> str | None:
+    """:func:`warn_unknown_words` for a pipeline: its name (``model_name``), its folder's vocabulary
+    (``model_vocabulary``), every tokenizer it has (:data:`TOKENIZER_NAMES`), and the flat colour of
+    ``init``'s reference builder (a generated or special background is no colour to check)."""
+    from .colors import GENERATED_BACKGROUNDS, SPECIAL_BACKGROUNDS
+
+    reference = getattr(init, "reference", None)
+    background = getattr(reference, "background", None)
+    if background in SPECIAL_BACKGROUNDS or background in GENERATED_BACKGROUNDS:
+        background = None
+    config = getattr(pipe, "config", None) or {}
+    return warn_unknown_words(
+        getattr(pipe, "model_name", None) or config.get("_name_or_path") or type(pipe).__name__,
+        prompt,
+        vocabulary=getattr(pipe, "model_vocabulary", None),
+        tokenizers=[getattr(pipe, name, None) for name in TOKENIZER_NAMES],
+        background=background,
+    )

@@ -20,7 +20,7 @@ def add_demo_parser(subparsers) -> None:
         "Needs the 'demo' extra: pip install 'saltdiff[demo]'.",
         formatter_class=HelpFormatter,
     )
-    add_model_args(parser)
+    add_model_args(parser, scheduler_default=None)
     parser.add_argument("--host", default=DEFAULT_HOST, help="interface to bind")
     parser.add_argument("--port", type=int, default=DEFAULT_PORT, help="port")
     parser.add_argument(

@@ -71,11 +71,18 @@ def _pipe_name(pipe) -> str:
 
 
 def _as_salt_pipeline(pipe):
-    """A plain ``StableDiffusionPipeline`` becomes a ``SaltPipeline`` on the same components."""
-    from diffusers import StableDiffusionPipeline
+    """A plain ``StableDiffusionPipeline`` becomes a ``SaltPipeline`` on the same components, a plain
+    ``StableDiffusion3Pipeline`` a ``SaltSD3Pipeline``."""
+    from diffusers import StableDiffusion3Pipeline, StableDiffusionPipeline
 
-    from ..pipeline import SaltPipeline
+    if isinstance(pipe, StableDiffusionPipeline):
+        from ..pipeline import SaltPipeline
 
-    if isinstance(pipe, StableDiffusionPipeline) and not isinstance(pipe, SaltPipeline):
-        pipe = SaltPipeline.from_pipe(pipe)
+        if not isinstance(pipe, SaltPipeline):
+            pipe = SaltPipeline.from_pipe(pipe)
+    elif isinstance(pipe, StableDiffusion3Pipeline):
+        from ..pipeline_sd3 import SaltSD3Pipeline
+
+        if not isinstance(pipe, SaltSD3Pipeline):
+            pipe = SaltSD3Pipeline.from_pipe(pipe)
     return pipe

@@ -43,6 +43,7 @@ from .requests import (
     annotation_from_layout,
     display_image,
     example_thumbnail,
+    family_controls,
     neutral_canvas,
     run_generation,
     user_message,
@@ -145,7 +146,10 @@ def build_app(
 ):
     """The Gradio app for a pipeline object or a model name (hub id, folder, ``builtin:NAME``).
 
-    ``defaults`` overrides initial control values (keys of :data:`CONTROL_DEFAULTS`).
+    ``defaults`` overrides initial control values (keys of :data:`CONTROL_DEFAULTS`; ``None``: unset).
+    The sampler and the outside prompt's steps start as the model's family runs them
+    (:func:`~saltdiff.demo.requests.family_controls`: SD3 flow-euler and 0) and follow the model
+    chosen in the page.
     """
     import gradio as gr
     from gradio_image_annotation import image_annotator
@@ -153,11 +157,11 @@ def build_app(
     unknown = set(defaults or {}) - set(CONTROL_DEFAULTS)
     if unknown:
         raise ValueError(f"unknown control default(s) {sorted(unknown)}; valid: {sorted(CONTROL_DEFAULTS)}")
-    d = {**CONTROL_DEFAULTS, **(defaults or {})}
-
     pool = ModelPool(
         pipe_or_model, name=model_name, device=device, dtype=dtype, allow_model_paths=allow_model_paths
     )
+    given = {k: v for k, v in (defaults or {}).items() if v is not None}
+    d = {**CONTROL_DEFAULTS, **family_controls(pool.get(pool.default_name)), **given}
     cancel_flags: dict[str, threading.Event] = {}
     out_root = tempfile.mkdtemp(prefix="saltdiff-demo-")
 
@@ -240,6 +244,17 @@ def build_app(
             result.png_path,
             status_markdown(status),
         )
+
+    def model_changed(name):
+        """The chosen model's family's sampler and outside-prompt steps (loading it, as Generate would)."""
+        try:
+            controls = family_controls(pool.get(name))
+        except Exception as exc:
+            if not isinstance(exc, (ValueError, TypeError, OSError)):
+                logger.exception("loading model %r failed", name)
+            gr.Warning(user_message(exc), title="Model not loaded")
+            return gr.skip(), gr.skip()
+        return gr.update(value=controls["scheduler"]), gr.update(value=controls["outside_prompt_steps"])
 
     def cancel(request: gr.Request):
         session = getattr(request, "session_hash", None) or "local"
@@ -442,6 +457,14 @@ def build_app(
             generate, inputs, outputs, concurrency_limit=1, concurrency_id="generate", api_name=False
         )
         stop_btn.click(cancel, None, status, cancels=[gen_event], queue=False, api_name=False)
+        model.change(
+            model_changed,
+            model,
+            [scheduler, outside_prompt_steps],
+            concurrency_limit=1,
+            concurrency_id="generate",  # loads a model: not beside a generation
+            api_name=False,
+        )
         annotator.upload(lambda: True, None, use_reference, queue=False, api_name=False)
         # Example thumbnails show each layout's boxes (the component's own shows its image alone).
         plain_example = annotator.process_example

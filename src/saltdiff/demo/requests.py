@@ -27,7 +27,7 @@ from PIL import Image, ImageDraw
 
 from ..guidance import OUTSIDE_PROMPT_STEPS, GuidanceConfig
 from ..layout import Box, Layout, LayoutError
-from ..loading import DEFAULT_MODEL
+from ..loading import DEFAULT_MODEL, denoiser
 from ..registry import GUIDANCE_LOSSES, INITIALIZERS, REFERENCE_BUILDERS, SCHEDULERS
 from ..request import GenerationRequest
 from ..viz import PALETTE, draw_boxes, heatmap
@@ -365,6 +365,22 @@ def validate_request(
     return DemoRequest(generation, compare=bool(compare))
 
 
+def family_controls(pipe) -> dict[str, Any]:
+    """The page's control values a model's family decides (keys of the page's ``CONTROL_DEFAULTS``):
+    its own sampler (:func:`saltdiff.samplers.default_sampler`: ddim, SD3 flow-euler) and the outside
+    prompt's steps (``pipe.guidance_defaults``: 0 on SD3, which has none yet; else
+    :data:`~saltdiff.guidance.OUTSIDE_PROMPT_STEPS`). The page starts with them and sets them again
+    when another model is chosen."""
+    from ..samplers import default_sampler
+
+    defaults = getattr(pipe, "guidance_defaults", {})
+    outside = defaults.get("outside_prompt_steps")
+    return {
+        "scheduler": default_sampler(pipe.scheduler),
+        "outside_prompt_steps": OUTSIDE_PROMPT_STEPS if outside is None else outside,
+    }
+
+
 # -- one generation ---------------------------------------------------------------------------------
 
 
@@ -443,7 +459,9 @@ def run_generation(
     runs: list[RunOutput] = []
     start = time.perf_counter()
     for r, (label, generation) in enumerate(planned):
-        generation = generation.resolved(pipe.scheduler)  # the recipe records what the run used
+        # as the model's family runs it (a sampler or option it lacks: one line), then the values the
+        # run leaves to the sampler: the recipe records what the run used
+        generation = generation.for_pipeline(pipe).resolved(pipe.scheduler)
 
         def callback(_pipe, i, _t, kwargs, r=r, label=label):
             if should_cancel is not None and should_cancel():
@@ -473,7 +491,7 @@ def run_generation(
         (draw_boxes(run.output.images[0], layout, scale=scale), f"{run.init} init, seed {run.request.seed}")
         for run in runs
     ]
-    dtype = str(getattr(getattr(pipe, "unet", None), "dtype", "float32")).replace("torch.", "")
+    dtype = str(denoiser(pipe).dtype).replace("torch.", "")
     out_dir = out_dir or tempfile.mkdtemp(prefix="saltdiff-demo-")
     png_path = os.path.join(out_dir, f"saltdiff-{main.init}-seed{main.request.seed}.png")
     recipe = main.request.save_png(image, png_path, model=model, dtype=dtype)

@@ -41,7 +41,7 @@ from ..registry import SCHEDULERS
 from .detectors import DetectedBox, make_detector, resolve_detector_name
 from .fidelity import prompt_fields, seed_pairs, summarize_seed_pairs
 from .intervals import N_BOOTSTRAP, metric_intervals
-from .methods import MethodSpec, SharedSettings, build_request, describe
+from .methods import MethodSpec, SharedSettings, build_request, describe, for_pipeline
 from .metrics import (
     ClipScorer,
     box_ious,
@@ -99,7 +99,7 @@ class BenchConfig:
     seeds: Sequence[int] = (0,)
     steps: int = 50
     cfg: float = 7.5
-    scheduler: str = "ddim"
+    scheduler: str | None = None  # None: the model's own family's sampler (ddim; SD3: flow-euler)
     height: int | None = None
     width: int | None = None
     force: bool = False
@@ -127,7 +127,8 @@ class BenchConfig:
             raise ValueError(f"steps must be an integer >= 1, got {self.steps!r}")
         if not math.isfinite(self.cfg) or self.cfg < 0:
             raise ValueError(f"cfg must be a finite number >= 0, got {self.cfg!r}")
-        SCHEDULERS.get(self.scheduler)
+        if self.scheduler is not None:
+            SCHEDULERS.get(self.scheduler)
         if self.n is not None and self.n < 1:
             raise ValueError(f"n must be >= 1, got {self.n!r}")
         seeds = list(self.seeds)
@@ -399,13 +400,15 @@ def run_bench(config: BenchConfig, pipe=None) -> dict | None:
         pipe = load_pipeline(
             config.model, device=config.device, dtype=config.dtype, fallback_device=dist_device
         )
-    from ..loading import check_image_size
+    from ..loading import check_image_size, denoiser
 
     check_image_size(pipe, config.height, config.width, force=config.force)
+    scheduler, shared = for_pipeline(specs, shared, pipe, scheduler=config.scheduler, steps=config.steps)
+    config = replace(config, scheduler=scheduler)
     sampling = {"num_inference_steps": config.steps, "scheduler": config.scheduler}
     descriptions = {spec.name: describe(spec, shared, pipe.scheduler, **sampling) for spec in specs}
     device = str(pipe.device)
-    dtype = str(pipe.unet.dtype).replace("torch.", "")
+    dtype = str(denoiser(pipe).dtype).replace("torch.", "")
     pipe.set_progress_bar_config(disable=True)
     _check_layouts(pipe, layouts, detector_name)
     run_config = _run_config(config, layouts, detector_name, text_kind, dtype, descriptions)

@@ -38,7 +38,7 @@ def _add_run_args(parser: argparse.ArgumentParser) -> None:
         "--seeds", default="1", help="a count (3 → seeds 0,1,2) or a comma list of seeds (0,7,42)"
     )
     parser.add_argument("--out", required=True, help="run folder (a rerun with the same folder resumes)")
-    add_model_args(parser)
+    add_model_args(parser, scheduler_default=None)
     # 25: every table in README.md and benchmarks/RESULTS.md (saltdiff generate defaults to 50)
     parser.add_argument("--steps", type=int, default=25, help="denoising steps")
     parser.add_argument("--cfg", type=float, default=7.5, help="classifier-free guidance scale")

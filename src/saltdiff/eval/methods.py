@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from ..registry import GUIDANCE_LOSSES, INITIALIZERS
@@ -187,3 +187,27 @@ def describe(
     if model_scheduler is not None:
         request = request.resolved(model_scheduler)
     return {"name": spec.name, **request.method()}
+
+
+def for_pipeline(
+    specs: Sequence[MethodSpec], shared: SharedSettings, pipe, *, scheduler: str | None, steps: int
+) -> tuple[str, SharedSettings]:
+    """A run's sampler and shared settings as ``pipe``'s family runs them, checked before any image is
+    made: an unset ``scheduler`` is the family's own (:func:`saltdiff.samplers.default_sampler`: ddim,
+    SD3 flow-euler; one of the other noise family is one line), the guidance fields whose unset value
+    means something else there are filled in for every method (``pipe.guidance_defaults``, so records
+    say what ran: no outside prompt on SD3), and a method with an option the family does not run
+    (:meth:`saltdiff.request.GenerationRequest.for_pipeline`) is one line naming the method."""
+    from ..samplers import default_sampler, make_scheduler
+
+    scheduler = default_sampler(pipe.scheduler) if scheduler is None else scheduler
+    make_scheduler(scheduler, pipe.scheduler.config)  # a VP sampler on a flow model: one line
+    defaults = getattr(pipe, "guidance_defaults", {})
+    shared = replace(shared, guidance={**defaults, **shared.guidance})
+    for spec in specs:
+        request = build_request(spec, shared, prompt="-", num_inference_steps=steps, scheduler=scheduler)
+        try:
+            request.for_pipeline(pipe)
+        except ValueError as exc:
+            raise ValueError(f"method {spec.name!r}: {exc}") from exc
+    return scheduler, shared

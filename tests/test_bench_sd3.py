@@ -1,0 +1,129 @@
+"""``saltdiff bench`` and ``saltdiff study`` on a tiny random SD3 folder: the UNet model's methods, the
+model's own sampler, the family's defaults in the records, and one line for what SD3 does not run."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from saltdiff.cli import main
+from saltdiff.eval.bench import BenchConfig, run_bench
+from saltdiff.eval.methods import parse_methods
+
+LAYOUTS = [
+    {
+        "prompt": "a red circle and a blue square on a gray background",
+        "background": "gray",
+        "boxes": [
+            {"phrase": "red circle", "box": [0.05, 0.3, 0.45, 0.7]},
+            {"phrase": "blue square", "box": [0.55, 0.3, 0.95, 0.7]},
+        ],
+    },
+    {
+        "id": "tri",
+        "prompt": "a green triangle and a yellow circle",
+        "boxes": [{"phrase": "green triangle", "box": [0.1, 0.1, 0.6, 0.6]}],
+        "unboxed": ["yellow circle"],
+    },
+]
+# 64 px (the tiny transformer's 32 latent cells x VAE factor 2), 2 steps, one guided step, one inversion step.
+FAST = [
+    "--steps", "2", "--guidance-steps", "1", "--guidance-iters", "1", "--inversion-steps", "1",
+    "--object-steps", "1", "--background", "gray", "--detector", "shapes", "--device", "cpu",
+    "--dtype", "float32", "-q", "--bootstrap", "20",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def layouts_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("suite") / "layouts.jsonl"
+    path.write_text("\n".join(json.dumps(x) for x in LAYOUTS) + "\n")
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def sd3_pipe(tiny_sd3_dir):
+    from saltdiff.loading import load_pipeline
+
+    pipe = load_pipeline(tiny_sd3_dir, device="cpu", dtype="float32")
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def bench_args(layouts_file, model, out, methods="sd,salt"):
+    return ["bench", "--suite", layouts_file, "--model", model, "--methods", methods, "--seeds", "1",
+            "--out", str(out), *FAST]  # fmt: skip
+
+
+def test_bench_on_an_sd3_folder_writes_metrics_report_and_what_ran(tiny_sd3_dir, layouts_file, tmp_path):
+    out = tmp_path / "run"
+    assert main(bench_args(layouts_file, tiny_sd3_dir, out)) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(metrics["methods"]) == {"sd", "salt"}
+    assert all(m["n_images"] == 2 for m in metrics["methods"].values())
+    assert metrics["scheduler"] == "flow-euler"  # the model's own sampler, not the UNet default ddim
+    assert "| salt |" in (out / "report.md").read_text()
+    config = json.loads((out / "config.json").read_text())
+    assert config["scheduler"] == "flow-euler" and config["dtype"] == "float32"
+    salt = config["methods"]["salt"]
+    assert salt["guidance"]["outside_prompt_steps"] == 0  # SD3 has no outside prompt: the record says so
+    assert salt["init_params"]["inversion_steps"] == 1
+    record = json.loads((out / "records" / "salt" / "tri_s0.json").read_text())
+    assert record["method_config"] == salt and record["reference"] is not None
+    images = {
+        m: np.asarray(Image.open(out / "images" / m / "tri_s0.png"), dtype=np.float32) for m in ("sd", "salt")
+    }
+    assert images["sd"].shape == (64, 64, 3)
+    assert np.abs(images["sd"] - images["salt"]).max() > 10  # SALT's start is not the random one
+    assert os.path.isfile(out / "images" / "salt" / "tri_s0_ref.png")
+
+
+def test_a_vp_sampler_on_sd3_is_one_line_before_any_image(tiny_sd3_dir, layouts_file, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main([*bench_args(layouts_file, tiny_sd3_dir, out), "--scheduler", "ddim"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "scheduler 'ddim' is a VP" in err and "method" not in err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    ("methods", "options", "expected"),
+    [
+        (
+            "sd,salt",
+            {"guidance": {"outside_prompt_steps": 3}},
+            "method 'sd': outside_prompt_steps=3 does not run",
+        ),
+        ("salt", {"init_params": {"inversion_noise_scale": 0.3}}, "method 'salt': inversion_noise_scale=0.3"),
+    ],
+)
+def test_options_sd3_does_not_run_are_refused_naming_the_method(
+    sd3_pipe, layouts_file, tmp_path, methods, options, expected
+):
+    from saltdiff.eval.methods import SharedSettings
+
+    config = BenchConfig(
+        suite=layouts_file, out=str(tmp_path / "run"), methods=parse_methods(methods), steps=2,
+        shared=SharedSettings(**options), device="cpu", progress=False, bootstrap=0,
+    )  # fmt: skip
+    with pytest.raises(ValueError, match=expected) as info:
+        run_bench(config, pipe=sd3_pipe)
+    assert "SaltSD3Pipeline" in str(info.value) and "\n" not in str(info.value)
+    assert not (tmp_path / "run").exists()  # refused before the run folder is written
+
+
+def test_studies_sd3_cannot_run_are_refused_naming_the_variant(sd3_pipe, layouts_file, tmp_path):
+    from saltdiff.eval.studies import run_study
+
+    config = BenchConfig(
+        suite=layouts_file, out=str(tmp_path / "run"), methods=parse_methods("sd"), steps=2,
+        device="cpu", progress=False, bootstrap=0,
+    )  # fmt: skip
+    with pytest.raises(
+        ValueError, match=r"method 'random\+salt\+outside_prompt_steps=5': outside_prompt_steps=5 does not"
+    ):
+        run_study("outside-prompt", config, values=(0, 5), pipe=sd3_pipe)
+    with pytest.raises(ValueError, match=r"method 'noise=0.1': inversion_noise_scale=0.1 does not"):
+        run_study("sde-inversion", config, values=(0.0, 0.1), pipe=sd3_pipe)
