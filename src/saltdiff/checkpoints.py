@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 BUILTIN_PREFIX = "builtin:"
@@ -22,16 +23,49 @@ class ModelLoadError(ValueError):
     """A model that cannot be found or loaded: one line that names it."""
 
 
+@dataclass(frozen=True)
+class BuiltinModel:
+    """A model shipped in the package as ``models/NAME`` and named ``builtin:NAME``.
+
+    ``world``: the synthetic world it was trained on (its suites are scored with that world's exact
+    detector); ``description``: one line for lists and messages.
+    """
+
+    name: str
+    description: str
+    world: str = "shapes"
+
+
+#: The built-in models, one entry each; an entry is offered (``builtin_models``, the demo's list)
+#: once its folder ships with a ``model_index.json``. ``tests/test_loading.py`` checks that every
+#: shipped folder has an entry.
+BUILTIN_CATALOGUE: tuple[BuiltinModel, ...] = (
+    BuiltinModel("shapes", "SD 1.x-structured UNet trained on the shapes world"),
+    BuiltinModel("shapes-mmdit", "SD3-structured MMDiT (flow matching) trained on the shapes world"),
+)
+
+
+def builtin_root() -> str:
+    """The package folder that holds the built-in models' diffusers folders."""
+    return os.path.join(os.path.dirname(__file__), "models")
+
+
 def builtin_models() -> dict[str, str]:
-    """Names of the diffusers folders shipped inside the package (``builtin:NAME``) → their paths."""
-    root = os.path.join(os.path.dirname(__file__), "models")
-    if not os.path.isdir(root):
-        return {}
-    return {
-        name: os.path.join(root, name)
-        for name in sorted(os.listdir(root))
-        if os.path.isfile(os.path.join(root, name, "model_index.json"))
-    }
+    """Names of the catalogued built-in models whose folders ship (``builtin:NAME``) → their paths."""
+    folders = {entry.name: os.path.join(builtin_root(), entry.name) for entry in BUILTIN_CATALOGUE}
+    return {k: v for k, v in folders.items() if os.path.isfile(os.path.join(v, "model_index.json"))}
+
+
+def builtin_entry(model: str | os.PathLike) -> BuiltinModel | None:
+    """The catalogue entry of ``builtin:NAME`` (or of the shipped folder itself), else ``None``."""
+    name = str(model)
+    if name.startswith(BUILTIN_PREFIX):
+        name = name[len(BUILTIN_PREFIX) :]
+    elif os.path.isdir(name) and os.path.samefile(os.path.dirname(os.path.abspath(name)), builtin_root()):
+        name = os.path.basename(os.path.abspath(name))
+    else:
+        return None
+    return next((entry for entry in BUILTIN_CATALOGUE if entry.name == name), None)
 
 
 def resolve_model(name_or_path: str | os.PathLike) -> str:
@@ -41,9 +75,13 @@ def resolve_model(name_or_path: str | os.PathLike) -> str:
         key = name[len(BUILTIN_PREFIX) :]
         models = builtin_models()
         if key not in models:
-            raise ModelLoadError(
-                f"unknown built-in model {name!r}; available: {[BUILTIN_PREFIX + k for k in models]}"
-            )
+            available = [BUILTIN_PREFIX + k for k in models]
+            if any(entry.name == key for entry in BUILTIN_CATALOGUE):
+                raise ModelLoadError(
+                    f"built-in model {name!r} is not shipped in this install (no "
+                    f"{os.path.join(builtin_root(), key, 'model_index.json')}); available: {available}"
+                )
+            raise ModelLoadError(f"unknown built-in model {name!r}; available: {available}")
         return models[key]
     return name
 

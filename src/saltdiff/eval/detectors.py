@@ -198,11 +198,14 @@ class YoloDetector:
 
 
 def resolve_detector_name(name: str, *, suite: str, model: str) -> str:
-    """``auto`` → ``shapes`` for the shapes suites (``shapes``, ``shapes-hard`` and their ``-val`` splits) or the built-in shapes
-    model, else ``owlv2``."""
+    """``auto`` → ``shapes`` for the shapes suites (``shapes``, ``shapes-hard`` and their ``-val`` splits) or a
+    built-in model of the shapes world (``builtin:shapes``, ``builtin:shapes-mmdit``), else ``owlv2``."""
+    from ..checkpoints import builtin_entry
+
     if name != "auto":
         return name
-    if suite in SHAPES_WORLD_SUITES or str(model).startswith("builtin:shapes"):
+    entry = builtin_entry(model)
+    if suite in SHAPES_WORLD_SUITES or (entry is not None and entry.world == "shapes"):
         return "shapes"
     return "owlv2"
 
