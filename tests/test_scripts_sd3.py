@@ -57,3 +57,11 @@ def test_builtin_quality_measures_an_sd3_folder_with_diffusers_own_pipeline(
     attention = results["attention_localization"]
     assert attention["detected_objects"] == attention["argmax_on_object"] == mentioned
     assert results["vae"]["n"] == 4 and json.loads(out.read_text())["model"] == tiny_sd3_dir
+
+
+def test_sampler_parity_on_sd3_compares_with_stable_diffusion3_pipeline(tiny_sd3_dir, capsys):
+    """Only the model's own noise family's samplers, and saltdiff's image is diffusers' own bit for bit."""
+    load_script("sampler_parity").main(["--model", tiny_sd3_dir, "--n", "1", "--steps", "2"])
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("flow-euler")
+    assert lines[0].count("= 0.00e+00") == 2
