@@ -127,3 +127,29 @@ def test_studies_sd3_cannot_run_are_refused_naming_the_variant(sd3_pipe, layouts
         run_study("outside-prompt", config, values=(0, 5), pipe=sd3_pipe)
     with pytest.raises(ValueError, match=r"method 'noise=0.1': inversion_noise_scale=0.1 does not"):
         run_study("sde-inversion", config, values=(0.0, 0.1), pipe=sd3_pipe)
+
+
+def test_a_folder_built_as_shapes_mmdit_loads_without_t5_and_benches_on_the_shapes_suite(
+    mmdit_like_dir, tmp_path
+):
+    """The built-in MMDiT's structure (the UNet model's VAE and CLIP, no T5, a vocabulary file): diffusers
+    loads such a folder only with ``text_encoder_3=None``, which saltdiff's loader passes; the shapes
+    suite runs on it with the exact detector."""
+    from diffusers import StableDiffusion3Pipeline
+
+    from saltdiff.loading import load_pipeline
+
+    with pytest.raises(ValueError, match="text_encoder_3"):
+        StableDiffusion3Pipeline.from_pretrained(mmdit_like_dir)
+    pipe = load_pipeline(mmdit_like_dir, device="cpu")
+    assert (
+        pipe.text_encoder_3 is None and pipe.default_size() == 64 and "circle" in pipe.model_vocabulary.words
+    )
+    out = tmp_path / "run"
+    args = ["bench", "--suite", "shapes", "--n", "2", "--model", mmdit_like_dir, "--methods", "sd,salt",
+            "--seeds", "1", "--out", str(out), "--steps", "2", "--object-steps", "1", "--device", "cpu",
+            "-q", "--bootstrap", "0"]  # fmt: skip
+    assert main(args) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["detector"] == "shapes" and metrics["scheduler"] == "flow-euler"
+    assert all(m["n_images"] == 2 for m in metrics["methods"].values())

@@ -33,12 +33,14 @@ def test_seed_grid_draws_sd_and_salt_rows_for_either_family(
     assert grid.size == (60 + 2 * scaled, 2 * scaled + 18)  # a prompt line, (sd, salt) rows, 2 seeds
 
 
+@pytest.mark.parametrize("folder", ["tiny_sd3_dir", "mmdit_like_dir"])
 def test_builtin_quality_measures_an_sd3_folder_with_diffusers_own_pipeline(
-    tiny_sd3_dir, tmp_path, monkeypatch
+    folder, request, tmp_path, monkeypatch
 ):
     """The quality bar's CLI on an SD3 folder: VAE PSNR, caption accuracy with ``StableDiffusion3Pipeline``
     and the joint attention's argmax per phrase (a stub detector that finds every phrase everywhere:
-    random weights draw no shapes, and every argmax cell then lies on its object)."""
+    random weights draw no shapes, and every argmax cell then lies on its object); with T5 and without
+    (the built-in MMDiT's structure)."""
     import json
 
     import saltdiff.worlds.detector as detector
@@ -47,16 +49,17 @@ def test_builtin_quality_measures_an_sd3_folder_with_diffusers_own_pipeline(
     def everywhere(image, **_):
         return [detector.Detection(p, *p.split(), (0.0, 0.0, 1.0, 1.0), 1.0) for p in phrases]
 
+    model = request.getfixturevalue(folder)
     phrases = sorted({p for _, mentioned in heldout_prompts(2) for p in mentioned})
     monkeypatch.setattr(detector, "detect", everywhere)
     out = tmp_path / "quality.json"
-    argv = ["--model", tiny_sd3_dir, "--n", "2", "--steps", "2", "--vae-n", "4", "--attention-n", "2"]
+    argv = ["--model", model, "--n", "2", "--steps", "2", "--vae-n", "4", "--attention-n", "2"]
     results = main([*argv, "--output", str(out)])
     assert results["caption_accuracy"]["all_found"] == 1.0 and results["caption_accuracy"]["n"] == 2
     mentioned = sum(len(m) for _, m in heldout_prompts(2))
     attention = results["attention_localization"]
     assert attention["detected_objects"] == attention["argmax_on_object"] == mentioned
-    assert results["vae"]["n"] == 4 and json.loads(out.read_text())["model"] == tiny_sd3_dir
+    assert results["vae"]["n"] == 4 and json.loads(out.read_text())["model"] == model
 
 
 def test_sampler_parity_on_sd3_compares_with_stable_diffusion3_pipeline(tiny_sd3_dir, capsys):

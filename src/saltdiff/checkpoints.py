@@ -200,9 +200,8 @@ def check_family(class_name: str, components, source: str, family: str = "sd") -
         )
 
 
-def _read_index(path: str, cache_dir=None, revision=None) -> tuple[str, list[str]] | None:
-    """``(class name, component names)`` of ``model_index.json`` of a folder or a cached hub id (never
-    the network); ``None`` when it is not at hand."""
+def _load_index(path: str, cache_dir=None, revision=None) -> dict | None:
+    """``model_index.json`` of a folder or a cached hub id (never the network); ``None`` when it is not at hand."""
     if os.path.isdir(path):
         file = os.path.join(path, "model_index.json")
     else:
@@ -212,10 +211,26 @@ def _read_index(path: str, cache_dir=None, revision=None) -> tuple[str, list[str
     if not isinstance(file, str) or not os.path.isfile(file):
         return None
     with open(file, encoding="utf-8") as fh:
-        index = json.load(fh)
+        return json.load(fh)
+
+
+def _read_index(path: str, cache_dir=None, revision=None) -> tuple[str, list[str]] | None:
+    """``(class name, component names)`` of ``model_index.json`` of a folder or a cached hub id (never
+    the network); ``None`` when it is not at hand."""
+    index = _load_index(path, cache_dir=cache_dir, revision=revision)
+    if index is None:
+        return None
     # a component saved as None (e.g. no safety checker) is listed as [null, null]
     components = [k for k, v in index.items() if not k.startswith("_") and v != [None, None]]
     return str(index.get("_class_name", "")), components
+
+
+def saved_without(path: str, cache_dir=None, revision=None) -> list[str]:
+    """Components ``model_index.json`` lists as saved without (``[null, null]``: an SD3 folder without
+    T5 saves ``text_encoder_3`` and ``tokenizer_3`` so). diffusers' ``from_pretrained`` loads such a
+    folder only when they are passed as ``None``, which the SD3 loader does."""
+    index = _load_index(path, cache_dir=cache_dir, revision=revision) or {}
+    return [k for k, v in index.items() if not k.startswith("_") and v == [None, None]]
 
 
 def index_family(path: str, name: str, cache_dir=None, revision=None) -> str | None:
