@@ -153,3 +153,36 @@ def test_a_folder_built_as_shapes_mmdit_loads_without_t5_and_benches_on_the_shap
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["detector"] == "shapes" and metrics["scheduler"] == "flow-euler"
     assert all(m["n_images"] == 2 for m in metrics["methods"].values())
+
+
+def test_the_layers_study_reads_the_guidance_from_each_chosen_block(sd3_pipe, layouts_file, tmp_path):
+    """The captured-blocks study on SD3: one variant per selection ('+' joins blocks), each guided on
+    its own blocks (their losses differ), recorded in the method's description."""
+    from saltdiff.eval.methods import SharedSettings
+    from saltdiff.eval.studies import STUDIES, run_study
+
+    out = tmp_path / "study"
+    values = ("transformer_blocks.0", "transformer_blocks.1", "transformer_blocks.0+transformer_blocks.1")
+    shared = SharedSettings(
+        guidance={"guidance_steps": 1, "guidance_iters": 1},
+        init_params={"inversion_steps": 1},
+        reference_params={"num_inference_steps": 1, "background": "gray"},
+    )
+    specs = [v.spec for v in STUDIES["layers"].variants(values, "salt")]
+    config = BenchConfig(
+        suite=layouts_file, out=str(out), methods=specs, n=1, steps=2, device="cpu", progress=False,
+        bootstrap=0, detector="shapes", shared=shared,
+    )  # fmt: skip
+    metrics = run_study("layers", config, values=values, pipe=sd3_pipe)
+    names = [f"layers={v}" for v in values]
+    assert set(metrics["methods"]) == {"sd", "random+salt", *names}
+    records = {n: json.loads((out / "records" / n / "line-0_s0.json").read_text()) for n in names}
+    layers = [r["method_config"]["guidance"]["layers"] for r in records.values()]
+    assert layers == [
+        "transformer_blocks.0",
+        "transformer_blocks.1",
+        "transformer_blocks.0,transformer_blocks.1",
+    ]
+    losses = [r["guidance_losses"][0][0] for r in records.values()]
+    assert losses[0] != losses[1]  # each variant's loss is read on its own block
+    assert "| layers=transformer_blocks.1 |" in (out / "study.md").read_text()

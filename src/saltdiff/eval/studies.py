@@ -17,6 +17,9 @@ noise-inside        fresh noise inside the kept region (object variants per seed
 feather             feathering of the kept region (latent cells)
 keep-region         z_T* kept in the whole boxes or only on the pasted objects' pixels
 outside-prompt      outside the boxes, the prompt without its boxed phrases for the first N steps
+layers              the attention layers the guidance loss reads (a ``+`` joins selectors into
+                    one variant: ``up+mid``; SD3: ``transformer_blocks.0``, ...), against ``sd``
+                    and the same loss from random noise on the default layers
 =================== ======================================================================
 
 Every study writes the bench outputs (records, metrics.json, report.md) plus ``study.md`` and
@@ -155,7 +158,19 @@ def _guidance_sweep(param: str, cast):
     return variants
 
 
+def _layers(study, values, loss, iters):
+    out = [
+        Variant(MethodSpec("sd", "random", "none"), "random init, no guidance", None),
+        Variant(MethodSpec(f"random+{loss}", "random", loss), "random init", None),
+    ]
+    for v in values:
+        spec = MethodSpec(f"layers={v}", "salt", loss, guidance={"layers": str(v).replace("+", ",")})
+        out.append(Variant(spec, "spatial-aware init", v))
+    return out
+
+
 _VARIANTS = {
+    "layers": _layers,
     "outside-prompt": _guidance_sweep("outside_prompt_steps", int),
     "noise-outside": _init_sweep("noise_outside", float),
     "noise-inside": _init_sweep("noise_inside", float),
@@ -243,6 +258,14 @@ STUDIES: dict[str, Study] = {
             "outside_prompt_steps",
             (0, 5, 10, 25),
             int,
+            "salt",
+        ),
+        Study(
+            "layers",
+            "attention layers the guidance loss reads ('+' joins selectors; SD3: transformer_blocks.N)",
+            "layers",
+            ("default", "all"),
+            str,
             "salt",
         ),
         Study(
