@@ -88,45 +88,42 @@ def test_a_vp_sampler_on_sd3_is_one_line_before_any_image(tiny_sd3_dir, layouts_
     assert not out.exists()
 
 
-@pytest.mark.parametrize(
-    ("methods", "options", "expected"),
-    [
-        (
-            "sd,salt",
-            {"guidance": {"outside_prompt_steps": 3}},
-            "method 'sd': outside_prompt_steps=3 does not run",
-        ),
-        ("salt", {"init_params": {"inversion_noise_scale": 0.3}}, "method 'salt': inversion_noise_scale=0.3"),
-    ],
-)
-def test_options_sd3_does_not_run_are_refused_naming_the_method(
-    sd3_pipe, layouts_file, tmp_path, methods, options, expected
-):
+def test_sde_inversion_noise_is_refused_naming_the_method_before_any_image(sd3_pipe, layouts_file, tmp_path):
     from saltdiff.eval.methods import SharedSettings
 
     config = BenchConfig(
-        suite=layouts_file, out=str(tmp_path / "run"), methods=parse_methods(methods), steps=2,
-        shared=SharedSettings(**options), device="cpu", progress=False, bootstrap=0,
+        suite=layouts_file, out=str(tmp_path / "run"), methods=parse_methods("sd,salt"), steps=2, device="cpu",
+        shared=SharedSettings(init_params={"inversion_noise_scale": 0.3}), progress=False, bootstrap=0,
     )  # fmt: skip
-    with pytest.raises(ValueError, match=expected) as info:
+    with pytest.raises(ValueError, match="method 'salt': inversion_noise_scale=0.3 does not run") as info:
         run_bench(config, pipe=sd3_pipe)
     assert "SaltSD3Pipeline" in str(info.value) and "\n" not in str(info.value)
     assert not (tmp_path / "run").exists()  # refused before the run folder is written
 
 
-def test_studies_sd3_cannot_run_are_refused_naming_the_variant(sd3_pipe, layouts_file, tmp_path):
+def test_the_sde_inversion_study_is_refused_naming_its_first_noisy_variant(sd3_pipe, layouts_file, tmp_path):
     from saltdiff.eval.studies import run_study
 
     config = BenchConfig(
         suite=layouts_file, out=str(tmp_path / "run"), methods=parse_methods("sd"), steps=2,
         device="cpu", progress=False, bootstrap=0,
     )  # fmt: skip
-    with pytest.raises(
-        ValueError, match=r"method 'random\+salt\+outside_prompt_steps=5': outside_prompt_steps=5 does not"
-    ):
-        run_study("outside-prompt", config, values=(0, 5), pipe=sd3_pipe)
     with pytest.raises(ValueError, match=r"method 'noise=0.1': inversion_noise_scale=0.1 does not"):
         run_study("sde-inversion", config, values=(0.0, 0.1), pipe=sd3_pipe)
+
+
+def test_the_outside_prompt_runs_on_sd3_when_asked_and_is_recorded(sd3_pipe, layouts_file, tmp_path):
+    from saltdiff.eval.methods import SharedSettings
+
+    out = tmp_path / "run"
+    config = BenchConfig(
+        suite=layouts_file, out=str(out), methods=parse_methods("random+salt-loss"), n=1, steps=2,
+        device="cpu", progress=False, bootstrap=0, detector="shapes",
+        shared=SharedSettings(guidance={"outside_prompt_steps": 1, "guidance_steps": 1, "guidance_iters": 1}),
+    )  # fmt: skip
+    run_bench(config, pipe=sd3_pipe)
+    record = json.loads((out / "records" / "random+salt-loss" / "line-0_s0.json").read_text())
+    assert record["method_config"]["guidance"]["outside_prompt_steps"] == 1
 
 
 def test_a_folder_built_as_shapes_mmdit_loads_without_t5_and_benches_on_the_shapes_suite(

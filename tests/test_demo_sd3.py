@@ -75,21 +75,22 @@ def test_run_generation_on_sd3_compares_and_writes_the_recipe(sd3_pool, tiny_sd3
     assert recipe["guidance"]["outside_prompt_steps"] == 0 and recipe["init_params"]["inversion_steps"] == 1
 
 
-@pytest.mark.parametrize(
-    ("change", "message"),
-    [
-        ({"scheduler": "ddim"}, "scheduler 'ddim' is a VP"),
-        ({"outside_prompt_steps": 5}, "outside_prompt_steps=5 does not run on SaltSD3Pipeline"),
-    ],
-)
-def test_what_sd3_does_not_run_is_one_line(sd3_pool, tiny_sd3_dir, tmp_path, change, message):
+def test_a_vp_sampler_on_sd3_is_one_line_and_writes_nothing(sd3_pool, tiny_sd3_dir, tmp_path):
     pipe = sd3_pool.get(tiny_sd3_dir)
-    fields = {**FAST, **family_controls(pipe), **change}
+    fields = {**FAST, **family_controls(pipe), "scheduler": "ddim"}
     req = validate_request(PROMPT, two_boxes(), tokenizer=pipe.tokenizer, **fields)
-    with pytest.raises(ValueError, match=message) as info:
+    with pytest.raises(ValueError, match="scheduler 'ddim' is a VP") as info:
         run_generation(pipe, req, model="tiny-sd3", out_dir=str(tmp_path))
     assert "\n" not in str(info.value)
     assert not list(tmp_path.iterdir())  # nothing written
+
+
+def test_the_pages_outside_prompt_steps_reach_an_sd3_run(sd3_pool, tiny_sd3_dir, tmp_path):
+    pipe = sd3_pool.get(tiny_sd3_dir)
+    fields = {**FAST, **family_controls(pipe), "outside_prompt_steps": 1}
+    req = validate_request(PROMPT, two_boxes(), tokenizer=pipe.tokenizer, **fields)
+    result = run_generation(pipe, req, model="tiny-sd3", out_dir=str(tmp_path))
+    assert read_recipe(result.png_path)["guidance"]["outside_prompt_steps"] == 1
 
 
 def test_the_page_starts_with_the_families_controls_and_follows_the_chosen_model(

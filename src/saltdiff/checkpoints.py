@@ -37,7 +37,7 @@ class BuiltinModel:
 
 
 #: The built-in models, one entry each; an entry is offered (``builtin_models``, the demo's list)
-#: once its folder ships with a ``model_index.json``. ``tests/test_loading.py`` checks that every
+#: once its folder ships with a ``model_index.json``. ``tests/test_builtin_catalogue.py`` checks that every
 #: shipped folder has an entry.
 BUILTIN_CATALOGUE: tuple[BuiltinModel, ...] = (
     BuiltinModel("shapes", "SD 1.x-structured UNet trained on the shapes world"),
@@ -174,7 +174,9 @@ def model_family(class_name: str, components, source: str) -> str:
             return "flux"
         missing = sorted(_FLUX_COMPONENTS - names)
         what = f"without {missing}" if missing else "not the text-to-image one"
-        raise ModelLoadError(f"{source} is a FLUX ({what}) pipeline ({class_name}): not supported; {SUPPORTED_TEXT}")
+        raise ModelLoadError(
+            f"{source} is a FLUX ({what}) pipeline ({class_name}): not supported; {SUPPORTED_TEXT}"
+        )
     family = next((label for prefix, label in UNSUPPORTED_FAMILIES if class_name.startswith(prefix)), None)
     if family is None and (class_name.startswith("StableDiffusionXL") or "text_encoder_2" in names):
         if _SDXL_COMPONENTS <= names:
@@ -200,8 +202,9 @@ def check_family(class_name: str, components, source: str, family: str = "sd") -
         )
 
 
-def _load_index(path: str, cache_dir=None, revision=None) -> dict | None:
-    """``model_index.json`` of a folder or a cached hub id (never the network); ``None`` when it is not at hand."""
+def _read_index(path: str, cache_dir=None, revision=None) -> tuple[str, list[str]] | None:
+    """``(class name, component names)`` of ``model_index.json`` of a folder or a cached hub id (never
+    the network); ``None`` when it is not at hand."""
     if os.path.isdir(path):
         file = os.path.join(path, "model_index.json")
     else:
@@ -211,26 +214,10 @@ def _load_index(path: str, cache_dir=None, revision=None) -> dict | None:
     if not isinstance(file, str) or not os.path.isfile(file):
         return None
     with open(file, encoding="utf-8") as fh:
-        return json.load(fh)
-
-
-def _read_index(path: str, cache_dir=None, revision=None) -> tuple[str, list[str]] | None:
-    """``(class name, component names)`` of ``model_index.json`` of a folder or a cached hub id (never
-    the network); ``None`` when it is not at hand."""
-    index = _load_index(path, cache_dir=cache_dir, revision=revision)
-    if index is None:
-        return None
+        index = json.load(fh)
     # a component saved as None (e.g. no safety checker) is listed as [null, null]
     components = [k for k, v in index.items() if not k.startswith("_") and v != [None, None]]
     return str(index.get("_class_name", "")), components
-
-
-def saved_without(path: str, cache_dir=None, revision=None) -> list[str]:
-    """Components ``model_index.json`` lists as saved without (``[null, null]``: an SD3 folder without
-    T5 saves ``text_encoder_3`` and ``tokenizer_3`` so). diffusers' ``from_pretrained`` loads such a
-    folder only when they are passed as ``None``, which the SD3 loader does."""
-    index = _load_index(path, cache_dir=cache_dir, revision=revision) or {}
-    return [k for k, v in index.items() if not k.startswith("_") and v == [None, None]]
 
 
 def index_family(path: str, name: str, cache_dir=None, revision=None) -> str | None:

@@ -57,11 +57,10 @@ RECIPE_FIELDS = (
 )
 
 
-#: Method options a flow-matching pipeline (``SaltSD3Pipeline``) does not run yet: (part, name) → the
-#: only value it takes there and why. The pipeline refuses the others when called;
-#: :meth:`GenerationRequest.for_pipeline` says so before any image is made.
+#: Method options a flow-matching pipeline (``SaltSD3Pipeline``, ``SaltFluxPipeline``) does not run
+#: yet: (part, name) → the only value it takes there and why. The pipeline refuses the others when
+#: called; :meth:`GenerationRequest.for_pipeline` says so before any image is made.
 FLOW_LIMITS: dict[tuple[str, str], tuple[Any, str]] = {
-    ("guidance", "outside_prompt_steps"): (0, "no outside prompt on flow models yet"),
     ("init", "inversion_noise_scale"): (0.0, "flow inversion is deterministic: no SDE-style noise yet"),
 }
 
@@ -205,7 +204,7 @@ class GenerationRequest:
 
     def for_pipeline(self, pipe) -> GenerationRequest:
         """This request as ``pipe``'s family runs it: unset guidance fields whose default differs there
-        (``pipe.guidance_defaults``; SD3: no outside prompt, recorded as 0) filled in, and one
+        (``pipe.guidance_defaults``; flow models: no outside prompt unless asked, recorded as 0) filled in, and one
         ``ValueError`` line for a sampler of the other noise family or an option the family does not run
         yet (:data:`FLOW_LIMITS`), before any work."""
         from .samplers import config_family, make_scheduler
@@ -219,7 +218,7 @@ class GenerationRequest:
         if config_family(pipe.scheduler.config) != "flow":
             return request
         values = {
-            "guidance": {"outside_prompt_steps": request.guidance.outside_steps},
+            "guidance": request.guidance.to_dict(),
             "init": request.init_entry.resolve(request.init_params),
         }
         for (part, name), (allowed, why) in FLOW_LIMITS.items():
