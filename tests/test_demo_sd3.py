@@ -1,4 +1,4 @@
-"""The demo on a tiny random SD3 folder: the model pool, the controls its family decides, one run with
+"""The demo on a tiny random SD3 folder (and a FLUX pipeline object): the model pool, the controls its family decides, one run with
 its recipe, and one line for a sampler or an option SD3 does not run."""
 
 import numpy as np
@@ -50,6 +50,18 @@ def test_a_plain_sd3_pipeline_object_is_served_as_a_salt_sd3_pipeline(sd3_pool, 
     plain = StableDiffusion3Pipeline(**sd3_pool.get(tiny_sd3_dir).components)
     pool = ModelPool(plain, name="plain")
     assert type(pool.get("plain")) is SaltSD3Pipeline
+
+
+def test_a_plain_flux_pipeline_object_is_served_as_a_salt_flux_pipeline():
+    from diffusers import FluxPipeline
+
+    from saltdiff.demo.models import ModelPool
+    from saltdiff.pipeline_flux import SaltFluxPipeline
+    from saltdiff.testing_flow import tiny_flux_components
+
+    pool = ModelPool(FluxPipeline(**tiny_flux_components()), name="flux")
+    assert type(pool.get("flux")) is SaltFluxPipeline
+    assert family_controls(pool.get("flux")) == {"scheduler": "flow-euler", "outside_prompt_steps": 0}
 
 
 def test_the_family_decides_the_sampler_and_the_outside_prompt(sd3_pool, tiny_sd3_dir, tiny_pipe):

@@ -72,8 +72,8 @@ def _pipe_name(pipe) -> str:
 
 def _as_salt_pipeline(pipe):
     """A plain ``StableDiffusionPipeline`` becomes a ``SaltPipeline`` on the same components, a plain
-    ``StableDiffusion3Pipeline`` a ``SaltSD3Pipeline``."""
-    from diffusers import StableDiffusion3Pipeline, StableDiffusionPipeline
+    ``StableDiffusion3Pipeline`` a ``SaltSD3Pipeline``, a plain ``FluxPipeline`` a ``SaltFluxPipeline``."""
+    from diffusers import FluxPipeline, StableDiffusion3Pipeline, StableDiffusionPipeline
 
     if isinstance(pipe, StableDiffusionPipeline):
         from ..pipeline import SaltPipeline
@@ -85,4 +85,9 @@ def _as_salt_pipeline(pipe):
 
         if not isinstance(pipe, SaltSD3Pipeline):
             pipe = SaltSD3Pipeline.from_pipe(pipe)
+    elif isinstance(pipe, FluxPipeline):
+        from ..pipeline_flux import SaltFluxPipeline
+
+        if not isinstance(pipe, SaltFluxPipeline):
+            pipe = SaltFluxPipeline.from_pipe(pipe)
     return pipe
