@@ -42,58 +42,20 @@ def tiny_sd3_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def mmdit_like_dir(tmp_path_factory):
-    """A folder built as ``builtin:shapes-mmdit`` is: a ``StableDiffusion3Pipeline`` on the built-in UNet
-    model's 4-channel VAE (``shift_factor`` 0: diffusers' SD3 pipeline decodes with it), its CLIP
-    tokenizer and text encoder twice (with a projection), no T5, the flow-matching Euler scheduler, its
-    vocabulary file; the transformer is tiny and random."""
-    import shutil
+    """A folder exported as ``builtin:shapes-mmdit`` is, by its trainer's own functions: a
+    ``StableDiffusion3Pipeline`` on the built-in UNet model's 4-channel VAE (``shift_factor`` 0), its
+    CLIP tokenizer and text encoder in both CLIP slots, no T5, the flow-matching Euler scheduler, the
+    vocabulary file; the transformer is 2 layers wide 2 x 16 and random."""
+    from saltdiff.training.mmdit import export_sd3_pipeline, load_base, make_scheduler, make_transformer
+    from saltdiff.training.mmdit_config import MMDiTTrainConfig
 
-    from diffusers import (
-        AutoencoderKL,
-        FlowMatchEulerDiscreteScheduler,
-        SD3Transformer2DModel,
-        StableDiffusion3Pipeline,
-    )
-    from transformers import CLIPTextModelWithProjection, CLIPTokenizer
-
-    from saltdiff.checkpoints import builtin_models
-    from saltdiff.vocabulary import VOCABULARY_FILE
-
-    root = builtin_models()["shapes"]
+    work = tmp_path_factory.mktemp("mmdit-like")
+    cfg = MMDiTTrainConfig(out=str(work / "model"), work=str(work / "work"), layers=2, heads=2, head_dim=16)
+    vae, text_encoder, tokenizer = load_base(cfg)
     torch.manual_seed(0)
-    text_encoder = CLIPTextModelWithProjection.from_pretrained(root, subfolder="text_encoder")
-    hidden, projection = text_encoder.config.hidden_size, text_encoder.config.projection_dim
-    transformer = SD3Transformer2DModel(
-        sample_size=16,  # 64 px through the VAE's factor 4
-        patch_size=2,
-        in_channels=4,
-        out_channels=4,
-        num_layers=2,
-        attention_head_dim=16,
-        num_attention_heads=2,
-        joint_attention_dim=2 * hidden,
-        caption_projection_dim=32,
-        pooled_projection_dim=2 * projection,
-        pos_embed_max_size=16,
-    )
-    tokenizer = CLIPTokenizer.from_pretrained(root, subfolder="tokenizer")
-    vae = AutoencoderKL.from_pretrained(root, subfolder="vae")
-    vae.register_to_config(shift_factor=0.0)  # diffusers' SD3 decode adds it: None would not sample
-    pipe = StableDiffusion3Pipeline(
-        transformer=transformer,
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        text_encoder_2=text_encoder,
-        tokenizer_2=tokenizer,
-        text_encoder_3=None,
-        tokenizer_3=None,
-        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
-    )
-    path = tmp_path_factory.mktemp("mmdit-like") / "model"
-    pipe.save_pretrained(path)
-    shutil.copy(os.path.join(root, VOCABULARY_FILE), path)
-    return str(path)
+    transformer = make_transformer(cfg, text_encoder.config.hidden_size)
+    export_sd3_pipeline(work / "model", vae, text_encoder, tokenizer, transformer, make_scheduler(cfg))
+    return str(work / "model")
 
 
 class _FullDiskFile(io.FileIO):
