@@ -47,10 +47,7 @@ __all__ = sorted(_EXPORTS) + ["__version__"]
 def __getattr__(name: str):
     if name in _EXPORTS:
         module = f"{__name__}.{_EXPORTS[name]}"
-        if (
-            _EXPORTS[name] in ("pipeline", "pipeline_xl", "pipeline_sd3", "pipeline_flux")
-            and module not in sys.modules
-        ):
+        if _EXPORTS[name] in ("pipeline", "pipeline_xl", "pipeline_sd3", "pipeline_flux") and module not in sys.modules:
             from .loading import quiet_loading
 
             with quiet_loading():  # no notes from image processors saltdiff never uses (torchvision)

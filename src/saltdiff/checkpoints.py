@@ -174,9 +174,7 @@ def model_family(class_name: str, components, source: str) -> str:
             return "flux"
         missing = sorted(_FLUX_COMPONENTS - names)
         what = f"without {missing}" if missing else "not the text-to-image one"
-        raise ModelLoadError(
-            f"{source} is a FLUX ({what}) pipeline ({class_name}): not supported; {SUPPORTED_TEXT}"
-        )
+        raise ModelLoadError(f"{source} is a FLUX ({what}) pipeline ({class_name}): not supported; {SUPPORTED_TEXT}")
     family = next((label for prefix, label in UNSUPPORTED_FAMILIES if class_name.startswith(prefix)), None)
     if family is None and (class_name.startswith("StableDiffusionXL") or "text_encoder_2" in names):
         if _SDXL_COMPONENTS <= names:

@@ -241,12 +241,6 @@ def check_image_size(pipe, height: int | None, width: int | None, *, force: bool
     Such a run takes minutes (the cost grows with the pixel count, attention with its square) and
     asks for what the model never saw; ``force=True`` (``--force``) runs it anyway.
     """
-    default_size = getattr(
-        pipe, "default_size", None
-    )  # flow pipelines: FLUX's transformer has no sample_size
-    trained = (
-        default_size()
-        if callable(default_size)
-        else denoiser(pipe).config.sample_size * pipe.vae_scale_factor
-    )
+    default_size = getattr(pipe, "default_size", None)  # flow pipelines: FLUX's transformer has no sample_size
+    trained = default_size() if callable(default_size) else denoiser(pipe).config.sample_size * pipe.vae_scale_factor
     check_trained_size(trained, height, width, force=force)

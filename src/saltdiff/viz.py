@@ -84,9 +84,7 @@ def overlay_figure(
             draw = ImageDraw.Draw(ref)
             for b in boxes:
                 x0, y0, x1, y1 = b.to_pixels(ref.width, ref.height)
-                draw.rectangle(
-                    [x0, y0, x1 - 1, y1 - 1], outline=(128, 128, 128), width=max(1, ref.width // 128)
-                )
+                draw.rectangle([x0, y0, x1 - 1, y1 - 1], outline=(128, 128, 128), width=max(1, ref.width // 128))
         tiles.append(ref.resize((tile, th)))
         captions.append("reference" + (" (gray: unboxed, placed)" if placed else ""))
     if attention_maps is not None:

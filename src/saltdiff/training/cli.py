@@ -26,9 +26,7 @@ def _parse_ints(text: str) -> tuple[int, ...]:
     return tuple(int(v) for v in text.split(","))
 
 
-def build_parser(
-    config_cls=TrainConfig, prog: str = "python -m saltdiff.training"
-) -> argparse.ArgumentParser:
+def build_parser(config_cls=TrainConfig, prog: str = "python -m saltdiff.training") -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=prog, description=_package_doc.split("\n")[0])
     for f in dataclasses.fields(config_cls):
         flag = "--" + f.name.replace("_", "-")
