@@ -16,7 +16,10 @@ queries x text tokens fp32 per block, heads averaged), what is kept up to the la
 guided pass stops there: ``saltdiff.denoising.stop_after``), how much of that the capture adds over a
 plain forward stopped at the same layer, and what a whole forward would keep. Text: SDXL 77 tokens,
 SD3 77 CLIP + 256 T5 (the pipeline's ``max_sequence_length``), FLUX 512 T5. Transient buffers of the
-backward itself are not counted, nor the weights.
+backward itself are not counted, nor the weights. The weights require gradients, as diffusers loads
+them and saltdiff leaves them, so autograd also keeps the inputs that weight gradients would need
+(nobody asks for them: the guidance differentiates with respect to the latent only);
+``--frozen-weights`` counts the pass with ``requires_grad_(False)`` on the denoiser.
 """
 
 from __future__ import annotations
@@ -234,10 +237,19 @@ def main(argv=None) -> None:
         "x2, ...) or first:N; default: per model, "
         + "; ".join(f"{m}: {' '.join(v)}" for m, v in MODELS.items()),
     )
+    parser.add_argument(
+        "--frozen-weights",
+        action="store_true",
+        help="the denoiser's weights with requires_grad False (saltdiff leaves them as diffusers loads "
+        "them, requiring gradients, so autograd also keeps what weight gradients would need)",
+    )
     args = parser.parse_args(argv)
     diffusers.utils.logging.set_verbosity_error()  # no "cast with to()" notice: the weights are shapes
     for name in args.models:
         title, model = build(name)
+        if args.frozen_weights:
+            model.requires_grad_(False)
+            title += " (weights frozen)"
         specs = args.layers or MODELS[name]
         print(table(title, model, specs, args.size), end="\n\n", flush=True)
 

@@ -74,6 +74,19 @@ def test_unet_table_and_early_stop(memory):
     assert text.count("\n| ") == 3 and "| mid | " in text and "| all | " in text
 
 
+def test_frozen_weights_keep_less_and_the_same_capture(memory):
+    """Without weight gradients autograd keeps fewer inputs. The capture keeps the same, but for the
+    first block's fp32 queries: its text keys depend on no weight nor on the latent, so nothing asks
+    for their gradient (later blocks' text stream has attended to the image)."""
+    model = _meta(tiny_sd3_transformer, num_layers=2)
+    trainable = memory.kept_bytes(model, "all", SIDE, text_tokens=TEXT)
+    model.requires_grad_(False)
+    frozen = memory.kept_bytes(model, "all", SIDE, text_tokens=TEXT)
+    assert frozen.upto < trainable.upto and frozen.maps == trainable.maps
+    heads, head_dim, queries = 4, 8, (SIDE // memory.VAE_FACTOR // 2) ** 2
+    assert trainable.capture - frozen.capture == heads * queries * head_dim * 4
+
+
 def test_meta_flux_ids_leave_the_grid_to_the_token_count(memory):
     """``capture_joint_attention``'s hook reads FLUX's grid from ``img_ids``; meta ids hold none."""
     from saltdiff.joint_attention import capture_joint_attention
