@@ -18,6 +18,7 @@ __all__ = [
     "SD35_MEDIUM_TRANSFORMER_CONFIG",
     "GaussianVelocity",
     "flow_architecture_components",
+    "flow_transformer",
     "tiny_flux_components",
     "tiny_flux_pipeline",
     "tiny_flux_transformer",
