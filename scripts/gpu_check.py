@@ -1,20 +1,28 @@
-"""Seconds per image, peak memory and non-finite values of sd / layout-guidance / salt on SD 1.5 and SDXL.
+"""Seconds per image, peak memory and non-finite values of each method on SD 1.5, SDXL, SD3.5 and FLUX.1.
 
     python scripts/gpu_check.py --device cuda --dtype float16 --out gpu_check.json
+    python scripts/gpu_check.py --families sd3.5-medium,flux.1-dev --steps 10 --repeats 1 --out flow.json
     python scripts/gpu_check.py --tiny --device cpu --dtype float32 --steps 3 --repeats 1 --out /tmp/c.json
 
 The full SD 1.5 and SDXL base architectures with random weights, built in code
 (``saltdiff.testing``): the real layers, shapes and attention, so the cost and numerical range (fp16
-overflow, NaN from a guided backward) are real, the images are not. Per family one pipeline
-(``SaltPipeline`` / ``SaltXLPipeline`` via ``from_pipe``); per method one warm-up call, then
-``--repeats`` timed calls. Methods: ``sd`` (random init, no guidance), ``layout-guidance`` (random
-init, Chen et al.'s loss), ``salt`` (SALT init, default guidance; the reference objects are
-regenerated on every call: an in-memory model has no object cache). Peak memory is CUDA's
-``max_memory_allocated`` over the timed calls, or on CPU the process's peak RSS (monotone over the
-run). Non-finite: NaN/inf in any output image (``output_type="np"``), initial latent or guidance loss.
-A method that raises counts as a failure too. Exit status 1 when anything failed, 2 on a bad request
-(``--device cuda`` without CUDA). ``--tiny``: tiny components at 32 px, 4 steps unless ``--steps``
-(a CPU smoke run in seconds).
+overflow, NaN from a guided backward) are real, the images are not. SD3.5-medium, SD3.5-large and
+FLUX.1-dev likewise (``saltdiff.testing_flow.flow_architecture_components``): the real transformer and
+VAE, built directly on ``--device`` (FLUX.1-dev is 48 GB in float32 before the cast), with tiny random
+text encoders of the real output widths and sequence lengths -- only the transformer's and the VAE's
+cost is real there, and the tables say so. Per family one pipeline (``SaltPipeline`` /
+``SaltXLPipeline`` / ``SaltSD3Pipeline`` / ``SaltFluxPipeline`` via ``from_pipe``); per method one
+warm-up call, then ``--repeats`` timed calls. Methods: ``sd`` (random init, no guidance: the plain
+diffusers pipeline's image), ``layout-guidance`` (random init, Chen et al.'s loss), ``random+salt-loss``
+(random init, SALT's guidance), ``salt`` (SALT init, default guidance; the reference objects are
+regenerated on every call: an in-memory model has no object cache). Each family runs at its pipeline's
+defaults otherwise (SD3: CFG 7 in one batch; FLUX.1-dev: embedded guidance 3.5, one call per step).
+Peak memory is CUDA's ``max_memory_allocated`` over the timed calls (weights included), or on CPU the
+process's peak RSS (monotone over the run). Non-finite: NaN/inf in any output image
+(``output_type="np"``), initial latent or guidance loss. A method that raises counts as a failure too
+(an out-of-memory error is reported and the run goes on). Exit status 1 when anything failed, 2 on a
+bad request (``--device cuda`` without CUDA). ``--tiny``: tiny components at 32 px, 4 steps unless
+``--steps`` (a CPU smoke run in seconds).
 """
 
 from __future__ import annotations
@@ -27,9 +35,11 @@ import time
 
 import torch
 
-FAMILIES = ("sd15", "sdxl")
-METHODS = ("sd", "layout-guidance", "salt")
-DEFAULT_SIZE = {"sd15": 512, "sdxl": 1024}
+FLOW_FAMILIES = ("sd3.5-medium", "sd3.5-large", "flux.1-dev")  # saltdiff.testing_flow.FLOW_ARCHITECTURES
+FAMILIES = ("sd15", "sdxl", *FLOW_FAMILIES)
+METHODS = ("sd", "layout-guidance", "random+salt-loss", "salt")
+DEFAULT_SIZE = {"sd15": 512, "sdxl": 1024, **dict.fromkeys(FLOW_FAMILIES, 1024)}
+TEXT_ENCODERS_NOTE = "text encoders tiny and random: only the transformer's and the VAE's cost is real"
 PROMPT = "a red circle and a blue square on a white background"  # every word is one tiny-tokenizer token
 LAYOUT = [("red circle", (0.06, 0.3, 0.44, 0.7)), ("blue square", (0.56, 0.3, 0.94, 0.7))]
 
@@ -40,6 +50,7 @@ def method_kwargs(name: str, steps: int) -> dict:
     return {
         "sd": dict(init="random", guidance="none"),
         "layout-guidance": dict(init="random", guidance="layout-guidance"),
+        "random+salt-loss": dict(init="random", guidance="salt"),
         "salt": dict(init="salt"),  # the default guidance and inversion depth
     }[name]
 
@@ -75,6 +86,25 @@ def build_pipe(family: str, tiny: bool, device: str, dtype: torch.dtype):
                 **testing.sdxl_architecture_components(dtype=dtype), add_watermarker=False
             )
         pipe = SaltXLPipeline.from_pipe(base)
+    elif family in FLOW_FAMILIES:
+        import diffusers
+
+        from saltdiff import testing_flow
+        from saltdiff.pipeline_flux import SaltFluxPipeline
+        from saltdiff.pipeline_sd3 import SaltSD3Pipeline
+
+        pipeline = testing_flow.FLOW_ARCHITECTURES[family][0]
+        flux = pipeline == "FluxPipeline"
+        if tiny:  # FLUX.1-dev is guidance-distilled: the tiny one too
+            base = (
+                testing_flow.tiny_flux_pipeline(guidance_embeds=True)
+                if flux
+                else testing_flow.tiny_sd3_pipeline()
+            )
+        else:
+            components = testing_flow.flow_architecture_components(family, dtype=dtype, device=device)
+            base = getattr(diffusers, pipeline)(**components)
+        pipe = (SaltFluxPipeline if flux else SaltSD3Pipeline).from_pipe(base)
     else:
         raise ValueError(f"unknown family {family!r}; choose from {', '.join(FAMILIES)}")
     pipe = pipe.to(device=device, dtype=dtype)
@@ -173,6 +203,7 @@ def run_family(family: str, args, dtype: torch.dtype, cuda: bool) -> dict:
         torch.cuda.empty_cache()
     return {
         "arch": "tiny" if args.tiny else family,
+        "note": TEXT_ENCODERS_NOTE if family in FLOW_FAMILIES and not args.tiny else None,
         "size": size,
         "build_seconds": build_s,
         "methods": methods,
@@ -189,7 +220,8 @@ def table(family: str, report: dict) -> str:
     memory = "CUDA max_memory_allocated" if report["cuda"] else "process peak RSS"
     lines = [
         f"{family} ({fam['arch']}) on {report['device']}: {report['dtype']}, {fam['size']}x{fam['size']}, "
-        f"{report['steps']} steps, {report['repeats']} timed call(s) after 1 warm-up; peak = {memory}",
+        f"{report['steps']} steps, {report['repeats']} timed call(s) after 1 warm-up; peak = {memory}"
+        + (f"; {fam['note']}" if fam.get("note") else ""),
         "",
         "| method | s / image | × sd | peak GiB | non-finite |",
         "|---|---:|---:|---:|---|",
@@ -208,7 +240,9 @@ def table(family: str, report: dict) -> str:
 
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--families", default=",".join(FAMILIES), help="comma-separated: sd15, sdxl")
+    parser.add_argument(
+        "--families", default=",".join(FAMILIES), help="comma-separated: " + ", ".join(FAMILIES)
+    )
     parser.add_argument(
         "--methods", default=",".join(METHODS), help="comma-separated subset of " + ", ".join(METHODS)
     )
@@ -216,7 +250,9 @@ def parse_args(argv):
     parser.add_argument("--dtype", default="float16", choices=("float16", "bfloat16", "float32"))
     parser.add_argument("--steps", type=int, default=None, help="sampling steps (30; 4 with --tiny)")
     parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--size", type=int, default=None, help="image side (512 SD 1.5, 1024 SDXL)")
+    parser.add_argument(
+        "--size", type=int, default=None, help="image side (512 SD 1.5, 1024 SDXL, SD3.5 and FLUX.1)"
+    )
     parser.add_argument("--out", default="gpu_check.json")
     parser.add_argument("--tiny", action="store_true", help="tiny components at 32 px (a CPU smoke run)")
     args = parser.parse_args(argv)

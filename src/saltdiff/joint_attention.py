@@ -408,7 +408,8 @@ def _grid_hook(store: JointAttentionStore, transformer):
         else:  # FLUX: packed [B, N, C]; img_ids [N, 3] hold (0, row, col)
             ids = kwargs.get("img_ids")
             store.image_hw = None
-            if ids is not None:
+            # meta ids (shapes-only memory estimates) hold no positions: the grid is then inferred square
+            if ids is not None and not ids.is_meta:
                 ids = ids[0] if ids.ndim == 3 else ids
                 store.image_hw = (int(ids[:, 1].max()) + 1, int(ids[:, 2].max()) + 1)
 

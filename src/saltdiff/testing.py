@@ -115,8 +115,9 @@ _SD_UNET_LEVELS = dict(
 )
 
 
-def _sd_vae(sample_size: int, scaling_factor: float = 0.18215, **config):
-    """The SD 1.x/2.x VAE (8x downsampling, 4 latent channels, scaling 0.18215); SDXL's differs in config."""
+def _sd_vae(sample_size: int, scaling_factor: float = 0.18215, latent_channels: int = 4, **config):
+    """The SD 1.x/2.x VAE (8x downsampling, 4 latent channels, scaling 0.18215); SDXL's differs in
+    config, SD3's and FLUX's in config and 16 latent channels."""
     from diffusers import AutoencoderKL
 
     return AutoencoderKL(
@@ -125,7 +126,7 @@ def _sd_vae(sample_size: int, scaling_factor: float = 0.18215, **config):
         block_out_channels=(128, 256, 512, 512),
         down_block_types=("DownEncoderBlock2D",) * 4,
         up_block_types=("UpDecoderBlock2D",) * 4,
-        latent_channels=4,
+        latent_channels=latent_channels,
         layers_per_block=2,
         sample_size=sample_size,
         scaling_factor=scaling_factor,

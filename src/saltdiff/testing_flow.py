@@ -12,7 +12,13 @@ import functools
 import torch
 
 __all__ = [
+    "FLOW_ARCHITECTURES",
+    "FLUX1_DEV_TRANSFORMER_CONFIG",
+    "SD35_LARGE_TRANSFORMER_CONFIG",
+    "SD35_MEDIUM_TRANSFORMER_CONFIG",
     "GaussianVelocity",
+    "flow_architecture_components",
+    "flow_transformer",
     "tiny_flux_components",
     "tiny_flux_pipeline",
     "tiny_flux_transformer",
@@ -165,6 +171,27 @@ def _flow_vae(scaling_factor: float, shift_factor: float):
     )
 
 
+def _sd3_scheduler():
+    """SD3's and SD3.5's flow-matching Euler scheduler: static shift 3."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    return FlowMatchEulerDiscreteScheduler(shift=3.0)
+
+
+def _flux_scheduler():
+    """FLUX.1's flow-matching Euler scheduler: shift ``mu`` from the image's token count (256 to 4096)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    return FlowMatchEulerDiscreteScheduler(
+        shift=3.0,
+        use_dynamic_shifting=True,
+        base_shift=0.5,
+        max_shift=1.15,
+        base_image_seq_len=256,
+        max_image_seq_len=4096,
+    )
+
+
 def tiny_sd3_transformer(seed: int = 0, num_layers: int = 2):
     """An ``SD3Transformer2DModel``: patch 2, 16 latent channels, 4 heads of 8, text width 32."""
     from diffusers import SD3Transformer2DModel
@@ -215,8 +242,6 @@ def tiny_sd3_components(seed: int = 0) -> dict:
     states to it) with a SentencePiece tokenizer, a 16-channel VAE with SD3's scaling and shift, and
     the flow-matching Euler scheduler with SD3's shift 3.
     """
-    from diffusers import FlowMatchEulerDiscreteScheduler
-
     from .testing import tiny_tokenizer
 
     tokenizer, tokenizer_2, tokenizer_3 = tiny_tokenizer(77), tiny_tokenizer(77), tiny_t5_tokenizer()
@@ -236,7 +261,7 @@ def tiny_sd3_components(seed: int = 0) -> dict:
         "tokenizer": tokenizer,
         "tokenizer_2": tokenizer_2,
         "tokenizer_3": tokenizer_3,
-        "scheduler": FlowMatchEulerDiscreteScheduler(shift=3.0),
+        "scheduler": _sd3_scheduler(),
     }
 
 
@@ -247,8 +272,6 @@ def tiny_flux_components(seed: int = 0, guidance_embeds: bool = False) -> dict:
     joint attention width) with a SentencePiece tokenizer, a 16-channel VAE with FLUX's scaling and
     shift, and the flow-matching Euler scheduler with FLUX's resolution-dependent shift.
     """
-    from diffusers import FlowMatchEulerDiscreteScheduler
-
     from .testing import _clip_text_encoder, tiny_tokenizer
 
     tokenizer, tokenizer_2 = tiny_tokenizer(77), tiny_t5_tokenizer()
@@ -260,14 +283,7 @@ def tiny_flux_components(seed: int = 0, guidance_embeds: bool = False) -> dict:
     text_encoder_2 = _t5_encoder(tokenizer_2, 32)
     torch.manual_seed(seed)
     vae = _flow_vae(scaling_factor=0.3611, shift_factor=0.1159)
-    scheduler = FlowMatchEulerDiscreteScheduler(
-        shift=3.0,
-        use_dynamic_shifting=True,
-        base_shift=0.5,
-        max_shift=1.15,
-        base_image_seq_len=256,
-        max_image_seq_len=4096,
-    )
+    scheduler = _flux_scheduler()
     return {
         "transformer": transformer,
         "vae": vae.eval(),
@@ -291,3 +307,136 @@ def tiny_flux_pipeline(seed: int = 0, guidance_embeds: bool = False):
     from diffusers import FluxPipeline
 
     return FluxPipeline(**tiny_flux_components(seed, guidance_embeds=guidance_embeds))
+
+
+# The released transformers' configs (diffusers ``transformer/config.json``), written here so that no
+# download is needed. Sources (read through the search index, not fetched): SD3.5-medium and -large:
+# ``transformer/config.json`` of the public mirrors of ``stabilityai/stable-diffusion-3.5-medium``
+# and ``-large`` on the Hugging Face hub (the official repositories are gated); FLUX.1-dev:
+# ``FluxTransformer2DModel``'s documented defaults (diffusers API docs) with ``guidance_embeds=True``,
+# as in FLUX.1-dev-derived ``transformer/config.json`` files (FLUX.1-schnell's differs only there).
+
+#: SD3.5-medium's MMDiT-X (2.24 B parameters): 24 blocks, 24 heads of 64, QK RMS-norm, a second
+#: image-only attention in blocks 0 to 12.
+SD35_MEDIUM_TRANSFORMER_CONFIG = dict(
+    sample_size=128,
+    patch_size=2,
+    in_channels=16,
+    out_channels=16,
+    num_layers=24,
+    attention_head_dim=64,
+    num_attention_heads=24,
+    joint_attention_dim=4096,
+    caption_projection_dim=1536,
+    pooled_projection_dim=2048,
+    pos_embed_max_size=384,
+    dual_attention_layers=tuple(range(13)),
+    qk_norm="rms_norm",
+)
+
+#: SD3.5-large's MMDiT (8.06 B parameters): 38 blocks, 38 heads of 64, QK RMS-norm.
+SD35_LARGE_TRANSFORMER_CONFIG = dict(
+    sample_size=128,
+    patch_size=2,
+    in_channels=16,
+    out_channels=16,
+    num_layers=38,
+    attention_head_dim=64,
+    num_attention_heads=38,
+    joint_attention_dim=4096,
+    caption_projection_dim=2432,
+    pooled_projection_dim=2048,
+    pos_embed_max_size=192,
+    qk_norm="rms_norm",
+)
+
+#: FLUX.1-dev's transformer (11.9 B parameters): 19 double-stream and 38 single-stream blocks,
+#: 24 heads of 128, guidance-distilled (embedded guidance).
+FLUX1_DEV_TRANSFORMER_CONFIG = dict(
+    patch_size=1,
+    in_channels=64,
+    num_layers=19,
+    num_single_layers=38,
+    attention_head_dim=128,
+    num_attention_heads=24,
+    joint_attention_dim=4096,
+    pooled_projection_dim=768,
+    guidance_embeds=True,
+    axes_dims_rope=(16, 56, 56),
+)
+
+#: name -> (diffusers pipeline class, transformer class, transformer config)
+FLOW_ARCHITECTURES = {
+    "sd3.5-medium": ("StableDiffusion3Pipeline", "SD3Transformer2DModel", SD35_MEDIUM_TRANSFORMER_CONFIG),
+    "sd3.5-large": ("StableDiffusion3Pipeline", "SD3Transformer2DModel", SD35_LARGE_TRANSFORMER_CONFIG),
+    "flux.1-dev": ("FluxPipeline", "FluxTransformer2DModel", FLUX1_DEV_TRANSFORMER_CONFIG),
+}
+
+
+def flow_transformer(name: str):
+    """The transformer of :data:`FLOW_ARCHITECTURES` ``name``, built where ``torch.device`` points
+    (``with torch.device("meta"):`` gives shapes only), random weights, float32."""
+    import diffusers
+
+    if name not in FLOW_ARCHITECTURES:
+        raise ValueError(f"unknown flow architecture {name!r}; choose from {', '.join(FLOW_ARCHITECTURES)}")
+    _, cls, config = FLOW_ARCHITECTURES[name]
+    return getattr(diffusers, cls)(**config).eval()
+
+
+def flow_architecture_components(
+    name: str, seed: int = 0, dtype=torch.float32, device: str | torch.device = "cpu"
+) -> dict:
+    """A full-size SD3.5 or FLUX.1 transformer and VAE with random weights, and tiny text encoders.
+
+    ``name`` is a key of :data:`FLOW_ARCHITECTURES`. The transformer and the VAE (SD3's and FLUX's:
+    8x downsampling, 16 channels, their scaling and shift) are the real architectures; the text
+    encoders are tiny random ones whose outputs have the real widths (joint attention 4096, pooled
+    2048 for SD3, 768 for FLUX) and the real sequence lengths (the pipelines pad to
+    ``max_sequence_length``), because only the transformer's and the VAE's cost is meant to be real.
+    Built on ``device`` (FLUX.1-dev is 48 GB in float32: build it on the GPU), then cast to ``dtype``.
+    """
+    from .testing import _clip_text_encoder, _sd_vae, tiny_tokenizer
+
+    torch.manual_seed(seed)
+    with torch.device(device):
+        transformer = flow_transformer(name)
+        pipeline = FLOW_ARCHITECTURES[name][0]
+        scaling, shift = (0.3611, 0.1159) if pipeline == "FluxPipeline" else (1.5305, 0.0609)
+        vae = _sd_vae(
+            1024,
+            scaling_factor=scaling,
+            shift_factor=shift,
+            latent_channels=16,
+            use_quant_conv=False,
+            use_post_quant_conv=False,
+        )
+    tokenizer, t5_tokenizer = tiny_tokenizer(77), tiny_t5_tokenizer()
+    t5 = _t5_encoder(t5_tokenizer, transformer.config.joint_attention_dim)
+    parts = {"transformer": transformer, "vae": vae}
+    if pipeline == "FluxPipeline":
+        clip = _clip_text_encoder(
+            tokenizer,
+            hidden_size=transformer.config.pooled_projection_dim,
+            intermediate_size=37,
+            num_attention_heads=4,
+            num_hidden_layers=2,
+        )
+        parts.update(text_encoder=clip, text_encoder_2=t5, tokenizer=tokenizer, tokenizer_2=t5_tokenizer)
+        parts["scheduler"] = _flux_scheduler()
+    else:
+        half = transformer.config.pooled_projection_dim // 2
+        tokenizer_2 = tiny_tokenizer(77)
+        parts.update(
+            text_encoder=_clip_with_projection(tokenizer, 16, half),
+            text_encoder_2=_clip_with_projection(tokenizer_2, 16, half),
+            text_encoder_3=t5,
+            tokenizer=tokenizer,
+            tokenizer_2=tokenizer_2,
+            tokenizer_3=t5_tokenizer,
+        )
+        parts["scheduler"] = _sd3_scheduler()
+    for key, part in parts.items():
+        if isinstance(part, torch.nn.Module):
+            parts[key] = part.to(device=device, dtype=dtype).eval()
+    return parts
