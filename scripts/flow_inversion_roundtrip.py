@@ -1,4 +1,4 @@
-"""Round-trip error of flow inversion, reverse Euler against midpoint (issue 20 item 7).
+"""Round-trip error of flow inversion, reverse Euler against midpoint.
 
 Invert a clean latent up to the sampler's first sigma on the sampler's own grid, sample it back down
 with the Euler sampler on the same grid, and report ``|x0' - x0| / |x0|`` (RMS) for each method and
@@ -103,7 +103,9 @@ def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default=None, help="a trained SD3/FLUX folder or builtin:NAME")
     parser.add_argument("--n", type=int, default=16, help="held-out scenes for --model")
-    parser.add_argument("--steps", type=int, default=25, help="sampling steps (the grid the inversion ends on)")
+    parser.add_argument(
+        "--steps", type=int, default=25, help="sampling steps (the grid the inversion ends on)"
+    )
     parser.add_argument("--depths", default="2,5,10,25", help="inversion steps, comma-separated")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)

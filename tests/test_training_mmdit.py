@@ -85,7 +85,9 @@ def test_flow_batch_is_a_pure_function_of_the_step(tmp_path):
     assert rows in (3, 5) and bool(((sigma > 0) & (sigma < 1)).all())
     from saltdiff.training.data import permuted_positions
 
-    x0 = cache["latents"][torch.from_numpy(permuted_positions(cfg.seed, 5, 8, 7 * cfg.batch, cfg.batch))].float()
+    x0 = cache["latents"][
+        torch.from_numpy(permuted_positions(cfg.seed, 5, 8, 7 * cfg.batch, cfg.batch))
+    ].float()
     # on the straight path x_sigma = x0 + sigma * (eps - x0): the target is the path's velocity
     torch.testing.assert_close(xt, x0 + sigma.view(-1, 1, 1, 1) * target)
     assert not torch.equal(flow_batch(cfg, cache, 1.0, empty, 8)[0], xt)

@@ -7,12 +7,17 @@ import pytest
 import torch
 
 from saltdiff.layout import Box, Layout, LayoutError
+from saltdiff.placement import free_boxes
 from saltdiff.reference import GeneratedObject, GeneratedObjects
 from saltdiff.vocabulary import ModelVocabulary, object_phrases, unboxed_objects, with_unboxed_objects
 
 SHAPES_VOCABULARY = ModelVocabulary(
     frozenset("a photo of and on red green blue circle square triangle gray background".split()),
-    {"colours": ("red", "green", "blue"), "shapes": ("circle", "square", "triangle"), "backgrounds": ("gray",)},
+    {
+        "colours": ("red", "green", "blue"),
+        "shapes": ("circle", "square", "triangle"),
+        "backgrounds": ("gray",),
+    },
 )
 
 
@@ -24,30 +29,32 @@ def _overlap(a, b) -> float:
 
 def test_free_boxes_go_where_no_box_is_and_apart_from_each_other():
     left = Layout((Box("red circle", (0.05, 0.1, 0.45, 0.9)),), ("green square", "blue triangle"))
-    placed = left.free_boxes()
+    placed = free_boxes(left)
     assert [b.phrase for b in placed] == ["green square", "blue triangle"]
     for b in placed:
         assert b.width == pytest.approx(0.35) and b.height == pytest.approx(0.35)  # the box's side, clamped
         assert _overlap(b.box, left[0].box) == 0.0
         assert b.x0 >= 0.45 - 1e-9
     assert _overlap(placed[0].box, placed[1].box) == 0.0
-    assert left.free_boxes() == placed  # deterministic
+    assert free_boxes(left) == placed  # deterministic
 
     small = Layout((Box("red circle", (0.0, 0.0, 0.1, 0.1)),), ("green square",))
-    (b,) = small.free_boxes()
+    (b,) = free_boxes(small)
     assert b.width == pytest.approx(0.2)  # never smaller than a fifth of the image
     assert b.center[0] > 0.3 and b.center[1] > 0.3  # away from the corner box
 
-    assert Layout((Box("red circle", (0.1, 0.1, 0.5, 0.5)),)).free_boxes() == []
+    assert free_boxes(Layout((Box("red circle", (0.1, 0.1, 0.5, 0.5)),))) == []
 
 
 def test_a_full_canvas_still_gets_the_least_covered_place():
     boxes = (Box("a", (0.0, 0.0, 0.5, 1.0)), Box("b", (0.5, 0.0, 1.0, 0.6)))
-    (b,) = Layout(boxes, ("c",)).free_boxes(side=0.3)
+    (b,) = free_boxes(Layout(boxes, ("c",)), side=0.3)
     assert _overlap(b.box, boxes[0].box) + _overlap(b.box, boxes[1].box) == 0.0
     assert b.x0 >= 0.5 and b.y0 >= 0.6  # the uncovered corner, bottom right
-    (c,) = Layout(boxes, ("c",)).free_boxes(side=0.6)  # no room: the least overlap
-    assert _overlap(c.box, boxes[0].box) + _overlap(c.box, boxes[1].box) == pytest.approx(0.6 * 0.6 - 0.5 * 0.4)
+    (c,) = free_boxes(Layout(boxes, ("c",)), side=0.6)  # no room: the least overlap
+    assert _overlap(c.box, boxes[0].box) + _overlap(c.box, boxes[1].box) == pytest.approx(
+        0.6 * 0.6 - 0.5 * 0.4
+    )
 
 
 def test_unboxed_phrases_round_trip_and_are_validated():
@@ -103,7 +110,9 @@ class _SolidObjects:
 def test_the_reference_holds_each_unboxed_object_in_its_free_box(mode):
     layout = Layout((Box("red circle", (0.0, 0.0, 0.5, 0.5)),), ("blue square",))
     builder = GeneratedObjects(cutout="foreground", unboxed=mode, cache=False)
-    ref = builder.build(_SolidObjects(), "a red circle and a blue square", layout, height=64, width=64, generator=None)
+    ref = builder.build(
+        _SolidObjects(), "a red circle and a blue square", layout, height=64, width=64, generator=None
+    )
     image = np.asarray(ref.image).astype(int)
     blue = (image[..., 2] > 200) & (image[..., 0] < 60)
     assert ref.object_masks.shape == (1, 64, 64)
@@ -131,11 +140,18 @@ def test_salt_keeps_z_t_on_the_placed_object_too():
 
 
 def test_cli_unboxed_flag_builds_the_layout():
-    from saltdiff.cli import build_parser, build_layout
+    from saltdiff.cli import build_layout, build_parser
 
     args = build_parser().parse_args(
-        ["generate", "--prompt", "a red circle and a blue square", "--box", "red circle=0,0,0.5,0.5",
-         "--unboxed", "blue square"]
+        [
+            "generate",
+            "--prompt",
+            "a red circle and a blue square",
+            "--box",
+            "red circle=0,0,0.5,0.5",
+            "--unboxed",
+            "blue square",
+        ]
     )
     assert build_layout(args).unboxed == ("blue square",)
 
@@ -148,7 +164,9 @@ def test_overlay_draws_the_placed_boxes_on_the_reference():
     layout = Layout((Box("red circle", (0.0, 0.0, 0.5, 0.5)),), ("blue square",))
     white = Image.new("RGB", (64, 64), (255, 255, 255))
     plain = np.asarray(overlay_figure(white, layout, None, white))
-    marked = np.asarray(overlay_figure(white, layout, None, white, placed=[b.to_dict() for b in layout.free_boxes()]))
+    marked = np.asarray(
+        overlay_figure(white, layout, None, white, placed=[b.to_dict() for b in free_boxes(layout)])
+    )
     gray = (marked == 128).all(-1) & ~(plain == 128).all(-1)
     assert gray[:, 260:].any() and not gray[:, :256].any()  # on the reference tile only
 
@@ -156,7 +174,9 @@ def test_overlay_draws_the_placed_boxes_on_the_reference():
 def test_a_recipe_written_before_placement_replays_without_it():
     from saltdiff.request import GenerationRequest
 
-    new = GenerationRequest(prompt="a red circle and a blue square", layout=Layout.from_pairs([("red circle", (0, 0, 0.5, 0.5))]))
+    new = GenerationRequest(
+        prompt="a red circle and a blue square", layout=Layout.from_pairs([("red circle", (0, 0, 0.5, 0.5))])
+    )
     recipe = new.recipe()
     assert GenerationRequest.from_recipe(recipe).reference_params.get("unboxed", "place") == "place"
     assert GenerationRequest.from_recipe(recipe).guidance.placed_unboxed == "guide"
@@ -212,12 +232,12 @@ def test_pipelines_place_the_unboxed_phrase_and_guide_it_there(family, tiny_pipe
 
 def test_a_generator_draws_the_place_among_the_good_ones():
     layout = Layout((Box("red circle", (0.0, 0.0, 0.4, 0.4)),), ("green square",))
-    fixed = layout.free_boxes()
-    draws = {layout.free_boxes(generator=torch.Generator().manual_seed(s))[0].box for s in range(8)}
+    fixed = free_boxes(layout)
+    draws = {free_boxes(layout, generator=torch.Generator().manual_seed(s))[0].box for s in range(8)}
     assert len(draws) > 3  # the seed moves it
-    again = {layout.free_boxes(generator=torch.Generator().manual_seed(s))[0].box for s in range(8)}
+    again = {free_boxes(layout, generator=torch.Generator().manual_seed(s))[0].box for s in range(8)}
     assert draws == again  # and the same seed puts it at the same place
-    from saltdiff.layout import _distance_to_box
+    from saltdiff.placement import _distance_to_box
 
     best = _distance_to_box(*fixed[0].center, layout[0].box)
     for box in draws:

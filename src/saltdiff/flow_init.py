@@ -102,7 +102,7 @@ def flow_salt_start(
         "inversion_method": FLOW_INVERSION_METHOD,
         "inversion_sigmas": [round(float(s), 6) for s in grid],
     }
-    if reference.free_boxes:  # where the unboxed objects were placed (Layout.free_boxes)
+    if reference.free_boxes:  # where the unboxed objects were placed (saltdiff.placement.free_boxes)
         info["placed_unboxed"] = [b.to_dict() for b in reference.free_boxes]
     return InitResult(latents, reference, info)
 

@@ -302,7 +302,9 @@ class FlowSaltMixin(PretrainedMixin):
             init_latent=init_latent,
             layout_losses=denoised.layout_losses,
             guidance_losses=denoised.guidance_losses,
-            attention_maps=None if denoised.mean_maps is None else denoised.mean_maps[:, : len(layout)].cpu().numpy(),
+            attention_maps=None
+            if denoised.mean_maps is None
+            else denoised.mean_maps[:, : len(layout)].cpu().numpy(),
             phrases=layout.phrases,
             token_indices=call.token_indices,
             info={**init_result.info, "guidance": guidance.to_dict(), "family": adapter.name},

@@ -307,6 +307,6 @@ class SpatialAwareInit:
             "inversion_prompt": self.inversion_prompt,
             "start_skip": skip,
         }
-        if reference.free_boxes:  # where the unboxed objects were placed (Layout.free_boxes)
+        if reference.free_boxes:  # where the unboxed objects were placed (saltdiff.placement.free_boxes)
             info["placed_unboxed"] = [b.to_dict() for b in reference.free_boxes]
         return InitResult(latents, reference, info, start_skip=skip)

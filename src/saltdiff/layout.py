@@ -142,7 +142,7 @@ class Layout:
 
     ``unboxed``: phrases of the prompt that name an object the user wants somewhere, without a box
     (``"a cat"`` in "a dog and a cat" with a box for the dog only). SALT's reference gives each of
-    them a place of its own away from the boxes (:meth:`free_boxes`), so the object is drawn once,
+    them a place of its own away from the boxes (:func:`saltdiff.placement.free_boxes`), so the object is drawn once,
     there, instead of in a box or twice. Empty: the pipeline detects them when the model lists its
     object words (:func:`saltdiff.vocabulary.unboxed_objects`), and leaves them to the prompt otherwise.
     """
@@ -328,57 +328,6 @@ class Layout:
         text = json.dumps(self.to_dict(prompt), indent=2, ensure_ascii=False) + "\n"
         atomic_write(path, text)
 
-    def free_boxes(
-        self, side: float | None = None, grid: int = 32, generator: torch.Generator | None = None
-    ) -> list[Box]:
-        """A square box for each :attr:`unboxed` phrase, placed where it overlaps the boxes least.
-
-        Why: an object the prompt names without a box is otherwise drawn wherever the noise lets it,
-        often twice or on top of a boxed object (issue 19's pictures). Each phrase gets a square of
-        ``side`` (default: the boxes' median side, within [0.2, 0.35]) at a grid position with the
-        least overlap with the boxes and the squares placed before it. Without ``generator``: among
-        those, the one whose centre lies farthest from every box (the middle of the free space), then
-        the most central, and each square is placed again given the others (so the first does not
-        block the rest); the same layout always gets the same places. With ``generator``: one drawn
-        from it among those at least half as far from every box as the farthest, so each seed puts
-        the object somewhere else in the free space (the seed keeps its say where no box is).
-        """
-        if not self.unboxed:
-            return []
-        if side is None:
-            sides = sorted((b.width * b.height) ** 0.5 for b in self.boxes) or [0.3]
-            side = min(0.35, max(0.2, sides[len(sides) // 2]))
-        steps = [i * (1.0 - side) / (grid - 1) for i in range(grid)]
-        fixed = [b.box for b in self.boxes]
-
-        def best(others: list) -> tuple[float, float, float, float]:
-            def score(xy: tuple[float, float]) -> tuple[float, float, float]:
-                x, y = xy
-                cand = (x, y, x + side, y + side)
-                overlap = sum(_overlap(cand, t) for t in fixed + others)
-                cx, cy = x + side / 2, y + side / 2
-                clearance = min((_distance_to_box(cx, cy, t) for t in fixed + others), default=1.0)
-                return (round(overlap, 6), -round(clearance, 6), abs(cx - 0.5) + abs(cy - 0.5))
-
-            scored = sorted(((score(xy), xy) for y in steps for x in steps for xy in [(x, y)]))
-            if generator is None:
-                x, y = scored[0][1]
-            else:
-                least, far = scored[0][0][0], -scored[0][0][1]
-                good = [xy for sc, xy in scored if sc[0] == least and -sc[1] >= 0.5 * far]
-                pick = int(torch.randint(len(good), (1,), generator=generator, device=generator.device))
-                x, y = good[pick]
-            return (x, y, x + side, y + side)
-
-        places: list = []
-        for _ in self.unboxed:  # greedy, in phrase order
-            places.append(best(places))
-        if generator is None:
-            for _ in range(2):  # then each again given the others: the first no longer blocks the rest
-                for i in range(len(places)):
-                    places[i] = best(places[:i] + places[i + 1 :])
-        return [Box(phrase, place) for phrase, place in zip(self.unboxed, places)]
-
     @staticmethod
     def parse_box_spec(spec: str) -> Box:
         """Parse the CLI form ``"PHRASE=x0,y0,x1,y1"``, e.g. ``"red car=0.1,0.5,0.6,0.9"``.
@@ -467,20 +416,6 @@ class Layout:
             owner.update(dict.fromkeys(positions, b))
             result.append(positions)
         return result
-
-
-def _overlap(a: Sequence[float], b: Sequence[float]) -> float:
-    """Area of the intersection of two normalized boxes."""
-    w = min(a[2], b[2]) - max(a[0], b[0])
-    h = min(a[3], b[3]) - max(a[1], b[1])
-    return max(0.0, w) * max(0.0, h)
-
-
-def _distance_to_box(x: float, y: float, box: Sequence[float]) -> float:
-    """Euclidean distance from a point to a box (0 inside it)."""
-    dx = max(box[0] - x, 0.0, x - box[2])
-    dy = max(box[1] - y, 0.0, y - box[3])
-    return math.hypot(dx, dy)
 
 
 def resolve_phrase_tokens(

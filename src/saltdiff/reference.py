@@ -30,6 +30,7 @@ from .colors import BACKGROUND_HELP, GENERATED_BACKGROUNDS, SPECIAL_BACKGROUNDS,
 from .cutout import border_color_mask, cut_out
 from .fileio import atomic_write, clip
 from .layout import Layout
+from .placement import free_boxes
 from .registry import REFERENCE_BUILDERS, check_fields
 
 logger = logging.getLogger(__name__)
@@ -336,9 +337,9 @@ class GeneratedObjects:
             canvas = solid_background(self.background, height, width, generator)
         placed = []
         if self.unboxed == "place":
-            placed = layout.free_boxes()
+            placed = free_boxes(layout)
         elif self.unboxed == "place-seeded":
-            placed = layout.free_boxes(generator=generator)
+            placed = free_boxes(layout, generator=generator)
         boxes = [*layout, *placed]
         masks = np.zeros((len(boxes), height, width), dtype=bool)
         prompts = [self.object_prompt.format(phrase=box.phrase) for box in boxes]

@@ -319,7 +319,7 @@ REFERENCE_BUILDERS.register(
                 "unboxed",
                 "place",
                 "objects the prompt names without a box (the layout's unboxed phrases): 'place' pastes each "
-                "into the reference in the middle of the free space (Layout.free_boxes), so it is drawn "
+                "into the reference in the middle of the free space (saltdiff.placement.free_boxes), so it is drawn "
                 "once, there; 'place-seeded' at a free place drawn from the seed (unmeasured); 'ignore' "
                 "leaves them to the prompt",
                 choices=("place", "place-seeded", "ignore"),

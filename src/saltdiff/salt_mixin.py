@@ -451,7 +451,9 @@ class SaltMixin(PretrainedMixin):
         images, nsfw = self._decode(denoised.latents, output_type, safety_dtype=prompt_embeds.dtype)
         self.maybe_free_model_hooks()
 
-        attention_maps = None if denoised.mean_maps is None else denoised.mean_maps[:, : len(layout)].cpu().numpy()
+        attention_maps = (
+            None if denoised.mean_maps is None else denoised.mean_maps[:, : len(layout)].cpu().numpy()
+        )
         output = SaltOutput(
             images=images,
             reference_image=init_result.reference_image,

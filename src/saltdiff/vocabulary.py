@@ -182,7 +182,9 @@ def with_unboxed_objects(layout, prompt: str, vocabulary: ModelVocabulary | None
 
     if layout.unboxed:
         for phrase in layout.unboxed:
-            if not re.search(r"(?<!\w)" + re.escape(" ".join(phrase.split())) + r"(?!\w)", prompt, re.IGNORECASE):
+            if not re.search(
+                r"(?<!\w)" + re.escape(" ".join(phrase.split())) + r"(?!\w)", prompt, re.IGNORECASE
+            ):
                 raise LayoutError(f"unboxed phrase {phrase!r} is not in the prompt {prompt!r}")
         return layout
     if not len(layout):

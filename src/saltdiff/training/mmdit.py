@@ -171,7 +171,9 @@ def export_sd3_pipeline(out: Path, vae, text_encoder, tokenizer, transformer, sc
         tokenizer_3=None,
     )
     replace_components(
-        out, pipe, ("transformer", "scheduler", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
+        out,
+        pipe,
+        ("transformer", "scheduler", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2"),
     )
 
 
@@ -180,7 +182,9 @@ def train_mmdit(cfg: MMDiTTrainConfig) -> dict:
     work, out = Path(cfg.work), Path(cfg.out)
     ckpt_path = work / "mmdit_ckpt.pt"
     if not cfg.resume and ckpt_path.exists():
-        raise ValueError(f"work directory {str(work)!r} holds a checkpoint: pass --resume, or use a fresh --work")
+        raise ValueError(
+            f"work directory {str(work)!r} holds a checkpoint: pass --resume, or use a fresh --work"
+        )
     work.mkdir(parents=True, exist_ok=True)
     with open(work / "config.json", "w", encoding="utf-8") as f:
         json.dump(dataclasses.asdict(cfg), f, indent=2)

@@ -58,7 +58,16 @@ class MMDiTTrainConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
-        for name in ("steps", "batch", "latent_cache", "log_every", "val_size", "layers", "heads", "head_dim"):
+        for name in (
+            "steps",
+            "batch",
+            "latent_cache",
+            "log_every",
+            "val_size",
+            "layers",
+            "heads",
+            "head_dim",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.patch_size not in (1, 2, 4):
