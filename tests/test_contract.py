@@ -120,9 +120,9 @@ def _processors(pipe) -> dict[str, int]:
 class Recorder:
     """A step callback that keeps ``(step, timestep, tensors)`` and can raise or interrupt at a step."""
 
-    def __init__(self, *, interrupt_at: int | None = None, raise_at: int | None = None):
+    def __init__(self, *, interrupt_at=None, raise_at=None, halve_latents_at=None):
         self.steps: list[tuple[int, float, dict]] = []
-        self.interrupt_at, self.raise_at = interrupt_at, raise_at
+        self.interrupt_at, self.raise_at, self.halve_latents_at = interrupt_at, raise_at, halve_latents_at
 
     def __call__(self, pipe, i, t, tensors):
         if i == self.raise_at:
@@ -130,7 +130,7 @@ class Recorder:
         self.steps.append((i, float(t), {k: v.detach().clone() for k, v in tensors.items()}))
         if i == self.interrupt_at:
             pipe._interrupt = True
-        return {}
+        return {"latents": tensors["latents"] * 0.5} if i == self.halve_latents_at else {}
 
 
 class Calls:
@@ -173,19 +173,26 @@ def test_random_init_without_guidance_is_diffusers_bit_for_bit(family, layout):
 
 
 # -- callbacks and interrupt ---------------------------------------------------------------------------
-def test_step_callbacks_see_diffusers_tensors_once_per_step(family):
+def test_step_callbacks_see_diffusers_tensors_once_per_step_and_their_latents_are_used(family):
+    """Two images per prompt; every tensor name diffusers' pipeline offers, equal to the ones its
+    callbacks get at every step; latents a callback returns replace the loop's, as in diffusers."""
     names = list(type(family.base)._callback_tensor_inputs)
-    ours, theirs = Recorder(), Recorder()
-    kw = dict(output_type="latent", callback_on_step_end_tensor_inputs=names)
-    _theirs(family, 1, callback_on_step_end=theirs, **kw)
-    _ours(family, None, 1, callback_on_step_end=ours, **kw)
+    ours, theirs = Recorder(halve_latents_at=0), Recorder(halve_latents_at=0)
+    kw = dict(output_type="latent", num_images_per_prompt=2, callback_on_step_end_tensor_inputs=names)
+    expected = _theirs(family, 1, callback_on_step_end=theirs, **kw).images
+    out = _ours(family, None, 1, callback_on_step_end=ours, **kw)
     steps = SIZE["num_inference_steps"]
     assert [i for i, _, _ in ours.steps] == list(range(steps))
     assert [t for _, t, _ in ours.steps] == [t for _, t, _ in theirs.steps]
-    for (i, _, mine), (_, _, expected) in zip(ours.steps, theirs.steps):
+    for (i, _, mine), (_, _, given) in zip(ours.steps, theirs.steps):
         assert sorted(mine) == sorted(names), f"step {i}"
         for name in names:
-            assert torch.equal(mine[name], expected[name]), f"step {i}: {name}"
+            assert torch.equal(mine[name], given[name]), f"step {i}: {name}"
+    assert torch.equal(out.images, expected)
+    plain = _ours(family, None, 1, **{**kw, "callback_on_step_end_tensor_inputs": ["latents"]})
+    assert not torch.equal(plain.images, out.images)  # the halved latents were used
+    with pytest.raises(ValueError, match="noise"):
+        _ours(family, None, 1, callback_on_step_end=ours, callback_on_step_end_tensor_inputs=["noise"])
 
 
 def test_interrupt_from_a_callback_stops_the_loop_as_in_diffusers(family):
@@ -206,7 +213,9 @@ def test_interrupt_from_a_callback_stops_the_loop_as_in_diffusers(family):
 # -- attention processors --------------------------------------------------------------------------------
 def test_attention_processors_come_back_after_a_guided_call_and_after_an_exception(family):
     before = _processors(family.pipe)
-    out = family.pipe(PROMPT, LAYOUT, init="random", guidance=GUIDED, seed=1, output_type="latent", **family.call)
+    out = family.pipe(
+        PROMPT, LAYOUT, init="random", guidance=GUIDED, seed=1, output_type="latent", **family.call
+    )
     assert len(out.guidance_losses) == 2  # the guided passes ran
     assert _processors(family.pipe) == before
     with pytest.raises(RuntimeError, match="stop at step 1"):
@@ -243,7 +252,11 @@ def salt_request(family) -> GenerationRequest:
         height=SIZE["height"],
         width=SIZE["width"],
     )
-    unset = {k: v for k, v in getattr(family.pipe, "guidance_defaults", {}).items() if getattr(request.guidance, k) is None}
+    unset = {
+        k: v
+        for k, v in getattr(family.pipe, "guidance_defaults", {}).items()
+        if getattr(request.guidance, k) is None
+    }
     guidance = dataclasses.replace(request.guidance, **unset)
     return dataclasses.replace(request, guidance=guidance).resolved(family.pipe.scheduler)
 
