@@ -30,7 +30,6 @@ import torch
 
 from saltdiff import GuidanceConfig
 from saltdiff.layout import Layout
-from saltdiff.loading import denoiser
 from saltdiff.request import GenerationRequest
 from saltdiff.samplers import default_sampler
 
@@ -114,7 +113,7 @@ def family(request) -> Family:
 
 
 def _processors(pipe) -> dict[str, int]:
-    return {name: id(p) for name, p in denoiser(pipe).attn_processors.items()}
+    return {name: id(p) for name, p in pipe.denoiser.attn_processors.items()}
 
 
 class Recorder:
@@ -134,10 +133,10 @@ class Recorder:
 
 
 class Calls:
-    """Counts the denoiser's forward calls (every branch batch, every guided pass)."""
+    """Counts the forward calls of a module (every branch batch, every guided pass)."""
 
-    def __init__(self, pipe):
-        self.module, self.count = denoiser(pipe), 0
+    def __init__(self, module):
+        self.module, self.count = module, 0
 
     def __enter__(self):
         self.handle = self.module.register_forward_hook(lambda *a: setattr(self, "count", self.count + 1))
@@ -197,15 +196,15 @@ def test_step_callbacks_see_diffusers_tensors_once_per_step_and_their_latents_ar
 
 def test_interrupt_from_a_callback_stops_the_loop_as_in_diffusers(family):
     ours, theirs = Recorder(interrupt_at=0), Recorder(interrupt_at=0)
-    with Calls(family.base) as base_calls:
+    with Calls(family.pipe.denoiser) as base_calls:  # from_pipe: diffusers' pipeline shares it
         expected = _theirs(family, 1, output_type="np", callback_on_step_end=theirs).images
-    with Calls(family.pipe) as calls:
+    with Calls(family.pipe.denoiser) as calls:
         out = _ours(family, None, 1, output_type="np", callback_on_step_end=ours)
     assert [i for i, _, _ in ours.steps] == [0]
     assert calls.count == base_calls.count == 1  # the first step's batch, nothing after
     assert out.images.tobytes() == expected.tobytes()
     assert family.pipe.interrupt
-    with Calls(family.pipe) as calls:
+    with Calls(family.pipe.denoiser) as calls:
         _ours(family, None, 1, output_type="latent")  # the next call starts afresh
     assert not family.pipe.interrupt and calls.count == SIZE["num_inference_steps"]
 
