@@ -167,8 +167,7 @@ def test_random_init_without_guidance_is_diffusers_bit_for_bit(family, layout):
     if layout is None or family.capture_is_exact:
         assert out.images.tobytes() == expected.tobytes()
     else:
-        np.testing.assert_allclose(out.images, expected, atol=1e-4)
-        assert out.images.tobytes() != np.zeros_like(out.images).tobytes()
+        np.testing.assert_allclose(out.images, expected, rtol=0, atol=1e-5)  # measured: at most 4e-6
 
 
 # -- callbacks and interrupt ---------------------------------------------------------------------------
