@@ -105,7 +105,7 @@ def test_the_vp_guided_update_through_the_adapter_is_todays_scaling(pipe, adapte
     t = 801
     sigma = float(N.vp_sigma(alphas[t].double()))
     scale = N.guided_step_scale("vp", sigma)
-    assert scale == pytest.approx(step_scale(alphas, t, "sigma"), rel=1e-5)
+    assert scale == pytest.approx(step_scale(N.vp_noise_variance(alphas, t), "sigma"), rel=1e-5)
     layout = Layout.from_pairs([("cat", (0.0, 0.0, 0.5, 0.5))])
     targets = GuidanceTargets([adapter.phrase_tokens("a red cat", "cat")], lambda h, w: layout.masks(h, w))
     conditions = adapter.conditions("a red cat")

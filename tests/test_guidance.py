@@ -219,13 +219,17 @@ def test_max_grad_norm_caps_the_update_norm():
 # -- step-size schedules ---------------------------------------------------------------------------
 def test_step_scale_schedules():
     scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
-    alphas = scheduler.alphas_cumprod
+    from saltdiff.noise import vp_noise_variance, vp_schedule
+
+    alphas = vp_schedule(scheduler)
     for t in (0, 1, 500, 981, 999):
-        assert step_scale(alphas, t, "sigma") == pytest.approx(1.0 - alphas[t].item(), rel=1e-6)
-        assert step_scale(alphas, torch.tensor(t), "sigma") == pytest.approx(1.0 - alphas[t].item(), rel=1e-6)
-        assert step_scale(alphas, t, "constant") == 1.0
+        variance = vp_noise_variance(alphas, t)
+        assert step_scale(variance, "sigma") == pytest.approx(1.0 - alphas[t].item(), rel=1e-6)
+        assert vp_noise_variance(alphas, torch.tensor(t)) == variance
+        assert vp_noise_variance(alphas, t + 0.4) == variance  # Euler-type float timesteps round
+        assert step_scale(variance, "constant") == 1.0
     # noisier timesteps take larger steps: 1 - alpha_bar rises from ~0.001 to ~0.995
-    assert step_scale(alphas, 0, "sigma") < 0.002 and step_scale(alphas, 999, "sigma") > 0.99
+    assert vp_noise_variance(alphas, 0) < 0.002 and vp_noise_variance(alphas, 999) > 0.99
 
 
 # -- non-finite skip -------------------------------------------------------------------------------

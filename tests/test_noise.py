@@ -98,12 +98,14 @@ def test_guided_step_scale_by_hand():
     assert N.guided_step_scale("flow", 0.0) == 0.0
 
 
-def test_vp_guided_step_scale_is_guidance_step_scale():
-    """The VP formula in sigma notation is the 1 - alpha_bar that guidance.step_scale uses today."""
-    alphas = sd_ddim_scheduler().alphas_cumprod
+def test_vp_guided_step_scale_is_the_unet_loops_step_scale():
+    """The VP formula in sigma notation is the 1 - alpha_bar the UNet loop reads off the schedule."""
+    alphas = N.vp_schedule(sd_ddim_scheduler())
     for t in (1, 250, 981):
         sigma = float(N.vp_sigma(alphas[t].double()))
-        assert N.guided_step_scale("vp", sigma) == pytest.approx(step_scale(alphas, t, "sigma"), rel=1e-5)
+        expected = step_scale(N.vp_noise_variance(alphas, t), "sigma")
+        assert N.guided_step_scale("vp", sigma) == pytest.approx(expected, rel=1e-5)
+    assert N.vp_schedule(object()) is None  # a flow sampler has no VP schedule
 
 
 def test_flow_guided_step_scale_is_the_sigma_space_step_carried_to_the_flow_latent():

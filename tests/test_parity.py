@@ -1,5 +1,6 @@
-"""diffusers parity on tiny components: prompt_embeds, cross_attention_kwargs, PipelineCallbacks,
-interrupt and num_timesteps, IP-Adapter, LCM's timestep_cond, the safety checker."""
+"""diffusers parity on tiny components: prompt_embeds, cross_attention_kwargs, PipelineCallbacks
+and num_timesteps, IP-Adapter, LCM's timestep_cond, the safety checker. (Plain sampling, step
+callbacks and interrupt are the family contract: tests/test_contract.py, every family.)"""
 
 from __future__ import annotations
 
@@ -95,23 +96,6 @@ def test_diffusers_cfg_cutoff_callback_and_num_timesteps():
     # the callback cuts CFG at the end of step int(4 * 0.5) = 2: conditional rows only afterwards
     assert batches == [2, 2, 2, 1]
     assert np.isfinite(out.images).all()
-
-
-def test_interrupt_stops_the_loop():
-    pipe = _pipe()
-    seen = []
-
-    def stop_after_first(p, i, t, tensors):
-        seen.append(i)
-        p._interrupt = True
-        return tensors
-
-    with UNetCalls(pipe.unet) as calls:
-        pipe(PROMPT, LAYOUT, init="random", guidance="none", callback_on_step_end=stop_after_first, **FAST)
-    assert seen == [0] and len(calls.calls) == 1
-    assert pipe.interrupt
-    pipe(PROMPT, LAYOUT, init="random", guidance="none", **FAST)  # the next call starts afresh
-    assert not pipe.interrupt
 
 
 def test_ip_adapter_conditions_sampling_and_capture_keeps_its_attention():

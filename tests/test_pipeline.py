@@ -45,15 +45,11 @@ def test_guidance_lowers_its_loss_within_a_step(tiny_pipe):
     assert history[-1] < history[0]
 
 
-def test_same_seed_same_bytes_and_other_seed_differs(tiny_pipe):
+def test_the_images_of_one_batch_differ(tiny_pipe):
+    """(Same seed same bytes, another seed another image: tests/test_contract.py, every family.)"""
     kwargs = dict(
         init=gray_reference_init(), guidance=GuidanceConfig(guidance_steps=1, guidance_iters=1), **FAST
     )
-    a = tiny_pipe(PROMPT, LAYOUT, seed=3, output_type="np", **kwargs).images
-    b = tiny_pipe(PROMPT, LAYOUT, seed=3, output_type="np", **kwargs).images
-    c = tiny_pipe(PROMPT, LAYOUT, seed=4, output_type="np", **kwargs).images
-    assert a.tobytes() == b.tobytes()
-    assert np.abs(a - c).max() > 0.05  # the spatial-aware init follows the seed too
     batch = tiny_pipe(PROMPT, LAYOUT, seed=3, output_type="np", num_images_per_prompt=2, **kwargs).images
     assert np.abs(batch[0] - batch[1]).max() > 0.05  # and the images of one batch differ
 
@@ -220,18 +216,6 @@ def test_generated_background_of_a_prompt_made_only_of_boxed_phrases(tiny_pipe):
     assert outside.any()
     pixels = np.asarray(built.image, dtype=np.float32)[outside] / 255
     np.testing.assert_allclose(pixels, expected[outside], atol=1 / 255 + 1e-6)
-
-
-def test_processors_restored_even_after_an_error(tiny_pipe):
-    before = dict(tiny_pipe.unet.attn_processors)
-
-    def boom(pipe, i, t, kwargs):
-        raise RuntimeError("stop here")
-
-    with pytest.raises(RuntimeError, match="stop here"):
-        tiny_pipe(PROMPT, LAYOUT, init=gray_reference_init(), callback_on_step_end=boom, **FAST)
-    after = tiny_pipe.unet.attn_processors
-    assert all(after[k] is before[k] for k in before)
 
 
 def test_non_finite_loss_skips_update_and_warns(tiny_pipe, caplog):

@@ -41,18 +41,6 @@ def reference_image() -> Image.Image:
     return Image.fromarray(pixels)
 
 
-@pytest.mark.parametrize("layout", [None, LAYOUT], ids=["no-layout", "layout-captured"])
-def test_random_init_without_guidance_is_diffusers_bit_for_bit(base, pipe, layout):
-    """With a layout the capture processors run (layout energy is recorded): still the same bytes."""
-    expected = base(PROMPT, generator=torch.Generator().manual_seed(1), output_type="np", **FAST).images
-    out = pipe(PROMPT, layout, init="random", guidance="none", seed=1, output_type="np", **FAST)
-    assert out.images.tobytes() == expected.tobytes()
-    assert len(out.layout_losses) == (3 if layout else 0) and out.guidance_losses == []
-    assert out.reference_image is None and out.init_latent.shape == (1, 16, 16, 16)
-    # and the processors were put back
-    assert {type(p).__name__ for p in pipe.transformer.attn_processors.values()} == {"JointAttnProcessor2_0"}
-
-
 def test_parity_holds_with_embeds_and_without_cfg(base, pipe):
     embeds, negative, pooled, negative_pooled = base.encode_prompt(
         PROMPT, None, None, do_classifier_free_guidance=True, max_sequence_length=16
@@ -202,39 +190,6 @@ def test_from_pipe_refuses_another_family(pipe):
 
     with pytest.raises(ValueError, match="SaltSD3Pipeline"):
         SaltSD3Pipeline.from_pipe(tiny_sd_pipeline())
-
-
-def test_step_callback_sees_sd3_tensors_and_can_interrupt(pipe):
-    seen = []
-
-    def callback(p, i, t, tensors):
-        seen.append((i, tuple(tensors["latents"].shape), tuple(tensors["prompt_embeds"].shape)))
-        if i == 1:
-            p._interrupt = True
-        return {}
-
-    out = pipe(
-        PROMPT,
-        LAYOUT,
-        init="random",
-        guidance="none",
-        seed=1,
-        num_images_per_prompt=2,
-        output_type="latent",
-        callback_on_step_end=callback,
-        callback_on_step_end_tensor_inputs=["latents", "prompt_embeds"],
-        **FAST,
-    )
-    assert seen == [(0, (2, 16, 16, 16), (4, 93, 32)), (1, (2, 16, 16, 16), (4, 93, 32))]
-    assert len(out.layout_losses) == 2 and out.images.shape == (2, 16, 16, 16)
-    with pytest.raises(ValueError, match="not available"):
-        pipe(
-            PROMPT,
-            init="random",
-            callback_on_step_end=callback,
-            callback_on_step_end_tensor_inputs=["noise"],
-            **FAST,
-        )
 
 
 def test_the_boxed_negative_outside_prompt_is_a_third_row_of_the_cfg_batch(pipe):

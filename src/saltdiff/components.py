@@ -75,8 +75,8 @@ def check_component_dtypes(pipe) -> None:
     }
     if len(set(dtypes.values())) > 1:
         listed = ", ".join(f"{name} {str(dtype).replace('torch.', '')}" for name, dtype in dtypes.items())
-        unet = str(dtypes.get("unet", next(iter(dtypes.values())))).replace("torch.", "")
+        wanted = str(next(iter(dtypes.values()))).replace("torch.", "")  # the denoiser's, listed first
         raise ValueError(
             f"the pipeline's components have different dtypes ({listed}): load it with one dtype "
-            f"(from_pretrained(..., dtype=torch.{unet})) or cast it with pipe.to(torch.{unet})"
+            f"(from_pretrained(..., dtype=torch.{wanted})) or cast it with pipe.to(torch.{wanted})"
         )

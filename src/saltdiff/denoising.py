@@ -17,6 +17,7 @@ import torch
 from .attention import AttentionStore, capture_cross_attention, select_layers
 from .guidance import GuidanceConfig, GuidanceTargets, guided_update, layer_losses, step_scale
 from .losses import layout_guidance_loss
+from .noise import vp_noise_variance, vp_schedule
 from .samplers import model_input_scale
 
 __all__ = ["Denoised", "LoopState", "NoBar", "OutsidePrompt", "UNetExtras", "denoise", "step_callback"]
@@ -287,7 +288,8 @@ def denoise(
 
                     # gradient steps in the UNet's (VP) input space, whatever the sampler's own space
                     to_vp = model_input_scale(scheduler, t, latents)
-                    scale = step_scale(scheduler.alphas_cumprod, t, guidance.step_size_schedule)
+                    variance = vp_noise_variance(vp_schedule(scheduler), t)
+                    scale = step_scale(variance, guidance.step_size_schedule)
                     result = guided_update(unet_cond, latents * to_vp, store, targets, guidance, scale)
                     guidance_losses.append(result.losses)
                     latents = (result.latents / to_vp).to(latents.dtype)

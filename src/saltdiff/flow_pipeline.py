@@ -84,6 +84,11 @@ class FlowSaltMixin(PretrainedMixin):
     #: them; the CLI writes them into the recipe.
     guidance_defaults = {"outside_prompt_steps": 0}
 
+    @property
+    def denoiser(self):
+        """The denoising network: the joint-attention transformer."""
+        return self.transformer
+
     def default_size(self) -> int:
         """diffusers' default side in pixels: ``default_sample_size`` latents."""
         return int(self.default_sample_size) * int(self.vae_scale_factor)

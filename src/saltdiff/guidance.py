@@ -205,12 +205,12 @@ def layer_losses(
     return total / len(per_layer)
 
 
-def step_scale(alphas_cumprod: torch.Tensor, timestep: int | torch.Tensor, schedule: str) -> float:
-    """``s(t)`` of the update: ``1 - alpha_bar_t`` ("sigma") or 1 ("constant")."""
+def step_scale(noise_variance: float, schedule: str) -> float:
+    """``s`` of the update: the latent's noise variance ``c_noise^2`` at this step ("sigma"; VP:
+    :func:`saltdiff.noise.vp_noise_variance` = ``1 - alpha_bar_t``, flow: ``sigma^2``) or 1 ("constant")."""
     if schedule == "constant":
         return 1.0
-    t = int(round(float(timestep)))  # Euler-type samplers' timesteps are floats
-    return float(1.0 - alphas_cumprod[t])
+    return float(noise_variance)
 
 
 @dataclass
@@ -221,7 +221,7 @@ class GuidedUpdateResult:
 
 
 def guided_update(
-    unet_fn: Callable[[torch.Tensor], None],
+    denoiser_fn: Callable[[torch.Tensor], None],
     latents: torch.Tensor,
     store: AttentionStore,
     targets: GuidanceTargets,
@@ -230,8 +230,8 @@ def guided_update(
 ) -> GuidedUpdateResult:
     """Up to ``guidance_iters`` gradient steps on ``latents`` for one denoising timestep.
 
-    ``unet_fn(z)`` runs the *conditional* branch of the UNet on ``z`` (the store records its
-    cross-attention with autograd). Stops early once the loss is under ``loss_threshold``. A
+    ``denoiser_fn(z)`` runs the *conditional* branch of the denoiser (a UNet, a joint-attention
+    transformer) on ``z`` (the store records its attention to the text with autograd). Stops early once the loss is under ``loss_threshold``. A
     non-finite loss or gradient skips the update (with a warning) instead of poisoning the image.
     """
     loss_fn = config.loss_fn()
@@ -242,7 +242,7 @@ def guided_update(
         z = z.detach().requires_grad_(True)
         with torch.enable_grad():
             store.reset()
-            unet_fn(z)
+            denoiser_fn(z)
             loss = layer_losses(store, targets, loss_fn, references)
             value = float(loss.detach())
             history.append(value)

@@ -66,7 +66,7 @@ class Initializer(Protocol):
 def latent_shape(pipe, num_images: int, height: int, width: int) -> tuple[int, int, int, int]:
     return (
         num_images,
-        pipe.unet.config.in_channels,
+        pipe.denoiser.config.in_channels,
         height // pipe.vae_scale_factor,
         width // pipe.vae_scale_factor,
     )
@@ -79,7 +79,7 @@ class RandomInit:
     def __call__(self, pipe, prompt, layout, generator, *, height, width, num_inference_steps, num_images=1):
         shape = latent_shape(pipe, num_images, height, width)
         latents = randn_tensor(
-            shape, generator=generator, device=pipe._execution_device, dtype=pipe.unet.dtype
+            shape, generator=generator, device=pipe._execution_device, dtype=pipe.denoiser.dtype
         )
         return InitResult(latents * pipe.scheduler.init_noise_sigma, None, {"init": "random"})
 
@@ -225,17 +225,17 @@ class SpatialAwareInit:
 
     def _invert(self, pipe, image: Image.Image, text: str, generator, *, num_inference_steps: int):
         z0 = pipe.encode_reference(image)
-        embeds, unet_kwargs = pipe.inversion_conditioning(text, image.height, image.width)
+        embeds, model_kwargs = pipe.inversion_conditioning(text, image.height, image.width)
         return ddim_invert(
-            pipe.unet,
+            pipe.denoiser,
             pipe.scheduler,
-            z0.to(pipe.unet.dtype),
+            z0.to(pipe.denoiser.dtype),
             embeds,
             num_inference_steps=self.depth(pipe.scheduler, num_inference_steps),
             end_timestep=self.end_timestep(pipe.scheduler, num_inference_steps),
             noise_scale=self.inversion_noise_scale,
             generator=generator,
-            unet_kwargs=unet_kwargs,
+            model_kwargs=model_kwargs,
         )
 
     def start_skip(self, scheduler, num_inference_steps: int) -> int:

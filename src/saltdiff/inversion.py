@@ -134,7 +134,7 @@ def ddim_invert(
     generator: torch.Generator | list[torch.Generator] | None = None,
     progress_bar: Callable[[Iterable], Iterable] | None = None,
     return_trajectory: bool = False,
-    unet_kwargs: dict | None = None,
+    model_kwargs: dict | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
     """Invert the clean latent ``latents`` with ``num_inference_steps`` DDIM steps up to ``end_timestep``.
 
@@ -157,7 +157,7 @@ def ddim_invert(
         generator: for the noise of ``noise_scale > 0``.
         progress_bar: wraps the iteration over timesteps (e.g. a pipeline's ``progress_bar``).
         return_trajectory: also return ``[latents, x_tau_1, ..., x_tau_K]`` (K + 1 tensors).
-        unet_kwargs: further keyword arguments of every UNet call, for the whole batch (SDXL's
+        model_kwargs: further keyword arguments of every UNet call, for the whole batch (SDXL's
             ``added_cond_kwargs``: pooled text embeddings and ``time_ids``, with the rows of the
             batch, ``[negative; conditional]`` when ``guidance_scale > 1``).
 
@@ -189,7 +189,7 @@ def ddim_invert(
     for t in iterator:
         model_in = torch.cat([sample] * 2) if do_cfg else sample
         model_in = inverse.scale_model_input(model_in, t)
-        noise_pred = unet(model_in, t, encoder_hidden_states=embeds, **(unet_kwargs or {})).sample
+        noise_pred = unet(model_in, t, encoder_hidden_states=embeds, **(model_kwargs or {})).sample
         if do_cfg:
             noise_uncond, noise_cond = noise_pred.chunk(2)
             noise_pred = noise_uncond + guidance_scale * (noise_cond - noise_uncond)

@@ -230,9 +230,8 @@ def load_pipeline(
 
 
 def denoiser(pipe):
-    """The pipeline's denoising network: its ``unet``, or its ``transformer`` (SD3, FLUX)."""
-    unet = getattr(pipe, "unet", None)
-    return unet if unet is not None else pipe.transformer
+    """The pipeline's denoising network (``pipe.denoiser``: the UNet, or SD3's and FLUX's transformer)."""
+    return pipe.denoiser
 
 
 def check_image_size(pipe, height: int | None, width: int | None, *, force: bool = False) -> None:

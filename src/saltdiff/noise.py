@@ -15,7 +15,9 @@ A denoiser family adds noise to a clean latent ``x0`` with unit Gaussian ``eps``
 Both are "a clean part plus a noise part": ``latent = c_data(sigma) x0 + c_noise(sigma) eps``
 (:func:`coefficients`). Every function here takes the family's own sigma and is exact, so
 the rest of the package (guidance, inversion, the family adapters) never spells out a formula
-twice. Nothing here touches a model or a scheduler.
+twice. Nothing here touches a model; a sampler only through :func:`vp_schedule`, the one reader of
+its discrete VP schedule (``alphas_cumprod``: outside this module's ``vp_*`` functions and the family
+adapters, no module names it; ``tests/test_architecture.py`` walks the source).
 """
 
 from __future__ import annotations
@@ -37,6 +39,8 @@ __all__ = [
     "vp_alpha",
     "vp_inversion_step",
     "vp_latent",
+    "vp_noise_variance",
+    "vp_schedule",
     "vp_sigma",
     "vp_timestep",
     "vp_x0_eps",
@@ -73,6 +77,21 @@ def vp_sigma(alpha_bar: Number) -> Number:
     if isinstance(alpha_bar, torch.Tensor):
         return ((1.0 - alpha_bar) / alpha_bar).sqrt()
     return math.sqrt((1.0 - alpha_bar) / alpha_bar)
+
+
+def vp_schedule(scheduler) -> torch.Tensor | None:
+    """A sampler's discrete VP schedule ``alpha_bar_t`` by training timestep (its ``alphas_cumprod``),
+    or ``None`` for a sampler without one (flow matching)."""
+    alphas_cumprod = getattr(scheduler, "alphas_cumprod", None)
+    return alphas_cumprod if torch.is_tensor(alphas_cumprod) else None
+
+
+def vp_noise_variance(alphas_cumprod: torch.Tensor, timestep: int | float | torch.Tensor) -> float:
+    """``c_noise^2 = 1 - alpha_bar_t`` at a sampler's timestep, read off the discrete schedule (rounded:
+    Euler-type samplers' timesteps are floats): :func:`guided_step_scale` ``("vp", sigma)`` at the
+    timestep's own sigma, as the UNet sampling loop scales its guided step."""
+    t = int(round(float(timestep)))
+    return float(1.0 - alphas_cumprod[t])
 
 
 def vp_timestep(sigma: Number, alphas_cumprod: torch.Tensor) -> torch.Tensor:
@@ -183,7 +202,7 @@ def guided_step_scale(family: str, sigma: Number) -> Number:
     ``x <- x - eta (c sigma_y)^2 grad_x L`` and ``c sigma_y`` is the latent's own noise coefficient:
 
     - VP: ``c = sqrt(a)``, ``sigma_y = sigma``: ``s = a sigma^2 = 1 - alpha_bar`` -- exactly what
-      ``guidance.step_scale`` uses today with ``alphas_cumprod``.
+      the UNet loop reads off the discrete schedule (:func:`vp_noise_variance`).
     - flow: ``x = (1 - sigma) x0 + sigma eps = (1 - sigma) (x0 + sigma / (1 - sigma) eps)``, so
       ``c = 1 - sigma``, ``sigma_y = sigma / (1 - sigma)``: ``s = sigma^2``.
 

@@ -28,8 +28,7 @@ class PipelineObjectGenerator:
         model_id = getattr(pipe, "name_or_path", None) or pipe.config.get("_name_or_path")
         if not model_id:
             return None
-        denoiser = pipe.unet if getattr(pipe, "unet", None) is not None else pipe.transformer  # SD3: no UNet
-        return [str(model_id), weights_stamp(str(model_id)), str(denoiser.dtype)]
+        return [str(model_id), weights_stamp(str(model_id)), str(pipe.denoiser.dtype)]
 
     def __call__(self, prompts, *, phrases=None, height, width, num_inference_steps, guidance_scale, seed):
         return self._pipe.generate_objects(

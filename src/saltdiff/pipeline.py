@@ -77,7 +77,7 @@ class SaltPipeline(SaltMixin, StableDiffusionPipeline):
         return self.vae.encode(pixels).latent_dist.mean * self.vae.config.scaling_factor
 
     def inversion_conditioning(self, text: str, height: int, width: int):
-        """``(embeds, unet_kwargs)`` of DDIM inversion's conditional branch: the text alone."""
+        """``(embeds, model_kwargs)`` of DDIM inversion's conditional branch: the text alone."""
         embeds, _ = self.encode_prompt(text, self._execution_device, 1, do_classifier_free_guidance=False)
         return embeds, None
 

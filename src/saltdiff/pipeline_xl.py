@@ -145,10 +145,10 @@ class SaltXLPipeline(SaltMixin, StableDiffusionXLPipeline):
         with self._vae_in_fp32() as dtype:
             z0 = self.vae.encode(pixels.to(dtype)).latent_dist.mean
         mean, std = self._latent_stats(z0)
-        return ((z0 - mean) * self.vae.config.scaling_factor / std).to(self.unet.dtype)
+        return ((z0 - mean) * self.vae.config.scaling_factor / std).to(self.denoiser.dtype)
 
     def inversion_conditioning(self, text: str, height: int, width: int):
-        """``(embeds, unet_kwargs)`` of DDIM inversion's conditional branch: text, pooled embeds, time ids."""
+        """``(embeds, model_kwargs)`` of DDIM inversion's conditional branch: text, pooled embeds, time ids."""
         embeds, _, added = self._encode_text(
             text, self._execution_device, 1, False, height=height, width=width
         )

@@ -38,9 +38,9 @@ from .call_inputs import (
 )
 from .components import check_component_dtypes
 from .denoising import Denoised, OutsidePrompt, UNetExtras, denoise, step_callback
+from .families.unet import ip_adapter_off
 from .guidance import GuidanceConfig
 from .init import InitResult
-from .ip_adapter import ip_adapter_off
 from .layout import Box, Layout
 from .object_generator import PipelineObjectGenerator
 from .pipeline_output import SaltOutput
@@ -63,6 +63,11 @@ class SaltMixin(PretrainedMixin):
 
     _family: str  # the checkpoints.model_family name the subclass runs
     _salt_callback_inputs: tuple[str, ...] = CALLBACK_TENSOR_INPUTS  # what a step callback may ask for
+
+    @property
+    def denoiser(self):
+        """The denoising network: the UNet (what family-agnostic code reads for its dtype and config)."""
+        return self.unet
 
     def _after_loading(self) -> None:
         """Tokenizers capped at their text encoders' length (:class:`~saltdiff.pretrained.PretrainedMixin`)."""

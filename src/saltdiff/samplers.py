@@ -33,6 +33,7 @@ import math
 
 import torch
 
+from .noise import vp_schedule
 from .registry import SCHEDULERS
 
 __all__ = [
@@ -142,8 +143,7 @@ def scheduler_name(scheduler) -> str | None:
 
 def check_supported(scheduler) -> None:
     """One ``ValueError`` line when ``scheduler`` has no discrete DDPM noise schedule to invert against."""
-    alphas = getattr(scheduler, "alphas_cumprod", None)
-    if not torch.is_tensor(alphas) or not hasattr(scheduler, "scale_model_input"):
+    if vp_schedule(scheduler) is None or not hasattr(scheduler, "scale_model_input"):
         raise ValueError(
             f"scheduler {type(scheduler).__name__} is not supported: saltdiff needs a discrete DDPM noise "
             f"schedule (alphas_cumprod), as Stable Diffusion 1.x/2.x/XL samplers have; choose one of "

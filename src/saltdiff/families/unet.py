@@ -8,12 +8,15 @@ v, per the scheduler's ``prediction_type``: :func:`saltdiff.noise.vp_x0_eps` con
 :func:`saltdiff.attention.capture_cross_attention` unchanged. SDXL (pooled embeddings and time ids
 as added conditions) is refused here: ``SaltXLPipeline``'s hooks still own it, and the pipeline is
 not rewired onto adapters yet.
+
+The UNet's extra inputs live here too: :func:`ip_adapter_off`, the SALT call's IP-Adapter handling
+(the image conditions sampling, not the reference or its inversion).
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 
@@ -22,7 +25,34 @@ from ..layout import resolve_phrase_tokens
 from ..noise import vp_timestep
 from . import Conditions, vae_decode, vae_encode
 
-__all__ = ["UNetFamily"]
+__all__ = ["UNetFamily", "ip_adapter_off"]
+
+
+@contextlib.contextmanager
+def ip_adapter_off(unet) -> Iterator[None]:
+    """Inside the block ``unet`` runs as without its IP-Adapter (a no-op when none is loaded); its
+    image projection and attention processors are restored afterwards, also when the body raises.
+
+    A UNet with an IP-Adapter loaded (``encoder_hid_dim_type="ip_image_proj"``) refuses a call without
+    ``image_embeds``, and object generation and DDIM inversion call it with text alone: the adapter
+    comes out as diffusers' ``unload_ip_adapter`` takes it out (no image projection, plain attention
+    where the decoupled image attention was) and the same modules go back.
+    """
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    projection = unet.encoder_hid_proj
+    if projection is None or unet.config.encoder_hid_dim_type != "ip_image_proj":
+        yield
+        return
+    original = dict(unet.attn_processors)
+    plain = {name: AttnProcessor2_0() if hasattr(p, "to_k_ip") else p for name, p in original.items()}
+    unet.encoder_hid_proj = None
+    unet.set_attn_processor(plain)  # set_attn_processor pops from the dict it gets: hand it copies
+    try:
+        yield
+    finally:
+        unet.encoder_hid_proj = projection
+        unet.set_attn_processor(dict(original))
 
 
 class UNetFamily:
