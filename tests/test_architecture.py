@@ -291,14 +291,6 @@ UNET_MODULES: dict[str, tuple[frozenset[str], str]] = {
         frozenset({"unet", "alphas_cumprod"}),
         "the trainer of the built-in model, a VP UNet: its config, noised batches, export",
     ),
-    # Not by nature: both read pipe.unet.dtype for the recipe's dtype, which is `pipe.denoiser.dtype`
-    # on every family (bench's fails on SD3/FLUX; the demo's records float32 there). Both modules are
-    # being changed on other branches: move them to pipe.denoiser and drop these two entries.
-    "saltdiff.eval.bench": (frozenset({"unet"}), "pipe.unet.dtype for the recipe (to fix: pipe.denoiser)"),
-    "saltdiff.demo.requests": (
-        frozenset({"unet"}),
-        "pipe.unet's dtype for the recipe (to fix: pipe.denoiser)",
-    ),
 }
 
 
