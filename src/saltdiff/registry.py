@@ -320,7 +320,7 @@ REFERENCE_BUILDERS.register(
                 "place",
                 "objects the prompt names without a box (the layout's unboxed phrases): 'place' pastes each "
                 "into the reference in the middle of the free space (saltdiff.placement.free_boxes), so it is drawn "
-                "once, there; 'place-seeded' at a free place drawn from the seed (unmeasured); 'ignore' "
+                "once, there; 'place-seeded' at a free place drawn from the seed (more seed diversity); 'ignore' "
                 "leaves them to the prompt",
                 choices=("place", "place-seeded", "ignore"),
                 flag="reference-unboxed",
