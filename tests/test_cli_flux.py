@@ -140,3 +140,40 @@ def test_preflight_reads_fluxs_phrases_in_t5_not_clip(flux_dir, tmp_path):
     )
     with pytest.raises(LayoutError, match="dog"):
         check_before_loading(flux_dir, missing)
+
+
+def test_true_cfg_on_flux_from_the_command_line_and_refused_elsewhere(
+    flux_dir, tiny_pipe_dir, tmp_path, capsys
+):
+    out = tmp_path / "true-cfg.png"
+    args = [*BASE, "--model", flux_dir, "--init", "random", "--guidance", "none", "--out", str(out)]
+    assert main([*args, "--negative-prompt", "a blurry picture", "--true-cfg-scale", "3"]) == 0
+    recipe = read_recipe(str(out))
+    assert recipe["true_cfg_scale"] == 3.0 and recipe["negative_prompt"] == "a blurry picture"
+    assert GenerationRequest.from_recipe(recipe).true_cfg_scale == 3.0
+    plain = tmp_path / "plain.png"
+    assert main([*args[:-1], str(plain)]) == 0
+    assert read_recipe(str(plain))["true_cfg_scale"] == 1.0
+    assert (
+        np.abs(
+            np.asarray(Image.open(out), dtype=np.float32) - np.asarray(Image.open(plain), dtype=np.float32)
+        ).max()
+        > 1
+    )  # the negative branch changes the image
+    capsys.readouterr()
+    sd = [
+        *BASE,
+        "--model",
+        tiny_pipe_dir,
+        "--init",
+        "random",
+        "--guidance",
+        "none",
+        "--out",
+        str(tmp_path / "sd.png"),
+    ]
+    assert main([*sd, "--true-cfg-scale", "2"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "true_cfg_scale=2.0 is FLUX's true CFG" in err[0]
+    with pytest.raises(ValueError, match="true_cfg_scale must be a finite number >= 1"):
+        GenerationRequest(prompt="a cat", true_cfg_scale=0.5)

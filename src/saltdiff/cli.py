@@ -65,6 +65,13 @@ def build_parser() -> Parser:
     gen.add_argument("--steps", type=int, default=50, help="denoising steps")
     gen.add_argument("--cfg", type=float, default=7.5, help="classifier-free guidance scale")
     gen.add_argument("--negative-prompt", default=None, help="negative prompt")
+    gen.add_argument(
+        "--true-cfg-scale",
+        type=float,
+        default=1.0,
+        help="FLUX only: true classifier-free guidance on --negative-prompt (a second transformer call per "
+        "step); 1 = off. FLUX's --cfg is its embedded guidance",
+    )
     gen.add_argument("--seed", type=int, default=0, help="random seed (same seed → same image)")
     gen.add_argument("--height", type=int, default=None, help="image height (default: the model's)")
     gen.add_argument("--width", type=int, default=None, help="image width (default: the model's)")
@@ -127,6 +134,7 @@ def build_request(args):
         num_inference_steps=args.steps,
         guidance_scale=args.cfg,
         negative_prompt=args.negative_prompt,
+        true_cfg_scale=args.true_cfg_scale,
         seed=args.seed,
         scheduler=args.scheduler or "ddim",
         height=args.height,

@@ -10,6 +10,7 @@ so ``saltdiff generate``, the demo and every bench image describe a run the same
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
 import math
 import os
@@ -44,6 +45,7 @@ RECIPE_FIELDS = (
     "seed",
     "steps",
     "cfg",
+    "true_cfg_scale",
     "scheduler",
     "height",
     "width",
@@ -80,6 +82,17 @@ def check_cfg(value: Any, name: str = "guidance_scale") -> None:
         or value < 0
     ):
         raise ValueError(f"{name} must be a finite number >= 0, got {excerpt(value)}")
+
+
+def check_true_cfg(value: Any, name: str = "true_cfg_scale") -> None:
+    """A finite number >= 1 (1: off)."""
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not math.isfinite(value)
+        or value < 1
+    ):
+        raise ValueError(f"{name} must be a finite number >= 1 (1 = off), got {excerpt(value)}")
 
 
 def check_seed(value: Any, name: str = "seed") -> None:
@@ -121,6 +134,9 @@ class GenerationRequest:
     scheduler: str = "ddim"
     height: int | None = None
     width: int | None = None
+    #: FLUX's true classifier-free guidance (a second transformer call per step on ``negative_prompt``);
+    #: 1 = off. Only pipelines whose call takes it (``SaltFluxPipeline``) accept another value.
+    true_cfg_scale: float = 1.0
 
     def __post_init__(self) -> None:
         if not isinstance(self.prompt, str) or not self.prompt.strip():
@@ -142,6 +158,7 @@ class GenerationRequest:
         check_seed(self.seed)
         check_steps(self.num_inference_steps)
         check_cfg(self.guidance_scale)
+        check_true_cfg(self.true_cfg_scale)
         check_side(self.height, "height")
         check_side(self.width, "width")
         if self.negative_prompt is not None and not isinstance(self.negative_prompt, str):
@@ -187,6 +204,7 @@ class GenerationRequest:
             "height": self.height,
             "width": self.width,
             "seed": self.seed,
+            **({"true_cfg_scale": self.true_cfg_scale} if self.true_cfg_scale != 1.0 else {}),
         }
 
     @contextlib.contextmanager
@@ -210,6 +228,11 @@ class GenerationRequest:
         from .samplers import config_family, make_scheduler
 
         make_scheduler(self.scheduler, pipe.scheduler.config)  # a VP sampler on a flow model: one line
+        if self.true_cfg_scale != 1.0 and "true_cfg_scale" not in inspect.signature(pipe.__call__).parameters:
+            raise ValueError(
+                f"true_cfg_scale={self.true_cfg_scale} is FLUX's true CFG; {type(pipe).__name__} has none "
+                "(its guidance_scale, --cfg, is classifier-free guidance already): leave it at 1"
+            )
         request = self
         defaults = getattr(pipe, "guidance_defaults", {})
         unset = {k: v for k, v in defaults.items() if getattr(self.guidance, k) is None}
@@ -282,6 +305,7 @@ class GenerationRequest:
             "seed": self.seed,
             "steps": self.num_inference_steps,
             "cfg": self.guidance_scale,
+            "true_cfg_scale": self.true_cfg_scale,
             "scheduler": self.scheduler,
             "height": self.height,
             "width": self.width,
@@ -331,6 +355,7 @@ class GenerationRequest:
                 raise ValueError(f"field {name!r} must be a JSON object, got {excerpt(value)}")
         check_steps(recipe.get("steps", 50), "field 'steps'")
         check_cfg(recipe.get("cfg", 7.5), "field 'cfg'")
+        check_true_cfg(recipe.get("true_cfg_scale", 1.0), "field 'true_cfg_scale'")
         check_seed(recipe.get("seed", 0), "field 'seed'")
         check_side(recipe.get("height"), "field 'height'")
         check_side(recipe.get("width"), "field 'width'")
@@ -367,6 +392,7 @@ class GenerationRequest:
             guidance=guidance,
             num_inference_steps=recipe.get("steps", 50),
             guidance_scale=recipe.get("cfg", 7.5),
+            true_cfg_scale=recipe.get("true_cfg_scale", 1.0),  # not recorded before: off
             negative_prompt=recipe.get("negative_prompt"),
             seed=recipe.get("seed", 0),
             scheduler=recipe.get("scheduler", "ddim"),  # not recorded before; the built-in model used DDIM
