@@ -24,6 +24,9 @@ def gpu_check():
     return module
 
 
+# The script's tiny path over every family and method (22 s together here): the GPU check's own
+# plumbing, so the slow tier, which CI runs; the pipelines' behaviour is the contract suite's.
+@pytest.mark.slow
 def test_tiny_run_reports_every_family_and_method(gpu_check, tmp_path, capsys):
     out = tmp_path / "check.json"
     assert gpu_check.main([*TINY, "--families", "sd15,sdxl", "--out", str(out)]) == 0
@@ -43,6 +46,7 @@ def test_tiny_run_reports_every_family_and_method(gpu_check, tmp_path, capsys):
     assert "sd15 (tiny) on cpu" in printed and "sdxl (tiny) on cpu" in printed
 
 
+@pytest.mark.slow
 def test_tiny_flow_run_reports_every_method(gpu_check, tmp_path, capsys):
     """SD3.5 and FLUX.1 families on their tiny pipelines (FLUX guidance-distilled, as FLUX.1-dev)."""
     out = tmp_path / "check.json"
