@@ -37,9 +37,10 @@ from .flow_denoising import FlowOutsidePrompt, flow_denoise
 from .flow_init import flow_salt_start
 from .guidance import GuidanceConfig
 from .init import InitResult, RandomInit, SpatialAwareInit
-from .layout import Box, Layout
+from .layout import Layout
 from .object_generator import PipelineObjectGenerator
 from .pipeline_output import SaltOutput
+from .placement import guided_layout
 from .pretrained import PretrainedMixin
 from .reference import GeneratedObject, boxed_phrases_prompt, strip_phrases
 from .samplers import config_family, family_samplers
@@ -271,13 +272,12 @@ class FlowSaltMixin(PretrainedMixin):
         guidance = call.guidance.for_start(init_result.reference is not None)
 
         # 5. Denoising loop with attention guidance on the first steps (and the places SALT's reference
-        # chose for unboxed objects, as saltdiff.salt_mixin.SaltMixin._guided_layout)
+        # chose for unboxed objects: saltdiff.placement.guided_layout, as on the UNet pipelines)
         has_boxes = len(layout) > 0
-        guided, guided_tokens = layout, call.token_indices
-        placed = init_result.info.get("placed_unboxed") or []
-        if placed and guidance.enabled and guidance.placed_unboxed == "guide":
-            guided = Layout(layout.boxes + tuple(Box(b["phrase"], b["box"]) for b in placed))
-            guided_tokens = self._resolve_tokens(adapter, guided, call.text)
+        guided = guided_layout(layout, init_result.info, guidance)
+        guided_tokens = (
+            call.token_indices if guided is layout else self._resolve_tokens(adapter, guided, call.text)
+        )
         outside = self._outside_prompt(adapter, call, guided, conditions.batch == 2 * n, n)
         unboxed = []
         if has_boxes and guidance.enabled and guidance.needs_unboxed_tokens:

@@ -15,7 +15,7 @@ import torch
 
 from .layout import Box, Layout
 
-__all__ = ["free_boxes"]
+__all__ = ["free_boxes", "guided_layout"]
 
 
 def free_boxes(
@@ -82,3 +82,14 @@ def _distance_to_box(x: float, y: float, box: Sequence[float]) -> float:
     dx = max(box[0] - x, 0.0, x - box[2])
     dy = max(box[1] - y, 0.0, y - box[3])
     return math.hypot(dx, dy)
+
+
+def guided_layout(layout: Layout, init_info: dict, guidance) -> Layout:
+    """The boxes the guidance loss and the outside prompt act on: ``layout``'s, followed by the places
+    SALT's reference chose for its unboxed objects (``init_info["placed_unboxed"]``) when the guidance
+    runs and ``guidance.placed_unboxed`` is ``"guide"``; box ``k < len(layout)`` stays box ``k``.
+    ``layout`` itself when nothing is added, so a caller resolves tokens again only for a new layout."""
+    placed = init_info.get("placed_unboxed") or []
+    if not placed or not guidance.enabled or guidance.placed_unboxed != "guide":
+        return layout
+    return Layout(layout.boxes + tuple(Box(b["phrase"], b["box"]) for b in placed))

@@ -41,9 +41,10 @@ from .denoising import Denoised, OutsidePrompt, UNetExtras, denoise, step_callba
 from .families.unet import ip_adapter_off
 from .guidance import GuidanceConfig
 from .init import InitResult
-from .layout import Box, Layout
+from .layout import Layout
 from .object_generator import PipelineObjectGenerator
 from .pipeline_output import SaltOutput
+from .placement import guided_layout
 from .preflight import check_image_sides, check_steps_and_scale, size_multiple
 from .pretrained import PretrainedMixin
 from .reference import GeneratedObject, boxed_phrases_prompt, strip_phrases
@@ -140,16 +141,6 @@ class SaltMixin(PretrainedMixin):
             )
         result.latents = result.latents.to(device=self._execution_device, dtype=self.unet.dtype)
         return result
-
-    def _guided_layout(self, layout, token_indices, prompt: str, init_result, guidance):
-        """The boxes the guidance and the outside prompt act on, and their tokens: the layout's, plus
-        the places SALT's reference chose for unboxed objects when ``guidance.placed_unboxed`` is
-        ``"guide"`` (after the layout's boxes, so map ``k < len(layout)`` is still box ``k``)."""
-        placed = init_result.info.get("placed_unboxed") or []
-        if not placed or guidance.placed_unboxed != "guide" or not guidance.enabled:
-            return layout, token_indices
-        guided = Layout(layout.boxes + tuple(Box(b["phrase"], b["box"]) for b in placed))
-        return guided, self._resolve_tokens(guided, prompt)
 
     def _unboxed_indices(self, prompt: str, token_indices: list[list[int]]) -> list[int]:
         ids = self.tokenizer(prompt).input_ids
@@ -412,7 +403,8 @@ class SaltMixin(PretrainedMixin):
             )
 
         has_boxes = len(layout) > 0
-        guided, guided_tokens = self._guided_layout(layout, token_indices, prompt_text, init_result, guidance)
+        guided = guided_layout(layout, init_result.info, guidance)
+        guided_tokens = token_indices if guided is layout else self._resolve_tokens(guided, prompt_text)
         outside = None
         if has_boxes and guidance.outside_steps > 0:
             if guidance.outside_prompt == "boxed-negative":
