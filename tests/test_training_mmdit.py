@@ -100,3 +100,44 @@ def test_config_refuses_bad_values():
         MMDiTTrainConfig(t5_padding=())
     with pytest.raises(ValueError, match="not a pipeline folder"):
         MMDiTTrainConfig(base="/nonexistent").base_folder()
+
+
+def test_vp_teacher_velocity_is_exact_for_an_exact_denoiser():
+    """An oracle ε-model (it knows x0 and reads ``alphas_cumprod`` at the timestep it is given) must
+    yield the flow velocity ``eps - x0`` exactly: this fails if the input scale or the timestep map is wrong."""
+    from types import SimpleNamespace
+
+    from diffusers import DDIMScheduler
+
+    from saltdiff.training.teacher import VPTeacher
+
+    table = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012).alphas_cumprod
+    gen = torch.Generator().manual_seed(0)
+    x0, eps = torch.randn(6, 4, 8, 8, generator=gen), torch.randn(6, 4, 8, 8, generator=gen)
+    sigma = torch.tensor([0.05, 0.2, 0.4, 0.6, 0.8, 0.9])
+    s = sigma.view(-1, 1, 1, 1)
+    x = (1 - s) * x0 + s * eps
+
+    def alpha_at(t):
+        lo = t.floor().long().clamp(0, len(table) - 2)
+        frac = (t - lo).view(-1, 1, 1, 1)
+        log_a = (1 - frac) * table[lo].log().view(-1, 1, 1, 1) + frac * table[lo + 1].log().view(-1, 1, 1, 1)
+        return log_a.exp()
+
+    def oracle(z, t, states):
+        a = alpha_at(t)
+        return SimpleNamespace(sample=(z - a.sqrt() * x0) / (1 - a).sqrt())
+
+    velocity, inside = VPTeacher(oracle, table.float()).velocity(x, sigma, None)
+    assert inside.all()
+    torch.testing.assert_close(velocity, eps - x0, atol=2e-3, rtol=1e-3)
+
+
+def test_teacher_distillation_runs_and_logs_the_taught_share(tmp_path):
+    """``--teacher builtin:shapes`` trains (its velocity is the target below teacher_max_sigma) and ``until``
+    stops early with a checkpoint that a later run resumes to ``steps``."""
+    cfg = _tiny(tmp_path, teacher="builtin:shapes", until=1, steps=3)
+    assert train_mmdit(cfg)["steps"] == 1
+    rows = [json.loads(line) for line in open(tmp_path / "work" / "log.jsonl") if '"stage": "mmdit"' in line]
+    assert rows and 0.0 < rows[-1]["taught"] <= 1.0
+    assert train_mmdit(_tiny(tmp_path, steps=3, resume=True))["steps"] == 3

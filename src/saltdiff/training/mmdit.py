@@ -18,7 +18,8 @@ What makes the result a plain ``StableDiffusion3Pipeline`` folder (diffusers loa
 - **Training.** Rectified flow: ``x_sigma = (1 - sigma) x0 + sigma eps``, target ``eps - x0``, sigma
   from a logit-normal (SD3's sampling), timestep ``1000 sigma``, caption dropout for CFG, an EMA of the
   weights (what is exported), and the token-grounding loss of :mod:`.grounding` on the image->text
-  joint attention. Validation: the EMA's velocity MSE on a fixed VAL batch with sigmas spread over
+  joint attention. Optionally (``teacher``) the target is the velocity of a VP UNet teacher
+  (:mod:`.teacher`), mixed with the data target by ``teacher_weight``. Validation: the EMA's velocity MSE on a fixed VAL batch with sigmas spread over
   (0, 1), so checkpoints compare.
 """
 
@@ -248,15 +249,31 @@ def train_mmdit(cfg: MMDiTTrainConfig) -> dict:
 
     from ..joint_attention import capture_joint_attention
 
+    teacher_folder = cfg.teacher_folder()
+    teacher = None
+    if teacher_folder is not None:
+        from .teacher import load_vp_teacher
+
+        teacher = load_vp_teacher(teacher_folder)
+        logger.info("distilling from the teacher %s (weight %.2f)", teacher_folder, cfg.teacher_weight)
     transformer.train()
     last_save = time.time()
-    bar = progress(cfg.steps, step, "mmdit", cfg.progress)
-    while step < cfg.steps:
+    last_step = cfg.last_step()
+    bar = progress(last_step, step, "mmdit", cfg.progress)
+    while step < last_step:
         factor = lr_factor(step, cfg.warmup, cfg.steps, cfg.min_lr_ratio)
         for group in opt.param_groups:
             group["lr"] = cfg.lr * factor
         xt, sigma, ids, target, seeds, keep, rows = flow_batch(cfg, cache, scaling, empty_ids, step)
         embeds, pooled = sd3_text_conditions(text_encoder, ids, joint_dim, rows)
+        taught = 0.0
+        if teacher is not None:
+            with torch.no_grad():
+                v_teacher, inside = teacher.velocity(xt, sigma, text_encoder(ids).last_hidden_state)
+            mixed = cfg.teacher_weight * v_teacher + (1 - cfg.teacher_weight) * target
+            inside = inside & (sigma <= cfg.teacher_max_sigma)
+            target = torch.where(inside.view(-1, 1, 1, 1), mixed, target)
+            taught = float(inside.float().mean())
         if cfg.grounding_weight > 0:
             with capture_joint_attention(transformer) as store:
                 pred = transformer(xt, embeds, pooled, sigma * 1000, return_dict=False)[0]
@@ -274,7 +291,7 @@ def train_mmdit(cfg: MMDiTTrainConfig) -> dict:
         ema.update(params, step)
         step += 1
         bar.update(1)
-        if step % cfg.log_every == 0 or step == cfg.steps:
+        if step % cfg.log_every == 0 or step == last_step:
             bar.set_postfix(loss=f"{loss.item():.4f}", mse=f"{mse.item():.4f}")
             log.write(
                 stage="mmdit",
@@ -285,6 +302,7 @@ def train_mmdit(cfg: MMDiTTrainConfig) -> dict:
                 grad_norm=float(grad_norm),
                 lr=cfg.lr * factor,
                 t5_rows=rows,
+                taught=taught,
                 time=time.time(),
             )
         if time.time() - last_save > cfg.checkpoint_minutes * 60:
