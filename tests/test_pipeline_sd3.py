@@ -137,6 +137,40 @@ def test_salt_init_is_the_flow_inversion_of_the_reference(pipe):
     assert (a.init_latent - expected).abs().mean() > 0.01  # fresh noise where the feathered keep is < 1
 
 
+def test_midpoint_inversion_is_chosen_by_the_init_and_recorded(pipe):
+    """``inversion_method="midpoint"`` runs the midpoint rule on the same grid (so another z_T*, the
+    memo keyed apart) and says so in ``info``; a UNet model refuses it in one line."""
+    from saltdiff.reference import UserImages
+
+    def salt(method):
+        return SpatialAwareInit(
+            reference=UserImages(image=reference_image()), inversion_steps=2, noise_outside=0.0, inversion_method=method
+        )
+
+    common = dict(layout=LAYOUT, guidance="none", output_type="np", **FAST)
+    euler = pipe(PROMPT, init=salt("euler"), seed=1, **common)
+    mid = pipe(PROMPT, init=salt("midpoint"), seed=1, **common)
+    adapter = pipe.family(max_sequence_length=16)
+    with torch.no_grad():
+        x0 = adapter.encode(pipe.image_processor.preprocess(mid.reference_image))
+        grid = inversion_sigmas(pipe.scheduler, 2)
+        expected = flow_invert(guided_denoiser(adapter, adapter.conditions("")), x0, grid, method="midpoint")
+    assert (euler.info["inversion_method"], mid.info["inversion_method"]) == ("euler", "midpoint")
+    torch.testing.assert_close(mid.init_latent, expected, rtol=0, atol=1e-5)
+    assert (mid.init_latent - euler.init_latent).abs().max() > 1e-3
+
+
+def test_midpoint_inversion_is_refused_on_a_unet_model():
+    from saltdiff import SaltPipeline
+    from saltdiff.testing import tiny_sd_components
+
+    unet_pipe = SaltPipeline(
+        **tiny_sd_components(), safety_checker=None, feature_extractor=None, requires_safety_checker=False
+    )
+    with pytest.raises(ValueError, match="inversion_method='midpoint' is for flow models"):
+        unet_pipe(PROMPT, layout=LAYOUT, init=SpatialAwareInit(inversion_method="midpoint"), num_inference_steps=2)
+
+
 def test_salt_init_with_generated_objects_differs_by_seed_outside_the_objects(pipe):
     init = SpatialAwareInit(
         reference=GeneratedObjects(background="gray", num_inference_steps=2, cache=False), inversion_steps=2

@@ -25,8 +25,9 @@ from .object_generator import PipelineObjectGenerator
 
 __all__ = ["FLOW_INVERSION_METHOD", "FLOW_INVERSION_STEPS", "flow_memo_key", "flow_salt_start"]
 
-#: The flow integrator of SALT's inversion (:data:`saltdiff.flow_inversion.FLOW_INVERSION_METHODS`):
-#: reverse Euler, one transformer call per inversion step, like DDIM inversion on the UNet models.
+#: The default flow integrator of SALT's inversion (``SpatialAwareInit.inversion_method``, one of
+#: :data:`saltdiff.flow_inversion.FLOW_INVERSION_METHODS`): reverse Euler, one transformer call per
+#: inversion step, like DDIM inversion on the UNet models.
 FLOW_INVERSION_METHOD = "euler"
 
 
@@ -49,7 +50,8 @@ def flow_salt_start(
     image processor, the execution device and the scheduler; ``adapter`` the VAE latents and the
     velocity.
 
-    The inversion runs ``init.inversion_steps`` (unset: :data:`FLOW_INVERSION_STEPS`) reverse-Euler steps on the sampler's own sigma grid
+    The inversion runs ``init.inversion_steps`` (unset: :data:`FLOW_INVERSION_STEPS`) steps of
+    ``init.inversion_method`` (reverse Euler or midpoint) on the sampler's own sigma grid
     for that many steps (:func:`~saltdiff.flow_inversion.inversion_sigmas`, with the sampler's
     ``mu``), ending at the first sigma of the ``num_inference_steps`` the call samples, with the
     velocity of the empty prompt (or the prompt, ``inversion_prompt="prompt"``) at guidance scale 1.
@@ -86,7 +88,7 @@ def flow_salt_start(
         pixels = pipe.image_processor.preprocess(reference.image)
         x0 = adapter.encode(pixels.to(device=pipe._execution_device, dtype=pipe.vae.dtype))
         velocity = guided_denoiser(adapter, adapter.conditions(text))
-        return flow_invert(velocity, x0.to(adapter.transformer.dtype), grid, method=FLOW_INVERSION_METHOD)
+        return flow_invert(velocity, x0.to(adapter.transformer.dtype), grid, method=init.inversion_method)
 
     latents = memoized(pipe, flow_memo_key(init, pipe, adapter, reference.image, text, grid), invert)
     latents = latents.expand(num_images, -1, -1, -1).clone()
@@ -99,7 +101,7 @@ def flow_salt_start(
         "init": "salt",
         "inversion_steps": depth,
         "inversion_prompt": init.inversion_prompt,
-        "inversion_method": FLOW_INVERSION_METHOD,
+        "inversion_method": init.inversion_method,
         "inversion_sigmas": [round(float(s), 6) for s in grid],
     }
     if reference.free_boxes:  # where the unboxed objects were placed (saltdiff.placement.free_boxes)
@@ -122,7 +124,7 @@ def flow_memo_key(init: SpatialAwareInit, pipe, adapter, image, text: str, grid:
         hashlib.sha256(image.convert("RGB").tobytes()).hexdigest(),
         text,
         [float(s) for s in grid],
-        FLOW_INVERSION_METHOD,
+        init.inversion_method,
         adapter.name,
         adapter.max_sequence_length,
         getattr(adapter, "guidance_scale", None),

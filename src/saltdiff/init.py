@@ -180,6 +180,7 @@ class SpatialAwareInit:
 
     reference: ReferenceBuilder = field(default_factory=GeneratedObjects)
     inversion_steps: int | None = None
+    inversion_method: str = "euler"
     inversion_prompt: str = "empty"
     noise_outside: float = 1.0
     noise_inside: float = 0.0
@@ -280,6 +281,11 @@ class SpatialAwareInit:
             )
 
     def __call__(self, pipe, prompt, layout, generator, *, height, width, num_inference_steps, num_images=1):
+        if self.inversion_method != "euler":
+            raise ValueError(
+                f"inversion_method={self.inversion_method!r} is for flow models (SD3, FLUX): "
+                "a UNet model inverts with DDIM (use 'euler')"
+            )
         self.check_steps(pipe.scheduler, num_inference_steps)
         reference = self.reference.build(
             pipe.object_generator(), prompt, layout, height=height, width=width, generator=generator

@@ -199,6 +199,13 @@ INITIALIZERS.register(
                 minimum=1,
             ),
             Param(
+                "inversion_method",
+                "euler",
+                "flow models (SD3, FLUX): 'euler' (reverse Euler, one call per step) or 'midpoint' "
+                "(second order, one more call); the UNet families invert with DDIM: 'euler' only",
+                choices=("euler", "midpoint"),
+            ),
+            Param(
                 "inversion_prompt",
                 "empty",
                 "'empty' or 'prompt': text condition used during inversion (CFG 1)",

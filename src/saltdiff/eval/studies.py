@@ -16,6 +16,7 @@ noise-outside       fresh noise outside the kept region of z_T* (0 … 1), again
 noise-inside        fresh noise inside the kept region (object variants per seed)
 feather             feathering of the kept region (latent cells)
 keep-region         z_T* kept in the whole boxes or only on the pasted objects' pixels
+inversion-method    flow models: reverse Euler vs midpoint inversion at the same depth
 outside-prompt      outside the boxes, the prompt without its boxed phrases for the first N steps
 layers              the attention layers the guidance loss reads (a ``+`` joins selectors into
                     one variant: ``up+mid``; SD3: ``transformer_blocks.0``, ...), against ``sd``
@@ -176,6 +177,7 @@ _VARIANTS = {
     "noise-inside": _init_sweep("noise_inside", float),
     "feather": _init_sweep("feather", float),
     "keep-region": _init_sweep("keep_region", str),
+    "inversion-method": _init_sweep("inversion_method", str),
     "spatial-awareness": _spatial,
     "inversion-steps": _spatial,
     "background": _background,
@@ -249,6 +251,14 @@ STUDIES: dict[str, Study] = {
             "z_T* kept in the boxes or only on the pasted objects",
             "keep_region",
             ("boxes", "objects"),
+            str,
+            "salt",
+        ),
+        Study(
+            "inversion-method",
+            "flow models: reverse Euler vs midpoint inversion (same depth)",
+            "inversion_method",
+            ("euler", "midpoint"),
             str,
             "salt",
         ),
