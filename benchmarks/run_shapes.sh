@@ -6,8 +6,11 @@
 #
 #   bash benchmarks/run_shapes.sh [RUNS_DIR] [WHAT...]
 #   WHAT: table val hard outside noise feather keep spatial inversion background budget reg sde
+#         method layers (flow models: reverse Euler vs midpoint inversion; the captured blocks)
 #   (val: the table's methods on the tuning split; METHODS=sd,random+salt-loss,salt for the three the
 #   acceptance targets need)
+#   MODEL (default builtin:shapes), CFG (default 7.5) choose the model and its CFG scale;
+#   benchmarks/run_shapes_mmdit.sh runs the flow model's table and studies with them.
 #
 # Every command resumes: rerun the script after a kill and finished images are skipped.
 # The studies spatial … sde in RESULTS.md ran with the first version's init (white reference, no fresh
@@ -19,6 +22,12 @@ WHAT=${*:-table hard noise feather keep spatial inversion background budget reg 
 PROCS=${PROCS:-2}
 STEPS=${STEPS:-25}
 STUDY_N=${STUDY_N:-50}
+MODEL=${MODEL:-builtin:shapes}
+CFG=${CFG:-7.5}
+# the flow model's captured-block candidates (the layers study; a '+' joins blocks into one variant)
+LAYERS=${LAYERS:-default,transformer_blocks.0,transformer_blocks.1,transformer_blocks.2,transformer_blocks.3}
+BUDGET=${BUDGET:-2,5,10}
+BUDGET_ITERS=${BUDGET_ITERS:-1,5}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 
 if [ "$PROCS" -gt 1 ]; then
@@ -28,9 +37,9 @@ else
     LAUNCH=(python -m saltdiff)
 fi
 # Studies: the tuning split. The table (and hard): the test splits.
-COMMON=(--suite shapes-val --seeds 1 --steps "$STEPS" --device cpu -q ${EXTRA:-})
-TWO=(--suite shapes-val --seeds 2 --steps "$STEPS" --device cpu -q)   # seed diversity needs two seeds
-TABLE=(--suite shapes --seeds 2 --steps "$STEPS" --device cpu -q)
+COMMON=(--model "$MODEL" --cfg "$CFG" --suite shapes-val --seeds 1 --steps "$STEPS" --device cpu -q ${EXTRA:-})
+TWO=(--model "$MODEL" --cfg "$CFG" --suite shapes-val --seeds 2 --steps "$STEPS" --device cpu -q)   # seed diversity needs two seeds
+TABLE=(--model "$MODEL" --cfg "$CFG" --suite shapes --seeds 2 --steps "$STEPS" --device cpu -q)
 METHODS=${METHODS:-all}
 FID_N=${FID_N:-40}
 
@@ -38,9 +47,9 @@ for what in $WHAT; do
     case $what in
         table)      "${LAUNCH[@]}" bench "${TABLE[@]}" --n 200 --methods "$METHODS" --out "$RUNS/fidelity-n200" ;;
         val)        "${LAUNCH[@]}" bench "${TWO[@]}" --n 200 --methods "$METHODS" --out "$RUNS/val-n200" ;;
-        hard)       "${LAUNCH[@]}" bench --suite shapes-hard --seeds 2 --steps "$STEPS" --device cpu -q --n 100 \
+        hard)       "${LAUNCH[@]}" bench --model "$MODEL" --cfg "$CFG" --suite shapes-hard --seeds 2 --steps "$STEPS" --device cpu -q --n 100 \
                         --methods sd,random+salt-loss,layout-guidance,salt --out "$RUNS/hard-n100" ;;
-        outside)    "${LAUNCH[@]}" study outside-prompt "${TWO[@]}" --n 200 --values 0,5,10,15,25 --out "$RUNS/s-outside-n200" ;;
+        outside)    "${LAUNCH[@]}" study outside-prompt "${TWO[@]}" --n "${OUTSIDE_N:-200}" --values "${OUTSIDE_VALUES:-0,5,10,15,25}" --out "$RUNS/s-outside-n${OUTSIDE_N:-200}" ;;
         noise)      "${LAUNCH[@]}" study noise-outside "${TWO[@]}" --n "$FID_N" --values 0.8,0.9,1.0 --keep-region objects \
                         --feather 1 --background prompt-color --out "$RUNS/s-noise-out" ;;
         feather)    "${LAUNCH[@]}" study feather "${TWO[@]}" --n "$FID_N" --values 1,2,3 --noise-outside 1.0 \
@@ -48,9 +57,11 @@ for what in $WHAT; do
         keep)       "${LAUNCH[@]}" study feather "${TWO[@]}" --n "$FID_N" --values 0,1,2 --noise-outside 1.0 \
                         --keep-region boxes --background prompt-color --out "$RUNS/s-feather-boxes" ;;
         spatial)    "${LAUNCH[@]}" study spatial-awareness "${COMMON[@]}" --n "$STUDY_N" --out "$RUNS/study-spatial" ;;
-        inversion)  "${LAUNCH[@]}" study inversion-steps "${COMMON[@]}" --n "$STUDY_N" --values 1,5,10,25 --out "$RUNS/study-inversion" ;;
+        inversion)  "${LAUNCH[@]}" study inversion-steps "${COMMON[@]}" --n "$STUDY_N" --values "${INVERSION:-1,5,10,25}" --out "$RUNS/study-inversion" ;;
         background) "${LAUNCH[@]}" study background "${COMMON[@]}" --n "$STUDY_N" --out "$RUNS/study-background" ;;
-        budget)     "${LAUNCH[@]}" study guidance-budget "${COMMON[@]}" --n "$STUDY_N" --values 2,5,10 --iters-values 1,5 --out "$RUNS/study-budget" ;;
+        budget)     "${LAUNCH[@]}" study guidance-budget "${COMMON[@]}" --n "$STUDY_N" --values "$BUDGET" --iters-values "$BUDGET_ITERS" --out "$RUNS/study-budget" ;;
+        method)     "${LAUNCH[@]}" study inversion-method "${COMMON[@]}" --n "$STUDY_N" --values euler,midpoint --out "$RUNS/study-inv-method" ;;
+        layers)     "${LAUNCH[@]}" study layers "${COMMON[@]}" --n "$STUDY_N" --values "$LAYERS" --out "$RUNS/study-layers" ;;
         reg)        "${LAUNCH[@]}" study reg-weight "${COMMON[@]}" --n "$STUDY_N" --values 0,0.5,2 --out "$RUNS/study-reg" ;;
         sde)        "${LAUNCH[@]}" study sde-inversion "${COMMON[@]}" --n "$STUDY_N" --values 0,0.1,0.3 --out "$RUNS/study-sde" ;;
         *) echo "unknown part: $what" >&2; exit 2 ;;

@@ -3,11 +3,19 @@
 #
 #   bash scripts/train_builtin_shapes_mmdit.sh [WORK] [OUT]
 #
-# One thread (it ran beside other work on the 2-core machine); every run checkpoints every 5 min:
-# rerun the script after a kill and it resumes where it stopped (the data are a pure function of the
-# step, so a resumed run sees what an uninterrupted one would). See the model card for the steps done.
+# The shipped run was a chain of three legs (the model card says why):
+#   1. steps 0-7,823: flow matching on the data (cosine schedule over 12,000 steps);
+#   2. steps 7,823-8,135: the same schedule, the target now the velocity of builtin:shapes' UNet
+#      (--teacher, distillation) below sigma 0.85;
+#   3. steps 8,135-10,000: the same, the schedule shortened to end at 10,000 (--steps 10000).
+# One thread (it ran beside other work on the 2-core machine); every leg checkpoints every 5 min:
+# rerun the script after a kill and it resumes where it stopped (the batches are a pure function of
+# the step, so a resumed run sees what an uninterrupted one would); a finished leg only re-exports.
 set -euo pipefail
 WORK=${1:-train_work/shapes-mmdit}
 OUT=${2:-train_work/shapes-mmdit-out}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
-python -m saltdiff.training mmdit --work "$WORK" --out "$OUT" --resume --no-progress "$@"
+train() { python -m saltdiff.training mmdit --work "$WORK" --out "$OUT" --resume --no-progress "$@"; }
+train --steps 12000 --until 7823
+train --steps 12000 --until 8135 --teacher builtin:shapes
+train --steps 10000 --teacher builtin:shapes
