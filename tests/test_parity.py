@@ -201,7 +201,7 @@ def test_return_dict_false_gives_images_and_nsfw_flags_as_diffusers_does():
 
 @pytest.mark.parametrize("mode", ["boxed-negative", "without-boxed"])
 def test_outside_prompt_adds_a_row_on_the_first_steps(mode):
-    from saltdiff.reference import boxed_phrases_prompt, strip_phrases
+    from saltdiff.phrases import boxed_phrases_prompt, strip_phrases
 
     pipe = _pipe()
     prompt = PROMPT + " on the left"
@@ -238,7 +238,7 @@ def test_boxed_negative_outside_prompt_replaces_the_negative_prompt_there_and_ne
 
 def test_boxed_negative_outside_prompt_is_the_negative_prediction_outside_the_boxes():
     """One step by hand: eps = neg' + s (cond - neg') with neg' = eps(boxed phrases) outside the boxes."""
-    from saltdiff.reference import boxed_phrases_prompt
+    from saltdiff.phrases import boxed_phrases_prompt
 
     pipe = _pipe()
     steps = dict(FAST, num_inference_steps=1)

@@ -10,9 +10,10 @@ import torch
 
 from saltdiff import GuidanceConfig, SpatialAwareInit
 from saltdiff.layout import LayoutError
+from saltdiff.phrases import boxed_phrases_prompt, strip_phrases
 from saltdiff.pipeline import SaltPipeline
 from saltdiff.pipeline_xl import SaltXLPipeline
-from saltdiff.reference import GeneratedObjects, boxed_phrases_prompt, strip_phrases
+from saltdiff.reference import GeneratedObjects
 from saltdiff.testing import (
     UNetCalls,
     add_tiny_ip_adapter,

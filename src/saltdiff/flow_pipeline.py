@@ -39,10 +39,11 @@ from .guidance import GuidanceConfig
 from .init import InitResult, RandomInit, SpatialAwareInit
 from .layout import Layout
 from .object_generator import PipelineObjectGenerator
+from .phrases import boxed_phrases_prompt, strip_phrases
 from .pipeline_output import SaltOutput
 from .placement import guided_layout
 from .pretrained import PretrainedMixin
-from .reference import GeneratedObject, boxed_phrases_prompt, strip_phrases
+from .reference import GeneratedObject
 from .samplers import config_family, family_samplers
 from .vocabulary import warn_pipeline_prompt, with_unboxed_objects
 

@@ -6,7 +6,7 @@ corner, ``0 <= x0 < x1 <= 1`` and ``0 <= y0 < y1 <= 1``. This module turns a lay
 
 * binary masks at any attention resolution (:meth:`Layout.masks`), and
 * the positions of each phrase's tokens in the *pipeline's own* tokenization of the prompt
-  (:meth:`Layout.resolve_tokens`, :func:`resolve_phrase_tokens`).
+  (:meth:`Layout.resolve_tokens`; the lookup itself is :mod:`saltdiff.phrases`').
 
 Every invalid value raises :class:`LayoutError` (a ``ValueError``) whose message names the bad
 phrase, box or value.
@@ -14,7 +14,6 @@ phrase, box or value.
 
 from __future__ import annotations
 
-import difflib
 import json
 import math
 import numbers
@@ -27,6 +26,7 @@ from typing import Any, overload
 import torch
 
 from .fileio import atomic_write, excerpt, read_text
+from .phrases import LayoutError, normalize_phrase, resolve_boxes, resolve_phrase_tokens
 
 __all__ = ["Box", "Layout", "LayoutError", "resolve_phrase_tokens"]
 
@@ -35,10 +35,6 @@ _BOX_KEYS = {"phrase", "box", "occurrence"}
 _LAYOUT_KEYS = {"boxes", "prompt", "unboxed"}
 #: The largest layout file read: a layout holds at most a prompt's worth of boxes (a few KB).
 MAX_LAYOUT_BYTES = 1_000_000
-
-
-class LayoutError(ValueError):
-    """An invalid layout, box, box specification, or a phrase that cannot be found in the prompt."""
 
 
 @dataclass(frozen=True)
@@ -173,7 +169,7 @@ class Layout:
         for b in self.boxes:
             if b.occurrence is None:
                 continue
-            key = (_normalize_phrase(b.phrase), b.occurrence)
+            key = (normalize_phrase(b.phrase), b.occurrence)
             if key in seen:
                 raise LayoutError(
                     f"duplicate boxes for one token: boxes {seen[key].box} and {b.box} both refer to "
@@ -213,7 +209,7 @@ class Layout:
         taken: dict[str, set[int]] = {}
         labels = []
         for b in self.boxes:
-            used = taken.setdefault(_normalize_phrase(b.phrase), set())
+            used = taken.setdefault(normalize_phrase(b.phrase), set())
             occurrence = b.occurrence
             if occurrence is None:
                 occurrence = min(set(range(len(used) + 1)) - used)
@@ -397,98 +393,10 @@ class Layout:
         """For each box, the positions of its phrase's tokens in ``tokenizer(prompt).input_ids``.
 
         Position 0 is the BOS token. Boxes are resolved in order; a box without ``occurrence`` takes
-        the first match that no earlier box took. Two boxes resolving to a shared token are an error.
+        the first match that no earlier box took. Two boxes resolving to a shared token are an error
+        (:func:`saltdiff.phrases.resolve_boxes`).
         """
-        taken: set[int] = set()
-        owner: dict[int, Box] = {}
-        result = []
-        for b in self.boxes:
-            positions = resolve_phrase_tokens(tokenizer, prompt, b.phrase, b.occurrence, exclude=taken)
-            clash = sorted(set(positions) & taken)
-            if clash:  # only reachable with an explicit occurrence
-                other = owner[clash[0]]
-                raise LayoutError(
-                    f"duplicate boxes for one token: box {b.box} of phrase {excerpt(b.phrase)} (occurrence "
-                    f"{b.occurrence}) and box {other.box} of phrase {excerpt(other.phrase)} both resolve to token "
-                    f"position(s) {clash} in prompt {excerpt(prompt, 120)}"
-                )
-            taken.update(positions)
-            owner.update(dict.fromkeys(positions, b))
-            result.append(positions)
-        return result
-
-
-def resolve_phrase_tokens(
-    tokenizer,
-    prompt: str,
-    phrase: str,
-    occurrence: int | None = None,
-    exclude: set[int] | frozenset[int] = frozenset(),
-) -> list[int]:
-    """Positions of ``phrase``'s tokens in ``tokenizer(prompt).input_ids`` (BOS is position 0).
-
-    The prompt is encoded without truncation and the phrase without special tokens; the phrase's
-    token sequence is then searched as a contiguous run of the prompt's tokens that starts at a word
-    boundary. So with CLIP's tokenizer "Dog," in the prompt matches the phrase "dog", and multi-token
-    phrases ("traffic light", words split into several BPE pieces) work. ``occurrence`` (0-based)
-    picks the n-th match; otherwise the first match not overlapping ``exclude`` is returned.
-    Positions returned for an explicit ``occurrence`` may overlap ``exclude``; the caller decides.
-    """
-    if not isinstance(phrase, str) or not phrase.strip():
-        raise LayoutError(f"phrase must be a non-empty string, got {excerpt(phrase)}")
-    if not isinstance(prompt, str):
-        raise LayoutError(f"prompt must be a string, got {excerpt(prompt, 120)}")
-    prompt_ids = list(tokenizer(prompt, add_special_tokens=True, truncation=False).input_ids)
-    limit = getattr(tokenizer, "model_max_length", None)
-    if limit is not None and limit < 1e9 and len(prompt_ids) > limit:
-        raise LayoutError(
-            f"prompt is {len(prompt_ids)} tokens long (with start/end tokens), more than the text encoder's "
-            f"limit of {limit}: tokens past the limit are cut off, so phrase {excerpt(phrase)} might be lost. "
-            f"Shorten the prompt {excerpt(prompt, 120)}"
-        )
-    phrase_ids = list(tokenizer(phrase.strip(), add_special_tokens=False).input_ids)
-    if not phrase_ids:
-        raise LayoutError(f"phrase {excerpt(phrase)} encodes to no tokens")
-
-    special = set(getattr(tokenizer, "all_special_ids", []) or [])
-    tokens = tokenizer.convert_ids_to_tokens(prompt_ids)
-    word_suffix = "</w>" if str(tokenizer.convert_ids_to_tokens(phrase_ids[-1])).endswith("</w>") else None
-
-    def at_word_start(i: int) -> bool:
-        # BPE pieces of one word carry "</w>" only on the last piece: a match must not begin mid-word.
-        if word_suffix is None or i == 0 or prompt_ids[i - 1] in special:
-            return True
-        return str(tokens[i - 1]).endswith(word_suffix)
-
-    n = len(phrase_ids)
-    matches = [
-        list(range(i, i + n))
-        for i in range(len(prompt_ids) - n + 1)
-        if prompt_ids[i : i + n] == phrase_ids and at_word_start(i)
-    ]
-    if not matches:
-        raise LayoutError(
-            f"phrase {excerpt(phrase)} not found in prompt {excerpt(prompt, 120)}{_suggest(phrase, prompt)}. "
-            "A box's phrase must appear in the prompt as whole words"
-        )
-    if occurrence is not None:
-        if isinstance(occurrence, bool) or not isinstance(occurrence, int) or occurrence < 0:
-            raise LayoutError(
-                f"occurrence of phrase {excerpt(phrase)} must be a non-negative integer, got {excerpt(occurrence)}"
-            )
-        if occurrence >= len(matches):
-            raise LayoutError(
-                f"occurrence {occurrence} (0-based; '#{occurrence + 1}' on the command line) of phrase {excerpt(phrase)} "
-                f"does not exist: the phrase occurs {len(matches)} time(s) in prompt {excerpt(prompt, 120)}"
-            )
-        return matches[occurrence]
-    for m in matches:
-        if not exclude.intersection(m):
-            return m
-    raise LayoutError(
-        f"duplicate boxes for one token: all {len(matches)} occurrence(s) of phrase {excerpt(phrase)} in prompt "
-        f"{excerpt(prompt, 120)} are already taken by earlier boxes; repeat the word in the prompt or drop a box"
-    )
+        return resolve_boxes(tokenizer, prompt, self.boxes)
 
 
 # -- helpers ---------------------------------------------------------------------------------------
@@ -519,20 +427,6 @@ def _coerce_coords(coords: Any, phrase: str) -> tuple[float, float, float, float
 def _check_size(value: Any, name: str) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise LayoutError(f"{name} must be a positive integer, got {excerpt(value)}")
-
-
-def _normalize_phrase(phrase: str) -> str:
-    return " ".join(phrase.lower().split())
-
-
-def _suggest(phrase: str, prompt: str) -> str:
-    words = re.findall(r"\w+", prompt.lower())
-    target = _normalize_phrase(phrase)
-    close = difflib.get_close_matches(target, list(dict.fromkeys(words)), n=3, cutoff=0.6)
-    if not close and " " in target:
-        grams = {" ".join(g) for g in zip(words, words[1:])}
-        close = difflib.get_close_matches(target, sorted(grams), n=3, cutoff=0.6)
-    return f" (did you mean {', '.join(repr(c) for c in close)}?)" if close else ""
 
 
 def box_coverage(box: Box | Sequence[float], h: int, w: int) -> torch.Tensor:

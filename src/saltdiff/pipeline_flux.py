@@ -54,7 +54,8 @@ from .families import Conditions
 from .families.flux import FluxFamily, pack_latents, unpack_latents
 from .flow_pipeline import FlowSaltMixin
 from .guidance import GuidanceConfig
-from .layout import Layout, LayoutError
+from .layout import Layout
+from .phrases import other_tokens
 from .pipeline_output import SaltOutput
 
 logger = logging.getLogger(__name__)
@@ -93,24 +94,13 @@ class SaltFluxPipeline(FlowSaltMixin, FluxPipeline):
 
     def _resolve_tokens(self, adapter: FluxFamily, layout: Layout, prompt: str) -> list[list[int]]:
         """Each box's T5 positions (FLUX attends to T5's sequence only), occurrences resolved as
-        :meth:`Layout.resolve_tokens` does; a phrase past ``max_sequence_length`` is one line."""
-        if not len(layout):
-            return []
-        positions = layout.resolve_tokens(self.tokenizer_2, prompt)
-        for box, tokens in zip(layout, positions):
-            if tokens[-1] >= adapter.max_sequence_length:
-                raise LayoutError(
-                    f"phrase {box.phrase!r} is at T5 token {tokens[-1]}, past "
-                    f"max_sequence_length={adapter.max_sequence_length}"
-                )
-        return positions
+        :meth:`Layout.resolve_tokens` does; a phrase past ``max_sequence_length`` is one line
+        (:meth:`FluxFamily.box_tokens`)."""
+        return adapter.box_tokens(prompt, layout.boxes)
 
     def _unboxed_indices(self, adapter: FluxFamily, prompt: str, token_indices: list[list[int]]) -> list[int]:
         """The prompt's other T5 pieces (before EOS, inside ``max_sequence_length``)."""
-        ids = self.tokenizer_2(prompt).input_ids
-        boxed = {i for group in token_indices for i in group}
-        end = min(len(ids) - 1, adapter.max_sequence_length)
-        return [i for i in range(end) if i not in boxed]
+        return other_tokens(self.tokenizer_2, prompt, token_indices, adapter.max_sequence_length)
 
     def _random_latents(self, shape, dtype, device, generator) -> torch.Tensor:
         """diffusers' own draw (``prepare_latents``: noise drawn unpacked, then packed), unpacked."""

@@ -40,7 +40,8 @@ from .families import Conditions
 from .families.sd3 import SD3Family
 from .flow_pipeline import FlowSaltMixin
 from .guidance import GuidanceConfig
-from .layout import Layout, LayoutError
+from .layout import Layout
+from .phrases import other_tokens
 from .pipeline_output import SaltOutput
 
 logger = logging.getLogger(__name__)
@@ -73,36 +74,14 @@ class SaltSD3Pipeline(FlowSaltMixin, StableDiffusion3Pipeline):
         )
 
     def _resolve_tokens(self, adapter: SD3Family, layout: Layout, prompt: str) -> list[list[int]]:
-        """Each box's columns of the joint text sequence: its CLIP positions (both CLIP tokenizers must
-        agree) and its T5 positions after the CLIP block (:meth:`SD3Family.phrase_tokens`'s choice),
+        """Each box's columns of the joint text sequence (:meth:`SD3Family.box_tokens`): its CLIP
+        positions (both CLIP tokenizers must agree) and its T5 positions after the CLIP block,
         occurrences resolved as :meth:`Layout.resolve_tokens` does."""
-        if not len(layout):
-            return []
-        columns = [[] for _ in layout]
-        if adapter.text_tokens in ("both", "clip"):
-            clip = layout.resolve_tokens(self.tokenizer, prompt)
-            clip_g = layout.resolve_tokens(self.tokenizer_2, prompt)
-            if clip != clip_g:
-                raise LayoutError(
-                    f"the two CLIP tokenizers put the boxed phrases at different positions ({clip} and {clip_g})"
-                )
-            columns = [c + p for c, p in zip(columns, clip)]
-        if adapter.text_tokens in ("both", "t5") and self.text_encoder_3 is not None:
-            t5 = layout.resolve_tokens(self.tokenizer_3, prompt)
-            for box, positions in zip(layout, t5):
-                if positions[-1] >= adapter.max_sequence_length:
-                    raise LayoutError(
-                        f"phrase {box.phrase!r} is at T5 token {positions[-1]}, past "
-                        f"max_sequence_length={adapter.max_sequence_length}"
-                    )
-            columns = [c + [adapter.clip_length + i for i in p] for c, p in zip(columns, t5)]
-        return columns
+        return adapter.box_tokens(prompt, layout.boxes)
 
     def _unboxed_indices(self, adapter: SD3Family, prompt: str, token_indices: list[list[int]]) -> list[int]:
         """The prompt's other CLIP tokens (between BOS and EOS): what an ``unboxed_tokens`` loss protects."""
-        ids = self.tokenizer(prompt).input_ids
-        boxed = {i for group in token_indices for i in group}
-        return [i for i in range(1, len(ids) - 1) if i not in boxed]
+        return other_tokens(self.tokenizer, prompt, token_indices)
 
     def _random_latents(self, shape, dtype, device, generator) -> torch.Tensor:
         """diffusers' own draw: the same noise as ``StableDiffusion3Pipeline``."""

@@ -20,7 +20,8 @@ from .call_inputs import CALLBACK_TENSOR_INPUTS
 from .checkpoints import SDXL_MODEL_ID
 from .components import fit_tokenizer_length
 from .denoising import ADDED_COND_INPUTS
-from .layout import Layout, LayoutError
+from .layout import Layout
+from .phrases import agreed_positions
 from .pipeline_output import SaltOutput
 from .salt_mixin import SaltMixin
 
@@ -107,14 +108,10 @@ class SaltXLPipeline(SaltMixin, StableDiffusionXLPipeline):
         """Token positions of the boxed phrases. The UNet attends to both encoders' states side by side
         (one position per token), so both tokenizers must put each phrase at the same positions."""
         positions = layout.resolve_tokens(self.tokenizer, prompt)
-        if self.tokenizer_2 is not None:
-            other = layout.resolve_tokens(self.tokenizer_2, prompt)
-            if other != positions:
-                raise LayoutError(
-                    f"SDXL's two tokenizers put the boxed phrases {layout.phrases} of {prompt!r} at different "
-                    f"token positions ({positions} and {other}); reword the prompt"
-                )
-        return positions
+        if self.tokenizer_2 is None:
+            return positions
+        other = layout.resolve_tokens(self.tokenizer_2, prompt)
+        return agreed_positions("SDXL's two tokenizers", layout.phrases, prompt, positions, other)
 
     @contextmanager
     def _vae_in_fp32(self) -> Iterator[torch.dtype]:

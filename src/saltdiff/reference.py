@@ -14,7 +14,6 @@ import hashlib
 import json
 import logging
 import os
-import re
 import zipfile
 import zlib
 from collections.abc import Mapping, Sequence
@@ -30,6 +29,7 @@ from .colors import BACKGROUND_HELP, GENERATED_BACKGROUNDS, SPECIAL_BACKGROUNDS,
 from .cutout import border_color_mask, cut_out
 from .fileio import atomic_write, clip
 from .layout import Layout
+from .phrases import strip_phrases
 from .placement import free_boxes
 from .registry import REFERENCE_BUILDERS, check_fields
 
@@ -110,47 +110,6 @@ def default_cache_dir() -> Path:
         os.environ.get("XDG_CACHE_HOME", os.path.join(os.path.expanduser("~"), ".cache")), "saltdiff"
     )
     return Path(root) / "objects"
-
-
-def strip_phrases(prompt: str, phrases: list[str]) -> str:
-    """The prompt without the boxed phrases (and their articles), for a background-only scene.
-
-    The connectors between removed phrases go with them ("a picture of a cat and a dog in the park"
-    becomes "a picture in the park", not "a picture of and in the park"): a dangling "of" or "and"
-    makes small models draw stray objects.
-    """
-    slot = "\x00"
-    text = prompt
-    for phrase in sorted(set(phrases), key=len, reverse=True):
-        pattern = r"\b(?:(?:a|an|the|one|two|some)\s+)?" + re.escape(phrase) + r"s?\b"
-        text = re.sub(pattern, f" {slot} ", text, flags=re.IGNORECASE)
-    joined = re.compile(slot + r"(?:\s|,|\band\b|\bwith\b|\bor\b)*" + slot, re.IGNORECASE)
-    while joined.search(text):
-        text = joined.sub(slot, text)
-    text = re.sub(r"\bof\s+" + slot, slot, text, flags=re.IGNORECASE)
-    text = text.replace(slot, " ")
-    text = re.sub(r"\s*,\s*(,\s*)+", ", ", text)
-    text = re.sub(r"\s+", " ", text).strip(" ,.;")
-    text = re.sub(r"^(and|with|,)\s+", "", text, flags=re.IGNORECASE)
-    text = re.sub(r"\s+(and|with)$", "", text, flags=re.IGNORECASE)
-    return text.strip(" ,.;")
-
-
-def boxed_phrases_prompt(phrases: list[str]) -> str:
-    """The boxed phrases as one prompt ("a red circle and an apple"), each once, in layout order:
-    the negative prompt outside the boxes (``outside_prompt="boxed-negative"``)."""
-    unique = list(dict.fromkeys(phrases))
-    with_article = [
-        p
-        if re.match(r"(a|an|the)\s", p, re.IGNORECASE)
-        else f"{'an' if p[:1].lower() in 'aeiou' else 'a'} {p}"
-        for p in unique
-    ]
-    return (
-        " and ".join(with_article)
-        if len(with_article) < 3
-        else ", ".join(with_article[:-1]) + " and " + with_article[-1]
-    )
 
 
 def solid_background(kind: str, height: int, width: int, generator: torch.Generator | None) -> np.ndarray:

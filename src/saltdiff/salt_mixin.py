@@ -43,11 +43,12 @@ from .guidance import GuidanceConfig
 from .init import InitResult
 from .layout import Layout
 from .object_generator import PipelineObjectGenerator
+from .phrases import boxed_phrases_prompt, other_tokens, strip_phrases
 from .pipeline_output import SaltOutput
 from .placement import guided_layout
 from .preflight import check_image_sides, check_steps_and_scale, size_multiple
 from .pretrained import PretrainedMixin
-from .reference import GeneratedObject, boxed_phrases_prompt, strip_phrases
+from .reference import GeneratedObject
 from .samplers import check_supported, ddim_twin, set_sampler_timesteps
 from .vocabulary import warn_pipeline_prompt, with_unboxed_objects
 
@@ -143,9 +144,8 @@ class SaltMixin(PretrainedMixin):
         return result
 
     def _unboxed_indices(self, prompt: str, token_indices: list[list[int]]) -> list[int]:
-        ids = self.tokenizer(prompt).input_ids
-        boxed = {i for group in token_indices for i in group}
-        return [i for i in range(1, len(ids) - 1) if i not in boxed]
+        """The prompt's other CLIP tokens (between BOS and EOS): what an ``unboxed_tokens`` loss protects."""
+        return other_tokens(self.tokenizer, prompt, token_indices)
 
     def _uses_cfg(self, guidance_scale: float) -> bool:
         """Classifier-free guidance, as diffusers decides it (an LCM-distilled UNet takes w instead)."""

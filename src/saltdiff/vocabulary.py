@@ -24,6 +24,8 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from .phrases import LayoutError, find_in_prompt, normalize_phrase
+
 logger = logging.getLogger(__name__)
 
 #: A model folder's list of the words it was trained on (optional).
@@ -167,7 +169,7 @@ def unboxed_objects(prompt: str, boxed: Sequence[str], vocabulary: ModelVocabula
     taken one occurrence: what the prompt names without a box."""
     left = object_phrases(prompt, vocabulary)
     for phrase in boxed:
-        key = " ".join(phrase.lower().split())
+        key = normalize_phrase(phrase)
         if key in left:
             left.remove(key)
     return left
@@ -178,13 +180,9 @@ def with_unboxed_objects(layout, prompt: str, vocabulary: ModelVocabulary | None
     occur in ``prompt`` (one line naming a missing one), or else those :func:`unboxed_objects` finds."""
     from dataclasses import replace
 
-    from .layout import LayoutError
-
     if layout.unboxed:
         for phrase in layout.unboxed:
-            if not re.search(
-                r"(?<!\w)" + re.escape(" ".join(phrase.split())) + r"(?!\w)", prompt, re.IGNORECASE
-            ):
+            if find_in_prompt(phrase, prompt) is None:
                 raise LayoutError(f"unboxed phrase {phrase!r} is not in the prompt {prompt!r}")
         return layout
     if not len(layout):

@@ -23,7 +23,7 @@ import torch
 
 from ..flow_inversion import dynamic_shift_mu
 from ..joint_attention import capture_joint_attention, joint_attention_layers
-from ..layout import resolve_phrase_tokens
+from ..phrases import Phrase, check_sequence_length, resolve_boxes
 from . import Conditions, vae_decode, vae_encode
 
 __all__ = ["FluxFamily", "image_ids", "pack_latents", "unpack_latents"]
@@ -160,12 +160,15 @@ class FluxFamily:
 
     def phrase_tokens(self, prompt: str, phrase: str, occurrence: int | None = None) -> list[int]:
         """T5 positions of ``phrase``: FLUX's text sequence is T5's alone."""
-        positions = resolve_phrase_tokens(self.pipe.tokenizer_2, prompt, phrase, occurrence)
-        if positions[-1] >= self.max_sequence_length:
-            raise ValueError(
-                f"phrase {phrase!r} is at T5 token {positions[-1]}, past max_sequence_length={self.max_sequence_length}"
-            )
-        return positions
+        return self.box_tokens(prompt, [Phrase(phrase, occurrence)])[0]
+
+    def box_tokens(self, prompt: str, boxes: Sequence) -> list[list[int]]:
+        """Each box's T5 positions, inside ``max_sequence_length`` (one line naming a phrase past it),
+        occurrences resolved across the boxes as ``Layout.resolve_tokens`` does."""
+        positions = resolve_boxes(self.pipe.tokenizer_2, prompt, boxes)
+        return [
+            check_sequence_length(b.phrase, p, self.max_sequence_length) for b, p in zip(boxes, positions)
+        ]
 
     def attention_layers(self, latent_hw: tuple[int, int]) -> dict[str, tuple[int, int]]:
         """Double and single blocks' attention, at the packed grid ``latent / 2``."""

@@ -23,7 +23,7 @@ import torch
 
 from ..flow_inversion import dynamic_shift_mu
 from ..joint_attention import capture_joint_attention, joint_attention_layers
-from ..layout import resolve_phrase_tokens
+from ..phrases import Phrase, agreed_positions, check_sequence_length, resolve_boxes
 from . import Conditions, vae_decode, vae_encode
 
 __all__ = ["SD3Family"]
@@ -144,23 +144,25 @@ class SD3Family:
 
     def phrase_tokens(self, prompt: str, phrase: str, occurrence: int | None = None) -> list[int]:
         """Columns of the joint text sequence that hold ``phrase`` (see the module docstring)."""
-        positions: list[int] = []
+        return self.box_tokens(prompt, [Phrase(phrase, occurrence)])[0]
+
+    def box_tokens(self, prompt: str, boxes: Sequence) -> list[list[int]]:
+        """Each box's columns of the joint text sequence: its CLIP positions (both CLIP tokenizers must
+        agree: their states sit side by side) and its T5 positions after the CLIP block, inside
+        ``max_sequence_length``; occurrences resolved across the boxes as ``Layout.resolve_tokens`` does."""
+        if not len(boxes):
+            return []
+        columns: list[list[int]] = [[] for _ in boxes]
         if self.text_tokens in ("both", "clip"):
-            clip = resolve_phrase_tokens(self.pipe.tokenizer, prompt, phrase, occurrence)
-            clip_g = resolve_phrase_tokens(self.pipe.tokenizer_2, prompt, phrase, occurrence)
-            if clip != clip_g:
-                raise ValueError(
-                    f"the two CLIP tokenizers put phrase {phrase!r} at different positions ({clip} and {clip_g})"
-                )
-            positions += clip
+            clip = resolve_boxes(self.pipe.tokenizer, prompt, boxes)
+            clip_g = resolve_boxes(self.pipe.tokenizer_2, prompt, boxes)
+            agreed_positions("SD3's two CLIP tokenizers", [b.phrase for b in boxes], prompt, clip, clip_g)
+            columns = [c + p for c, p in zip(columns, clip)]
         if self.text_tokens in ("both", "t5") and self.pipe.text_encoder_3 is not None:
-            t5 = resolve_phrase_tokens(self.pipe.tokenizer_3, prompt, phrase, occurrence)
-            if t5[-1] >= self.max_sequence_length:
-                raise ValueError(
-                    f"phrase {phrase!r} is at T5 token {t5[-1]}, past max_sequence_length={self.max_sequence_length}"
-                )
-            positions += [self.clip_length + i for i in t5]
-        return positions
+            t5 = resolve_boxes(self.pipe.tokenizer_3, prompt, boxes)
+            t5 = [check_sequence_length(b.phrase, p, self.max_sequence_length) for b, p in zip(boxes, t5)]
+            columns = [c + [self.clip_length + i for i in p] for c, p in zip(columns, t5)]
+        return columns
 
     def attention_layers(self, latent_hw: tuple[int, int]) -> dict[str, tuple[int, int]]:
         """Every block's joint attention, at ``latent / patch_size`` (:func:`joint_attention_layers`)."""

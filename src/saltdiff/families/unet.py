@@ -21,8 +21,8 @@ from collections.abc import Iterator, Sequence
 import torch
 
 from ..attention import capture_cross_attention, cross_attention_layers
-from ..layout import resolve_phrase_tokens
 from ..noise import vp_timestep
+from ..phrases import resolve_phrase_tokens
 from . import Conditions, vae_decode, vae_encode
 
 __all__ = ["UNetFamily", "ip_adapter_off"]
