@@ -6,7 +6,7 @@
 #
 #   bash benchmarks/run_shapes.sh [RUNS_DIR] [WHAT...]
 #   WHAT: table val hard outside noise feather keep spatial inversion background budget reg sde
-#         method layers (flow models: reverse Euler vs midpoint inversion; the captured blocks)
+#         stepsize method layers (flow models: reverse Euler vs midpoint inversion; the captured blocks)
 #   (val: the table's methods on the tuning split; METHODS=sd,random+salt-loss,salt for the three the
 #   acceptance targets need)
 #   MODEL (default builtin:shapes), CFG (default 7.5) choose the model and its CFG scale;
@@ -60,6 +60,7 @@ for what in $WHAT; do
         inversion)  "${LAUNCH[@]}" study inversion-steps "${COMMON[@]}" --n "$STUDY_N" --values "${INVERSION:-1,5,10,25}" --out "$RUNS/study-inversion" ;;
         background) "${LAUNCH[@]}" study background "${COMMON[@]}" --n "$STUDY_N" --out "$RUNS/study-background" ;;
         budget)     "${LAUNCH[@]}" study guidance-budget "${COMMON[@]}" --n "$STUDY_N" --values "$BUDGET" --iters-values "$BUDGET_ITERS" --out "$RUNS/study-budget" ;;
+        stepsize)   "${LAUNCH[@]}" study step-size "${COMMON[@]}" --n "$STUDY_N" --values "${STEP_SIZES:-10,30,100}" --out "$RUNS/study-step-size" ;;
         method)     "${LAUNCH[@]}" study inversion-method "${COMMON[@]}" --n "$STUDY_N" --values euler,midpoint --out "$RUNS/study-inv-method" ;;
         layers)     "${LAUNCH[@]}" study layers "${COMMON[@]}" --n "$STUDY_N" --values "$LAYERS" --out "$RUNS/study-layers" ;;
         reg)        "${LAUNCH[@]}" study reg-weight "${COMMON[@]}" --n "$STUDY_N" --values 0,0.5,2 --out "$RUNS/study-reg" ;;

@@ -14,10 +14,10 @@ shift || true
 WHAT=${*:-studies table}
 export MODEL=${MODEL:-builtin:shapes-mmdit} CFG=${CFG:-5}
 export STUDY_N=${STUDY_N:-32} OUTSIDE_N=${OUTSIDE_N:-24} OUTSIDE_VALUES=${OUTSIDE_VALUES:-0,5,10}
-export INVERSION=${INVERSION:-1,2,5,10} BUDGET=${BUDGET:-5,10} BUDGET_ITERS=${BUDGET_ITERS:-1,3}
+export INVERSION=${INVERSION:-1,2,5,10} BUDGET=${BUDGET:-3,10} BUDGET_ITERS=${BUDGET_ITERS:-1,3}
 for what in $WHAT; do
     case $what in
-        studies) bash "$HERE/run_shapes.sh" "$RUNS" inversion method layers budget outside ;;
+        studies) bash "$HERE/run_shapes.sh" "$RUNS" inversion method layers budget stepsize outside ;;
         table)   METHODS=${METHODS:-sd,random+salt-loss,salt} bash "$HERE/run_shapes.sh" "$RUNS" table ;;
         *) echo "unknown part: $what (studies, table)" >&2; exit 2 ;;
     esac

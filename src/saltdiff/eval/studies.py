@@ -18,6 +18,7 @@ feather             feathering of the kept region (latent cells)
 keep-region         z_T* kept in the whole boxes or only on the pasted objects' pixels
 inversion-method    flow models: reverse Euler vs midpoint inversion at the same depth
 outside-prompt      outside the boxes, the prompt without its boxed phrases for the first N steps
+step-size           the guided update's step size, against the same loss from random noise
 layers              the attention layers the guidance loss reads (a ``+`` joins selectors into
                     one variant: ``up+mid``; SD3: ``transformer_blocks.0``, ...), against ``sd``
                     and the same loss from random noise on the default layers
@@ -173,6 +174,7 @@ def _layers(study, values, loss, iters):
 _VARIANTS = {
     "layers": _layers,
     "outside-prompt": _guidance_sweep("outside_prompt_steps", int),
+    "step-size": _guidance_sweep("step_size", float),
     "noise-outside": _init_sweep("noise_outside", float),
     "noise-inside": _init_sweep("noise_inside", float),
     "feather": _init_sweep("feather", float),
@@ -268,6 +270,14 @@ STUDIES: dict[str, Study] = {
             "outside_prompt_steps",
             (0, 5, 10, 25),
             int,
+            "salt",
+        ),
+        Study(
+            "step-size",
+            "the guided update's step size (times the schedule's sigma^2 or 1 - alpha_bar)",
+            "step_size",
+            (10.0, 30.0, 100.0),
+            float,
             "salt",
         ),
         Study(
