@@ -141,3 +141,7 @@ def test_teacher_distillation_runs_and_logs_the_taught_share(tmp_path):
     rows = [json.loads(line) for line in open(tmp_path / "work" / "log.jsonl") if '"stage": "mmdit"' in line]
     assert rows and 0.0 < rows[-1]["taught"] <= 1.0
     assert train_mmdit(_tiny(tmp_path, steps=3, resume=True))["steps"] == 3
+    from saltdiff.training.cli import main
+
+    main(["mmdit", "--work", str(tmp_path / "work"), "--plot-loss", str(tmp_path / "curves.png")])
+    assert (tmp_path / "curves.png").stat().st_size > 10_000

@@ -73,9 +73,9 @@ def _main_mmdit(argv: list[str]) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     plot = args.pop("plot_loss")
     if plot is not None:
-        from .plots import plot_loss_curves
+        from .plots import plot_mmdit_curves
 
-        plot_loss_curves(Path(args["work"]) / "log.jsonl", plot)
+        plot_mmdit_curves(Path(args["work"]) / "log.jsonl", plot)
         return
     from .mmdit import train_mmdit
 
