@@ -595,3 +595,16 @@ def test_guided_update_on_the_tiny_unet(tiny):
     assert one.losses[0] == pytest.approx((loss / len(per_layer)).item(), rel=1e-5)
     assert len(several.losses) == 4 and all(b < a for a, b in zip(several.losses, several.losses[1:]))
     assert several.losses[-1] < 0.95 * several.losses[0]  # measured 0.754 -> 0.656
+
+
+def test_a_flow_model_gets_its_own_budget_from_a_reference_only():
+    from saltdiff.guidance import GuidanceConfig
+    from saltdiff.registry import FLOW_GUIDANCE_BUDGETS, GUIDANCE_BUDGETS
+
+    flow_ref = GuidanceConfig().for_start(True, flow=True)
+    assert (flow_ref.guidance_steps, flow_ref.guidance_iters) == (
+        FLOW_GUIDANCE_BUDGETS["reference"]["guidance_steps"],
+        FLOW_GUIDANCE_BUDGETS["reference"]["guidance_iters"],
+    ) != (GUIDANCE_BUDGETS["reference"]["guidance_steps"], GUIDANCE_BUDGETS["reference"]["guidance_iters"])
+    assert GuidanceConfig().for_start(False, flow=True) == GuidanceConfig().for_start(False)
+    assert GuidanceConfig(guidance_steps=2).for_start(True, flow=True).guidance_steps == 2  # a set value stays

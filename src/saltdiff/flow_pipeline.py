@@ -270,7 +270,7 @@ class FlowSaltMixin(PretrainedMixin):
             dtype=conditions.embeds.dtype,
         )
         init_latent = init_result.latents.detach().cpu().clone()
-        guidance = call.guidance.for_start(init_result.reference is not None)
+        guidance = call.guidance.for_start(init_result.reference is not None, flow=True)
 
         # 5. Denoising loop with attention guidance on the first steps (and the places SALT's reference
         # chose for unboxed objects: saltdiff.placement.guided_layout, as on the UNet pipelines)

@@ -19,7 +19,13 @@ import torch
 
 from . import losses as L
 from .attention import AttentionStore
-from .registry import GUIDANCE_BUDGETS, GUIDANCE_LOSSES, GUIDANCE_PARAMS, check_fields
+from .registry import (
+    FLOW_GUIDANCE_BUDGETS,
+    GUIDANCE_BUDGETS,
+    GUIDANCE_LOSSES,
+    GUIDANCE_PARAMS,
+    check_fields,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -79,10 +85,12 @@ class GuidanceConfig:
     def enabled(self) -> bool:
         return self.loss != "none" and self.guidance_steps != 0 and self.guidance_iters != 0
 
-    def for_start(self, from_reference: bool) -> GuidanceConfig:
+    def for_start(self, from_reference: bool, flow: bool = False) -> GuidanceConfig:
         """This config with its unset budget filled in for the start: z_T* inverted from a layout
-        reference (``from_reference``) or anything else (random noise, a user's latent)."""
-        budget = GUIDANCE_BUDGETS["reference" if from_reference else "noise"]
+        reference (``from_reference``) or anything else (random noise, a user's latent); ``flow``:
+        on a flow-matching model, whose budget may differ (:data:`FLOW_GUIDANCE_BUDGETS`)."""
+        start = "reference" if from_reference else "noise"
+        budget = (FLOW_GUIDANCE_BUDGETS if flow else {}).get(start, GUIDANCE_BUDGETS[start])
         unset = {name: value for name, value in budget.items() if getattr(self, name) is None}
         return dataclasses.replace(self, **unset) if unset else self
 

@@ -38,6 +38,7 @@ from typing import Any
 from .. import __version__
 from ..fileio import atomic_write
 from ..registry import SCHEDULERS
+from ..samplers import config_family
 from .detectors import DetectedBox, make_detector, resolve_detector_name
 from .fidelity import prompt_fields, seed_pairs, summarize_seed_pairs
 from .intervals import N_BOOTSTRAP, metric_intervals
@@ -288,6 +289,7 @@ def generate_record(
     request = build_request(
         spec,
         shared,
+        flow=config_family(pipe.scheduler.config) == "flow",
         prompt=lay.prompt,
         layout=lay.layout,
         seed=seed,

@@ -147,10 +147,11 @@ def _own(params: Mapping[str, Any], names: set[str]) -> dict[str, Any]:
     return {k: v for k, v in params.items() if k in names}
 
 
-def build_request(spec: MethodSpec, shared: SharedSettings, **sampling: Any):
+def build_request(spec: MethodSpec, shared: SharedSettings, *, flow: bool = False, **sampling: Any):
     """The :class:`~saltdiff.request.GenerationRequest` of ``spec`` on the shared settings.
 
-    ``sampling`` holds the per-image fields (``prompt``, ``layout``, ``seed``, steps, CFG, size).
+    ``sampling`` holds the per-image fields (``prompt``, ``layout``, ``seed``, steps, CFG, size);
+    ``flow``: the model is a flow-matching one (its guidance budget may differ).
     """
     from ..guidance import GuidanceConfig
     from ..request import GenerationRequest
@@ -162,7 +163,7 @@ def build_request(spec: MethodSpec, shared: SharedSettings, **sampling: Any):
         loss=spec.loss,
         **{**dict(shared.guidance), **dict(spec.guidance)},
         loss_params={**_own(shared.loss_params, loss_names), **dict(spec.loss_params)},
-    ).for_start(uses_reference)  # records show the budget each method ran with
+    ).for_start(uses_reference, flow=flow)  # records show the budget each method ran with
     return GenerationRequest(
         init=spec.init,
         init_params={**_own(shared.init_params, init_names), **dict(spec.init_params)},
@@ -183,7 +184,10 @@ def describe(
     With the model's scheduler (``model_scheduler``) and the run's ``sampling`` settings (steps,
     sampler name), the params a run leaves to the sampler are filled in as the run sets them (an
     unset ``inversion_steps``)."""
-    request = build_request(spec, shared, prompt="-", **sampling)
+    from ..samplers import config_family
+
+    flow = model_scheduler is not None and config_family(model_scheduler.config) == "flow"
+    request = build_request(spec, shared, prompt="-", flow=flow, **sampling)
     if model_scheduler is not None:
         request = request.resolved(model_scheduler)
     return {"name": spec.name, **request.method()}
@@ -198,14 +202,21 @@ def for_pipeline(
     means something else there are filled in for every method (``pipe.guidance_defaults``, so records
     say what ran: no outside prompt on SD3), and a method with an option the family does not run
     (:meth:`saltdiff.request.GenerationRequest.for_pipeline`) is one line naming the method."""
-    from ..samplers import default_sampler, make_scheduler
+    from ..samplers import config_family, default_sampler, make_scheduler
 
     scheduler = default_sampler(pipe.scheduler) if scheduler is None else scheduler
     make_scheduler(scheduler, pipe.scheduler.config)  # a VP sampler on a flow model: one line
     defaults = getattr(pipe, "guidance_defaults", {})
     shared = replace(shared, guidance={**defaults, **shared.guidance})
     for spec in specs:
-        request = build_request(spec, shared, prompt="-", num_inference_steps=steps, scheduler=scheduler)
+        request = build_request(
+            spec,
+            shared,
+            prompt="-",
+            flow=config_family(pipe.scheduler.config) == "flow",
+            num_inference_steps=steps,
+            scheduler=scheduler,
+        )
         try:
             request.for_pipeline(pipe)
         except ValueError as exc:
