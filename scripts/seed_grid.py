@@ -17,6 +17,7 @@ from PIL import Image, ImageDraw
 from saltdiff.eval.methods import SharedSettings, build_request, for_pipeline, preset
 from saltdiff.eval.suites import shapes_suite
 from saltdiff.loading import load_pipeline
+from saltdiff.samplers import config_family
 from saltdiff.viz import draw_boxes
 
 SCALE = 3
@@ -32,6 +33,9 @@ def main(argv=None) -> None:
     parser.add_argument("--layouts", default="2,5,21", help="indices of shapes-suite layouts")
     parser.add_argument("--seeds", type=int, default=4)
     parser.add_argument("--steps", type=int, default=25)
+    parser.add_argument(
+        "--cfg", type=float, default=7.5, help="CFG scale (the bench's: 7.5; 5 for builtin:shapes-mmdit)"
+    )
     parser.add_argument(
         "--object-steps", type=int, default=None, help="steps per reference object (default: 25)"
     )
@@ -53,6 +57,8 @@ def main(argv=None) -> None:
                 request = build_request(
                     spec,
                     shared,
+                    flow=config_family(pipe.scheduler.config) == "flow",  # its own guidance budget
+                    guidance_scale=args.cfg,
                     prompt=lay.prompt,
                     layout=lay.layout,
                     seed=seed,
