@@ -208,14 +208,10 @@ def for_pipeline(
     make_scheduler(scheduler, pipe.scheduler.config)  # a VP sampler on a flow model: one line
     defaults = getattr(pipe, "guidance_defaults", {})
     shared = replace(shared, guidance={**defaults, **shared.guidance})
+    flow = config_family(pipe.scheduler.config) == "flow"
     for spec in specs:
         request = build_request(
-            spec,
-            shared,
-            prompt="-",
-            flow=config_family(pipe.scheduler.config) == "flow",
-            num_inference_steps=steps,
-            scheduler=scheduler,
+            spec, shared, prompt="-", flow=flow, num_inference_steps=steps, scheduler=scheduler
         )
         try:
             request.for_pipeline(pipe)
