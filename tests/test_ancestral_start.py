@@ -50,7 +50,7 @@ def test_euler_a_starts_salts_latent_lower_and_still_takes_its_steps(tiny_pipe):
     run = set_sampler_timesteps(probe, 8, skip=1)
     sampling = [c for c in calls.calls if not c.grad][-8:]
     assert len(sampling) == 8 and pipe.num_timesteps == 8
-    z_star = init.invert(pipe, out.reference_image, PROMPT, None, num_inference_steps=8)
+    z_star = init.invert(pipe.init_context(), out.reference_image, PROMPT, None, num_inference_steps=8)
     sigma = probe.sigmas[1].item()  # the start's own noise level, not sigma_max
     torch.testing.assert_close(out.init_latent, z_star * (1 + sigma**2) ** 0.5, rtol=1e-4, atol=1e-4)
     assert int(round(float(run[0]))) < int(round(float(probe.timesteps[0])))

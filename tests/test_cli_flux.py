@@ -114,7 +114,7 @@ def test_the_same_layout_with_another_seed_reuses_its_flow_inversion(flux_dir, t
     try:
         first, n_first = run(init, 1)  # objects, inversion (2), sampling (3)
         second, n_second = run(init, 2)  # objects from the cache, z_T* from the memo
-        pipe.__dict__.pop("_inversion_memo")
+        pipe.inversion_memo.clear()
         fresh, _ = run(init, 2)
         other_depth = run(dataclasses.replace(init, inversion_steps=1), 2)[1]
     finally:

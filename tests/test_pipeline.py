@@ -284,7 +284,8 @@ def test_fresh_noise_renews_z_t_outside_or_inside_the_kept_region(tiny_pipe):
     def start(seed=0, **knobs):
         init = SpatialAwareInit(reference=ref, inversion_steps=3, **knobs)
         gen = torch.Generator().manual_seed(seed)
-        return init(tiny_pipe, PROMPT, layout, gen, height=32, width=32, num_inference_steps=4).latents
+        ctx = tiny_pipe.init_context()
+        return init(ctx, PROMPT, layout, gen, height=32, width=32, num_inference_steps=4).latents
 
     plain = start(noise_outside=0.0)
     assert torch.equal(plain, start(seed=5, noise_outside=0.0))  # no fresh noise: the seed does nothing
@@ -391,7 +392,7 @@ def test_the_same_layout_with_another_seed_reuses_its_inversion(tiny_pipe_dir, t
     first, calls_first = run(init, 0)  # objects, inversion, sampling
     second, calls_second = run(init, 1)  # objects and z_T* reused: sampling only
     assert calls_second == 4 and calls_first > calls_second + 2
-    pipe.__dict__.pop("_inversion_memo")
+    pipe.inversion_memo.clear()
     fresh, _ = run(init, 1)
     np.testing.assert_array_equal(second.images, fresh.images)  # the reused z_T* is the same
     # anything z_T* depends on misses: other inversion steps, the builder's cache off
@@ -399,5 +400,5 @@ def test_the_same_layout_with_another_seed_reuses_its_inversion(tiny_pipe_dir, t
     uncached = dataclasses.replace(init, reference=GeneratedObjects(cache=False))
     assert run(uncached, 1)[1] > 4 + 2
     # an in-memory model has no identity: nothing is kept
-    assert inversion_memo_key(init, tiny_pipe, first.reference_image, "", 4) is None
-    assert inversion_memo_key(init, pipe, first.reference_image, "", 4) is not None
+    assert inversion_memo_key(init, tiny_pipe.init_context(), first.reference_image, "", 4) is None
+    assert inversion_memo_key(init, pipe.init_context(), first.reference_image, "", 4) is not None

@@ -111,13 +111,8 @@ class ConstantInit:
 
     value: float = 0.5
 
-    def __call__(self, pipe, prompt, layout, generator, *, height, width, num_inference_steps, num_images=1):
-        shape = (
-            num_images,
-            pipe.unet.config.in_channels,
-            height // pipe.vae_scale_factor,
-            width // pipe.vae_scale_factor,
-        )
+    def __call__(self, ctx, prompt, layout, generator, *, height, width, num_inference_steps, num_images=1):
+        shape = ctx.latent_shape(num_images, height, width)
         return InitResult(torch.full(shape, self.value), None, {"init": "constant"})
 
 

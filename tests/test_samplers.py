@@ -167,11 +167,13 @@ def test_pipeline_starts_euler_from_z_t_star_in_its_noise_space(tiny_pipe, euler
     kwargs = dict(init=init, guidance="none", num_inference_steps=4, height=32, width=32, seed=0)
     euler = euler_pipe(PROMPT, LAYOUT, **kwargs)
     # the same inversion end: Euler's first timestep (999), under DDIM's own sampler
-    z_star = init.invert(euler_pipe, euler.reference_image, PROMPT, None, num_inference_steps=4)
+    z_star = init.invert(
+        euler_pipe.init_context(), euler.reference_image, PROMPT, None, num_inference_steps=4
+    )
     sigma = euler_pipe.scheduler.sigmas.max().item()
     torch.testing.assert_close(euler.init_latent, z_star * (1 + sigma**2) ** 0.5, rtol=1e-4, atol=1e-4)
     ddim = tiny_pipe(PROMPT, LAYOUT, **kwargs)  # DDIM samples in VP space: z_T* unchanged
-    z_ddim = init.invert(tiny_pipe, ddim.reference_image, PROMPT, None, num_inference_steps=4)
+    z_ddim = init.invert(tiny_pipe.init_context(), ddim.reference_image, PROMPT, None, num_inference_steps=4)
     torch.testing.assert_close(ddim.init_latent, z_ddim)
 
 

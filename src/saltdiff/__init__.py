@@ -30,6 +30,8 @@ _EXPORTS = {
     "RandomInit": "init",
     "SpatialAwareInit": "init",
     "InitResult": "init",
+    "InitContext": "init_context",
+    "InversionMemo": "init_context",
     "GeneratedObjects": "reference",
     "UserImages": "reference",
     "ReferenceImage": "reference",

@@ -3,6 +3,8 @@
 The flow counterpart of :meth:`saltdiff.init.SpatialAwareInit.__call__`, reading the same
 ``SpatialAwareInit`` fields (reference builder, ``inversion_steps``, ``inversion_prompt``, fresh-noise
 blend), so ``init="salt"``, the registry's params and the recipe mean one thing on every family.
+It gets the :class:`~saltdiff.init_context.InitContext` the flow pipeline builds from its family
+adapter (:meth:`saltdiff.flow_pipeline.FlowSaltMixin.init_context`), never the pipeline.
 What differs: the latent is the family adapter's (``encode``: SD3's scaling and shift), the
 inversion is :func:`saltdiff.flow_inversion.flow_invert` on the sampler's own sigma grid (no
 ``DDIMInverseScheduler`` exists for flow matching), and the result is already in the sampler's
@@ -17,11 +19,10 @@ import json
 import torch
 from diffusers.utils.torch_utils import randn_tensor
 
-from .families import guided_denoiser
 from .flow_inversion import flow_invert, inversion_sigmas, sampler_sigmas
-from .init import FLOW_INVERSION_STEPS, InitResult, SpatialAwareInit, memoized
+from .init import FLOW_INVERSION_STEPS, InitResult, SpatialAwareInit
+from .init_context import InitContext
 from .layout import Layout
-from .object_generator import PipelineObjectGenerator
 
 __all__ = ["FLOW_INVERSION_METHOD", "FLOW_INVERSION_STEPS", "flow_memo_key", "flow_salt_start"]
 
@@ -33,8 +34,7 @@ FLOW_INVERSION_METHOD = "euler"
 
 def flow_salt_start(
     init: SpatialAwareInit,
-    pipe,
-    adapter,
+    ctx: InitContext,
     prompt: str,
     layout: Layout,
     generator,
@@ -46,9 +46,10 @@ def flow_salt_start(
 ) -> InitResult:
     """SALT's initial latent on a flow model: reference → VAE → flow inversion → fresh noise outside.
 
-    ``pipe`` gives the reference builder its object generator (``pipe.object_generator()``), the
-    image processor, the execution device and the scheduler; ``adapter`` the VAE latents and the
-    velocity.
+    ``ctx`` gives the reference builder its object generator (``ctx.objects``), the scheduler, the
+    reference's VAE latent (``ctx.encode_reference``: the image processor and the adapter's
+    ``encode``), the velocity of a text (``ctx.velocity``) and the family's sigma grid
+    (``ctx.schedule_kwargs``).
 
     The inversion runs ``init.inversion_steps`` (unset: :data:`FLOW_INVERSION_STEPS`) steps of
     ``init.inversion_method`` (reverse Euler or midpoint) on the sampler's own sigma grid
@@ -58,39 +59,35 @@ def flow_salt_start(
     Fresh noise is blended in as :class:`~saltdiff.init.SpatialAwareInit` does (variance preserving,
     ``noise_outside`` outside the kept region, ``noise_inside`` inside).
 
-    The inversion is deterministic: the pipeline keeps the last few z_T* (:func:`flow_memo_key`,
-    :func:`saltdiff.init.memoized`), so the same layout with another seed inverts once.
+    The inversion is deterministic: the pipeline keeps the last few z_T* (``ctx.memo``, by
+    :func:`flow_memo_key`), so the same layout with another seed inverts once.
     """
     if init.inversion_noise_scale > 0:
         raise ValueError(
             f"inversion_noise_scale={init.inversion_noise_scale} is not supported on flow models yet (flow inversion is deterministic)"
         )
     reference = init.reference.build(
-        pipe.object_generator(), prompt, layout, height=height, width=width, generator=generator
+        ctx.objects, prompt, layout, height=height, width=width, generator=generator
     )
     if reference.image.size != (width, height):
         raise ValueError(
             f"reference builder returned a {reference.image.size} image, expected {(width, height)}"
         )
-    latent_hw = (height // pipe.vae_scale_factor, width // pipe.vae_scale_factor)
-    start = float(
-        sampler_sigmas(pipe.scheduler, **adapter.schedule_kwargs(num_inference_steps, latent_hw))[0]
-    )
+    latent_hw = (height // ctx.vae_scale_factor, width // ctx.vae_scale_factor)
+    start = float(sampler_sigmas(ctx.scheduler, **ctx.schedule_kwargs(num_inference_steps, latent_hw))[0])
     depth = FLOW_INVERSION_STEPS if init.inversion_steps is None else init.inversion_steps
     # the family's own grid for `depth` steps (FLUX: custom sigmas for that count, shifted by mu)
-    grid = inversion_sigmas(pipe.scheduler, **adapter.schedule_kwargs(depth, latent_hw))
+    grid = inversion_sigmas(ctx.scheduler, **ctx.schedule_kwargs(depth, latent_hw))
     if abs(float(grid[-1]) - start) > 1e-6:  # a schedule whose top depends on the step count
         grid = grid[grid < start]
         grid = torch.cat([grid, grid.new_tensor([start])])
     text = prompt if init.inversion_prompt == "prompt" else ""
 
     def invert() -> torch.Tensor:
-        pixels = pipe.image_processor.preprocess(reference.image)
-        x0 = adapter.encode(pixels.to(device=pipe._execution_device, dtype=pipe.vae.dtype))
-        velocity = guided_denoiser(adapter, adapter.conditions(text))
-        return flow_invert(velocity, x0.to(adapter.transformer.dtype), grid, method=init.inversion_method)
+        x0 = ctx.encode_reference(reference.image)
+        return flow_invert(ctx.velocity(text), x0.to(ctx.dtype), grid, method=init.inversion_method)
 
-    latents = memoized(pipe, flow_memo_key(init, pipe, adapter, reference.image, text, grid), invert)
+    latents = ctx.memo.get_or_compute(flow_memo_key(init, ctx, reference.image, text, grid), invert)
     latents = latents.expand(num_images, -1, -1, -1).clone()
     if init.noise_outside > 0 or init.noise_inside > 0:
         keep = init.kept_region(layout, reference, latent_hw).to(latents)
@@ -109,25 +106,25 @@ def flow_salt_start(
     return InitResult(latents, reference, info)
 
 
-def flow_memo_key(init: SpatialAwareInit, pipe, adapter, image, text: str, grid: torch.Tensor) -> str | None:
+def flow_memo_key(
+    init: SpatialAwareInit, ctx: InitContext, image, text: str, grid: torch.Tensor
+) -> str | None:
     """Everything a flow z_T* depends on, hashed: the model (``None``, nothing kept, for an in-memory
     model or with the reference builder's cache off, as :func:`saltdiff.init.inversion_memo_key`),
     the device, the reference's pixels, the inversion text and grid, the integrator and the
-    adapter's conditioning (T5 length, FLUX's embedded guidance, ``joint_attention_kwargs``)."""
-    identity = PipelineObjectGenerator(pipe).identity
+    adapter's conditioning (``ctx.conditioning_key``: the family, T5 length, FLUX's embedded
+    guidance, ``joint_attention_kwargs``)."""
+    identity = ctx.objects.identity
     if not identity or not getattr(init.reference, "cache", True):
         return None
     parts = [
         identity,
-        str(pipe._execution_device),
+        str(ctx.device),
         image.size,
         hashlib.sha256(image.convert("RGB").tobytes()).hexdigest(),
         text,
         [float(s) for s in grid],
         init.inversion_method,
-        adapter.name,
-        adapter.max_sequence_length,
-        getattr(adapter, "guidance_scale", None),
-        adapter.joint_attention_kwargs,
+        *ctx.conditioning_key,
     ]
     return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()

@@ -24,6 +24,7 @@ one line without one; ``"without-boxed"`` edits the conditional branch and runs 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
@@ -32,11 +33,12 @@ from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.utils.torch_utils import randn_tensor
 
 from .call_inputs import OUTPUT_TYPES, as_guidance, as_layout, resolve_init, seeded_generator
-from .families import Conditions
+from .families import Conditions, guided_denoiser
 from .flow_denoising import FlowOutsidePrompt, flow_denoise
 from .flow_init import flow_salt_start
 from .guidance import GuidanceConfig
 from .init import InitResult, RandomInit, SpatialAwareInit
+from .init_context import InitContext
 from .layout import Layout
 from .object_generator import PipelineObjectGenerator
 from .phrases import boxed_phrases_prompt, strip_phrases
@@ -98,6 +100,35 @@ class FlowSaltMixin(PretrainedMixin):
     def object_generator(self) -> PipelineObjectGenerator:
         """What a reference builder may use of this pipeline: :meth:`generate_objects` and an identity."""
         return PipelineObjectGenerator(self)
+
+    def init_context(self, adapter) -> InitContext:
+        """What SALT's flow start may use of this pipeline in a call whose family adapter is
+        ``adapter`` (:class:`~saltdiff.init_context.InitContext`), never the pipeline itself: the
+        reference's VAE latent, a text's velocity and the sigma grid all go through ``adapter``."""
+        return InitContext(
+            denoiser=self.denoiser,
+            scheduler=self.scheduler,
+            device=self._execution_device,
+            dtype=self.denoiser.dtype,
+            latent_channels=adapter.latent_channels,
+            vae_scale_factor=self.vae_scale_factor,
+            objects=self.object_generator(),
+            memo=self.inversion_memo,
+            encode_reference=functools.partial(self._encode_reference, adapter),
+            velocity=lambda text: guided_denoiser(adapter, adapter.conditions(text)),
+            schedule_kwargs=adapter.schedule_kwargs,
+            conditioning_key=(
+                adapter.name,
+                adapter.max_sequence_length,
+                getattr(adapter, "guidance_scale", None),
+                adapter.joint_attention_kwargs,
+            ),
+        )
+
+    def _encode_reference(self, adapter, image) -> torch.Tensor:
+        """The latent ``adapter`` works in of a reference image (the image processor, then the VAE)."""
+        pixels = self.image_processor.preprocess(image)
+        return adapter.encode(pixels.to(device=self._execution_device, dtype=self.vae.dtype))
 
     # -- inputs --------------------------------------------------------------------------------------
     def _check_sizes(self, adapter, height, width, num_inference_steps, guidance_scale, n):
@@ -379,8 +410,9 @@ class FlowSaltMixin(PretrainedMixin):
     def salt_latents(
         self, init: SpatialAwareInit, adapter, prompt, layout, generator, **kwargs
     ) -> InitResult:
-        """SALT's initial latent on this flow model (:func:`saltdiff.flow_init.flow_salt_start`)."""
-        return flow_salt_start(init, self, adapter, prompt, layout, generator, **kwargs)
+        """SALT's initial latent on this flow model (:func:`saltdiff.flow_init.flow_salt_start`), given
+        this call's :meth:`init_context`."""
+        return flow_salt_start(init, self.init_context(adapter), prompt, layout, generator, **kwargs)
 
     def _tensor_latents(self, init: torch.Tensor, shape: tuple[int, ...], n: int) -> torch.Tensor:
         """A user's latent tensor as ``[n, C, h, w]`` (``[C, h, w]`` or one row is repeated)."""

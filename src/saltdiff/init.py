@@ -1,28 +1,28 @@
 """Initial latents z_T: random Gaussian noise, or SALT's spatial-aware inversion of a reference.
 
-An initializer is any callable ``init(pipe, prompt, layout, generator, *, height, width,
-num_inference_steps, num_images) -> InitResult``; the pipeline does not care which one it gets,
-and the guidance method does not care either (plug-and-play).
+An initializer is any callable ``init(ctx, prompt, layout, generator, *, height, width,
+num_inference_steps, num_images) -> InitResult``, where ``ctx`` is the
+:class:`~saltdiff.init_context.InitContext` the pipeline builds for the call (never the pipeline
+itself); the pipeline does not care which one it gets, and the guidance method does not care
+either (plug-and-play).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from collections import OrderedDict
-from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 
+from .init_context import InitContext
 from .inversion import ddim_invert, inversion_timesteps
 from .layout import Layout
 from .losses import gaussian_blur
-from .object_generator import PipelineObjectGenerator
 from .reference import GeneratedObjects, ReferenceBuilder, ReferenceImage
 from .registry import INITIALIZERS, check_fields
 from .samplers import ancestral_start_skip, config_family, sampler_start_timestep, to_sampler_space
@@ -34,9 +34,6 @@ from .samplers import ancestral_start_skip, config_family, sampler_start_timeste
 #: inversion on the UNet model, a deeper flow inversion keeps more of the layout. Unmeasured on real
 #: SD3/FLUX weights. The memo inverts a layout once, so only a layout's first image pays for the depth.
 FLOW_INVERSION_STEPS = 10
-
-if TYPE_CHECKING:  # pragma: no cover
-    from .pipeline import SaltPipeline
 
 
 @dataclass
@@ -54,9 +51,15 @@ class InitResult:
 
 
 class Initializer(Protocol):
+    """What the pipeline calls for the initial latent: ``ctx`` is what it may use of the pipeline
+    (:class:`~saltdiff.init_context.InitContext`: denoiser, sampler, device, dtype, ``latent_shape``,
+    the reference's VAE latent, the inversion's conditioning, the object generator, the z_T* memo).
+    An initializer written for the old ``init(pipe, ...)`` that reads a pipeline attribute the
+    context lacks (``pipe.unet``) fails in one line naming it."""
+
     def __call__(
         self,
-        pipe: SaltPipeline,
+        ctx: InitContext,
         prompt: str,
         layout: Layout,
         generator: torch.Generator | None,
@@ -68,68 +71,41 @@ class Initializer(Protocol):
     ) -> InitResult: ...
 
 
-def latent_shape(pipe, num_images: int, height: int, width: int) -> tuple[int, int, int, int]:
-    return (
-        num_images,
-        pipe.denoiser.config.in_channels,
-        height // pipe.vae_scale_factor,
-        width // pipe.vae_scale_factor,
-    )
-
-
 @dataclass
 class RandomInit:
     """z_T ~ N(0, I) (times the scheduler's ``init_noise_sigma``): the usual baseline."""
 
-    def __call__(self, pipe, prompt, layout, generator, *, height, width, num_inference_steps, num_images=1):
-        shape = latent_shape(pipe, num_images, height, width)
-        latents = randn_tensor(
-            shape, generator=generator, device=pipe._execution_device, dtype=pipe.denoiser.dtype
-        )
-        return InitResult(latents * pipe.scheduler.init_noise_sigma, None, {"init": "random"})
+    def __call__(self, ctx, prompt, layout, generator, *, height, width, num_inference_steps, num_images=1):
+        shape = ctx.latent_shape(num_images, height, width)
+        latents = randn_tensor(shape, generator=generator, device=ctx.device, dtype=ctx.dtype)
+        return InitResult(latents * ctx.scheduler.init_noise_sigma, None, {"init": "random"})
 
 
-#: How many z_T* a pipeline keeps (:meth:`SpatialAwareInit.invert`).
-INVERSION_MEMO_SIZE = 16
-
-
-def inversion_memo_key(init: SpatialAwareInit, pipe, image: Image.Image, text: str, steps: int) -> str | None:
+def inversion_memo_key(
+    init: SpatialAwareInit, ctx: InitContext, image: Image.Image, text: str, steps: int
+) -> str | None:
     """Everything z_T* depends on, hashed; ``None`` (no reuse) when the model has no stable identity
     (an in-memory model, as for the object cache), the reference builder's cache is off, or the
     inversion draws noise. Weights changed in place (a LoRA fused into a loaded model) are not seen,
     as with the object cache."""
-    identity = PipelineObjectGenerator(pipe).identity
+    identity = ctx.objects.identity
     if not identity or not getattr(init.reference, "cache", True) or init.inversion_noise_scale > 0:
         return None
+    scheduler = ctx.scheduler
     digest = hashlib.sha256(image.convert("RGB").tobytes())
     parts = [
         identity,
-        str(pipe._execution_device),
+        str(ctx.device),
         image.size,
         digest.hexdigest(),
         text,
-        init.depth(pipe.scheduler, steps),
+        init.depth(scheduler, steps),
         steps,
-        init.start_skip(pipe.scheduler, steps),
-        type(pipe.scheduler).__name__,
-        {k: v for k, v in sorted(pipe.scheduler.config.items()) if not k.startswith("_")},
+        init.start_skip(scheduler, steps),
+        type(scheduler).__name__,
+        {k: v for k, v in sorted(scheduler.config.items()) if not k.startswith("_")},
     ]
     return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()
-
-
-def memoized(pipe, key: str | None, invert: Callable[[], torch.Tensor]) -> torch.Tensor:
-    """z_T* kept under ``key`` in the pipeline's memo (its last :data:`INVERSION_MEMO_SIZE`), else
-    ``invert()`` run and kept; ``key`` ``None``: run, nothing kept. Shared by the UNet and flow starts."""
-    memo = pipe.__dict__.setdefault("_inversion_memo", OrderedDict()) if key else None
-    if memo is not None and key in memo:
-        memo.move_to_end(key)
-        return memo[key].clone()
-    latent = invert()
-    if memo is not None:
-        memo[key] = latent.detach().clone()
-        while len(memo) > INVERSION_MEMO_SIZE:
-            memo.popitem(last=False)
-    return latent
 
 
 def _grid_fits(scheduler, steps: int, end: int) -> bool:
@@ -212,33 +188,33 @@ class SpatialAwareInit:
         return gaussian_blur(masks, self.feather, truncate=3.0).amax(0).clamp(0, 1)
 
     def invert(
-        self, pipe, image: Image.Image, prompt: str, generator, *, num_inference_steps: int
+        self, ctx: InitContext, image: Image.Image, prompt: str, generator, *, num_inference_steps: int
     ) -> torch.Tensor:
         """z_T* of one reference image (shape [1, C, h, w]).
 
-        The pipeline's family hooks give the VAE latent (``encode_reference``: SDXL's VAE runs in
-        fp32) and the UNet's conditioning (``inversion_conditioning``: SDXL adds pooled embeddings
-        and ``time_ids``). The inversion is deterministic, so the pipeline keeps the last few z_T*
-        (:func:`inversion_memo_key`): the same layout with another seed, or the next image of a
-        batch call, reuses it (a sixth of ``sd``'s time on the built-in model)."""
+        The pipeline's family hooks give the VAE latent (``ctx.encode_reference``: SDXL's VAE runs
+        in fp32) and the UNet's conditioning (``ctx.inversion_conditioning``: SDXL adds pooled
+        embeddings and ``time_ids``). The inversion is deterministic, so the pipeline keeps the last
+        few z_T* (``ctx.memo``, :func:`inversion_memo_key`): the same layout with another seed, or
+        the next image of a batch call, reuses it (a sixth of ``sd``'s time on the built-in model)."""
         text = prompt if self.inversion_prompt == "prompt" else ""
-        key = inversion_memo_key(self, pipe, image, text, num_inference_steps)
-        return memoized(
-            pipe,
-            key,
-            lambda: self._invert(pipe, image, text, generator, num_inference_steps=num_inference_steps),
+        key = inversion_memo_key(self, ctx, image, text, num_inference_steps)
+        return ctx.memo.get_or_compute(
+            key, lambda: self._invert(ctx, image, text, generator, num_inference_steps=num_inference_steps)
         )
 
-    def _invert(self, pipe, image: Image.Image, text: str, generator, *, num_inference_steps: int):
-        z0 = pipe.encode_reference(image)
-        embeds, model_kwargs = pipe.inversion_conditioning(text, image.height, image.width)
+    def _invert(
+        self, ctx: InitContext, image: Image.Image, text: str, generator, *, num_inference_steps: int
+    ):
+        z0 = ctx.encode_reference(image)
+        embeds, model_kwargs = ctx.inversion_conditioning(text, image.height, image.width)
         return ddim_invert(
-            pipe.denoiser,
-            pipe.scheduler,
-            z0.to(pipe.denoiser.dtype),
+            ctx.denoiser,
+            ctx.scheduler,
+            z0.to(ctx.dtype),
             embeds,
-            num_inference_steps=self.depth(pipe.scheduler, num_inference_steps),
-            end_timestep=self.end_timestep(pipe.scheduler, num_inference_steps),
+            num_inference_steps=self.depth(ctx.scheduler, num_inference_steps),
+            end_timestep=self.end_timestep(ctx.scheduler, num_inference_steps),
             noise_scale=self.inversion_noise_scale,
             generator=generator,
             model_kwargs=model_kwargs,
@@ -285,22 +261,22 @@ class SpatialAwareInit:
                 "(--inversion-steps) or more sampling steps (--steps)"
             )
 
-    def __call__(self, pipe, prompt, layout, generator, *, height, width, num_inference_steps, num_images=1):
+    def __call__(self, ctx, prompt, layout, generator, *, height, width, num_inference_steps, num_images=1):
         if self.inversion_method != "euler":
             raise ValueError(
                 f"inversion_method={self.inversion_method!r} is for flow models (SD3, FLUX): "
                 "a UNet model inverts with DDIM (use 'euler')"
             )
-        self.check_steps(pipe.scheduler, num_inference_steps)
+        self.check_steps(ctx.scheduler, num_inference_steps)
         reference = self.reference.build(
-            pipe.object_generator(), prompt, layout, height=height, width=width, generator=generator
+            ctx.objects, prompt, layout, height=height, width=width, generator=generator
         )
         if reference.image.size != (width, height):
             raise ValueError(
                 f"reference builder returned a {reference.image.size} image, expected {(width, height)}"
             )
         latents = self.invert(
-            pipe, reference.image, prompt, generator, num_inference_steps=num_inference_steps
+            ctx, reference.image, prompt, generator, num_inference_steps=num_inference_steps
         )
         latents = latents.expand(num_images, -1, -1, -1).clone()
         if self.noise_outside > 0 or self.noise_inside > 0:
@@ -310,11 +286,11 @@ class SpatialAwareInit:
                 latents.shape, generator=generator, device=latents.device, dtype=latents.dtype
             )
             latents = torch.sqrt(1 - weight) * latents + torch.sqrt(weight) * noise
-        skip = self.start_skip(pipe.scheduler, num_inference_steps)
-        latents = to_sampler_space(pipe.scheduler, latents, num_inference_steps, skip)
+        skip = self.start_skip(ctx.scheduler, num_inference_steps)
+        latents = to_sampler_space(ctx.scheduler, latents, num_inference_steps, skip)
         info = {
             "init": "salt",
-            "inversion_steps": self.depth(pipe.scheduler, num_inference_steps),
+            "inversion_steps": self.depth(ctx.scheduler, num_inference_steps),
             "inversion_prompt": self.inversion_prompt,
             "start_skip": skip,
         }

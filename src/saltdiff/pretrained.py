@@ -5,7 +5,8 @@ a cached hub id; a hub id fetched just now is checked right after), loads in one
 unless told), and records where the model came from and the words it was trained on;
 ``from_pipe`` refuses a pipeline of another family in one line. Both the UNet pipelines
 (:class:`saltdiff.salt_mixin.SaltMixin`) and the flow pipelines
-(:class:`saltdiff.flow_pipeline.FlowSaltMixin`) mix it in before their diffusers class.
+(:class:`saltdiff.flow_pipeline.FlowSaltMixin`) mix it in before their diffusers class, so it also
+holds what every SALT pipeline owns whatever its family: the z_T* memo (``inversion_memo``).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import torch
 
 from .checkpoints import check_family, check_model_index, null_components, resolve_model
 from .components import dtype_keyword
+from .init_context import InversionMemo
 from .vocabulary import ModelVocabulary, load_vocabulary
 
 __all__ = ["PretrainedMixin"]
@@ -58,6 +60,18 @@ class PretrainedMixin:
         pipe.model_name = getattr(pipeline, "model_name", None)
         pipe.model_vocabulary = getattr(pipeline, "model_vocabulary", None)
         return pipe
+
+    @property
+    def inversion_memo(self) -> InversionMemo:
+        """The z_T* this pipeline keeps (:class:`~saltdiff.init_context.InversionMemo`), its own: a
+        pipeline made by ``from_pipe`` starts empty. ``pipe.inversion_memo.clear()`` forgets them.
+
+        Made on first use: diffusers builds a pipeline from its ``__init__`` signature (the
+        components), which a mixin cannot extend."""
+        memo = self.__dict__.get("_inversion_memo")
+        if memo is None:
+            memo = self.__dict__["_inversion_memo"] = InversionMemo()
+        return memo
 
     def _after_loading(self) -> None:
         """A family's fix-ups of freshly loaded components (SD: tokenizer lengths); none by default."""

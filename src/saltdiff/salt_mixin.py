@@ -7,7 +7,8 @@ and ``SaltXLPipeline`` (SDXL, :mod:`saltdiff.pipeline_xl`) implement: ``_family`
 (prompt_embeds, negative_embeds, added_cond)`` (SDXL's pooled embeddings and ``time_ids``, rows
 ``[negative; conditional]`` under CFG; ``None`` for SD), ``_resolve_tokens(layout, prompt)``,
 ``encode_reference(image)`` and ``inversion_conditioning(text, height, width)`` (the VAE encode and UNet
-inputs of :class:`saltdiff.init.SpatialAwareInit`), ``_decode(latents, output_type, safety_dtype=)``.
+inputs of :class:`saltdiff.init.SpatialAwareInit`, handed to it in the :meth:`SaltMixin.init_context`),
+``_decode(latents, output_type, safety_dtype=)``.
 
 The call's argument checks that need no pipeline are :mod:`saltdiff.call_inputs`; its output,
 :mod:`saltdiff.pipeline_output`; the view of the pipeline that reference builders get,
@@ -41,6 +42,7 @@ from .denoising import Denoised, OutsidePrompt, UNetExtras, denoise, step_callba
 from .families.unet import ip_adapter_off
 from .guidance import GuidanceConfig
 from .init import InitResult
+from .init_context import InitContext
 from .layout import Layout
 from .object_generator import PipelineObjectGenerator
 from .phrases import boxed_phrases_prompt, other_tokens, strip_phrases
@@ -129,9 +131,10 @@ class SaltMixin(PretrainedMixin):
             latents = init.to(device=self._execution_device, dtype=self.unet.dtype).expand(n, -1, -1, -1)
             # unit-variance noise, scaled into the sampler's noise space as diffusers does with `latents`
             return InitResult(latents * self.scheduler.init_noise_sigma, None, {"init": "tensor"})
+        ctx = self.init_context()
         with ip_adapter_off(self.unet):  # an IP-Adapter conditions sampling, not the reference
             result = init(
-                self,
+                ctx,
                 prompt,
                 layout,
                 generator,
@@ -165,6 +168,22 @@ class SaltMixin(PretrainedMixin):
     def object_generator(self) -> PipelineObjectGenerator:
         """What a reference builder may use of this pipeline: :meth:`generate_objects` and an identity."""
         return PipelineObjectGenerator(self)
+
+    def init_context(self) -> InitContext:
+        """What an initializer may use of this pipeline (:class:`~saltdiff.init_context.InitContext`),
+        never the pipeline itself: built once per call, where the call runs its initializer."""
+        return InitContext(
+            denoiser=self.denoiser,
+            scheduler=self.scheduler,
+            device=self._execution_device,
+            dtype=self.denoiser.dtype,
+            latent_channels=self.denoiser.config.in_channels,
+            vae_scale_factor=self.vae_scale_factor,
+            objects=self.object_generator(),
+            memo=self.inversion_memo,
+            encode_reference=self.encode_reference,
+            inversion_conditioning=self.inversion_conditioning,
+        )
 
     # -- the denoising loop --------------------------------------------------------------------------
     def _denoise(self, latents: torch.Tensor, *, progress: bool = True, **kwargs) -> Denoised:
