@@ -9,7 +9,8 @@
 #         stepsize method layers (flow models: reverse Euler vs midpoint inversion; the captured blocks)
 #   (val: the table's methods on the tuning split; METHODS=sd,random+salt-loss,salt for the three the
 #   acceptance targets need)
-#   MODEL (default builtin:shapes), CFG (default 7.5) choose the model and its CFG scale;
+#   MODEL (default builtin:shapes), CFG (default: the model's, 5 for the built-in models) choose the model
+#   and its CFG scale (the tables and studies before session 11 ran at CFG=7.5: RESULTS.md says which);
 #   benchmarks/run_shapes_mmdit.sh runs the flow model's table and studies with them.
 #
 # Every command resumes: rerun the script after a kill and finished images are skipped.
@@ -23,7 +24,8 @@ PROCS=${PROCS:-2}
 STEPS=${STEPS:-25}
 STUDY_N=${STUDY_N:-50}
 MODEL=${MODEL:-builtin:shapes}
-CFG=${CFG:-7.5}
+CFG=${CFG:-}
+CFG_ARGS=(${CFG:+--cfg "$CFG"})
 # the flow model's captured-block candidates (the layers study; a '+' joins blocks into one variant)
 LAYERS=${LAYERS:-default,transformer_blocks.0,transformer_blocks.1,transformer_blocks.2,transformer_blocks.3}
 BUDGET=${BUDGET:-2,5,10}
@@ -37,9 +39,9 @@ else
     LAUNCH=(python -m saltdiff)
 fi
 # Studies: the tuning split. The table (and hard): the test splits.
-COMMON=(--model "$MODEL" --cfg "$CFG" --suite shapes-val --seeds 1 --steps "$STEPS" --device cpu -q ${EXTRA:-})
-TWO=(--model "$MODEL" --cfg "$CFG" --suite shapes-val --seeds 2 --steps "$STEPS" --device cpu -q)   # seed diversity needs two seeds
-TABLE=(--model "$MODEL" --cfg "$CFG" --suite shapes --seeds 2 --steps "$STEPS" --device cpu -q)
+COMMON=(--model "$MODEL" "${CFG_ARGS[@]}" --suite shapes-val --seeds 1 --steps "$STEPS" --device cpu -q ${EXTRA:-})
+TWO=(--model "$MODEL" "${CFG_ARGS[@]}" --suite shapes-val --seeds 2 --steps "$STEPS" --device cpu -q)   # seed diversity needs two seeds
+TABLE=(--model "$MODEL" "${CFG_ARGS[@]}" --suite shapes --seeds 2 --steps "$STEPS" --device cpu -q)
 METHODS=${METHODS:-all}
 FID_N=${FID_N:-40}
 
@@ -47,7 +49,7 @@ for what in $WHAT; do
     case $what in
         table)      "${LAUNCH[@]}" bench "${TABLE[@]}" --n 200 --methods "$METHODS" --out "$RUNS/fidelity-n200" ;;
         val)        "${LAUNCH[@]}" bench "${TWO[@]}" --n 200 --methods "$METHODS" --out "$RUNS/val-n200" ;;
-        hard)       "${LAUNCH[@]}" bench --model "$MODEL" --cfg "$CFG" --suite shapes-hard --seeds 2 --steps "$STEPS" --device cpu -q --n 100 \
+        hard)       "${LAUNCH[@]}" bench --model "$MODEL" "${CFG_ARGS[@]}" --suite shapes-hard --seeds 2 --steps "$STEPS" --device cpu -q --n 100 \
                         --methods sd,random+salt-loss,layout-guidance,salt --out "$RUNS/hard-n100" ;;
         outside)    "${LAUNCH[@]}" study outside-prompt "${TWO[@]}" --n "${OUTSIDE_N:-200}" --values "${OUTSIDE_VALUES:-0,5,10,15,25}" --out "$RUNS/s-outside-n${OUTSIDE_N:-200}" ;;
         noise)      "${LAUNCH[@]}" study noise-outside "${TWO[@]}" --n "$FID_N" --values 0.8,0.9,1.0 --keep-region objects \

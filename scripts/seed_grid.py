@@ -34,12 +34,13 @@ def main(argv=None) -> None:
     parser.add_argument("--seeds", type=int, default=4)
     parser.add_argument("--steps", type=int, default=25)
     parser.add_argument(
-        "--cfg", type=float, default=7.5, help="CFG scale (the bench's: 7.5; 5 for builtin:shapes-mmdit)"
+        "--cfg", type=float, default=None, help="CFG scale (default: the model's, as `saltdiff bench`)"
     )
     parser.add_argument(
         "--object-steps", type=int, default=None, help="steps per reference object (default: 25)"
     )
     args = parser.parse_args(argv)
+    cfg = default_guidance_scale(args.model) if args.cfg is None else args.cfg
 
     pipe = load_pipeline(args.model, device="cpu")
     pipe.set_progress_bar_config(disable=True)
@@ -58,7 +59,7 @@ def main(argv=None) -> None:
                     spec,
                     shared,
                     flow=config_family(pipe.scheduler.config) == "flow",  # its own guidance budget
-                    guidance_scale=args.cfg,
+                    guidance_scale=cfg,
                     prompt=lay.prompt,
                     layout=lay.layout,
                     seed=seed,

@@ -60,6 +60,7 @@ def test_generate_writes_png_with_recipe_and_overlay(tiny_pipe_dir, tmp_path):
     assert code == 0
     recipe = read_recipe(str(out))
     assert recipe["prompt"] == "a red circle and a blue square"
+    assert recipe["cfg"] == 7.5  # no --cfg: the SD pipeline's own default
     assert recipe["seed"] == 7 and recipe["steps"] == 3 and recipe["init"] == "salt"
     assert recipe["layout"]["boxes"][0]["phrase"] == "red circle"
     assert recipe["init_params"]["inversion_steps"] == 2

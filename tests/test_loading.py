@@ -282,3 +282,19 @@ def test_an_unreachable_hub_loads_a_cached_hub_id_from_the_cache(tiny_pipe_dir, 
     assert proc.returncode == 0, proc.stderr
     assert (tmp_path / "x.png").is_file()
     assert "Retry" not in proc.stderr and "WARNING" not in proc.stderr, proc.stderr
+
+
+def test_the_default_cfg_is_the_builtin_models_card_scale_else_the_familys_pipeline_default(
+    tiny_pipe_dir, tiny_sd3_dir
+):
+    from saltdiff.cli import build_parser
+    from saltdiff.eval.cli import _config
+    from saltdiff.eval.methods import parse_methods
+    from saltdiff.loading import default_guidance_scale
+
+    assert default_guidance_scale("builtin:shapes") == default_guidance_scale("builtin:shapes-mmdit") == 5.0
+    assert default_guidance_scale(tiny_pipe_dir) == 7.5
+    assert default_guidance_scale(tiny_sd3_dir) == 7.0
+    bench = ["bench", "--out", "unused", "--methods", "salt"]
+    assert _config(build_parser().parse_args(bench), parse_methods("salt")).cfg == 5.0  # the bench's model: builtin:shapes
+    assert _config(build_parser().parse_args([*bench, "--cfg", "7.5"]), parse_methods("salt")).cfg == 7.5

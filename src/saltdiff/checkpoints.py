@@ -28,12 +28,15 @@ class BuiltinModel:
     """A model shipped in the package as ``models/NAME`` and named ``builtin:NAME``.
 
     ``world``: the synthetic world it was trained on (its suites are scored with that world's exact
-    detector); ``description``: one line for lists and messages.
+    detector); ``description``: one line for lists and messages; ``guidance_scale``: the CFG scale its
+    model card recommends, the command line's ``--cfg`` default for it (5 for both built-in models: chosen
+    on the tuning split, ``benchmarks/RESULTS.md``; the UNet model's captions are most often right there).
     """
 
     name: str
     description: str
     world: str = "shapes"
+    guidance_scale: float = 5.0
 
 
 #: The built-in models, one entry each; an entry is offered (``builtin_models``, the demo's list)

@@ -63,7 +63,13 @@ def build_parser() -> Parser:
     )
     add_model_args(gen, scheduler_default=None)
     gen.add_argument("--steps", type=int, default=50, help="denoising steps")
-    gen.add_argument("--cfg", type=float, default=7.5, help="classifier-free guidance scale")
+    gen.add_argument(
+        "--cfg",
+        type=float,
+        default=None,
+        help="classifier-free guidance scale (default: the model's: 5 for the built-in models, as their model cards "
+        "say; else its pipeline's: 7.5 SD 1.x/2.x and SDXL, 7.0 SD3, 3.5 FLUX's embedded guidance)",
+    )
     gen.add_argument("--negative-prompt", default=None, help="negative prompt")
     gen.add_argument(
         "--true-cfg-scale",
@@ -118,6 +124,7 @@ def build_layout(args):
 def build_request(args):
     """The :class:`GenerationRequest` of ``saltdiff generate``'s flags."""
     from .guidance import GuidanceConfig
+    from .loading import default_guidance_scale
     from .request import GenerationRequest
 
     if not args.prompt.strip():
@@ -132,7 +139,7 @@ def build_request(args):
         reference_params=options.reference_params,
         guidance=GuidanceConfig(loss=options.loss, **options.guidance, loss_params=options.loss_params),
         num_inference_steps=args.steps,
-        guidance_scale=args.cfg,
+        guidance_scale=default_guidance_scale(args.model) if args.cfg is None else args.cfg,
         negative_prompt=args.negative_prompt,
         true_cfg_scale=args.true_cfg_scale,
         seed=args.seed,

@@ -8,6 +8,7 @@ reads :data:`DEFAULT_MODEL` from here without paying for them.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 import re
@@ -21,6 +22,7 @@ from .checkpoints import (  # noqa: F401  (re-exported: loading is where users l
     SD15_MODEL_ID,
     SDXL_MODEL_ID,
     ModelLoadError,
+    builtin_entry,
     builtin_models,
     index_family,
     resolve_model,
@@ -186,6 +188,30 @@ def model_family_of(model: str) -> str:
     return family or "sd"
 
 
+def pipeline_class_of(family: str):
+    """The saltdiff pipeline class of a model family (``model_family_of``)."""
+    if family == "sdxl":
+        from .pipeline_xl import SaltXLPipeline as pipeline_class
+    elif family == "sd3":
+        from .pipeline_sd3 import SaltSD3Pipeline as pipeline_class
+    elif family == "flux":
+        from .pipeline_flux import SaltFluxPipeline as pipeline_class
+    else:
+        from .pipeline import SaltPipeline as pipeline_class
+    return pipeline_class
+
+
+def default_guidance_scale(model: str) -> float:
+    """The ``--cfg`` a command uses when none is given: a built-in model's recommended scale (its
+    catalogue entry, from its model card), else the default of the family's pipeline call (diffusers':
+    7.5 for SD 1.x/2.x, 7.0 for SD3, FLUX's embedded 3.5; SDXL 7.5 as saltdiff's SDXL pipeline)."""
+    entry = builtin_entry(model)
+    if entry is not None:
+        return entry.guidance_scale
+    call = pipeline_class_of(model_family_of(model)).__call__
+    return float(inspect.signature(call).parameters["guidance_scale"].default)
+
+
 def load_pipeline(
     model: str = DEFAULT_MODEL,
     *,
@@ -205,15 +231,7 @@ def load_pipeline(
         raise ModelLoadError(f"model folder {model!r} does not exist")
     cache_only = hub_files_only(model)  # offline: the local cache at once, no retries
     with quiet_loading():
-        family = model_family_of(model)
-        if family == "sdxl":
-            from .pipeline_xl import SaltXLPipeline as pipeline_class
-        elif family == "sd3":
-            from .pipeline_sd3 import SaltSD3Pipeline as pipeline_class
-        elif family == "flux":
-            from .pipeline_flux import SaltFluxPipeline as pipeline_class
-        else:
-            from .pipeline import SaltPipeline as pipeline_class
+        pipeline_class = pipeline_class_of(model_family_of(model))
 
         extra = {"local_files_only": True} if cache_only else {}
         try:

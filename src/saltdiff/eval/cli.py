@@ -41,7 +41,13 @@ def _add_run_args(parser: argparse.ArgumentParser) -> None:
     add_model_args(parser, scheduler_default=None)
     # 25: every table in README.md and benchmarks/RESULTS.md (saltdiff generate defaults to 50)
     parser.add_argument("--steps", type=int, default=25, help="denoising steps")
-    parser.add_argument("--cfg", type=float, default=7.5, help="classifier-free guidance scale")
+    parser.add_argument(
+        "--cfg",
+        type=float,
+        default=None,
+        help="classifier-free guidance scale (default: the model's: 5 for the built-in models, as their model cards "
+        "say; else its pipeline's: 7.5 SD 1.x/2.x and SDXL, 7.0 SD3, 3.5 FLUX's embedded guidance)",
+    )
     parser.add_argument("--height", type=int, default=None, help="image height (default: the model's)")
     parser.add_argument("--width", type=int, default=None, help="image width (default: the model's)")
     parser.add_argument(
@@ -143,6 +149,7 @@ def add_bench_parser(subparsers) -> None:
 
 
 def _config(args, methods):
+    from ..loading import default_guidance_scale
     from .bench import BenchConfig, parse_seeds
     from .methods import SharedSettings
 
@@ -166,7 +173,7 @@ def _config(args, methods):
         n=args.n,
         seeds=parse_seeds(args.seeds),
         steps=args.steps,
-        cfg=args.cfg,
+        cfg=default_guidance_scale(args.model) if args.cfg is None else args.cfg,
         scheduler=args.scheduler,
         height=args.height,
         width=args.width,
