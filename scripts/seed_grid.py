@@ -16,7 +16,7 @@ from PIL import Image, ImageDraw
 
 from saltdiff.eval.methods import SharedSettings, build_request, for_pipeline, preset
 from saltdiff.eval.suites import shapes_suite
-from saltdiff.loading import load_pipeline
+from saltdiff.loading import default_guidance_scale, load_pipeline
 from saltdiff.samplers import config_family
 from saltdiff.viz import draw_boxes
 
