@@ -371,3 +371,9 @@ def test_shipped_weights_draw_captions_and_attend_to_objects(shipped_pipe):
     assert captions.all_found >= 0.70, captions
     attention = attention_localization(shipped_pipe, 12, QUALITY_CFG, 15)  # measured 1.0
     assert attention["fraction"] >= 0.80, attention
+
+
+def test_a_loaded_builtin_model_serves_its_model_cards_cfg(shipped_pipe):
+    from saltdiff.loading import pipeline_guidance_scale
+
+    assert pipeline_guidance_scale(shipped_pipe) == 5.0  # the demo's CFG control starts there

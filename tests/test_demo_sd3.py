@@ -12,6 +12,14 @@ PROMPT = "a red circle and a blue square on a white background"
 FAST = {"num_inference_steps": 2, "inversion_steps": 1, "object_steps": 1, "background": "gray"}
 
 
+def request_fields(controls):
+    """The page's control values as ``validate_request`` keywords (the page's ``cfg`` slider feeds
+    ``guidance_scale``)."""
+    fields = dict(controls)
+    fields["guidance_scale"] = fields.pop("cfg")
+    return fields
+
+
 def two_boxes(size=64):
     image = np.zeros((size, size, 3), dtype=np.uint8)
     boxes = [("red circle", (4, 16, 28, 48)), ("blue square", (36, 16, 60, 48))]
@@ -61,20 +69,22 @@ def test_a_plain_flux_pipeline_object_is_served_as_a_salt_flux_pipeline():
 
     pool = ModelPool(FluxPipeline(**tiny_flux_components()), name="flux")
     assert type(pool.get("flux")) is SaltFluxPipeline
-    assert family_controls(pool.get("flux")) == {"scheduler": "flow-euler", "outside_prompt_steps": 0}
+    assert family_controls(pool.get("flux")) == {"scheduler": "flow-euler", "outside_prompt_steps": 0, "cfg": 3.5}
 
 
 def test_the_family_decides_the_sampler_and_the_outside_prompt(sd3_pool, tiny_sd3_dir, tiny_pipe):
     assert family_controls(sd3_pool.get(tiny_sd3_dir)) == {
         "scheduler": "flow-euler",
         "outside_prompt_steps": 0,
+        "cfg": 7.0,
     }
-    assert family_controls(tiny_pipe) == {"scheduler": "ddim", "outside_prompt_steps": OUTSIDE_PROMPT_STEPS}
+    expected = {"scheduler": "ddim", "outside_prompt_steps": OUTSIDE_PROMPT_STEPS, "cfg": 7.5}
+    assert family_controls(tiny_pipe) == expected
 
 
 def test_run_generation_on_sd3_compares_and_writes_the_recipe(sd3_pool, tiny_sd3_dir, tmp_path):
     pipe = sd3_pool.get(tiny_sd3_dir)
-    controls = family_controls(pipe)
+    controls = request_fields(family_controls(pipe))
     req = validate_request(PROMPT, two_boxes(), tokenizer=pipe.tokenizer, compare=True, **FAST, **controls)
     result = run_generation(pipe, req, model="tiny-sd3", out_dir=str(tmp_path))
     assert [run.init for run in result.runs] == ["random", "salt"]
@@ -89,7 +99,7 @@ def test_run_generation_on_sd3_compares_and_writes_the_recipe(sd3_pool, tiny_sd3
 
 def test_a_vp_sampler_on_sd3_is_one_line_and_writes_nothing(sd3_pool, tiny_sd3_dir, tmp_path):
     pipe = sd3_pool.get(tiny_sd3_dir)
-    fields = {**FAST, **family_controls(pipe), "scheduler": "ddim"}
+    fields = {**FAST, **request_fields(family_controls(pipe)), "scheduler": "ddim"}
     req = validate_request(PROMPT, two_boxes(), tokenizer=pipe.tokenizer, **fields)
     with pytest.raises(ValueError, match="scheduler 'ddim' is a VP") as info:
         run_generation(pipe, req, model="tiny-sd3", out_dir=str(tmp_path))
@@ -99,7 +109,7 @@ def test_a_vp_sampler_on_sd3_is_one_line_and_writes_nothing(sd3_pool, tiny_sd3_d
 
 def test_the_pages_outside_prompt_steps_reach_an_sd3_run(sd3_pool, tiny_sd3_dir, tmp_path):
     pipe = sd3_pool.get(tiny_sd3_dir)
-    fields = {**FAST, **family_controls(pipe), "outside_prompt_steps": 1}
+    fields = {**FAST, **request_fields(family_controls(pipe)), "outside_prompt_steps": 1}
     req = validate_request(PROMPT, two_boxes(), tokenizer=pipe.tokenizer, **fields)
     result = run_generation(pipe, req, model="tiny-sd3", out_dir=str(tmp_path))
     assert read_recipe(result.png_path)["guidance"]["outside_prompt_steps"] == 1
@@ -115,11 +125,12 @@ def test_the_page_starts_with_the_families_controls_and_follows_the_chosen_model
     page = build_app(sd3_pool.get(tiny_sd3_dir), model_name="tiny-sd3", defaults={"scheduler": None})
     controls = {c.elem_id: c for c in page.blocks.values() if getattr(c, "elem_id", None)}
     assert controls["scheduler"].value == "flow-euler" and controls["outside-prompt-steps"].value == 0
+    assert controls["cfg"].value == 7.0
     page.saltdiff_pool._pipes["tiny"] = tiny_pipe  # a second model, already loaded
     page.saltdiff_pool.choices.append("tiny")
     fns = page.fns.values() if isinstance(page.fns, dict) else page.fns
     changed = next(f for f in fns if getattr(f.fn, "__name__", "") == "model_changed").fn
-    scheduler, outside = changed("tiny")
-    assert (scheduler["value"], outside["value"]) == ("ddim", OUTSIDE_PROMPT_STEPS)
-    scheduler, outside = changed("tiny-sd3")
-    assert (scheduler["value"], outside["value"]) == ("flow-euler", 0)
+    scheduler, outside, cfg = changed("tiny")
+    assert (scheduler["value"], outside["value"], cfg["value"]) == ("ddim", OUTSIDE_PROMPT_STEPS, 7.5)
+    scheduler, outside, cfg = changed("tiny-sd3")
+    assert (scheduler["value"], outside["value"], cfg["value"]) == ("flow-euler", 0, 7.0)

@@ -201,6 +201,10 @@ def pipeline_class_of(family: str):
     return pipeline_class
 
 
+def _call_default_cfg(pipeline_class) -> float:
+    return float(inspect.signature(pipeline_class.__call__).parameters["guidance_scale"].default)
+
+
 def default_guidance_scale(model: str) -> float:
     """The ``--cfg`` a command uses when none is given: a built-in model's recommended scale (its
     catalogue entry, from its model card), else the default of the family's pipeline call (diffusers':
@@ -208,8 +212,14 @@ def default_guidance_scale(model: str) -> float:
     entry = builtin_entry(model)
     if entry is not None:
         return entry.guidance_scale
-    call = pipeline_class_of(model_family_of(model)).__call__
-    return float(inspect.signature(call).parameters["guidance_scale"].default)
+    return _call_default_cfg(pipeline_class_of(model_family_of(model)))
+
+
+def pipeline_guidance_scale(pipe) -> float:
+    """:func:`default_guidance_scale` of a loaded pipeline (the demo's CFG control starts there)."""
+    source = getattr(pipe, "name_or_path", None) or pipe.config.get("_name_or_path") or ""
+    entry = builtin_entry(source) if source else None
+    return entry.guidance_scale if entry is not None else _call_default_cfg(type(pipe))
 
 
 def load_pipeline(

@@ -246,15 +246,19 @@ def build_app(
         )
 
     def model_changed(name):
-        """The chosen model's family's sampler and outside-prompt steps (loading it, as Generate would)."""
+        """The chosen model's sampler, outside-prompt steps and CFG scale (loading it, as Generate would)."""
         try:
             controls = family_controls(pool.get(name))
         except Exception as exc:
             if not isinstance(exc, (ValueError, TypeError, OSError)):
                 logger.exception("loading model %r failed", name)
             gr.Warning(user_message(exc), title="Model not loaded")
-            return gr.skip(), gr.skip()
-        return gr.update(value=controls["scheduler"]), gr.update(value=controls["outside_prompt_steps"])
+            return gr.skip(), gr.skip(), gr.skip()
+        return (
+            gr.update(value=controls["scheduler"]),
+            gr.update(value=controls["outside_prompt_steps"]),
+            gr.update(value=controls["cfg"]),
+        )
 
     def cancel(request: gr.Request):
         session = getattr(request, "session_hash", None) or "local"
@@ -460,7 +464,7 @@ def build_app(
         model.change(
             model_changed,
             model,
-            [scheduler, outside_prompt_steps],
+            [scheduler, outside_prompt_steps, cfg],
             concurrency_limit=1,
             concurrency_id="generate",  # loads a model: not beside a generation
             api_name=False,

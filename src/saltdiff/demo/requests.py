@@ -369,8 +369,10 @@ def family_controls(pipe) -> dict[str, Any]:
     """The page's control values a model's family decides (keys of the page's ``CONTROL_DEFAULTS``):
     its own sampler (:func:`saltdiff.samplers.default_sampler`: ddim, SD3 flow-euler) and the outside
     prompt's steps (``pipe.guidance_defaults``: 0 on SD3, which has none yet; else
-    :data:`~saltdiff.guidance.OUTSIDE_PROMPT_STEPS`). The page starts with them and sets them again
-    when another model is chosen."""
+    :data:`~saltdiff.guidance.OUTSIDE_PROMPT_STEPS`) and the CFG scale
+    (:func:`saltdiff.loading.pipeline_guidance_scale`: 5 for the built-in models, else the family's
+    pipeline default). The page starts with them and sets them again when another model is chosen."""
+    from ..loading import pipeline_guidance_scale
     from ..samplers import default_sampler
 
     defaults = getattr(pipe, "guidance_defaults", {})
@@ -378,6 +380,7 @@ def family_controls(pipe) -> dict[str, Any]:
     return {
         "scheduler": default_sampler(pipe.scheduler),
         "outside_prompt_steps": OUTSIDE_PROMPT_STEPS if outside is None else outside,
+        "cfg": pipeline_guidance_scale(pipe),
     }
 
 
