@@ -178,7 +178,7 @@ def test_a_recipe_written_before_placement_replays_without_it():
         prompt="a red circle and a blue square", layout=Layout.from_pairs([("red circle", (0, 0, 0.5, 0.5))])
     )
     recipe = new.recipe()
-    assert GenerationRequest.from_recipe(recipe).reference_params.get("unboxed", "place") == "place"
+    assert GenerationRequest.from_recipe(recipe).reference_params["unboxed"] == GeneratedObjects().unboxed
     assert GenerationRequest.from_recipe(recipe).guidance.placed_unboxed == "guide"
     old = dict(recipe)
     old["reference_params"] = {k: v for k, v in recipe["reference_params"].items() if k != "unboxed"}

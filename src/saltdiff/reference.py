@@ -222,7 +222,7 @@ class GeneratedObjects:
     threshold: float = 0.15
     attention_threshold: float = 0.5
     fit: str = "stretch"
-    unboxed: str = "place"
+    unboxed: str = "place-seeded"
     batch_size: int = 8
     cache: bool = True
     cache_dir: str | None = None

@@ -241,7 +241,7 @@ INITIALIZERS.register(
             ),
             Param(
                 "feather",
-                2.0,
+                3.0,
                 "feather the kept region by this many latent cells when blending noise",
                 minimum=0,
             ),
@@ -332,11 +332,11 @@ REFERENCE_BUILDERS.register(
             ),
             Param(
                 "unboxed",
-                "place",
-                "objects the prompt names without a box (the layout's unboxed phrases): 'place' pastes each "
-                "into the reference in the middle of the free space (saltdiff.placement.free_boxes), so it is drawn "
-                "once, there; 'place-seeded' at a free place drawn from the seed (more seed diversity); 'ignore' "
-                "leaves them to the prompt",
+                "place-seeded",
+                "objects the prompt names without a box (the layout's unboxed phrases): 'place-seeded' pastes "
+                "each into the reference at a free place drawn from the seed (saltdiff.placement.free_boxes), so "
+                "it is drawn once, there, and elsewhere for another seed; 'place' in the middle of the free space "
+                "for every seed (less seed diversity); 'ignore' leaves them to the prompt",
                 choices=("place", "place-seeded", "ignore"),
                 flag="reference-unboxed",
             ),
