@@ -16,6 +16,8 @@
 # Every command resumes: rerun the script after a kill and finished images are skipped.
 # The studies spatial … sde in RESULTS.md ran with the first version's init (white reference, no fresh
 # noise); EXTRA="--noise-outside 0 --background white --keep-region boxes --feather 0" reproduces them.
+# INIT_EXTRA is added to every command (run_shapes_mmdit.sh: the initializer defaults of its run). The
+# UNet sections before session 11 ran at CFG=7.5 with INIT_EXTRA="--feather 2 --reference-unboxed place".
 set -euo pipefail
 RUNS=${1:-runs}
 shift || true
@@ -39,9 +41,9 @@ else
     LAUNCH=(python -m saltdiff)
 fi
 # Studies: the tuning split. The table (and hard): the test splits.
-COMMON=(--model "$MODEL" "${CFG_ARGS[@]}" --suite shapes-val --seeds 1 --steps "$STEPS" --device cpu -q ${EXTRA:-})
-TWO=(--model "$MODEL" "${CFG_ARGS[@]}" --suite shapes-val --seeds 2 --steps "$STEPS" --device cpu -q)   # seed diversity needs two seeds
-TABLE=(--model "$MODEL" "${CFG_ARGS[@]}" --suite shapes --seeds 2 --steps "$STEPS" --device cpu -q)
+COMMON=(--model "$MODEL" "${CFG_ARGS[@]}" --suite shapes-val --seeds 1 --steps "$STEPS" --device cpu -q ${INIT_EXTRA:-} ${EXTRA:-})
+TWO=(--model "$MODEL" "${CFG_ARGS[@]}" --suite shapes-val --seeds 2 --steps "$STEPS" --device cpu -q ${INIT_EXTRA:-})   # seed diversity needs two seeds
+TABLE=(--model "$MODEL" "${CFG_ARGS[@]}" --suite shapes --seeds 2 --steps "$STEPS" --device cpu -q ${INIT_EXTRA:-})
 METHODS=${METHODS:-all}
 FID_N=${FID_N:-40}
 
@@ -49,7 +51,7 @@ for what in $WHAT; do
     case $what in
         table)      "${LAUNCH[@]}" bench "${TABLE[@]}" --n 200 --methods "$METHODS" --out "$RUNS/fidelity-n200" ;;
         val)        "${LAUNCH[@]}" bench "${TWO[@]}" --n 200 --methods "$METHODS" --out "$RUNS/val-n200" ;;
-        hard)       "${LAUNCH[@]}" bench --model "$MODEL" "${CFG_ARGS[@]}" --suite shapes-hard --seeds 2 --steps "$STEPS" --device cpu -q --n 100 \
+        hard)       "${LAUNCH[@]}" bench --model "$MODEL" "${CFG_ARGS[@]}" --suite shapes-hard --seeds 2 --steps "$STEPS" --device cpu -q ${INIT_EXTRA:-} --n 100 \
                         --methods sd,random+salt-loss,layout-guidance,salt --out "$RUNS/hard-n100" ;;
         outside)    "${LAUNCH[@]}" study outside-prompt "${TWO[@]}" --n "${OUTSIDE_N:-200}" --values "${OUTSIDE_VALUES:-0,5,10,15,25}" --out "$RUNS/s-outside-n${OUTSIDE_N:-200}" ;;
         noise)      "${LAUNCH[@]}" study noise-outside "${TWO[@]}" --n "$FID_N" --values 0.8,0.9,1.0 --keep-region objects \
