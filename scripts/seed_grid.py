@@ -16,7 +16,7 @@ from PIL import Image, ImageDraw
 
 from saltdiff.eval.methods import SharedSettings, build_request, for_pipeline, preset
 from saltdiff.eval.suites import shapes_suite
-from saltdiff.loading import default_guidance_scale, load_pipeline
+from saltdiff.loading import load_pipeline, pipeline_guidance_scale
 from saltdiff.samplers import config_family
 from saltdiff.viz import draw_boxes
 
@@ -40,9 +40,8 @@ def main(argv=None) -> None:
         "--object-steps", type=int, default=None, help="steps per reference object (default: 25)"
     )
     args = parser.parse_args(argv)
-    cfg = default_guidance_scale(args.model) if args.cfg is None else args.cfg
-
     pipe = load_pipeline(args.model, device="cpu")
+    cfg = pipeline_guidance_scale(pipe) if args.cfg is None else args.cfg
     pipe.set_progress_bar_config(disable=True)
     specs = [preset(name) for name in METHODS]
     objects = {} if args.object_steps is None else {"num_inference_steps": args.object_steps}

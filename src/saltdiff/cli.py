@@ -139,7 +139,8 @@ def build_request(args):
         reference_params=options.reference_params,
         guidance=GuidanceConfig(loss=options.loss, **options.guidance, loss_params=options.loss_params),
         num_inference_steps=args.steps,
-        guidance_scale=default_guidance_scale(args.model) if args.cfg is None else args.cfg,
+        # unset and the model not at hand: cmd_generate asks the loaded pipeline
+        guidance_scale=(default_guidance_scale(args.model) or 7.5) if args.cfg is None else args.cfg,
         negative_prompt=args.negative_prompt,
         true_cfg_scale=args.true_cfg_scale,
         seed=args.seed,
@@ -150,7 +151,13 @@ def build_request(args):
 
 
 def cmd_generate(args) -> int:
-    from .loading import check_image_size, denoiser, load_pipeline, resolve_device_dtype
+    from .loading import (
+        check_image_size,
+        denoiser,
+        load_pipeline,
+        pipeline_guidance_scale,
+        resolve_device_dtype,
+    )
     from .preflight import check_before_loading
     from .request import image_format
     from .viz import overlay_figure
@@ -171,6 +178,8 @@ def cmd_generate(args) -> int:
         request = dataclasses.replace(request, scheduler=default_sampler(pipe.scheduler))
     # the family's defaults (SD3, FLUX: no outside prompt unset, as the recipe says); what it lacks: one line
     request = request.for_pipeline(pipe)
+    if args.cfg is None:  # the model's own scale (a hub id that was not at hand before loading)
+        request = dataclasses.replace(request, guidance_scale=pipeline_guidance_scale(pipe))
     check_image_size(pipe, args.height, args.width, force=args.force)
     request = request.resolved(pipe.scheduler)  # e.g. the inversion depth --steps allows, for the recipe
     if args.quiet:
