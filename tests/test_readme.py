@@ -3,6 +3,8 @@
 import re
 from pathlib import Path
 
+import pytest
+
 
 def test_readme_python_api_block_runs_verbatim(tmp_path, monkeypatch):
     text = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
@@ -75,6 +77,10 @@ def test_bench_defaults_are_the_readme_tables_settings():
     assert {**readme, "n": None, "methods": defaults["methods"]} == defaults
 
 
+# About 11 s on 2 cores (a fresh interpreter, 50 steps): slow tier. The fast tier parses the command
+# (test_every_saltdiff_command_of_the_readme_parses) and checks fresh CLI processes print nothing
+# third-party (test_loading's offline and cached-hub-id runs).
+@pytest.mark.slow
 def test_the_first_command_runs_verbatim_and_prints_only_saltdiffs_lines(tmp_path):
     """The README's first block, after its install: the built-in model, offline, on the CPU, in a
     fresh process (so import-time notes of third-party libraries would show)."""
