@@ -82,6 +82,7 @@ def test_diffusers_samples_it_and_saltdiff_serves_it(plain_pipe):
     assert result.attention_maps.shape[:2] == (1, 2)
 
 
+@pytest.mark.slow  # about 14 s on 2 cores; the fast tier samples the shipped weights in the test above
 def test_shipped_weights_draw_captions(plain_pipe):
     """A regression guard at the level the model card reports (35 % of 40 tuning captions at 25 steps
     with every object found; bars of 80 % missed): 24 held-out captions at 15 steps."""

@@ -3,16 +3,38 @@
 import re
 from pathlib import Path
 
+import pytest
 
-def test_readme_python_api_block_runs_verbatim(tmp_path, monkeypatch):
+
+def python_api_block() -> str:
     text = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
-    code = re.search(r"## Python API\n\n```python\n(.*?)```", text, re.S).group(1)
+    return re.search(r"## Python API\n\n```python\n(.*?)```", text, re.S).group(1)
+
+
+# Four generations on the built-in model, 50 + 50 + 25 steps: about 11 s on 2 cores, so the slow tier;
+# the fast tier checks the block compiles and imports only names that exist (the next test).
+@pytest.mark.slow
+def test_readme_python_api_block_runs_verbatim(tmp_path, monkeypatch):
+    code = python_api_block()
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("SALTDIFF_CACHE", str(tmp_path / "cache"))
     scope: dict = {}
     exec(compile(code, "README.md", "exec"), scope)
     assert scope["out"].images[0].size == (64, 64)
     assert scope["GenerationRequest"].from_png("result.png").seed == 1
+
+
+def test_readme_python_api_block_compiles_and_imports_what_exists():
+    import ast
+    import importlib
+
+    tree = ast.parse(python_api_block(), "README.md")
+    imports = [node for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)]
+    imported = [(node.module, alias.name) for node in imports for alias in node.names]
+    imported = [(module, name) for module, name in imported if module.split(".")[0] == "saltdiff"]
+    assert ("saltdiff", "SaltPipeline") in imported and len(imported) > 1, imported
+    for module, name in imported:
+        assert hasattr(importlib.import_module(module), name), f"from {module} import {name}"
 
 
 # -- the shell blocks --------------------------------------------------------------------------------
@@ -75,6 +97,10 @@ def test_bench_defaults_are_the_readme_tables_settings():
     assert {**readme, "n": None, "methods": defaults["methods"]} == defaults
 
 
+# About 11 s on 2 cores (a fresh interpreter, 50 steps): slow tier. The fast tier parses the command
+# (test_every_saltdiff_command_of_the_readme_parses) and checks fresh CLI processes print nothing
+# third-party (test_loading's offline and cached-hub-id runs).
+@pytest.mark.slow
 def test_the_first_command_runs_verbatim_and_prints_only_saltdiffs_lines(tmp_path):
     """The README's first block, after its install: the built-in model, offline, on the CPU, in a
     fresh process (so import-time notes of third-party libraries would show)."""
