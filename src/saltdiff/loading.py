@@ -202,7 +202,12 @@ def pipeline_class_of(family: str):
 
 
 def _call_default_cfg(pipeline_class) -> float:
-    return float(inspect.signature(pipeline_class.__call__).parameters["guidance_scale"].default)
+    """The ``guidance_scale`` default of the class's call; 7.5 (SD's) for a call that declares none
+    (a wrapper taking ``**kwargs``)."""
+    param = inspect.signature(pipeline_class.__call__).parameters.get("guidance_scale")
+    if param is None or param.default is inspect.Parameter.empty:
+        return 7.5
+    return float(param.default)
 
 
 def default_guidance_scale(model: str, *, network: bool = False) -> float | None:
