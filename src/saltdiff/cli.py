@@ -124,7 +124,6 @@ def build_layout(args):
 def build_request(args):
     """The :class:`GenerationRequest` of ``saltdiff generate``'s flags."""
     from .guidance import GuidanceConfig
-    from .loading import default_guidance_scale
     from .request import GenerationRequest
 
     if not args.prompt.strip():
@@ -139,14 +138,14 @@ def build_request(args):
         reference_params=options.reference_params,
         guidance=GuidanceConfig(loss=options.loss, **options.guidance, loss_params=options.loss_params),
         num_inference_steps=args.steps,
-        # unset and the model not at hand: cmd_generate asks the loaded pipeline
-        guidance_scale=(default_guidance_scale(args.model) or 7.5) if args.cfg is None else args.cfg,
         negative_prompt=args.negative_prompt,
         true_cfg_scale=args.true_cfg_scale,
         seed=args.seed,
         scheduler=args.scheduler or "ddim",
         height=args.height,
         width=args.width,
+        # unset: the request's default until cmd_generate puts in the loaded model's own scale
+        **({} if args.cfg is None else {"guidance_scale": args.cfg}),
     )
 
 
@@ -178,7 +177,7 @@ def cmd_generate(args) -> int:
         request = dataclasses.replace(request, scheduler=default_sampler(pipe.scheduler))
     # the family's defaults (SD3, FLUX: no outside prompt unset, as the recipe says); what it lacks: one line
     request = request.for_pipeline(pipe)
-    if args.cfg is None:  # the model's own scale (a hub id that was not at hand before loading)
+    if args.cfg is None:  # the model's own scale (pipeline_guidance_scale: 5 for the built-in models)
         request = dataclasses.replace(request, guidance_scale=pipeline_guidance_scale(pipe))
     check_image_size(pipe, args.height, args.width, force=args.force)
     request = request.resolved(pipe.scheduler)  # e.g. the inversion depth --steps allows, for the recipe

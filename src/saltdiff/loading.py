@@ -210,25 +210,21 @@ def _call_default_cfg(pipeline_class) -> float:
     return float(param.default)
 
 
-def default_guidance_scale(model: str, *, network: bool = False) -> float | None:
-    """The ``--cfg`` a command uses when none is given: a built-in model's recommended scale (its
-    catalogue entry, from its model card), else the default of the family's pipeline call (diffusers':
-    7.5 for SD 1.x/2.x, 7.0 for SD3, FLUX's embedded 3.5; SDXL 7.5 as saltdiff's SDXL pipeline).
-    The family comes from ``model_index.json`` of a folder or the local cache; a hub id not at hand is
-    ``None`` (the caller asks the loaded pipeline, :func:`pipeline_guidance_scale`), or with ``network``
-    its index is fetched (:func:`model_family_of`)."""
+def default_guidance_scale(model: str) -> float:
+    """The ``--cfg`` a command uses when none is given, before loading (``bench``, ``study``): a built-in
+    model's recommended scale (its catalogue entry, from its model card), else the default of the family's
+    pipeline call (diffusers': 7.5 for SD 1.x/2.x, 7.0 for SD3, FLUX's embedded 3.5; SDXL 7.5 as saltdiff's
+    SDXL pipeline), the family read as :func:`load_pipeline` reads it (:func:`model_family_of`)."""
     entry = builtin_entry(model)
     if entry is not None:
         return entry.guidance_scale
-    family = model_family_of(model) if network else index_family(resolve_model(model), model)
-    if family is None:
-        return None
-    with quiet_loading():  # importing a pipeline module: no library warnings before saltdiff's own line
-        return _call_default_cfg(pipeline_class_of(family))
+    with quiet_loading():  # a hub lookup or a pipeline module's import: no library output before saltdiff's
+        return _call_default_cfg(pipeline_class_of(model_family_of(model)))
 
 
 def pipeline_guidance_scale(pipe) -> float:
-    """:func:`default_guidance_scale` of a loaded pipeline (the demo's CFG control starts there)."""
+    """:func:`default_guidance_scale` of a loaded pipeline (``generate`` after loading, the demo's CFG
+    control)."""
     source = getattr(pipe, "name_or_path", None) or pipe.config.get("_name_or_path") or ""
     entry = builtin_entry(source) if source else None
     return entry.guidance_scale if entry is not None else _call_default_cfg(type(pipe))
@@ -280,12 +276,6 @@ def check_image_size(pipe, height: int | None, width: int | None, *, force: bool
     Such a run takes minutes (the cost grows with the pixel count, attention with its square) and
     asks for what the model never saw; ``force=True`` (``--force``) runs it anyway.
     """
-    default_size = getattr(
-        pipe, "default_size", None
-    )  # flow pipelines: FLUX's transformer has no sample_size
-    trained = (
-        default_size()
-        if callable(default_size)
-        else denoiser(pipe).config.sample_size * pipe.vae_scale_factor
-    )
+    default_size = getattr(pipe, "default_size", None)  # flow pipelines: FLUX's transformer has no sample_size
+    trained = default_size() if callable(default_size) else denoiser(pipe).config.sample_size * pipe.vae_scale_factor
     check_trained_size(trained, height, width, force=force)

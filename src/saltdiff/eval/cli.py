@@ -173,7 +173,7 @@ def _config(args, methods):
         n=args.n,
         seeds=parse_seeds(args.seeds),
         steps=args.steps,
-        cfg=default_guidance_scale(args.model, network=True) if args.cfg is None else args.cfg,
+        cfg=default_guidance_scale(args.model) if args.cfg is None else args.cfg,
         scheduler=args.scheduler,
         height=args.height,
         width=args.width,
