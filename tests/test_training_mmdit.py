@@ -145,3 +145,69 @@ def test_teacher_distillation_runs_and_logs_the_taught_share(tmp_path):
 
     main(["mmdit", "--work", str(tmp_path / "work"), "--plot-loss", str(tmp_path / "curves.png")])
     assert (tmp_path / "curves.png").stat().st_size > 10_000
+
+
+def test_grown_transformer_computes_what_its_source_did_and_can_learn():
+    """Growing 2 blocks into 4: same output at start (the added blocks' gates are shut), but their
+    weights get gradients once trained, and a shallower target or another width is refused."""
+    from diffusers import SD3Transformer2DModel
+
+    from saltdiff.training.mmdit import grow_transformer
+
+    def make(layers, heads=2):
+        kw = dict(
+            sample_size=4,
+            patch_size=2,
+            in_channels=4,
+            out_channels=4,
+            attention_head_dim=8,
+            joint_attention_dim=16,
+            pooled_projection_dim=16,
+            pos_embed_max_size=4,
+        )
+        return SD3Transformer2DModel(
+            num_layers=layers, num_attention_heads=heads, caption_projection_dim=8 * heads, **kw
+        )
+
+    torch.manual_seed(0)
+    source, target = make(2), make(4)
+    grow_transformer(target, source)
+    x, text, pooled, t = (
+        torch.randn(2, 4, 4, 4),
+        torch.randn(2, 5, 16),
+        torch.randn(2, 16),
+        torch.tensor([300.0, 700.0]),
+    )
+    with torch.no_grad():
+        expected = source(x, text, pooled, t, return_dict=False)[0]
+    out = target(x, text, pooled, t, return_dict=False)[0]
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    assert not torch.equal(out, make(4)(x, text, pooled, t, return_dict=False)[0])  # not a trivial model
+    out.square().mean().backward()
+    assert target.transformer_blocks[1].norm1.linear.weight.grad.abs().sum() > 0  # the gates can open
+    with pytest.raises(ValueError, match="at least as deep"):
+        grow_transformer(make(1), source)
+    with pytest.raises(ValueError, match="num_attention_heads"):
+        grow_transformer(make(4, heads=3), source)
+
+
+def test_training_can_start_from_a_trained_transformer(tmp_path):
+    """``--init-from`` a trained folder: the grown run trains and exports a folder of the new depth."""
+    first = _tiny(tmp_path, steps=1)
+    train_mmdit(first)
+    grown = _tiny(
+        tmp_path,
+        steps=1,
+        layers=3,
+        init_from=str(tmp_path / "out"),
+        work=str(tmp_path / "work2"),
+        out=str(tmp_path / "out2"),
+    )
+    train_mmdit(grown)
+    from diffusers import SD3Transformer2DModel
+
+    assert (
+        len(SD3Transformer2DModel.from_pretrained(tmp_path / "out2" / "transformer").transformer_blocks) == 3
+    )
+    with pytest.raises(ValueError, match="no transformer sub-folder"):
+        _tiny(tmp_path, init_from=str(tmp_path)).init_folder()

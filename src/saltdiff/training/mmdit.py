@@ -44,6 +44,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "flow_batch",
+    "grow_transformer",
     "load_base",
     "make_scheduler",
     "make_transformer",
@@ -71,6 +72,51 @@ def make_transformer(cfg: MMDiTTrainConfig, text_hidden: int):
         # token grids up to 4x the training side (256 pixels for the 64-pixel world)
         pos_embed_max_size=4 * latent // cfg.patch_size,
     )
+
+
+@torch.no_grad()
+def grow_transformer(target, source) -> None:
+    """Load ``source``'s weights into the deeper (or equally deep) ``target``, in place.
+
+    Why: a deeper student can start where a trained shallower one stopped instead of from noise. The
+    source's blocks keep their indices except its last (``context_pre_only``: it drops the text stream),
+    which becomes the target's last; the blocks in between keep their random weights but get zero
+    modulation (adaLN-zero, as DiT initializes every block), so each gate is shut and the grown model
+    computes exactly what ``source`` did until training opens them.
+    """
+    n_src, n_dst = len(source.transformer_blocks), len(target.transformer_blocks)
+    for key in (
+        "patch_size",
+        "attention_head_dim",
+        "num_attention_heads",
+        "joint_attention_dim",
+        "caption_projection_dim",
+        "pooled_projection_dim",
+        "in_channels",
+        "out_channels",
+    ):
+        if source.config[key] != target.config[key]:
+            raise ValueError(
+                f"cannot grow: {key} is {source.config[key]} in the source, {target.config[key]} here"
+            )
+    if n_dst < n_src:
+        raise ValueError(f"cannot grow {n_src} blocks into {n_dst}: the target must be at least as deep")
+    block_map = {i: i for i in range(n_src - 1)} | {n_src - 1: n_dst - 1}
+    state = {}
+    for name, value in source.state_dict().items():
+        if name.startswith("transformer_blocks."):
+            _, index, rest = name.split(".", 2)
+            name = f"transformer_blocks.{block_map[int(index)]}.{rest}"
+        state[name] = value.to(torch.float32)
+    missing, unexpected = target.load_state_dict(state, strict=False)
+    grown = {f"transformer_blocks.{i}." for i in range(n_src - 1, n_dst - 1)}
+    if unexpected or any(not any(m.startswith(g) for g in grown) for m in missing):
+        raise ValueError(f"cannot grow: unmatched weights {sorted(unexpected)[:3]} {sorted(missing)[:3]}")
+    for i in range(n_src - 1, n_dst - 1):
+        block = target.transformer_blocks[i]
+        for norm in (block.norm1, block.norm1_context):
+            norm.linear.weight.zero_()
+            norm.linear.bias.zero_()
 
 
 def make_scheduler(cfg: MMDiTTrainConfig):
@@ -201,6 +247,15 @@ def train_mmdit(cfg: MMDiTTrainConfig) -> dict:
 
     torch.manual_seed(cfg.seed + 3)
     transformer = make_transformer(cfg, text_hidden)
+    init_folder = cfg.init_folder()
+    if init_folder is not None and not (cfg.resume and ckpt_path.exists()):
+        from diffusers import SD3Transformer2DModel
+
+        source = SD3Transformer2DModel.from_pretrained(init_folder / "transformer", torch_dtype=torch.float32)
+        grow_transformer(transformer, source)
+        logger.info(
+            "started from %s (%d blocks grown to %d)", init_folder, len(source.transformer_blocks), cfg.layers
+        )
     params = list(transformer.parameters())
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     ema = EMA(params, cfg.ema_decay)

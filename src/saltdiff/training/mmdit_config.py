@@ -58,6 +58,10 @@ class MMDiTTrainConfig:
     # noise; measured on 128 VAL points at 16 sigmas, the teacher's velocity was nearer the data than the
     # student's (step 7,435) up to sigma 0.83, farther from 0.89 up
     teacher_max_sigma: float = 0.85
+    # start from a trained SD3 transformer (a pipeline folder or builtin:NAME, "" = random init): its
+    # blocks keep their places except the last, which stays last; blocks added in between start as
+    # identities (adaLN-zero: their modulation is zero, so every gate is shut). See grow_transformer.
+    init_from: str = ""
     # stop (with a checkpoint) after this step without changing the schedule (0: run to ``steps``), so a
     # chain of runs that switches a knob mid-way is reproducible
     until: int = 0
@@ -118,7 +122,22 @@ class MMDiTTrainConfig:
 
         folder = Path(resolve_model(self.teacher))
         if not (folder / "unet").is_dir():
-            raise ValueError(f"teacher {self.teacher!r} has no unet sub-folder: it must be a VP UNet pipeline")
+            raise ValueError(
+                f"teacher {self.teacher!r} has no unet sub-folder: it must be a VP UNet pipeline"
+            )
+        return folder
+
+    def init_folder(self) -> Path | None:
+        """``init_from`` as a folder holding a ``transformer`` sub-folder, or ``None`` without one."""
+        if not self.init_from:
+            return None
+        from ..checkpoints import resolve_model
+
+        folder = Path(resolve_model(self.init_from))
+        if not (folder / "transformer").is_dir():
+            raise ValueError(
+                f"init_from {self.init_from!r} has no transformer sub-folder: it must be an SD3 pipeline"
+            )
         return folder
 
     def base_folder(self) -> Path:
