@@ -143,10 +143,11 @@ class SpatialAwareInit:
     boxes) or ``"objects"`` (only the pixels where an object was pasted, so that a box's corners
     follow the prompt's background too). Without fresh noise the start is the same for every seed
     and everything outside the objects is whatever the reference shows (the first version's
-    "collage"). The defaults (all fresh noise outside the pasted objects, feathered over 3 cells)
-    come from the noise-outside, feather and keep-region studies in ``benchmarks/RESULTS.md`` (3
-    cells, not 2, since the CFG-5 probes of the tuning split: background 0.962 against 0.897 at CFG 5,
-    for a little layout and seed diversity; RESULTS.md, "CFG 5, feather 3"). With feather 2, on
+    "collage"). The defaults (all fresh noise outside the pasted objects, feathered over 3.5 cells)
+    come from the noise-outside, feather and keep-region studies in ``benchmarks/RESULTS.md``: on the
+    tuning split at CFG 5, feather 2 / 2.5 / 3 / 3.5 / 4 gave background 0.897 / 0.923 / 0.949 (seeded
+    place) / 0.987 / 0.987, the last two `sd`'s level, while layout and seed diversity fall a little with
+    each cell and beyond noise at 4 (RESULTS.md, "feather 3.5"). With feather 2, on
     the shapes suite (200 layouts × 2 seeds) they cost layout precision (mIoU 0.733 / mAP@0.5 0.746,
     against 0.805 / 0.941 without fresh noise on a white reference) and bring back the prompt's
     background (95 % right, was 29 %), its unboxed objects (77 %, was 12 %) and the seed (no two
@@ -168,7 +169,7 @@ class SpatialAwareInit:
     noise_outside: float = 1.0
     noise_inside: float = 0.0
     keep_region: str = "objects"
-    feather: float = 3.0
+    feather: float = 3.5
     inversion_noise_scale: float = 0.0
     ancestral_skip: float = 0.14
 

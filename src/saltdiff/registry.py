@@ -241,7 +241,7 @@ INITIALIZERS.register(
             ),
             Param(
                 "feather",
-                3.0,
+                3.5,
                 "feather the kept region by this many latent cells when blending noise",
                 minimum=0,
             ),
