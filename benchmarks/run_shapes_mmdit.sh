@@ -5,16 +5,17 @@
 #
 #   bash benchmarks/run_shapes_mmdit.sh [RUNS_DIR] [WHAT...]    (WHAT: studies table; default both)
 #
-# CFG 5 is the scale builtin_quality --tune chose on held-out captions (the model card). INIT_EXTRA keeps
-# the initializer's defaults of the run in RESULTS.md (feather 2, unboxed objects at the fixed place;
-# INIT_EXTRA= runs today's). Every part resumes after a kill (rerun the same command).
+# CFG 5 is the scale builtin_quality --tune chose on held-out captions (the model card). INIT_EXTRA adds
+# initializer flags to every command: empty (today's defaults) for the 6-block weights' table;
+# INIT_EXTRA="--feather 2 --reference-unboxed place" reproduces the 4-block weights' table and studies
+# (session 9). Every part resumes after a kill (rerun the same command).
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
 RUNS=${1:-runs/mmdit}
 shift || true
 WHAT=${*:-studies table}
 export MODEL=${MODEL:-builtin:shapes-mmdit} CFG=${CFG:-5}
-export INIT_EXTRA=${INIT_EXTRA-"--feather 2 --reference-unboxed place"}
+export INIT_EXTRA=${INIT_EXTRA-}
 export STUDY_N=${STUDY_N:-32} OUTSIDE_N=${OUTSIDE_N:-24} OUTSIDE_VALUES=${OUTSIDE_VALUES:-0,5,10}
 export INVERSION=${INVERSION:-1,2,5,10} BUDGET=${BUDGET:-3,10} BUDGET_ITERS=${BUDGET_ITERS:-1,3}
 for what in $WHAT; do

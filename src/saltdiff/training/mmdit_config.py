@@ -11,7 +11,7 @@ __all__ = ["MMDiTTrainConfig"]
 
 @dataclass
 class MMDiTTrainConfig:
-    """Every knob of the MMDiT stage; the defaults reproduce the shipped ``builtin:shapes-mmdit`` weights.
+    """Every knob of the MMDiT stage (the shipped weights: a chain of runs, scripts/train_builtin_shapes_mmdit.sh).
 
     The VAE, CLIP text encoder and tokenizer come from ``base`` (a folder exported by the UNet trainer,
     by default the shipped ``builtin:shapes``) and stay frozen: the latent space and the words are the
