@@ -152,43 +152,29 @@ def test_grown_transformer_computes_what_its_source_did_and_can_learn():
     weights get gradients once trained, and a shallower target or another width is refused."""
     from diffusers import SD3Transformer2DModel
 
+    from saltdiff.testing_flow import tiny_sd3_transformer
     from saltdiff.training.mmdit import grow_transformer
 
-    def make(layers, heads=2):
-        kw = dict(
-            sample_size=4,
-            patch_size=2,
-            in_channels=4,
-            out_channels=4,
-            attention_head_dim=8,
-            joint_attention_dim=16,
-            pooled_projection_dim=16,
-            pos_embed_max_size=4,
-        )
-        return SD3Transformer2DModel(
-            num_layers=layers, num_attention_heads=heads, caption_projection_dim=8 * heads, **kw
-        )
-
-    torch.manual_seed(0)
-    source, target = make(2), make(4)
+    source, target = tiny_sd3_transformer(0, num_layers=2), tiny_sd3_transformer(1, num_layers=4)
     grow_transformer(target, source)
-    x, text, pooled, t = (
-        torch.randn(2, 4, 4, 4),
-        torch.randn(2, 5, 16),
-        torch.randn(2, 16),
-        torch.tensor([300.0, 700.0]),
-    )
+    gen = torch.Generator().manual_seed(0)
+    x, text, pooled = (torch.randn(shape, generator=gen) for shape in ((2, 16, 8, 8), (2, 5, 32), (2, 32)))
+    t = torch.tensor([300.0, 700.0])
     with torch.no_grad():
         expected = source(x, text, pooled, t, return_dict=False)[0]
+        fresh = tiny_sd3_transformer(1, num_layers=4)(x, text, pooled, t, return_dict=False)[0]
     out = target(x, text, pooled, t, return_dict=False)[0]
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
-    assert not torch.equal(out, make(4)(x, text, pooled, t, return_dict=False)[0])  # not a trivial model
+    assert not torch.allclose(out, fresh)  # the loaded weights, not the target's own, decide
     out.square().mean().backward()
     assert target.transformer_blocks[1].norm1.linear.weight.grad.abs().sum() > 0  # the gates can open
     with pytest.raises(ValueError, match="at least as deep"):
-        grow_transformer(make(1), source)
+        grow_transformer(tiny_sd3_transformer(0, num_layers=1), source)
+    wider = SD3Transformer2DModel.from_config(
+        {**source.config, "num_attention_heads": 3, "caption_projection_dim": 24}
+    )
     with pytest.raises(ValueError, match="num_attention_heads"):
-        grow_transformer(make(4, heads=3), source)
+        grow_transformer(wider, source)
 
 
 def test_training_can_start_from_a_trained_transformer(tmp_path):

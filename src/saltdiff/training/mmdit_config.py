@@ -114,31 +114,25 @@ class MMDiTTrainConfig:
         """Where this run stops: ``until`` when set (and below ``steps``), else ``steps``."""
         return min(self.until, self.steps) if self.until else self.steps
 
-    def teacher_folder(self) -> Path | None:
-        """``teacher`` as a folder (``builtin:NAME`` resolved), or ``None`` without one."""
-        if not self.teacher:
+    def _pipeline_folder(self, name: str, subfolder: str, kind: str) -> Path | None:
+        """The field ``name`` as a folder (``builtin:NAME`` resolved) holding ``subfolder``; ``None`` if unset."""
+        value = getattr(self, name)
+        if not value:
             return None
         from ..checkpoints import resolve_model
 
-        folder = Path(resolve_model(self.teacher))
-        if not (folder / "unet").is_dir():
-            raise ValueError(
-                f"teacher {self.teacher!r} has no unet sub-folder: it must be a VP UNet pipeline"
-            )
+        folder = Path(resolve_model(value))
+        if not (folder / subfolder).is_dir():
+            raise ValueError(f"{name} {value!r} has no {subfolder} sub-folder: it must be {kind}")
         return folder
+
+    def teacher_folder(self) -> Path | None:
+        """``teacher`` as a folder, or ``None`` without one."""
+        return self._pipeline_folder("teacher", "unet", "a VP UNet pipeline")
 
     def init_folder(self) -> Path | None:
         """``init_from`` as a folder holding a ``transformer`` sub-folder, or ``None`` without one."""
-        if not self.init_from:
-            return None
-        from ..checkpoints import resolve_model
-
-        folder = Path(resolve_model(self.init_from))
-        if not (folder / "transformer").is_dir():
-            raise ValueError(
-                f"init_from {self.init_from!r} has no transformer sub-folder: it must be an SD3 pipeline"
-            )
-        return folder
+        return self._pipeline_folder("init_from", "transformer", "an SD3 pipeline")
 
     def base_folder(self) -> Path:
         """``base`` as a folder (``builtin:NAME`` resolved), checked to hold what the stage reuses."""
