@@ -11,6 +11,7 @@ from PIL import Image
 from saltdiff.cli import main
 from saltdiff.eval.bench import BenchConfig, run_bench
 from saltdiff.eval.methods import parse_methods
+from saltdiff.guidance import OUTSIDE_PROMPT_STEPS
 
 LAYOUTS = [
     {
@@ -68,7 +69,9 @@ def test_bench_on_an_sd3_folder_writes_metrics_report_and_what_ran(tiny_sd3_dir,
     config = json.loads((out / "config.json").read_text())
     assert config["scheduler"] == "flow-euler" and config["dtype"] == "float32"
     salt = config["methods"]["salt"]
-    assert salt["guidance"]["outside_prompt_steps"] == 0  # SD3 has no outside prompt: the record says so
+    # SD3 with CFG runs the UNet loop's outside prompt with a loss, and none without: records say so
+    assert salt["guidance"]["outside_prompt_steps"] == OUTSIDE_PROMPT_STEPS
+    assert config["methods"]["sd"]["guidance"]["outside_prompt_steps"] == 0
     assert salt["init_params"]["inversion_steps"] == 1
     record = json.loads((out / "records" / "salt" / "tri_s0.json").read_text())
     assert record["method_config"] == salt and record["reference"] is not None

@@ -7,6 +7,7 @@ import pytest
 from PIL import Image
 
 from saltdiff.cli import main
+from saltdiff.guidance import OUTSIDE_PROMPT_STEPS
 from saltdiff.request import GenerationRequest, read_recipe
 
 BASE = [
@@ -57,9 +58,9 @@ def test_generate_salt_on_sd3_writes_image_and_recipe_and_follows_the_seed(sd3_d
     recipe = read_recipe(str(paths[0]))
     assert recipe["scheduler"] == "flow-euler"  # the model's own sampler, not the UNet default ddim
     assert recipe["init"] == "salt" and recipe["init_params"]["inversion_steps"] == 2
-    assert recipe["guidance"]["outside_prompt_steps"] == 0  # SD3 has no outside prompt: the recipe says so
+    assert recipe["guidance"]["outside_prompt_steps"] == OUTSIDE_PROMPT_STEPS  # SD3 with CFG: the UNet's
     request = GenerationRequest.from_recipe(recipe)
-    assert request.scheduler == "flow-euler" and request.guidance.outside_prompt_steps == 0
+    assert request.scheduler == "flow-euler" and request.guidance.outside_prompt_steps == OUTSIDE_PROMPT_STEPS
 
 
 def test_the_default_sampler_is_read_from_model_index_before_loading(sd3_dir, tiny_pipe_dir, tmp_path):

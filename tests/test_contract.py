@@ -30,7 +30,7 @@ import torch
 
 from saltdiff import GuidanceConfig
 from saltdiff.layout import Layout
-from saltdiff.request import GenerationRequest
+from saltdiff.request import GenerationRequest, family_guidance_defaults
 from saltdiff.samplers import default_sampler
 
 PROMPT = "a cat and a dog"
@@ -250,11 +250,12 @@ def salt_request(family) -> GenerationRequest:
         height=SIZE["height"],
         width=SIZE["width"],
     )
-    unset = {
-        k: v
-        for k, v in getattr(family.pipe, "guidance_defaults", {}).items()
-        if getattr(request.guidance, k) is None
-    }
+    defaults = family_guidance_defaults(
+        family.pipe,
+        guidance_scale=family.call["guidance_scale"],
+        true_cfg_scale=family.call.get("true_cfg_scale", 1.0),
+    )
+    unset = {k: v for k, v in defaults.items() if getattr(request.guidance, k) is None}
     guidance = dataclasses.replace(request.guidance, **unset)
     return dataclasses.replace(request, guidance=guidance).resolved(family.pipe.scheduler)
 

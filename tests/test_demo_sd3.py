@@ -75,7 +75,7 @@ def test_a_plain_flux_pipeline_object_is_served_as_a_salt_flux_pipeline():
 def test_the_family_decides_the_sampler_and_the_outside_prompt(sd3_pool, tiny_sd3_dir, tiny_pipe):
     assert family_controls(sd3_pool.get(tiny_sd3_dir)) == {
         "scheduler": "flow-euler",
-        "outside_prompt_steps": 0,
+        "outside_prompt_steps": OUTSIDE_PROMPT_STEPS,
         "cfg": 7.0,
     }
     expected = {"scheduler": "ddim", "outside_prompt_steps": OUTSIDE_PROMPT_STEPS, "cfg": 7.5}
@@ -94,7 +94,8 @@ def test_run_generation_on_sd3_compares_and_writes_the_recipe(sd3_pool, tiny_sd3
     assert (
         recipe["scheduler"] == "flow-euler" and recipe["dtype"] == "float32" and recipe["model"] == "tiny-sd3"
     )
-    assert recipe["guidance"]["outside_prompt_steps"] == 0 and recipe["init_params"]["inversion_steps"] == 1
+    assert recipe["guidance"]["outside_prompt_steps"] == OUTSIDE_PROMPT_STEPS
+    assert recipe["init_params"]["inversion_steps"] == 1
 
 
 def test_a_vp_sampler_on_sd3_is_one_line_and_writes_nothing(sd3_pool, tiny_sd3_dir, tmp_path):
@@ -124,7 +125,7 @@ def test_the_page_starts_with_the_families_controls_and_follows_the_chosen_model
 
     page = build_app(sd3_pool.get(tiny_sd3_dir), model_name="tiny-sd3", defaults={"scheduler": None})
     controls = {c.elem_id: c for c in page.blocks.values() if getattr(c, "elem_id", None)}
-    assert controls["scheduler"].value == "flow-euler" and controls["outside-prompt-steps"].value == 0
+    assert controls["scheduler"].value == "flow-euler" and controls["outside-prompt-steps"].value == OUTSIDE_PROMPT_STEPS
     assert controls["cfg"].value == 7.0
     page.saltdiff_pool._pipes["tiny"] = tiny_pipe  # a second model, already loaded
     page.saltdiff_pool.choices.append("tiny")
@@ -133,4 +134,4 @@ def test_the_page_starts_with_the_families_controls_and_follows_the_chosen_model
     scheduler, outside, cfg = changed("tiny")
     assert (scheduler["value"], outside["value"], cfg["value"]) == ("ddim", OUTSIDE_PROMPT_STEPS, 7.5)
     scheduler, outside, cfg = changed("tiny-sd3")
-    assert (scheduler["value"], outside["value"], cfg["value"]) == ("flow-euler", 0, 7.0)
+    assert (scheduler["value"], outside["value"], cfg["value"]) == ("flow-euler", OUTSIDE_PROMPT_STEPS, 7.0)

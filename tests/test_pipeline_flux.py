@@ -201,7 +201,7 @@ def test_salt_with_generated_objects_and_true_cfg(pipe):
     b = pipe(PROMPT, layout, init=init, seed=2, output_type="np", **TRUE_CFG, **FAST)
     assert a.reference_image.size == (32, 32) and a.info["init"] == "salt"
     assert len(a.guidance_losses) == 3  # SALT's budget from z_T*: 3 steps of 1 update
-    assert a.info["guidance"]["outside_prompt_steps"] == 0  # unset: no outside prompt on flow models
+    assert a.info["guidance"]["outside_prompt_steps"] == 0  # unset: no outside prompt on FLUX
     assert np.abs(a.images - b.images).max() > 0.05
     assert (a.init_latent[..., 12:, 12:] - b.init_latent[..., 12:, 12:]).abs().mean() > 0.5
 

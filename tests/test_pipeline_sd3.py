@@ -10,6 +10,7 @@ from PIL import Image
 from saltdiff import GuidanceConfig, SpatialAwareInit
 from saltdiff.families import guided_denoiser
 from saltdiff.flow_inversion import flow_invert, inversion_sigmas
+from saltdiff.guidance import OUTSIDE_PROMPT_STEPS
 from saltdiff.pipeline_sd3 import SaltSD3Pipeline
 from saltdiff.reference import GeneratedObjects
 from saltdiff.testing_flow import tiny_sd3_pipeline
@@ -81,7 +82,20 @@ def test_guidance_lowers_its_loss_and_changes_the_image(pipe):
     assert np.abs(guided.images - plain.images).max() > 1e-3
     assert guided.attention_maps.shape == (1, 2, 16, 16)
     assert guided.token_indices == [[2, 77 + 1], [5, 77 + 4]]  # CLIP "<bos> a cat and a dog", T5 after 77
-    assert guided.info["guidance"]["outside_prompt_steps"] == 0
+    assert guided.info["guidance"]["outside_prompt_steps"] == OUTSIDE_PROMPT_STEPS  # unset, with CFG: on
+    assert plain.info["guidance"]["outside_prompt_steps"] == 0  # no loss: plain sampling
+
+
+def test_without_cfg_the_unset_outside_prompt_is_off_and_asking_for_it_is_refused(pipe):
+    """``boxed-negative`` replaces the negative branch: at ``guidance_scale=1`` there is none, so the
+    default is off (recorded as 0) and the call runs; asking for it is one line."""
+    no_cfg = {**FAST, "guidance_scale": 1.0}
+    out = pipe(PROMPT, LAYOUT, init="random", guidance=GuidanceConfig(guidance_steps=1), seed=1, **no_cfg)
+    assert out.info["guidance"]["outside_prompt_steps"] == 0
+    assert pipe.guidance_defaults_for(guidance_scale=1.0) == {"outside_prompt_steps": 0}
+    assert pipe.guidance_defaults_for(guidance_scale=2.0) == {}
+    with pytest.raises(ValueError, match=r"this SD3 call has none \(it needs guidance_scale > 1\)"):
+        pipe(PROMPT, LAYOUT, init="random", guidance=GuidanceConfig(outside_prompt_steps=2), **no_cfg)
 
 
 def test_refusals_are_one_line(pipe):

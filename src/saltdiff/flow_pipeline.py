@@ -14,11 +14,12 @@ here, once, on the family adapter (:mod:`saltdiff.families`):
   or SALT's flow start), :func:`saltdiff.flow_denoising.flow_denoise`, decode, ``SaltOutput``;
 - ``generate_objects`` for reference builders.
 
-The outside prompt of the UNet loop runs here too (:meth:`FlowSaltMixin._outside_prompt`), but unset
-it is 0 steps on flow models (:attr:`FlowSaltMixin.guidance_defaults`, written into the recipe): the
-UNet default (10 steps) was measured on the built-in model, nothing was measured on a trained flow
-model. ``"boxed-negative"`` needs a negative branch (SD3's CFG, FLUX's true CFG) and is refused in
-one line without one; ``"without-boxed"`` edits the conditional branch and runs on any call.
+The outside prompt of the UNet loop runs here too (:meth:`FlowSaltMixin._outside_prompt`); unset, its
+steps are the family's (:meth:`FlowSaltMixin.guidance_defaults_for`, written into the recipe): SD3 10
+with CFG, as measured on ``builtin:shapes-mmdit``; FLUX none (unmeasured on a trained FLUX); none on
+any call without a negative branch. ``"boxed-negative"`` needs one (SD3's CFG, FLUX's true CFG) and is
+refused in one line when asked for without it; ``"without-boxed"`` edits the conditional branch and
+runs on any call.
 """
 
 from __future__ import annotations
@@ -83,10 +84,24 @@ class FlowSaltMixin(PretrainedMixin):
     _cfg_batch: bool = True
     #: What gives the call a negative branch (for the boxed-negative outside prompt's message).
     _negative_branch: str = "guidance_scale > 1"
-    #: Guidance fields whose unset value (``None``) means something else on flow models than on the
-    #: UNet loop: no outside prompt unless asked for (unmeasured on flow models). The call applies
-    #: them; the CLI writes them into the recipe.
+    #: Guidance fields whose unset value (``None``) means something else on this family than on the
+    #: UNet loop, for a call with a negative branch (:meth:`guidance_defaults_for` has the rest): no
+    #: outside prompt unless asked for (FLUX: unmeasured). The call applies them; the CLI writes them
+    #: into the recipe.
     guidance_defaults = {"outside_prompt_steps": 0}
+
+    @staticmethod
+    def _has_negative(guidance_scale: float, true_cfg_scale: float) -> bool:
+        """Whether a call with these scales runs a negative branch (SD3's CFG; FLUX overrides)."""
+        return guidance_scale > 1
+
+    def guidance_defaults_for(self, *, guidance_scale: float, true_cfg_scale: float = 1.0) -> dict:
+        """:attr:`guidance_defaults` for a call with these scales: without a negative branch no outside
+        prompt unless asked for, since its default kind (``"boxed-negative"``) replaces that branch."""
+        defaults = dict(self.guidance_defaults)
+        if not self._has_negative(guidance_scale, true_cfg_scale):
+            defaults["outside_prompt_steps"] = 0
+        return defaults
 
     @property
     def denoiser(self):
@@ -194,6 +209,7 @@ class FlowSaltMixin(PretrainedMixin):
         callback_tensor_inputs,
         seed,
         generator,
+        true_cfg_scale=1.0,
     ) -> FlowCall:
         """Stage 1's SALT part, before any network runs: every bad value one ``ValueError``/``TypeError``.
 
@@ -232,8 +248,9 @@ class FlowSaltMixin(PretrainedMixin):
                 f"samples with {family_samplers('flow')} (pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_config(...))"
             )
         guidance = as_guidance(guidance)
-        # unset means "the family's default": none on flow models (recorded as 0, not the UNet loop's 10)
-        unset = {k: v for k, v in self.guidance_defaults.items() if getattr(guidance, k) is None}
+        # unset means "the family's default" for this call (no outside prompt without a negative branch)
+        defaults = self.guidance_defaults_for(guidance_scale=guidance_scale, true_cfg_scale=true_cfg_scale)
+        unset = {k: v for k, v in defaults.items() if getattr(guidance, k) is None}
         guidance = dataclasses.replace(guidance, **unset)
         layers = self._select_layers(
             adapter.attention_layers((2 * adapter.size_multiple,) * 2), guidance.layers
@@ -363,7 +380,7 @@ class FlowSaltMixin(PretrainedMixin):
         self, adapter, call: FlowCall, layout: Layout, has_negative: bool, n: int
     ) -> FlowOutsidePrompt | None:
         """The outside prompt of this call (:class:`~saltdiff.flow_denoising.FlowOutsidePrompt`), or
-        ``None``: no boxes, or ``outside_prompt_steps`` 0 (the flow default, unmeasured on flow models).
+        ``None``: no boxes, or ``outside_prompt_steps`` 0 (FLUX's default, and any call's without CFG).
         ``"boxed-negative"`` replaces the negative branch, so a call without one is refused in one line."""
         guidance = call.guidance
         if not len(layout) or not guidance.outside_steps:

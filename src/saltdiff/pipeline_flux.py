@@ -28,7 +28,8 @@ So on FLUX: with true CFG, "boxed-negative" replaces the true-CFG negative branc
 as on the UNets; without it, nothing replaces it -- "boxed-negative" is refused in one line, and
 ``outside_prompt="without-boxed"`` (the conditional branch becomes the prompt without its boxed
 phrases outside the boxes, one more transformer call per step) is the variant that needs no
-negative branch. Unset, ``outside_prompt_steps`` is 0 on flow models (the recipe records 0):
+negative branch. Unset, ``outside_prompt_steps`` is 0 on FLUX (the recipe records 0; SD3's 10 were
+measured on ``builtin:shapes-mmdit`` with CFG, nothing on a trained FLUX):
 SALT's start and the guidance loss alone keep copies of the boxed objects out of the fresh noise
 outside the boxes. Only the mechanics were checked (tiny random models, ``tests/test_pipeline_flux.py``);
 whether either variant helps on a trained FLUX is unmeasured.
@@ -75,6 +76,11 @@ class SaltFluxPipeline(FlowSaltMixin, FluxPipeline):
     _label = "FLUX"
     _cfg_batch = False  # FluxPipeline's true CFG: one transformer call per branch
     _negative_branch = "true CFG: true_cfg_scale > 1 with a negative_prompt"
+
+    @staticmethod
+    def _has_negative(guidance_scale: float, true_cfg_scale: float) -> bool:
+        """FLUX's ``guidance_scale`` is embedded guidance: only true CFG runs a negative branch."""
+        return true_cfg_scale > 1
 
     # -- the family seam -----------------------------------------------------------------------------
     def family(
@@ -227,6 +233,7 @@ class SaltFluxPipeline(FlowSaltMixin, FluxPipeline):
             callback_tensor_inputs=callback_on_step_end_tensor_inputs,
             seed=seed,
             generator=generator,
+            true_cfg_scale=true_cfg_scale,
         )
         self.check_inputs(
             prompt,

@@ -110,6 +110,15 @@ def check_side(value: Any, name: str) -> None:
         raise ValueError(f"{name} must be an integer in [1, {MAX_IMAGE_SIDE}] or None, got {excerpt(value)}")
 
 
+def family_guidance_defaults(pipe, *, guidance_scale: float, true_cfg_scale: float = 1.0) -> dict[str, Any]:
+    """The guidance fields ``pipe``'s family fills in when unset, for a call with these scales: a flow
+    pipeline's :meth:`~saltdiff.flow_pipeline.FlowSaltMixin.guidance_defaults_for`, else its
+    ``guidance_defaults`` (none on the UNet pipelines)."""
+    if hasattr(pipe, "guidance_defaults_for"):
+        return pipe.guidance_defaults_for(guidance_scale=guidance_scale, true_cfg_scale=true_cfg_scale)
+    return dict(getattr(pipe, "guidance_defaults", {}))
+
+
 @dataclass
 class GenerationRequest:
     """What to generate and how; every name is a registered one and every param is checked.
@@ -222,7 +231,8 @@ class GenerationRequest:
 
     def for_pipeline(self, pipe) -> GenerationRequest:
         """This request as ``pipe``'s family runs it: unset guidance fields whose default differs there
-        (``pipe.guidance_defaults``; flow models: no outside prompt unless asked, recorded as 0) filled in, and one
+        (:func:`family_guidance_defaults`: on SD3 the outside prompt only with CFG, on FLUX none unless
+        asked; recorded as the steps that run) filled in, and one
         ``ValueError`` line for a sampler of the other noise family or an option the family does not run
         yet (:data:`FLOW_LIMITS`), before any work."""
         from .samplers import config_family, make_scheduler
@@ -234,7 +244,9 @@ class GenerationRequest:
                 "(its guidance_scale, --cfg, is classifier-free guidance already): leave it at 1"
             )
         request = self
-        defaults = getattr(pipe, "guidance_defaults", {})
+        defaults = family_guidance_defaults(
+            pipe, guidance_scale=self.guidance_scale, true_cfg_scale=self.true_cfg_scale
+        )
         unset = {k: v for k, v in defaults.items() if getattr(self.guidance, k) is None}
         if unset:
             request = replace(self, guidance=replace(self.guidance, **unset))

@@ -405,7 +405,9 @@ def run_bench(config: BenchConfig, pipe=None) -> dict | None:
     from ..loading import check_image_size, denoiser
 
     check_image_size(pipe, config.height, config.width, force=config.force)
-    scheduler, shared = for_pipeline(specs, shared, pipe, scheduler=config.scheduler, steps=config.steps)
+    scheduler, shared = for_pipeline(
+        specs, shared, pipe, scheduler=config.scheduler, steps=config.steps, guidance_scale=config.cfg
+    )
     config = replace(config, scheduler=scheduler)
     sampling = {"num_inference_steps": config.steps, "scheduler": config.scheduler}
     descriptions = {spec.name: describe(spec, shared, pipe.scheduler, **sampling) for spec in specs}

@@ -194,19 +194,27 @@ def describe(
 
 
 def for_pipeline(
-    specs: Sequence[MethodSpec], shared: SharedSettings, pipe, *, scheduler: str | None, steps: int
+    specs: Sequence[MethodSpec],
+    shared: SharedSettings,
+    pipe,
+    *,
+    scheduler: str | None,
+    steps: int,
+    guidance_scale: float = 7.5,
 ) -> tuple[str, SharedSettings]:
     """A run's sampler and shared settings as ``pipe``'s family runs them, checked before any image is
     made: an unset ``scheduler`` is the family's own (:func:`saltdiff.samplers.default_sampler`: ddim,
     SD3 flow-euler; one of the other noise family is one line), the guidance fields whose unset value
-    means something else there are filled in for every method (``pipe.guidance_defaults``, so records
-    say what ran: no outside prompt on SD3), and a method with an option the family does not run
+    means something else there are filled in for every method
+    (:func:`saltdiff.request.family_guidance_defaults` at the run's CFG ``guidance_scale``, so records
+    say what ran), and a method with an option the family does not run
     (:meth:`saltdiff.request.GenerationRequest.for_pipeline`) is one line naming the method."""
+    from ..request import family_guidance_defaults
     from ..samplers import config_family, default_sampler, make_scheduler
 
     scheduler = default_sampler(pipe.scheduler) if scheduler is None else scheduler
     make_scheduler(scheduler, pipe.scheduler.config)  # a VP sampler on a flow model: one line
-    defaults = getattr(pipe, "guidance_defaults", {})
+    defaults = family_guidance_defaults(pipe, guidance_scale=guidance_scale)
     shared = replace(shared, guidance={**defaults, **shared.guidance})
     flow = config_family(pipe.scheduler.config) == "flow"
     for spec in specs:
