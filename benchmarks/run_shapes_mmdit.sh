@@ -3,7 +3,13 @@
 # the studies on the tuning split (shapes-val, STUDY_N layouts x 1 seed; the outside prompt 2 seeds),
 # then the table on the test split (shapes, N = 200 x 2) with the three methods the acceptance needs.
 #
-#   bash benchmarks/run_shapes_mmdit.sh [RUNS_DIR] [WHAT...]    (WHAT: studies table; default both)
+#   bash benchmarks/run_shapes_mmdit.sh [RUNS_DIR] [WHAT...]    (WHAT: studies tuning6 table; default studies table)
+#
+# tuning6: the studies behind today's flow defaults on the 6-block weights (session 14): each variant is
+# one `saltdiff bench` of `salt` on the tuning split's first 64 layouts, seed 0 (the last three on 32
+# layouts x 2 seeds, with `sd`, for seed diversity), into RUNS/val64-NAME or RUNS/val32x2-NAME; flags are
+# relative to the defaults before that session (10 x 3 updates, no outside prompt), so they reproduce its
+# table with today's code; compare two with `saltdiff compare RUNS/val64-default:salt RUNS/val64-NAME:salt`.
 #
 # CFG 5 is the scale builtin_quality --tune chose on held-out captions (the model card). INIT_EXTRA adds
 # initializer flags to every command: empty (today's defaults) for the 6-block weights' table;
@@ -18,10 +24,32 @@ export MODEL=${MODEL:-builtin:shapes-mmdit} CFG=${CFG:-5}
 export INIT_EXTRA=${INIT_EXTRA-}
 export STUDY_N=${STUDY_N:-32} OUTSIDE_N=${OUTSIDE_N:-24} OUTSIDE_VALUES=${OUTSIDE_VALUES:-0,5,10}
 export INVERSION=${INVERSION:-1,2,5,10} BUDGET=${BUDGET:-3,10} BUDGET_ITERS=${BUDGET_ITERS:-1,3}
+B=transformer_blocks
+PRE="--guidance-iters 3 --outside-prompt-steps 0"   # the defaults the session-14 studies started from
+TUNING6=(
+    "default|$PRE" "out10|--guidance-iters 3 --outside-prompt-steps 10" "i1|--guidance-iters 1 --outside-prompt-steps 0"
+    "b02|$PRE --layers $B.0,$B.1,$B.2" "inv5|$PRE --inversion-steps 5"
+    "o10i1|--guidance-iters 1 --outside-prompt-steps 10" "o10s5i1|--guidance-iters 1 --outside-prompt-steps 10 --guidance-steps 5"
+    "o10i1inv5|--guidance-iters 1 --outside-prompt-steps 10 --inversion-steps 5"
+    "o10i1b35|--guidance-iters 1 --outside-prompt-steps 10 --layers $B.3,$B.4,$B.5"
+    "o10i1obj10|--guidance-iters 1 --outside-prompt-steps 10 --object-steps 10"
+)
+TUNING6_SEEDS=("default|sd,salt|$PRE" "o10i1|salt|--guidance-iters 1 --outside-prompt-steps 10"
+               "o5i1|salt|--guidance-iters 1 --outside-prompt-steps 5")
+bench() { OMP_NUM_THREADS=1 python -m saltdiff bench --model "$MODEL" --cfg "$CFG" --suite shapes-val --steps 25 \
+              --device cpu -q --bootstrap 200 $INIT_EXTRA "$@"; }
 for what in $WHAT; do
     case $what in
         studies) bash "$HERE/run_shapes.sh" "$RUNS" inversion method layers budget stepsize outside ;;
+        tuning6)
+            for v in "${TUNING6[@]}"; do
+                bench --n 64 --seeds 1 --methods salt ${v#*|} --out "$RUNS/val64-${v%%|*}"
+            done
+            for v in "${TUNING6_SEEDS[@]}"; do
+                IFS='|' read -r name methods flags <<< "$v"
+                bench --n 32 --seeds 2 --methods "$methods" $flags --out "$RUNS/val32x2-$name"
+            done ;;
         table)   METHODS=${METHODS:-sd,random+salt-loss,salt} bash "$HERE/run_shapes.sh" "$RUNS" table ;;
-        *) echo "unknown part: $what (studies, table)" >&2; exit 2 ;;
+        *) echo "unknown part: $what (studies, tuning6, table)" >&2; exit 2 ;;
     esac
 done
