@@ -33,6 +33,7 @@ TUNING6=(
     "o10i1inv5|--guidance-iters 1 --outside-prompt-steps 10 --inversion-steps 5"
     "o10i1b35|--guidance-iters 1 --outside-prompt-steps 10 --layers $B.3,$B.4,$B.5"
     "o10i1obj10|--guidance-iters 1 --outside-prompt-steps 10 --object-steps 10"
+    "o10i1mid|--guidance-iters 1 --outside-prompt-steps 10 --inversion-method midpoint"
 )
 TUNING6_SEEDS=("default|sd,salt|$PRE" "o10i1|salt|--guidance-iters 1 --outside-prompt-steps 10"
                "o5i1|salt|--guidance-iters 1 --outside-prompt-steps 5")

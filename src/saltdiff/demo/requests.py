@@ -368,8 +368,9 @@ def validate_request(
 def family_controls(pipe) -> dict[str, Any]:
     """The page's control values a model's family decides (keys of the page's ``CONTROL_DEFAULTS``):
     its own sampler (:func:`saltdiff.samplers.default_sampler`: ddim, SD3 flow-euler) and the outside
-    prompt's steps (``pipe.guidance_defaults``: 0 on SD3, which has none yet; else
-    :data:`~saltdiff.guidance.OUTSIDE_PROMPT_STEPS`) and the CFG scale
+    prompt's steps (``pipe.guidance_defaults``: 0 on FLUX; else
+    :data:`~saltdiff.guidance.OUTSIDE_PROMPT_STEPS`; the page sends it set, so an SD3 run at CFG ≤ 1
+    with it above 0 is refused in one line) and the CFG scale
     (:func:`saltdiff.loading.pipeline_guidance_scale`: 5 for the built-in models, else the family's
     pipeline default). The page starts with them and sets them again when another model is chosen."""
     from ..loading import pipeline_guidance_scale
