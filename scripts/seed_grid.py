@@ -46,7 +46,7 @@ def main(argv=None) -> None:
     specs = [preset(name) for name in METHODS]
     objects = {} if args.object_steps is None else {"num_inference_steps": args.object_steps}
     shared = SharedSettings(reference_params=objects)
-    scheduler, shared = for_pipeline(specs, shared, pipe, scheduler=None, steps=args.steps)
+    scheduler, shared = for_pipeline(specs, shared, pipe, scheduler=None, steps=args.steps, guidance_scale=cfg)
     suite = shapes_suite(1 + max(int(i) for i in args.layouts.split(",")))
     layouts = [suite[int(i)] for i in args.layouts.split(",")]
     rows = []  # (layout, method, images)

@@ -255,9 +255,9 @@ def salt_request(family) -> GenerationRequest:
         guidance_scale=family.call["guidance_scale"],
         true_cfg_scale=family.call.get("true_cfg_scale", 1.0),
     )
-    unset = {k: v for k, v in defaults.items() if getattr(request.guidance, k) is None}
-    guidance = dataclasses.replace(request.guidance, **unset)
-    return dataclasses.replace(request, guidance=guidance).resolved(family.pipe.scheduler)
+    return dataclasses.replace(request, guidance=request.guidance.with_unset(defaults)).resolved(
+        family.pipe.scheduler
+    )
 
 
 def _run(family: Family, request: GenerationRequest):

@@ -249,9 +249,9 @@ class FlowSaltMixin(PretrainedMixin):
             )
         guidance = as_guidance(guidance)
         # unset means "the family's default" for this call (no outside prompt without a negative branch)
-        defaults = self.guidance_defaults_for(guidance_scale=guidance_scale, true_cfg_scale=true_cfg_scale)
-        unset = {k: v for k, v in defaults.items() if getattr(guidance, k) is None}
-        guidance = dataclasses.replace(guidance, **unset)
+        guidance = guidance.with_unset(
+            self.guidance_defaults_for(guidance_scale=guidance_scale, true_cfg_scale=true_cfg_scale)
+        )
         layers = self._select_layers(
             adapter.attention_layers((2 * adapter.size_multiple,) * 2), guidance.layers
         )

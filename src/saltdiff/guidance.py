@@ -91,7 +91,12 @@ class GuidanceConfig:
         on a flow-matching model, whose budget may differ (:data:`FLOW_GUIDANCE_BUDGETS`)."""
         start = "reference" if from_reference else "noise"
         budget = (FLOW_GUIDANCE_BUDGETS if flow else {}).get(start, GUIDANCE_BUDGETS[start])
-        unset = {name: value for name, value in budget.items() if getattr(self, name) is None}
+        return self.with_unset(budget)
+
+    def with_unset(self, values: Mapping[str, Any]) -> GuidanceConfig:
+        """This config with each field it leaves unset (``None``) taken from ``values``: a start's
+        budget, a model family's defaults (``FlowSaltMixin.guidance_defaults_for``)."""
+        unset = {name: value for name, value in values.items() if getattr(self, name) is None}
         return dataclasses.replace(self, **unset) if unset else self
 
     @property

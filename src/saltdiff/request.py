@@ -244,12 +244,13 @@ class GenerationRequest:
                 "(its guidance_scale, --cfg, is classifier-free guidance already): leave it at 1"
             )
         request = self
-        defaults = family_guidance_defaults(
-            pipe, guidance_scale=self.guidance_scale, true_cfg_scale=self.true_cfg_scale
+        guidance = self.guidance.with_unset(
+            family_guidance_defaults(
+                pipe, guidance_scale=self.guidance_scale, true_cfg_scale=self.true_cfg_scale
+            )
         )
-        unset = {k: v for k, v in defaults.items() if getattr(self.guidance, k) is None}
-        if unset:
-            request = replace(self, guidance=replace(self.guidance, **unset))
+        if guidance is not self.guidance:
+            request = replace(self, guidance=guidance)
         if config_family(pipe.scheduler.config) != "flow":
             return request
         values = {

@@ -200,7 +200,7 @@ def for_pipeline(
     *,
     scheduler: str | None,
     steps: int,
-    guidance_scale: float = 7.5,
+    guidance_scale: float,
 ) -> tuple[str, SharedSettings]:
     """A run's sampler and shared settings as ``pipe``'s family runs them, checked before any image is
     made: an unset ``scheduler`` is the family's own (:func:`saltdiff.samplers.default_sampler`: ddim,
