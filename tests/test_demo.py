@@ -161,7 +161,12 @@ def test_the_page_defaults_and_choices_come_from_the_registry():
     auto = validate_request(PROMPT, two_boxes(), inversion_steps=CONTROL_DEFAULTS["inversion_steps"])
     assert "inversion_steps" not in auto.generation.init_params
     objects = REFERENCE_BUILDERS.get("objects")
-    assert CONTROL_DEFAULTS["object_steps"] == objects.param("num_inference_steps").default
+    # likewise the object steps (the model family's: 25, flow models 10)
+    assert objects.param("num_inference_steps").default is None
+    auto = validate_request(PROMPT, two_boxes(), object_steps=CONTROL_DEFAULTS["object_steps"])
+    assert "num_inference_steps" not in auto.generation.reference_params
+    chosen = validate_request(PROMPT, two_boxes(), object_steps=7)
+    assert chosen.generation.reference_params["num_inference_steps"] == 7
     assert CONTROL_DEFAULTS["background"] == objects.param("background").default
     assert BACKGROUND is objects.param("background")
     assert INVERSION_STEPS is INITIALIZERS.get("salt").param("inversion_steps")
@@ -188,7 +193,7 @@ def test_the_page_defaults_and_choices_come_from_the_registry():
         ({"inversion_steps": 2.5}, ValueError, "inversion steps"),
         ({"seed": -1}, ValueError, "seed"),
         ({"guidance_scale": float("inf")}, ValueError, "CFG scale"),
-        ({"object_steps": 0}, ValueError, "object steps"),
+        ({"object_steps": -1}, ValueError, "object steps"),
         ({"background": "plaid"}, ValueError, "background must be generated, prompt-color, .* got 'plaid'"),
         ({"annotation": annotation()}, LayoutError, "at least one box"),
         ({"annotation": annotation(("dog", (1, 1, 2, 2)), size=(5000, 10))}, ValueError, "at most 4096"),
@@ -288,8 +293,10 @@ def test_run_generation_compare_returns_everything_the_page_shows(tiny_pipe, tmp
     assert sum(row["series"] == "salt init: layout energy" for row in result.losses) == 2
     recipe = read_recipe(result.png_path)
     assert recipe == result.recipe
-    # The recipe `saltdiff generate` writes: GenerationRequest.save_png with the model and dtype.
-    assert recipe == req.generation.recipe(height=32, width=32, model="tiny", dtype="float32")
+    # The recipe `saltdiff generate` writes: GenerationRequest.save_png with the model and dtype, and
+    # the values its model used for the unset params (feather, object steps).
+    resolved = req.generation.resolved(tiny_pipe.scheduler)
+    assert recipe == resolved.recipe(height=32, width=32, model="tiny", dtype="float32")
     assert recipe["init"] == "salt" and recipe["model"] == "tiny" and recipe["steps"] == 2
     assert recipe["reference_params"]["background"] == "gray"
     assert Layout.from_dict(recipe["layout"]) == req.generation.layout

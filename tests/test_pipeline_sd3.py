@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import numpy as np
 import pytest
 import torch
@@ -157,7 +158,10 @@ def test_midpoint_inversion_is_chosen_by_the_init_and_recorded(pipe):
 
     def salt(method):
         return SpatialAwareInit(
-            reference=UserImages(image=reference_image()), inversion_steps=2, noise_outside=0.0, inversion_method=method
+            reference=UserImages(image=reference_image()),
+            inversion_steps=2,
+            noise_outside=0.0,
+            inversion_method=method,
         )
 
     common = dict(layout=LAYOUT, guidance="none", output_type="np", **FAST)
@@ -181,7 +185,9 @@ def test_midpoint_inversion_is_refused_on_a_unet_model():
         **tiny_sd_components(), safety_checker=None, feature_extractor=None, requires_safety_checker=False
     )
     with pytest.raises(ValueError, match="inversion_method='midpoint' is for flow models"):
-        unet_pipe(PROMPT, layout=LAYOUT, init=SpatialAwareInit(inversion_method="midpoint"), num_inference_steps=2)
+        unet_pipe(
+            PROMPT, layout=LAYOUT, init=SpatialAwareInit(inversion_method="midpoint"), num_inference_steps=2
+        )
 
 
 def test_salt_init_with_generated_objects_differs_by_seed_outside_the_objects(pipe):
@@ -206,6 +212,50 @@ def test_an_unset_inversion_depth_is_the_flow_default(pipe):
     init.inversion_steps = None  # main's registry leaves it unset by default ("as many as fit")
     out = pipe(PROMPT, LAYOUT, init=init, guidance="none", seed=1, output_type="latent", **FAST)
     assert out.info["inversion_steps"] == FLOW_INVERSION_STEPS == len(out.info["inversion_sigmas"]) - 1
+
+
+def test_unset_object_steps_and_feather_are_the_flow_defaults_in_the_call_and_the_recipe(pipe, monkeypatch):
+    from saltdiff.init import FEATHER, FLOW_FEATHER, FLOW_OBJECT_STEPS
+    from saltdiff.layout import Layout
+    from saltdiff.reference import OBJECT_STEPS
+    from saltdiff.request import GenerationRequest
+    from diffusers import DDIMScheduler
+
+    steps = []
+    real = pipe.generate_objects
+
+    def spy(prompts, *, num_inference_steps, **kw):
+        steps.append(num_inference_steps)
+        return real(prompts, num_inference_steps=1, **kw)
+
+    monkeypatch.setattr(pipe, "generate_objects", spy)
+    init = SpatialAwareInit(reference=GeneratedObjects(background="gray", cache=False), inversion_steps=1)
+    assert init.reference.num_inference_steps is None
+    out = pipe(PROMPT, LAYOUT, init=init, guidance="none", seed=1, output_type="latent", **FAST)
+    assert steps and set(steps) == {FLOW_OBJECT_STEPS}
+    # the start kept z_T* with the flow feather: the same call with it spelled out gives the same start
+    assert init.feather is None and FLOW_FEATHER != FEATHER
+    for feather, same in ((FLOW_FEATHER, True), (FEATHER, False)):
+        init_f = dataclasses.replace(init, feather=feather)
+        again = pipe(PROMPT, LAYOUT, init=init_f, guidance="none", seed=1, output_type="latent", **FAST)
+        assert torch.equal(again.init_latent, out.init_latent) == same
+    # the recipe records the value used: 10 on the flow model, 25 on a UNet model, a set one as set
+    request = GenerationRequest(prompt=PROMPT, layout=Layout.from_pairs(LAYOUT), scheduler="flow-euler")
+    flow = request.resolved(pipe.scheduler)
+    assert flow.reference_params["num_inference_steps"] == FLOW_OBJECT_STEPS
+    assert flow.init_params["feather"] == FLOW_FEATHER
+    unet = GenerationRequest(prompt=PROMPT, layout=Layout.from_pairs(LAYOUT)).resolved(DDIMScheduler())
+    assert (
+        unet.reference_params["num_inference_steps"] == OBJECT_STEPS
+        and unet.init_params["feather"] == FEATHER
+    )
+    chosen = GenerationRequest(
+        prompt=PROMPT,
+        layout=Layout.from_pairs(LAYOUT),
+        scheduler="flow-euler",
+        reference_params={"num_inference_steps": 3},
+    )
+    assert chosen.resolved(pipe.scheduler).reference_params["num_inference_steps"] == 3
 
 
 def test_generate_objects_gives_images_and_their_phrase_maps(pipe):

@@ -46,7 +46,9 @@ def flow_salt_start(
 ) -> InitResult:
     """SALT's initial latent on a flow model: reference → VAE → flow inversion → fresh noise outside.
 
-    ``ctx`` gives the reference builder its object generator (``ctx.objects``), the scheduler, the
+    Unset fields of ``init`` take the flow values (:meth:`~saltdiff.init.SpatialAwareInit.resolved`:
+    feather, object steps, depth). ``ctx`` gives the reference builder its object generator
+    (``ctx.objects``), the scheduler, the
     reference's VAE latent (``ctx.encode_reference``: the image processor and the adapter's
     ``encode``), the velocity of a text (``ctx.velocity``) and the family's sigma grid
     (``ctx.schedule_kwargs``).
@@ -66,6 +68,7 @@ def flow_salt_start(
         raise ValueError(
             f"inversion_noise_scale={init.inversion_noise_scale} is not supported on flow models yet (flow inversion is deterministic)"
         )
+    init = init.resolved(ctx.scheduler, num_inference_steps)  # the flow values of unset fields
     reference = init.reference.build(
         ctx.objects, prompt, layout, height=height, width=width, generator=generator
     )
@@ -75,7 +78,7 @@ def flow_salt_start(
         )
     latent_hw = (height // ctx.vae_scale_factor, width // ctx.vae_scale_factor)
     start = float(sampler_sigmas(ctx.scheduler, **ctx.schedule_kwargs(num_inference_steps, latent_hw))[0])
-    depth = FLOW_INVERSION_STEPS if init.inversion_steps is None else init.inversion_steps
+    depth = init.inversion_steps
     # the family's own grid for `depth` steps (FLUX: custom sigmas for that count, shifted by mu)
     grid = inversion_sigmas(ctx.scheduler, **ctx.schedule_kwargs(depth, latent_hw))
     if abs(float(grid[-1]) - start) > 1e-6:  # a schedule whose top depends on the step count

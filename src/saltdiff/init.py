@@ -23,7 +23,7 @@ from .init_context import InitContext
 from .inversion import ddim_invert, inversion_timesteps
 from .layout import Layout
 from .losses import gaussian_blur
-from .reference import GeneratedObjects, ReferenceBuilder, ReferenceImage
+from .reference import OBJECT_STEPS, GeneratedObjects, ReferenceBuilder, ReferenceImage
 from .registry import INITIALIZERS, check_fields
 from .samplers import ancestral_start_skip, config_family, sampler_start_timestep, to_sampler_space
 
@@ -34,6 +34,25 @@ from .samplers import ancestral_start_skip, config_family, sampler_start_timeste
 #: inversion on the UNet model, a deeper flow inversion keeps more of the layout. Unmeasured on real
 #: SD3/FLUX weights. The memo inverts a layout once, so only a layout's first image pays for the depth.
 FLOW_INVERSION_STEPS = 10
+
+#: Steps of each object generation for SALT's reference on a flow model when the ``objects`` builder's
+#: ``num_inference_steps`` is unset (UNet models: :data:`saltdiff.reference.OBJECT_STEPS`, 25). Chosen
+#: on the tuning split with ``builtin:shapes-mmdit`` (64 layouts, session 14): 10 against 25 steps gave
+#: mIoU +0.030 (-0.010 ... +0.076, paired bootstrap) and the same reference IoU, and cut the time of a
+#: layout's first image (its objects not cached yet) from 3.62x to 2.67x that of plain sampling.
+FLOW_OBJECT_STEPS = 10
+
+#: Latent cells the kept region is feathered over when ``feather`` is unset, on the UNet models (the
+#: feather study on the UNet model's tuning split, :class:`SpatialAwareInit`).
+FEATHER = 3.5
+
+#: ``feather`` on a flow model when unset. On ``builtin:shapes-mmdit``'s 16x16 latent, 3.5 cells keep
+#: only a fifth to a half of z_T* inside an object (the rest is fresh noise), and the joint attention
+#: lets that noise re-decide the whole layout: without guidance at CFG 5 the start carried almost nothing
+#: (box IoU 0.09 where the reference held the object). Chosen on the tuning split (session 15, 32
+#: layouts x 2 seeds, paired against 3.5): 1 cell gave mIoU +0.063 (+0.021 ... +0.112), 0 / 0.5 / 1.5 / 2
+#: within noise of 3.5 or of 1, and 0.5 lost unboxed recall against 1 (benchmarks/RESULTS.md).
+FLOW_FEATHER = 1.0
 
 
 @dataclass
@@ -143,8 +162,8 @@ class SpatialAwareInit:
     boxes) or ``"objects"`` (only the pixels where an object was pasted, so that a box's corners
     follow the prompt's background too). Without fresh noise the start is the same for every seed
     and everything outside the objects is whatever the reference shows (the first version's
-    "collage"). The defaults (all fresh noise outside the pasted objects, feathered over 3.5 cells)
-    come from the noise-outside, feather and keep-region studies in ``benchmarks/RESULTS.md``: on the
+    "collage"). The defaults (all fresh noise outside the pasted objects, feathered over 3.5 cells;
+    ``feather`` unset is :data:`FEATHER`, and :data:`FLOW_FEATHER`, 1 cell, on flow models) come from the noise-outside, feather and keep-region studies in ``benchmarks/RESULTS.md``: on the
     tuning split at CFG 5, feather 2 / 2.5 / 3 / 3.5 / 4 gave background 0.897 / 0.923 / 0.949 (seeded
     place) / 0.987 / 0.987, the last two `sd`'s level, while layout and seed diversity fall a little with
     each cell and beyond noise at 4 (RESULTS.md, "feather 3.5"). With feather 2, on
@@ -169,7 +188,7 @@ class SpatialAwareInit:
     noise_outside: float = 1.0
     noise_inside: float = 0.0
     keep_region: str = "objects"
-    feather: float = 3.5
+    feather: float | None = None
     inversion_noise_scale: float = 0.0
     ancestral_skip: float = 0.14
 
@@ -188,7 +207,8 @@ class SpatialAwareInit:
             masks = torch.nn.functional.adaptive_avg_pool2d(pixels[None], (h, w))[0]
         else:
             masks = layout.masks(h, w)
-        return gaussian_blur(masks, self.feather, truncate=3.0).amax(0).clamp(0, 1)
+        feather = FEATHER if self.feather is None else self.feather  # resolved() sets the family's
+        return gaussian_blur(masks, feather, truncate=3.0).amax(0).clamp(0, 1)
 
     def invert(
         self, ctx: InitContext, image: Image.Image, prompt: str, generator, *, num_inference_steps: int
@@ -247,8 +267,28 @@ class SpatialAwareInit:
         return default_inversion_steps(scheduler, self.end_timestep(scheduler, num_inference_steps))
 
     def resolved(self, scheduler, num_inference_steps: int) -> SpatialAwareInit:
-        """A copy with an unset ``inversion_steps`` set to :meth:`depth` (what a recipe records)."""
-        return replace(self, inversion_steps=self.depth(scheduler, num_inference_steps))
+        """A copy as a model with this sampler runs it, what a recipe records: an unset
+        ``inversion_steps`` set to :meth:`depth`, an unset ``feather`` to the family's
+        (:data:`FLOW_FEATHER` on a flow-matching model, :data:`FEATHER` on the others) and the
+        reference builder's unset object steps too (:meth:`builder`)."""
+        feather = self.feather
+        if feather is None:
+            feather = FLOW_FEATHER if config_family(scheduler.config) == "flow" else FEATHER
+        return replace(
+            self,
+            inversion_steps=self.depth(scheduler, num_inference_steps),
+            feather=feather,
+            reference=self.builder(scheduler),
+        )
+
+    def builder(self, scheduler) -> ReferenceBuilder:
+        """The reference builder as a model with this sampler runs it: a builder whose
+        ``num_inference_steps`` is unset (``GeneratedObjects``) gets :data:`FLOW_OBJECT_STEPS` on a
+        flow-matching model and :data:`~saltdiff.reference.OBJECT_STEPS` on the others."""
+        if getattr(self.reference, "num_inference_steps", 0) is not None:
+            return self.reference
+        steps = FLOW_OBJECT_STEPS if config_family(scheduler.config) == "flow" else OBJECT_STEPS
+        return replace(self.reference, num_inference_steps=steps)
 
     def check_steps(self, scheduler, num_inference_steps: int) -> None:
         """One line, before any work, when an explicit ``inversion_steps`` cannot end at the sampler's
@@ -271,6 +311,19 @@ class SpatialAwareInit:
                 "a UNet model inverts with DDIM (use 'euler')"
             )
         self.check_steps(ctx.scheduler, num_inference_steps)
+        resolved = self.resolved(ctx.scheduler, num_inference_steps)  # the family's values of unset fields
+        return resolved._start(
+            ctx,
+            prompt,
+            layout,
+            generator,
+            height=height,
+            width=width,
+            num_inference_steps=num_inference_steps,
+            num_images=num_images,
+        )
+
+    def _start(self, ctx, prompt, layout, generator, *, height, width, num_inference_steps, num_images):
         reference = self.reference.build(
             ctx.objects, prompt, layout, height=height, width=width, generator=generator
         )

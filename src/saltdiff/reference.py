@@ -194,6 +194,11 @@ def resize_array(arr: np.ndarray, height: int, width: int) -> np.ndarray:
     return np.asarray(img, dtype=np.float32) / 255.0
 
 
+#: Steps of each object generation when ``GeneratedObjects.num_inference_steps`` is unset, on the UNet
+#: models (flow models: :data:`saltdiff.init.FLOW_OBJECT_STEPS`).
+OBJECT_STEPS = 25
+
+
 @dataclass
 class GeneratedObjects:
     """Generate each boxed object with the same model, cut it out, and paste it into its box.
@@ -216,7 +221,7 @@ class GeneratedObjects:
     background: str = "prompt-color"
     object_prompt: str = "a {phrase} on a white background"
     object_seed: int = 0
-    num_inference_steps: int = 25
+    num_inference_steps: int | None = None
     guidance_scale: float = 7.5
     cutout: str = "attention-color"
     threshold: float = 0.15
@@ -232,6 +237,12 @@ class GeneratedObjects:
         if "{phrase}" not in self.object_prompt:
             raise ValueError(f"object_prompt must contain '{{phrase}}', got {self.object_prompt!r}")
 
+    @property
+    def steps(self) -> int:
+        """``num_inference_steps``, or :data:`OBJECT_STEPS` when unset (SALT's initializer sets the
+        model family's value first: :meth:`saltdiff.init.SpatialAwareInit.builder`)."""
+        return OBJECT_STEPS if self.num_inference_steps is None else self.num_inference_steps
+
     # -- generation with a disk cache ------------------------------------------------------------
     def _cache_path(self, objects: ObjectGenerator, prompt: str, height: int, width: int) -> Path | None:
         identity = objects.identity
@@ -244,7 +255,7 @@ class GeneratedObjects:
                 self.object_seed,
                 height,
                 width,
-                self.num_inference_steps,
+                self.steps,
                 self.guidance_scale,
             ]
         )
@@ -272,7 +283,7 @@ class GeneratedObjects:
                 phrases=None if phrases is None else [phrase_of[p] for p in batch],
                 height=height,
                 width=width,
-                num_inference_steps=self.num_inference_steps,
+                num_inference_steps=self.steps,
                 guidance_scale=self.guidance_scale,
                 seed=self.object_seed,
             )

@@ -242,8 +242,11 @@ INITIALIZERS.register(
             ),
             Param(
                 "feather",
-                3.5,
-                "feather the kept region by this many latent cells when blending noise",
+                None,
+                "feather the kept region by this many latent cells when blending noise (default: 3.5; "
+                "flow models: 1; the recipe records the value used)",
+                kind=float,
+                optional=True,
                 minimum=0,
             ),
             Param(
@@ -293,7 +296,14 @@ REFERENCE_BUILDERS.register(
             ),
             Param("object_seed", 0, "seed for the object and background generations", minimum=0),
             Param(
-                "num_inference_steps", 25, "steps for each object generation", minimum=1, flag="object-steps"
+                "num_inference_steps",
+                None,
+                "steps for each object generation (default: 25; flow models: 10; the recipe records "
+                "the value used)",
+                kind=int,
+                optional=True,
+                minimum=1,
+                flag="object-steps",
             ),
             Param(
                 "guidance_scale", 7.5, "CFG scale for each object generation", minimum=0, flag="object-cfg"

@@ -274,21 +274,32 @@ class GenerationRequest:
         """This request with the initializer params it leaves to the sampler filled in, as a run on a
         model whose scheduler is ``scheduler`` sets them (this request's sampler is built from its
         config): an unset ``inversion_steps`` becomes the depth :class:`~saltdiff.init.SpatialAwareInit`
-        uses at these steps. Run and save the resolved request, and the recipe records the value used."""
+        uses at these steps, unset object steps the family's (:meth:`~saltdiff.init.SpatialAwareInit.builder`).
+        Run and save the resolved request, and the recipe records the values used."""
         from .samplers import make_scheduler, scheduler_name
 
         init = self.build_init()
         resolve = getattr(init, "resolved", None)
         unset = [k for k, v in self.init_entry.resolve(self.init_params).items() if v is None]
-        if resolve is None or not unset:
+        unset_ref = []
+        if self.uses_reference:
+            ref = REFERENCE_BUILDERS.get(self.reference).resolve(self.reference_params)
+            unset_ref = [k for k, v in ref.items() if v is None]
+        if resolve is None or not (unset or unset_ref):
             return self
         if scheduler_name(scheduler) != self.scheduler:
             scheduler = make_scheduler(self.scheduler, scheduler.config)
         concrete = resolve(scheduler, self.num_inference_steps)
         filled = {k: getattr(concrete, k) for k in unset if getattr(concrete, k, None) is not None}
-        if not filled:
+        builder = getattr(concrete, "reference", None)
+        filled_ref = {k: getattr(builder, k) for k in unset_ref if getattr(builder, k, None) is not None}
+        if not (filled or filled_ref):
             return self
-        return replace(self, init_params={**self.init_params, **filled})
+        return replace(
+            self,
+            init_params={**self.init_params, **filled},
+            reference_params={**self.reference_params, **filled_ref},
+        )
 
     # -- the recipe ----------------------------------------------------------------------------------
     def method(self) -> dict[str, Any]:

@@ -37,6 +37,7 @@ from .requests import (
     MAX_STEPS,
     NOISE_OUTSIDE,
     OBJECT_STEPS,
+    OBJECT_STEPS_AUTO,
     RANDOM_INIT,
     SALT_INIT,
     GenerationCancelled,
@@ -76,7 +77,7 @@ CONTROL_DEFAULTS = {
     "seed": 0,
     "inversion_steps": INVERSION_STEPS_AUTO,
     "compare": False,
-    "object_steps": OBJECT_STEPS.default,
+    "object_steps": OBJECT_STEPS_AUTO,
     "background": BACKGROUND.default,
     "noise_outside": NOISE_OUTSIDE.default,
     "scheduler": "ddim",
@@ -378,12 +379,12 @@ def build_app(
                             elem_id="background",
                         )
                         object_steps = gr.Slider(
-                            OBJECT_STEPS.minimum or 1,
+                            OBJECT_STEPS_AUTO,
                             MAX_STEPS,
                             value=d["object_steps"],
                             step=1,
                             label="Steps per generated object",
-                            info=OBJECT_STEPS.help,
+                            info=f"{OBJECT_STEPS_AUTO}: automatic. " + OBJECT_STEPS.help,
                             elem_id="object-steps",
                         )
                 with gr.Row():

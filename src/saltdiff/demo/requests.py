@@ -62,6 +62,8 @@ INVERSION_STEPS = INITIALIZERS.get(SALT_INIT).param("inversion_steps")
 #: 5, or as many as fit when few sampling steps start too low for 5); a slider cannot say None.
 INVERSION_STEPS_AUTO = 0
 OBJECT_STEPS = REFERENCE_BUILDERS.get("objects").param("num_inference_steps")
+#: The page's object-steps value that leaves them unset (the model family's: 25, flow models 10).
+OBJECT_STEPS_AUTO = 0
 BACKGROUND = REFERENCE_BUILDERS.get("objects").param("background")
 NOISE_OUTSIDE = INITIALIZERS.get(SALT_INIT).param("noise_outside")
 
@@ -270,7 +272,7 @@ def validate_request(
     inversion_steps: Any = None,
     compare: bool = False,
     use_canvas_as_reference: bool = False,
-    object_steps: Any = OBJECT_STEPS.default,
+    object_steps: Any = None,
     background: str = BACKGROUND.default,
     noise_outside: Any = NOISE_OUTSIDE.default,
     scheduler: str = "ddim",
@@ -279,8 +281,8 @@ def validate_request(
     """Check a request from the page; ``ValueError`` (``LayoutError`` for the layout) names the bad value.
 
     ``init``, ``guidance`` and ``scheduler`` are registered names; ``inversion_steps`` (``None`` or
-    :data:`INVERSION_STEPS_AUTO`: unset) and ``noise_outside`` go to the initializer when it has those params, ``object_steps`` and ``background`` to the ``objects``
-    reference builder. ``outside_prompt_steps`` (default :data:`~saltdiff.guidance.OUTSIDE_PROMPT_STEPS`)
+    :data:`INVERSION_STEPS_AUTO`: unset) and ``noise_outside`` go to the initializer when it has those params, ``object_steps``
+    (``None`` or :data:`OBJECT_STEPS_AUTO`: unset) and ``background`` to the ``objects`` reference builder. ``outside_prompt_steps`` (default :data:`~saltdiff.guidance.OUTSIDE_PROMPT_STEPS`)
     goes to the guidance config; with guidance ``"none"`` it is dropped (plain sampling, 0 steps), as
     the SALT-only fields are under random init.
     With a ``tokenizer`` each boxed phrase must be found in the prompt as that model tokenizes it.
@@ -302,7 +304,10 @@ def validate_request(
     if inversion_steps is not None and inversion_steps != INVERSION_STEPS_AUTO:
         inv = _as_int(inversion_steps, "inversion steps", _low(INVERSION_STEPS), MAX_INVERSION_STEPS)
     seed = _as_int(seed, "seed", 0, MAX_SEED)
-    object_steps = _as_int(object_steps, "object steps", _low(OBJECT_STEPS), MAX_STEPS)
+    if object_steps is not None and object_steps != OBJECT_STEPS_AUTO:
+        object_steps = _as_int(object_steps, "object steps", _low(OBJECT_STEPS), MAX_STEPS)
+    else:
+        object_steps = None
     BACKGROUND.check(background, "reference builder 'objects'")
     if isinstance(noise_outside, numbers.Real) and not isinstance(noise_outside, bool):
         noise_outside = float(noise_outside)
@@ -346,7 +351,9 @@ def validate_request(
         reference, reference_params = "image", {"image": annotation_image(annotation)}  # type: ignore[arg-type]
     else:
         reference = "objects"
-        reference_params = {BACKGROUND.name: background, OBJECT_STEPS.name: object_steps}
+        reference_params = {BACKGROUND.name: background}
+        if object_steps is not None:
+            reference_params[OBJECT_STEPS.name] = object_steps
     generation = GenerationRequest(
         prompt=prompt,
         layout=layout,
