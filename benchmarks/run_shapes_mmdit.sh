@@ -3,13 +3,19 @@
 # the studies on the tuning split (shapes-val, STUDY_N layouts x 1 seed; the outside prompt 2 seeds),
 # then the table on the test split (shapes, N = 200 x 2) with the three methods the acceptance needs.
 #
-#   bash benchmarks/run_shapes_mmdit.sh [RUNS_DIR] [WHAT...]    (WHAT: studies tuning6 table; default studies table)
+#   bash benchmarks/run_shapes_mmdit.sh [RUNS_DIR] [WHAT...]    (WHAT: studies tuning6 tuning15 table; default studies table)
 #
 # tuning6: the studies behind today's flow defaults on the 6-block weights (session 14): each variant is
 # one `saltdiff bench` of `salt` on the tuning split's first 64 layouts, seed 0 (the last three on 32
 # layouts x 2 seeds, with `sd`, for seed diversity), into RUNS/val64-NAME or RUNS/val32x2-NAME; flags are
-# relative to the defaults before that session (10 x 3 updates, no outside prompt), so they reproduce its
-# table with today's code; compare two with `saltdiff compare RUNS/val64-default:salt RUNS/val64-NAME:salt`.
+# relative to the defaults before that session (10 x 3 updates, no outside prompt; with $S14, the start
+# before session 15), so they reproduce its table with today's code; compare two with `saltdiff compare RUNS/val64-default:salt RUNS/val64-NAME:salt`.
+#
+# tuning15: the session-15 studies behind the flow feather (1) and object steps (10): where the start loses
+# the layout (RUNS/val32x1-NAME, 32 layouts x 1 seed, the session-14 start: object steps 25, feather 3.5;
+# g0 = no guidance, rt = no guidance, CFG 1, no fresh noise: the round trip), the feather study
+# (RUNS/val32x2-NAME, 32 layouts x 2 seeds, against def = feather 3.5) and its check on 96 layouts
+# (RUNS/val96x1-NAME). Compare with `saltdiff compare RUNS/val32x2-def:salt RUNS/val32x2-f1:salt`.
 #
 # CFG 5 is the scale builtin_quality --tune chose on held-out captions (the model card). INIT_EXTRA adds
 # initializer flags to every command: empty (today's defaults) for the 6-block weights' table;
@@ -37,6 +43,13 @@ TUNING6=(
 )
 TUNING6_SEEDS=("default|sd,salt|$PRE" "o10i1|salt|--guidance-iters 1 --outside-prompt-steps 10"
                "o5i1|salt|--guidance-iters 1 --outside-prompt-steps 5")
+G0="--guidance-steps 0 --outside-prompt-steps 0"
+S14="--object-steps 25 --feather 3.5"   # the start before session 15
+TUNING15_DIAG=("def|$S14" "g0|$S14 $G0" "cfg1g0|$S14 $G0 --cfg 1" "rt|$S14 $G0 --cfg 1 --noise-outside 0"
+               "g0ip|$S14 $G0 --inversion-prompt prompt" "g0no0|$S14 $G0 --noise-outside 0")
+TUNING15=("def|--feather 3.5" "f0|--feather 0" "f05|--feather 0.5" "f1|--feather 1" "f15|--feather 1.5"
+          "f2|--feather 2" "kbf2|--feather 2 --keep-region boxes" "f1g5|--feather 1 --guidance-steps 5"
+          "f1o5|--feather 1 --outside-prompt-steps 5")
 bench() { OMP_NUM_THREADS=1 python -m saltdiff bench --model "$MODEL" --cfg "$CFG" --suite shapes-val --steps 25 \
               --device cpu -q --bootstrap 200 $INIT_EXTRA "$@"; }
 for what in $WHAT; do
@@ -44,13 +57,23 @@ for what in $WHAT; do
         studies) bash "$HERE/run_shapes.sh" "$RUNS" inversion method layers budget stepsize outside ;;
         tuning6)
             for v in "${TUNING6[@]}"; do
-                bench --n 64 --seeds 1 --methods salt ${v#*|} --out "$RUNS/val64-${v%%|*}"
+                bench --n 64 --seeds 1 --methods salt $S14 ${v#*|} --out "$RUNS/val64-${v%%|*}"
             done
             for v in "${TUNING6_SEEDS[@]}"; do
                 IFS='|' read -r name methods flags <<< "$v"
-                bench --n 32 --seeds 2 --methods "$methods" $flags --out "$RUNS/val32x2-$name"
+                bench --n 32 --seeds 2 --methods "$methods" $S14 $flags --out "$RUNS/val32x2-$name"
+            done ;;
+        tuning15)
+            for v in "${TUNING15_DIAG[@]}"; do
+                bench --n 32 --seeds 1 --methods salt ${v#*|} --out "$RUNS/val32x1-${v%%|*}"
+            done
+            for v in "${TUNING15[@]}"; do
+                bench --n 32 --seeds 2 --methods salt ${v#*|} --out "$RUNS/val32x2-${v%%|*}"
+            done
+            for v in "def|--feather 3.5" "f1|--feather 1"; do
+                bench --n 96 --seeds 1 --methods salt ${v#*|} --out "$RUNS/val96x1-${v%%|*}"
             done ;;
         table)   METHODS=${METHODS:-sd,random+salt-loss,salt} bash "$HERE/run_shapes.sh" "$RUNS" table ;;
-        *) echo "unknown part: $what (studies, tuning6, table)" >&2; exit 2 ;;
+        *) echo "unknown part: $what (studies, tuning6, tuning15, table)" >&2; exit 2 ;;
     esac
 done

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -215,11 +216,12 @@ def test_an_unset_inversion_depth_is_the_flow_default(pipe):
 
 
 def test_unset_object_steps_and_feather_are_the_flow_defaults_in_the_call_and_the_recipe(pipe, monkeypatch):
+    from diffusers import DDIMScheduler
+
     from saltdiff.init import FEATHER, FLOW_FEATHER, FLOW_OBJECT_STEPS
     from saltdiff.layout import Layout
     from saltdiff.reference import OBJECT_STEPS
     from saltdiff.request import GenerationRequest
-    from diffusers import DDIMScheduler
 
     steps = []
     real = pipe.generate_objects

@@ -50,8 +50,9 @@ FEATHER = 3.5
 #: only a fifth to a half of z_T* inside an object (the rest is fresh noise), and the joint attention
 #: lets that noise re-decide the whole layout: without guidance at CFG 5 the start carried almost nothing
 #: (box IoU 0.09 where the reference held the object). Chosen on the tuning split (session 15, 32
-#: layouts x 2 seeds, paired against 3.5): 1 cell gave mIoU +0.063 (+0.021 ... +0.112), 0 / 0.5 / 1.5 / 2
-#: within noise of 3.5 or of 1, and 0.5 lost unboxed recall against 1 (benchmarks/RESULTS.md).
+#: layouts x 2 seeds, paired against 3.5): 1 cell gave mIoU +0.063 (+0.021 ... +0.112), and +0.090
+#: (+0.041 ... +0.135) with mAP@0.5 +0.165 on 96 layouts; 0, 1.5 and 2 were within noise of 3.5, 0.5
+#: within noise of 1 on mIoU but lost unboxed recall against it (benchmarks/RESULTS.md).
 FLOW_FEATHER = 1.0
 
 
