@@ -46,7 +46,7 @@ TUNING6_SEEDS=("default|sd,salt|$PRE" "o10i1|salt|--guidance-iters 1 --outside-p
 G0="--guidance-steps 0 --outside-prompt-steps 0"
 S14="--object-steps 25 --feather 3.5"   # the start before session 15
 TUNING15_DIAG=("def|$S14" "g0|$S14 $G0" "cfg1g0|$S14 $G0 --cfg 1" "rt|$S14 $G0 --cfg 1 --noise-outside 0"
-               "g0ip|$S14 $G0 --inversion-prompt prompt" "g0no0|$S14 $G0 --noise-outside 0")
+               "g0ip|$S14 $G0 --inversion-prompt prompt" "g0no0|$S14 $G0 --noise-outside 0" "g0f1|$G0")
 TUNING15=("def|--feather 3.5" "f0|--feather 0" "f05|--feather 0.5" "f1|--feather 1" "f15|--feather 1.5"
           "f2|--feather 2" "kbf2|--feather 2 --keep-region boxes" "f1g5|--feather 1 --guidance-steps 5"
           "f1o5|--feather 1 --outside-prompt-steps 5")
