@@ -309,3 +309,85 @@ def test_the_boxed_negative_outside_prompt_is_a_third_row_of_the_cfg_batch(pipe)
     torch.testing.assert_close(out.images[..., 8:], expected[..., 8:], rtol=0, atol=1e-5)
     assert torch.equal(out.images[..., :8], plain.images[..., :8])
     assert (out.images[..., 8:] - plain.images[..., 8:]).abs().max() > 1e-3
+
+
+def _cfg_velocity(pipe, x, step: int = 0):
+    """The CFG velocity (scale 2) of ``PROMPT`` at ``x`` and the step's sigma, and the step's ``dt``."""
+    from saltdiff.families import Conditions
+
+    adapter = pipe.family(max_sequence_length=16)
+    sigma = float(pipe.scheduler.sigmas[step])
+    rows = Conditions.cat(adapter.conditions(""), adapter.conditions(PROMPT))
+    with torch.no_grad():
+        negative, text = adapter.denoise(torch.cat([x] * 2), sigma, rows).chunk(2)
+    return negative + 2.0 * (text - negative), float(pipe.scheduler.sigmas[step + 1]) - sigma
+
+
+def test_a_guided_pass_prediction_samples_the_step_with_the_update_added(pipe):
+    """``guided_prediction="guided-pass"``, one step by hand. The plain step is ``x + dt v(x)``, the
+    guided-pass one ``z' + dt v(x)`` (so their difference is the update ``d = z' - x``), the
+    "updated" one ``z' + dt v(z')``: it must be the guided-pass one plus ``dt (v(x + d) - v(x))``.
+    The guided-pass run also makes one conditional pass fewer."""
+    rows: list[int] = []
+    hook = pipe.transformer.register_forward_pre_hook(
+        lambda module, args, kwargs: rows.append(kwargs["hidden_states"].shape[0]), with_kwargs=True
+    )
+    kw = dict(init="random", seed=1, output_type="latent", **{**FAST, "num_inference_steps": 1})
+    budget = dict(
+        loss="layout-guidance",
+        guidance_steps=1,
+        guidance_iters=1,
+        loss_threshold=0.0,
+        step_size=200.0,
+        outside_prompt_steps=0,
+    )
+    try:
+        plain = pipe(PROMPT, LAYOUT, guidance="none", **kw)
+        rows.clear()
+        reused = pipe(PROMPT, LAYOUT, guidance=GuidanceConfig(**budget, guided_prediction="guided-pass"), **kw)
+        reused_rows = list(rows)
+        rows.clear()
+        updated = pipe(PROMPT, LAYOUT, guidance=GuidanceConfig(**budget), **kw)
+    finally:
+        hook.remove()
+    assert (reused_rows, rows) == ([1, 1], [1, 2])  # [guided pass, negative] against [guided, CFG]
+    x = plain.init_latent
+    update = reused.images - plain.images
+    assert update.abs().max() > 1e-3
+    v_x, dt = _cfg_velocity(pipe, x)
+    v_updated, _ = _cfg_velocity(pipe, x + update)
+    torch.testing.assert_close(updated.images, reused.images + dt * (v_updated - v_x), rtol=0, atol=1e-5)
+    assert reused.info["guidance"]["guided_prediction"] == "guided-pass"
+    assert len(reused.layout_losses) == 1 and len(reused.guidance_losses) == 1
+
+
+def test_a_guided_pass_prediction_keeps_the_diagnostics_and_the_outside_prompt(pipe):
+    """With a zero step the guided-pass run is the "updated" run (the same latent everywhere): the
+    image, the per-step layout energy and the attention maps agree, with the outside prompt's
+    third row on (it then runs beside the negative branch only)."""
+    kw = dict(init="random", seed=3, output_type="latent", return_attention_maps=True, **FAST)
+    budget = dict(guidance_steps=2, guidance_iters=1, loss_threshold=0.0, step_size=0.0, outside_prompt_steps=2)
+    reused = pipe(PROMPT, LAYOUT, guidance=GuidanceConfig(**budget, guided_prediction="guided-pass"), **kw)
+    updated = pipe(PROMPT, LAYOUT, guidance=GuidanceConfig(**budget), **kw)
+    torch.testing.assert_close(reused.images, updated.images, rtol=0, atol=1e-5)
+    assert len(reused.layout_losses) == 3
+    np.testing.assert_allclose(reused.layout_losses, updated.layout_losses, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(reused.attention_maps, updated.attention_maps, rtol=1e-4, atol=1e-6)
+
+
+def test_no_grad_after_builds_no_graph_past_its_layer_and_restores_the_grad_mode():
+    from saltdiff.denoising import no_grad_after
+
+    net = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.Linear(3, 3))
+    seen = {}
+    net[0].register_forward_hook(lambda module, args, output: seen.__setitem__("first", output))
+    x = torch.randn(2, 3, requires_grad=True)
+    with torch.enable_grad():
+        with no_grad_after(net, "0"):
+            y = net(x)
+        assert torch.is_grad_enabled()
+        assert seen["first"].requires_grad and not y.requires_grad
+        with pytest.raises(RuntimeError, match="boom"), no_grad_after(net, "0"):
+            net(x)
+            raise RuntimeError("boom")
+        assert torch.is_grad_enabled()

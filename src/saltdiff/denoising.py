@@ -20,7 +20,16 @@ from .losses import layout_guidance_loss
 from .noise import vp_noise_variance, vp_schedule
 from .samplers import model_input_scale
 
-__all__ = ["Denoised", "LoopState", "NoBar", "OutsidePrompt", "UNetExtras", "denoise", "step_callback"]
+__all__ = [
+    "Denoised",
+    "LoopState",
+    "NoBar",
+    "OutsidePrompt",
+    "UNetExtras",
+    "denoise",
+    "no_grad_after",
+    "step_callback",
+]
 
 
 class NoBar:
@@ -60,6 +69,27 @@ def stop_after(unet, layer: str) -> Iterator[None]:
         pass
     finally:
         handle.remove()
+
+
+@contextmanager
+def no_grad_after(model, layer: str) -> Iterator[None]:
+    """Run the rest of a forward without autograd once ``layer`` (a module name) has run.
+
+    A guided pass whose output is also used (``guided_prediction="guided-pass"``) runs the whole
+    denoiser, but the loss reads nothing after the last captured layer: from there on no graph is
+    built (no activations kept); the output comes back without gradient.
+    """
+    previous = torch.is_grad_enabled()
+
+    def hook(module, args, output):
+        torch.set_grad_enabled(False)
+
+    handle = model.get_submodule(layer).register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+        torch.set_grad_enabled(previous)
 
 
 @dataclass

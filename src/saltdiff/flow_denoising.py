@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .denoising import Denoised, NoBar, stop_after
+from .denoising import Denoised, NoBar, no_grad_after, stop_after
 from .families import Conditions
 from .guidance import GuidanceConfig, GuidanceTargets, guided_update, layer_losses
 from .joint_attention import JointAttentionStore
@@ -48,14 +48,32 @@ class FlowOutsidePrompt:
     replaces: str = "conditional"
 
 
-def _branches(adapter, latents, sigma, conditions: Conditions, n: int, store, cfg_batch: bool, outside):
+def _branches(
+    adapter, latents, sigma, conditions: Conditions, n: int, store, cfg_batch: bool, outside, conditional=None
+):
     """``(negative or None, conditional, outside or None)`` predictions of one step.
 
     Batched (SD3): one call on ``[negative;] conditional [; outside]`` rows. Separate (FLUX): one
     call per branch, the conditional one last so that ``store`` holds its maps. Either way the
-    store keeps the conditional rows only.
+    store keeps the conditional rows only. ``conditional`` given (the guided pass's prediction at
+    ``latents``): only the other branches run, uncaptured.
     """
     do_cfg = conditions.batch == 2 * n
+    if conditional is not None:
+        rows = ([conditions.rows(slice(0, n))] if do_cfg else []) + ([outside.conditions] if outside else [])
+        if not rows:
+            return None, conditional, None
+        store.enabled = False
+        try:
+            if cfg_batch:
+                both = Conditions.cat(*rows) if len(rows) > 1 else rows[0]
+                parts = list(adapter.denoise(torch.cat([latents] * len(rows)), sigma, both).split(n))
+            else:
+                parts = [adapter.denoise(latents, sigma, row) for row in rows]
+        finally:
+            store.enabled = True
+        uncond = parts.pop(0) if do_cfg else None
+        return uncond, conditional, parts[0] if outside is not None else None
     cond = conditions.rows(slice(n, 2 * n)) if do_cfg else conditions
     if cfg_batch:
         rows = [conditions] + ([outside.conditions] if outside is not None else [])
@@ -136,6 +154,25 @@ def flow_denoise(
     last_layer = None
     if guide:
         last_layer = list(layers or adapter.attention_layers(tuple(latents.shape[-2:])))[-1]
+    reuse = guide and guidance.guided_prediction == "guided-pass"
+
+    def step_diagnostics(size) -> tuple[float | None, torch.Tensor | None]:
+        """The layout energy and (with ``collect_maps``) the phrase maps of what ``store`` holds."""
+        with torch.no_grad():
+            energy = None
+            if tracking is not None:
+                energy = float(layer_losses(store, tracking, layout_guidance_loss))
+            maps = None
+            if collect_maps:
+                per_layer = store.phrase_maps_per_layer(token_indices)
+                maps = torch.stack(
+                    [
+                        torch.nn.functional.interpolate(m.float(), size=tuple(size), mode="bilinear")
+                        for m in per_layer
+                    ]
+                ).mean(0)
+        return energy, maps
+
     bar = NoBar() if progress_bar is None else progress_bar
     with capture, bar as progress_bar:
         for i, t in enumerate(timesteps):
@@ -144,12 +181,21 @@ def flow_denoise(
             steps_run += 1
             # the scheduler's own sigma of this step: adapter.timestep(sigma) is exactly t
             sigma = scheduler.sigmas[scheduler.step_index if scheduler.step_index is not None else i]
+            regional = outside is not None and i < outside.steps
+            guided = None  # the guided pass's (prediction, latent it ran on, diagnostics), when reused
             if guide and i < guidance.guidance_steps:
                 store.batch_rows = None
+                diagnostics: list = []
 
-                def conditional(z, sigma=sigma, cond=cond):
-                    with stop_after(adapter.transformer, last_layer):
-                        adapter.denoise(z, sigma, cond)
+                def conditional(z, sigma=sigma, cond=cond, diagnostics=diagnostics):
+                    if not reuse:
+                        with stop_after(adapter.transformer, last_layer):
+                            adapter.denoise(z, sigma, cond)
+                        return None
+                    with no_grad_after(adapter.transformer, last_layer):
+                        prediction = adapter.denoise(z, sigma, cond)
+                    diagnostics[:] = [step_diagnostics(latents.shape[-2:])]
+                    return prediction
 
                 scale = 1.0
                 if guidance.step_size_schedule == "sigma":
@@ -157,22 +203,23 @@ def flow_denoise(
                 result = guided_update(conditional, latents, store, targets, guidance, scale)
                 guidance_losses.append(result.losses)
                 latents = result.latents
-            regional = outside is not None and i < outside.steps
-            uncond, text, outside_pred = _branches(
-                adapter, latents, sigma, conditions, n, store, cfg_batch, outside if regional else None
-            )
+                if result.prediction is not None:
+                    guided = (result.prediction, result.predicted_at, diagnostics[0])
+            if guided is None:
+                uncond, text, outside_pred = _branches(
+                    adapter, latents, sigma, conditions, n, store, cfg_batch, outside if regional else None
+                )
+                energy, maps = step_diagnostics(latents.shape[-2:]) if track else (None, None)
+            else:
+                # the update goes into the step: every branch at the latent the guided pass ran on
+                prediction, at, (energy, maps) = guided
+                uncond, text, outside_pred = _branches(
+                    adapter, at, sigma, conditions, n, store, cfg_batch, outside if regional else None, prediction
+                )
             if track:
-                if tracking is not None:
-                    layout_losses.append(float(layer_losses(store, tracking, layout_guidance_loss)))
-                if collect_maps:
-                    per_layer = store.phrase_maps_per_layer(token_indices)
-                    size = tuple(latents.shape[-2:])
-                    maps = torch.stack(
-                        [
-                            torch.nn.functional.interpolate(m.float(), size=size, mode="bilinear")
-                            for m in per_layer
-                        ]
-                    ).mean(0)
+                if energy is not None:
+                    layout_losses.append(energy)
+                if maps is not None:
                     maps_sum = maps if maps_sum is None else maps_sum + maps
                 store.reset()
             if outside_pred is not None:  # outside the boxes the outside prompt takes over its branch

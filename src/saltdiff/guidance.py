@@ -61,6 +61,7 @@ class GuidanceConfig:
     loss_threshold: float | None = None
     outside_prompt_steps: int | None = None
     outside_prompt: str = "boxed-negative"
+    guided_prediction: str = "updated"
     placed_unboxed: str = "guide"
     layers: str | tuple[str, ...] = "default"
     max_grad_norm: float | None = None
@@ -228,13 +229,19 @@ def step_scale(noise_variance: float, schedule: str) -> float:
 
 @dataclass
 class GuidedUpdateResult:
+    """The updated latent; ``prediction``: what the last guided pass returned (detached), and
+    ``predicted_at`` the latent it ran on (``None`` when ``denoiser_fn`` returns nothing or the
+    update was skipped)."""
+
     latents: torch.Tensor
     losses: list[float]
     skipped: bool = False
+    prediction: torch.Tensor | None = None
+    predicted_at: torch.Tensor | None = None
 
 
 def guided_update(
-    denoiser_fn: Callable[[torch.Tensor], None],
+    denoiser_fn: Callable[[torch.Tensor], torch.Tensor | None],
     latents: torch.Tensor,
     store: AttentionStore,
     targets: GuidanceTargets,
@@ -244,18 +251,23 @@ def guided_update(
     """Up to ``guidance_iters`` gradient steps on ``latents`` for one denoising timestep.
 
     ``denoiser_fn(z)`` runs the *conditional* branch of the denoiser (a UNet, a joint-attention
-    transformer) on ``z`` (the store records its attention to the text with autograd). Stops early once the loss is under ``loss_threshold``. A
+    transformer) on ``z`` (the store records its attention to the text with autograd); what it
+    returns of its last call comes back as ``prediction`` (a loop that samples with it saves a
+    pass). Stops early once the loss is under ``loss_threshold``. A
     non-finite loss or gradient skips the update (with a warning) instead of poisoning the image.
     """
     loss_fn = config.loss_fn()
     references: list[torch.Tensor] = []
     history: list[float] = []
     z = latents.detach()
+    prediction = predicted_at = None
     for _ in range(config.guidance_iters):
         z = z.detach().requires_grad_(True)
         with torch.enable_grad():
             store.reset()
-            denoiser_fn(z)
+            out = denoiser_fn(z)
+            if out is not None:
+                prediction, predicted_at = out.detach(), z.detach()
             loss = layer_losses(store, targets, loss_fn, references)
             value = float(loss.detach())
             history.append(value)
@@ -277,4 +289,4 @@ def guided_update(
                 grad = grad * (config.max_grad_norm / norm)
         z = (z.detach().float() - config.step_size * scale * grad).to(latents.dtype)
     store.reset()
-    return GuidedUpdateResult(z.detach(), history)
+    return GuidedUpdateResult(z.detach(), history, prediction=prediction, predicted_at=predicted_at)

@@ -121,6 +121,15 @@ GUIDANCE_PARAMS: tuple[Param, ...] = (
         choices=("boxed-negative", "without-boxed"),
     ),
     Param(
+        "guided_prediction",
+        "updated",
+        "the prediction a guided step samples with: 'updated' runs the denoiser again on the updated "
+        "latent (layout-guidance's way); 'guided-pass' takes the conditional one from the guided pass "
+        "itself and adds the update to the step (one conditional pass fewer per guided step; "
+        "flow-matching models only)",
+        choices=("updated", "guided-pass"),
+    ),
+    Param(
         "placed_unboxed",
         "guide",
         "where SALT's reference placed an object the prompt names without a box: 'guide' treats that "

@@ -353,6 +353,11 @@ class SaltMixin(PretrainedMixin):
         layout = with_unboxed_objects(layout, prompt_text, self.model_vocabulary)
         self.warn_unknown_words(prompt_text, init)
         guidance = as_guidance(guidance)
+        if guidance.guided_prediction != "updated":
+            raise ValueError(
+                f"guided_prediction={guidance.guided_prediction!r} is for flow-matching models (SD3, FLUX); "
+                "a UNet's guided step always runs the denoiser again on the updated latent ('updated')"
+            )
         if len(layout) and guidance.enabled:
             check_supported(self.scheduler)  # guided steps read its alphas_cumprod
         generator = seeded_generator(seed, generator)
