@@ -423,6 +423,7 @@ def test_to_dict_lists_every_field_with_resolved_loss_params():
         "outside_prompt_steps": 10,
         "outside_prompt": "boxed-negative",
         "guided_prediction": "updated",
+        "guided_gradient": "full",
         "placed_unboxed": "guide",
         "layers": "default",
         "max_grad_norm": None,

@@ -188,6 +188,31 @@ def test_maps_are_differentiable_to_the_latent(sd3):
     assert grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_without_the_mixing_gradient_a_map_reaches_the_latent_through_its_own_queries_and_keys(family, sd3, flux):
+    """``mixing_gradient=False`` (``guided_gradient="local"``): the output is the same; the first
+    captured layer's map has no attention before it, so its gradient is the full one; the second's
+    loses the path through the first layer's attention output, so it differs (and is not zero)."""
+    model, inputs, latent_key = (sd3, _sd3_inputs(batch=1), "hidden_states") if family == "sd3" else (
+        flux, _flux_inputs(batch=1), "hidden_states")  # fmt: skip
+    latent = inputs.pop(latent_key)
+
+    def run(mixing):
+        z = latent.clone().requires_grad_(True)
+        with capture_joint_attention(model) as store:
+            store.mixing_gradient = mixing
+            out = model(**{latent_key: z}, **inputs).sample
+            maps = store.phrase_maps_per_layer([[1], [2, 3]])
+        grads = [torch.autograd.grad(m[0, 0].square().sum(), z, retain_graph=True)[0] for m in maps]
+        return out.detach(), grads
+
+    (full_out, full), (local_out, local) = run(True), run(False)
+    torch.testing.assert_close(local_out, full_out, rtol=0, atol=0)
+    torch.testing.assert_close(local[0], full[0], rtol=1e-5, atol=1e-8)
+    assert local[1].abs().sum() > 0
+    assert (local[1] - full[1]).abs().max() > 1e-3 * full[1].abs().max()
+
+
 def test_batch_rows_keep_only_those_rows(sd3):
     inputs = _sd3_inputs(batch=2)
     with torch.no_grad(), capture_joint_attention(sd3) as store:

@@ -404,13 +404,16 @@ def test_the_same_layout_with_another_seed_reuses_its_inversion(tiny_pipe_dir, t
     assert inversion_memo_key(init, pipe.init_context(), first.reference_image, "", 4) is not None
 
 
-def test_a_guided_pass_prediction_is_refused_on_a_unet_model(tiny_pipe):
-    with pytest.raises(ValueError, match=r"guided_prediction='guided-pass' is for flow-matching models"):
+@pytest.mark.parametrize(
+    "field, value", [("guided_prediction", "guided-pass"), ("guided_gradient", "local")]
+)
+def test_flow_only_guidance_options_are_refused_on_a_unet_model(tiny_pipe, field, value):
+    with pytest.raises(ValueError, match=rf"{field}='{value}' is for flow-matching models"):
         tiny_pipe(
             "a cat and a dog",
             [("cat", (0.0, 0.0, 0.5, 1.0))],
             init="random",
-            guidance=GuidanceConfig(guided_prediction="guided-pass"),
+            guidance=GuidanceConfig(**{field: value}),
             num_inference_steps=2,
             height=32,
             width=32,

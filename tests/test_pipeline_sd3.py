@@ -95,8 +95,12 @@ def test_without_cfg_the_unset_outside_prompt_is_off(pipe):
     no_cfg = {**FAST, "guidance_scale": 1.0}
     out = pipe(PROMPT, LAYOUT, init="random", guidance=GuidanceConfig(guidance_steps=1), seed=1, **no_cfg)
     assert out.info["guidance"]["outside_prompt_steps"] == 0
-    assert pipe.guidance_defaults_for(guidance_scale=1.0) == {"outside_prompt_steps": 0}
-    assert pipe.guidance_defaults_for(guidance_scale=2.0) == {}
+    assert pipe.guidance_defaults_for(guidance_scale=1.0) == {
+        "outside_prompt_steps": 0,
+        "guided_prediction": "guided-pass",
+    }
+    assert pipe.guidance_defaults_for(guidance_scale=2.0) == {"guided_prediction": "guided-pass"}
+    assert out.info["guidance"]["guided_prediction"] == "guided-pass"
 
 
 def test_refusals_are_one_line(pipe):
@@ -347,7 +351,7 @@ def test_a_guided_pass_prediction_samples_the_step_with_the_update_added(pipe):
         reused = pipe(PROMPT, LAYOUT, guidance=GuidanceConfig(**budget, guided_prediction="guided-pass"), **kw)
         reused_rows = list(rows)
         rows.clear()
-        updated = pipe(PROMPT, LAYOUT, guidance=GuidanceConfig(**budget), **kw)
+        updated = pipe(PROMPT, LAYOUT, guidance=GuidanceConfig(**budget, guided_prediction="updated"), **kw)
     finally:
         hook.remove()
     assert (reused_rows, rows) == ([1, 1], [1, 2])  # [guided pass, negative] against [guided, CFG]
@@ -368,11 +372,25 @@ def test_a_guided_pass_prediction_keeps_the_diagnostics_and_the_outside_prompt(p
     kw = dict(init="random", seed=3, output_type="latent", return_attention_maps=True, **FAST)
     budget = dict(guidance_steps=2, guidance_iters=1, loss_threshold=0.0, step_size=0.0, outside_prompt_steps=2)
     reused = pipe(PROMPT, LAYOUT, guidance=GuidanceConfig(**budget, guided_prediction="guided-pass"), **kw)
-    updated = pipe(PROMPT, LAYOUT, guidance=GuidanceConfig(**budget), **kw)
+    updated = pipe(PROMPT, LAYOUT, guidance=GuidanceConfig(**budget, guided_prediction="updated"), **kw)
     torch.testing.assert_close(reused.images, updated.images, rtol=0, atol=1e-5)
     assert len(reused.layout_losses) == 3
     np.testing.assert_allclose(reused.layout_losses, updated.layout_losses, rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(reused.attention_maps, updated.attention_maps, rtol=1e-4, atol=1e-6)
+
+
+def test_a_local_gradient_changes_only_the_update(pipe):
+    """``guided_gradient="local"``: the guided pass computes the same loss (same forward), but its
+    update differs from the full gradient's; the recipe records the choice."""
+    kw = dict(init="random", seed=2, output_type="latent", **FAST)
+    budget = dict(guidance_steps=1, guidance_iters=2, loss_threshold=0.0, step_size=200.0, outside_prompt_steps=0)
+    plain = pipe(PROMPT, LAYOUT, guidance="none", **kw)
+    full = pipe(PROMPT, LAYOUT, guidance=GuidanceConfig(**budget), **kw)
+    local = pipe(PROMPT, LAYOUT, guidance=GuidanceConfig(**budget, guided_gradient="local"), **kw)
+    assert local.guidance_losses[0][0] == pytest.approx(full.guidance_losses[0][0], rel=1e-5)
+    assert (local.images - plain.images).abs().max() > 1e-3
+    assert (local.images - full.images).abs().max() > 1e-4
+    assert local.info["guidance"]["guided_gradient"] == "local"
 
 
 def test_no_grad_after_builds_no_graph_past_its_layer_and_restores_the_grad_mode():

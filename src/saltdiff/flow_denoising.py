@@ -150,11 +150,13 @@ def flow_denoise(
     steps_run = 0
     timesteps = scheduler.timesteps
     store = JointAttentionStore()
+    if guidance is not None:
+        store.mixing_gradient = guidance.guided_gradient == "full"
     capture = adapter.capture(layers, store) if track else contextlib.nullcontext(store)
     last_layer = None
     if guide:
         last_layer = list(layers or adapter.attention_layers(tuple(latents.shape[-2:])))[-1]
-    reuse = guide and guidance.guided_prediction == "guided-pass"
+    reuse = guide and guidance.prediction_kind == "guided-pass"
 
     def step_diagnostics(size) -> tuple[float | None, torch.Tensor | None]:
         """The layout energy and (with ``collect_maps``) the phrase maps of what ``store`` holds."""

@@ -86,9 +86,9 @@ class FlowSaltMixin(PretrainedMixin):
     _negative_branch: str = "guidance_scale > 1"
     #: Guidance fields whose unset value (``None``) means something else on this family than on the
     #: UNet loop, for a call with a negative branch (:meth:`guidance_defaults_for` has the rest): no
-    #: outside prompt unless asked for (FLUX: unmeasured). The call applies them; the CLI writes them
-    #: into the recipe.
-    guidance_defaults = {"outside_prompt_steps": 0}
+    #: outside prompt unless asked for, guided steps that run the conditional branch again (FLUX: both
+    #: unmeasured on trained weights). The call applies them; the CLI writes them into the recipe.
+    guidance_defaults = {"outside_prompt_steps": 0, "guided_prediction": "updated"}
 
     @staticmethod
     def _has_negative(guidance_scale: float, true_cfg_scale: float) -> bool:

@@ -61,7 +61,8 @@ class GuidanceConfig:
     loss_threshold: float | None = None
     outside_prompt_steps: int | None = None
     outside_prompt: str = "boxed-negative"
-    guided_prediction: str = "updated"
+    guided_prediction: str | None = None
+    guided_gradient: str = "full"
     placed_unboxed: str = "guide"
     layers: str | tuple[str, ...] = "default"
     max_grad_norm: float | None = None
@@ -109,6 +110,12 @@ class GuidanceConfig:
         return OUTSIDE_PROMPT_STEPS if self.loss != "none" else 0
 
     @property
+    def prediction_kind(self) -> str:
+        """``guided_prediction``, or ``"updated"`` when unset: a flow call fills in its family's value
+        first (``FlowSaltMixin.guidance_defaults``), so unset here means a UNet model's only kind."""
+        return self.guided_prediction or "updated"
+
+    @property
     def params(self) -> dict[str, Any]:
         """The loss's hyper-parameters: registered defaults updated with ``loss_params``."""
         return GUIDANCE_LOSSES.get(self.loss).resolve(self.loss_params)
@@ -124,6 +131,7 @@ class GuidanceConfig:
             "loss": self.loss,
             **data,
             "outside_prompt_steps": self.outside_steps,
+            "guided_prediction": self.prediction_kind,
             "loss_params": self.params,
         }
         if isinstance(data["layers"], tuple):

@@ -62,6 +62,11 @@ class JointAttentionStore(AttentionStore):
 
     image_hw: tuple[int, int] | None = None
     text_tokens: int | None = None
+    #: Whether autograd runs through the attention outputs (the token mixing). ``False``
+    #: (``GuidanceConfig.guided_gradient="local"``): under autograd the captured layers compute their
+    #: attention output without a graph, so a loss on the maps reaches the inputs only through each
+    #: layer's own queries and keys and the residual stream. The output's value is the same.
+    mixing_gradient: bool = True
 
     def phrase_maps_per_layer(
         self, token_indices: Sequence[Sequence[int]], layers: Sequence[str] | None = None
@@ -113,6 +118,12 @@ class _CaptureBase:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r})"
+
+    def _mixing(self):
+        """Where the attention output is computed: without autograd when the store says so."""
+        if self.store.mixing_gradient or not torch.is_grad_enabled():
+            return contextlib.nullcontext()
+        return torch.no_grad()
 
     def _record(self, image_query: torch.Tensor, text_key: torch.Tensor, mask=None) -> None:
         """Store ``text_attention`` of the kept batch rows, with the layer's token grid."""
@@ -185,7 +196,8 @@ class SD3JointCaptureProcessor(_CaptureBase):
             key = torch.cat([key, context_key], dim=2)
             value = torch.cat([value, context_value], dim=2)
 
-        hidden_states = F.scaled_dot_product_attention(query, key, value, dropout_p=0.0, is_causal=False)
+        with self._mixing():
+            hidden_states = F.scaled_dot_product_attention(query, key, value, dropout_p=0.0, is_causal=False)
         hidden_states = hidden_states.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim)
         hidden_states = hidden_states.to(query.dtype)
 
@@ -258,14 +270,15 @@ class FluxJointCaptureProcessor(_CaptureBase):
             text_key = key[:, :text].transpose(1, 2)
             self._record(image_query, text_key, _mask_block(attention_mask, text, query.shape[1]))
 
-        hidden_states = dispatch_attention_fn(
-            query,
-            key,
-            value,
-            attn_mask=attention_mask,
-            backend=self._attention_backend,
-            parallel_config=self._parallel_config,
-        )
+        with self._mixing():
+            hidden_states = dispatch_attention_fn(
+                query,
+                key,
+                value,
+                attn_mask=attention_mask,
+                backend=self._attention_backend,
+                parallel_config=self._parallel_config,
+            )
         hidden_states = hidden_states.flatten(2, 3)
         hidden_states = hidden_states.to(query.dtype)
 

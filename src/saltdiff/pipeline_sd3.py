@@ -64,11 +64,13 @@ class SaltSD3Pipeline(FlowSaltMixin, StableDiffusion3Pipeline):
     _family = "sd3"
     _label = "SD3"
     _cfg_batch = True  # StableDiffusion3Pipeline runs [negative; conditional] in one transformer call
-    #: Nothing differs from the UNet loop: unset, the outside prompt runs 10 steps with a loss (none
-    #: without, nor without CFG). On ``builtin:shapes-mmdit``'s tuning split it cut extra objects (-0.44
-    #: per image) and raised mAP@0.5 (+0.069), both beyond noise, for a third batch row on those steps
+    #: Unset, the outside prompt runs 10 steps with a loss as on the UNet loop (none without, nor
+    #: without CFG): on ``builtin:shapes-mmdit``'s tuning split it cut extra objects (-0.44 per image)
+    #: and raised mAP@0.5 (+0.069), both beyond noise, for a third batch row on those steps. A guided
+    #: step samples with the guided pass's own prediction: one conditional row fewer, within noise of
+    #: running it again on 64 tuning layouts x 2 seeds, warm time 1.81x -> 1.64x ``sd``
     #: (``benchmarks/RESULTS.md``).
-    guidance_defaults: dict = {}
+    guidance_defaults: dict = {"guided_prediction": "guided-pass"}
 
     # -- the family seam -----------------------------------------------------------------------------
     def family(

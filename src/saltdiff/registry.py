@@ -122,12 +122,22 @@ GUIDANCE_PARAMS: tuple[Param, ...] = (
     ),
     Param(
         "guided_prediction",
-        "updated",
+        None,
         "the prediction a guided step samples with: 'updated' runs the denoiser again on the updated "
         "latent (layout-guidance's way); 'guided-pass' takes the conditional one from the guided pass "
         "itself and adds the update to the step (one conditional pass fewer per guided step; "
-        "flow-matching models only)",
+        "flow-matching models only) (default: 'guided-pass' on SD3, 'updated' on FLUX and UNet models)",
         choices=("updated", "guided-pass"),
+        optional=True,
+    ),
+    Param(
+        "guided_gradient",
+        "full",
+        "the gradient of a guided pass: 'full' backpropagates through every captured block; 'local' "
+        "treats each block's attention output as a constant, so the loss reaches the latent through "
+        "each block's own queries and keys and the residual stream (a cheaper backward, an approximate "
+        "gradient; flow-matching models only)",
+        choices=("full", "local"),
     ),
     Param(
         "placed_unboxed",

@@ -353,10 +353,15 @@ class SaltMixin(PretrainedMixin):
         layout = with_unboxed_objects(layout, prompt_text, self.model_vocabulary)
         self.warn_unknown_words(prompt_text, init)
         guidance = as_guidance(guidance)
-        if guidance.guided_prediction != "updated":
+        if guidance.prediction_kind != "updated":
             raise ValueError(
                 f"guided_prediction={guidance.guided_prediction!r} is for flow-matching models (SD3, FLUX); "
                 "a UNet's guided step always runs the denoiser again on the updated latent ('updated')"
+            )
+        if guidance.guided_gradient != "full":
+            raise ValueError(
+                f"guided_gradient={guidance.guided_gradient!r} is for flow-matching models (SD3, FLUX); "
+                "a UNet's guided pass always backpropagates through every layer ('full')"
             )
         if len(layout) and guidance.enabled:
             check_supported(self.scheduler)  # guided steps read its alphas_cumprod
