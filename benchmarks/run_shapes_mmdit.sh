@@ -3,7 +3,7 @@
 # the studies on the tuning split (shapes-val, STUDY_N layouts x 1 seed; the outside prompt 2 seeds),
 # then the table on the test split (shapes, N = 200 x 2) with the three methods the acceptance needs.
 #
-#   bash benchmarks/run_shapes_mmdit.sh [RUNS_DIR] [WHAT...]    (WHAT: studies tuning6 tuning15 tuning16 table; default studies table)
+#   bash benchmarks/run_shapes_mmdit.sh [RUNS_DIR] [WHAT...]    (WHAT: studies tuning6 tuning15 tuning16 tuning17 table; default studies table)
 #
 # tuning6: the studies behind today's flow defaults on the 6-block weights (session 14): each variant is
 # one `saltdiff bench` of `salt` on the tuning split's first 64 layouts, seed 0 (the last three on 32
@@ -18,9 +18,15 @@
 # (RUNS/val96x1-NAME). Compare with `saltdiff compare RUNS/val32x2-def:salt RUNS/val32x2-f1:salt`.
 #
 # tuning16: the session-16 cost study (RUNS/v32-NAME, 32 layouts x 2 seeds, `sd` and `salt` in one run for the
-# time ratio, one run at a time on the idle machine): today's defaults (def), the guided pass's prediction
+# time ratio, one run at a time on the idle machine): the defaults of that session (def: the conditional row re-run, --guided-prediction updated), the guided pass's prediction
 # reused (gp: --guided-prediction guided-pass), the loss on blocks 0-3 only (b03), both (gpb03). Compare with
 # `saltdiff compare RUNS/v32-def:salt RUNS/v32-gp:salt`, time with `scripts/cost_ratio.py RUNS/v32-gp salt sd`.
+#
+# tuning17: the session-17 check behind SD3's guided-pass default (RUNS/v64-NAME, 64 layouts x 2 seeds, `sd`
+# and `salt` in one run): the conditional row re-run on guided steps (def: --guided-prediction updated, the
+# default before), guided-pass (gp, today's default) and guided-pass with the local gradient (gploc:
+# --guided-gradient local). tuning16's v32 folders copied to v64-def and v64-gp resume them (same records).
+# Compare with `saltdiff compare RUNS/v64-def:salt RUNS/v64-gp:salt`.
 #
 # CFG 5 is the scale builtin_quality --tune chose on held-out captions (the model card). INIT_EXTRA adds
 # initializer flags to every command: empty (today's defaults) for the 6-block weights' table;
@@ -55,8 +61,10 @@ TUNING15_DIAG=("def|$S14" "g0|$S14 $G0" "cfg1g0|$S14 $G0 --cfg 1" "rt|$S14 $G0 -
 TUNING15=("def|--feather 3.5" "f0|--feather 0" "f05|--feather 0.5" "f1|--feather 1" "f15|--feather 1.5"
           "f2|--feather 2" "kbf2|--feather 2 --keep-region boxes" "f1g5|--feather 1 --guidance-steps 5"
           "f1o5|--feather 1 --outside-prompt-steps 5")
-TUNING16=("def|" "gp|--guided-prediction guided-pass" "b03|--layers $B.0,$B.1,$B.2,$B.3"
+TUNING16=("def|--guided-prediction updated" "gp|--guided-prediction guided-pass" "b03|--guided-prediction updated --layers $B.0,$B.1,$B.2,$B.3"
           "gpb03|--guided-prediction guided-pass --layers $B.0,$B.1,$B.2,$B.3")
+TUNING17=("def|--guided-prediction updated" "gp|--guided-prediction guided-pass"
+          "gploc|--guided-prediction guided-pass --guided-gradient local")
 bench() { OMP_NUM_THREADS=1 python -m saltdiff bench --model "$MODEL" --cfg "$CFG" --suite shapes-val --steps 25 \
               --device cpu -q --bootstrap 200 $INIT_EXTRA "$@"; }
 for what in $WHAT; do
@@ -84,7 +92,11 @@ for what in $WHAT; do
             for v in "${TUNING16[@]}"; do
                 bench --n 32 --seeds 2 --methods sd,salt ${v#*|} --out "$RUNS/v32-${v%%|*}"
             done ;;
+        tuning17)
+            for v in "${TUNING17[@]}"; do
+                bench --n 64 --seeds 2 --methods sd,salt ${v#*|} --out "$RUNS/v64-${v%%|*}"
+            done ;;
         table)   METHODS=${METHODS:-sd,random+salt-loss,salt} bash "$HERE/run_shapes.sh" "$RUNS" table ;;
-        *) echo "unknown part: $what (studies, tuning6, tuning15, tuning16, table)" >&2; exit 2 ;;
+        *) echo "unknown part: $what (studies, tuning6, tuning15, tuning16, tuning17, table)" >&2; exit 2 ;;
     esac
 done
