@@ -25,7 +25,8 @@
 # tuning17: the session-17 check behind SD3's guided-pass default (RUNS/v64-NAME, 64 layouts x 2 seeds, `sd`
 # and `salt` in one run): the conditional row re-run on guided steps (def: --guided-prediction updated, the
 # default before), guided-pass (gp, today's default) and guided-pass with the local gradient (gploc:
-# --guided-gradient local). tuning16's v32 folders copied to v64-def and v64-gp resume them (same records).
+# --guided-gradient local), and guided-pass with unboxed objects at one place for every seed (gpplace:
+# --reference-unboxed place). tuning16's v32 folders copied to v64-def and v64-gp resume them (same records).
 # Compare with `saltdiff compare RUNS/v64-def:salt RUNS/v64-gp:salt`.
 #
 # CFG 5 is the scale builtin_quality --tune chose on held-out captions (the model card). INIT_EXTRA adds
@@ -64,7 +65,8 @@ TUNING15=("def|--feather 3.5" "f0|--feather 0" "f05|--feather 0.5" "f1|--feather
 TUNING16=("def|--guided-prediction updated" "gp|--guided-prediction guided-pass" "b03|--guided-prediction updated --layers $B.0,$B.1,$B.2,$B.3"
           "gpb03|--guided-prediction guided-pass --layers $B.0,$B.1,$B.2,$B.3")
 TUNING17=("def|--guided-prediction updated" "gp|--guided-prediction guided-pass"
-          "gploc|--guided-prediction guided-pass --guided-gradient local")
+          "gploc|--guided-prediction guided-pass --guided-gradient local"
+          "gpplace|--guided-prediction guided-pass --reference-unboxed place")
 bench() { OMP_NUM_THREADS=1 python -m saltdiff bench --model "$MODEL" --cfg "$CFG" --suite shapes-val --steps 25 \
               --device cpu -q --bootstrap 200 $INIT_EXTRA "$@"; }
 for what in $WHAT; do
