@@ -23,6 +23,7 @@ from PIL import Image
 
 from saltdiff.layout import Layout
 from saltdiff.viz import draw_boxes, image_grid
+from saltdiff.worlds.detector import box_iou
 
 KINDS = ("held", "redrawn", "not in the reference")
 
@@ -40,14 +41,6 @@ def load_records(run: Path, method: str) -> list[dict]:
     if any("ref_box_ious" not in r or r.get("reference") is None for r in records):
         raise SystemExit(f"method {method!r} in {run} has no reference boxes: use a method with a reference")
     return records
-
-
-def box_iou(a, b) -> float:
-    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = ix * iy
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / union if union > 0 else 0.0
 
 
 def in_place_as(detections: list[dict], box, threshold: float) -> str | None:
