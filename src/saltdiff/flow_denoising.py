@@ -59,38 +59,36 @@ def _branches(
     ``latents``): only the other branches run, uncaptured.
     """
     do_cfg = conditions.batch == 2 * n
-    if conditional is not None:
-        rows = ([conditions.rows(slice(0, n))] if do_cfg else []) + ([outside.conditions] if outside else [])
-        if not rows:
-            return None, conditional, None
+    rows: dict[str, Conditions] = {}
+    if do_cfg:
+        rows["negative"] = conditions.rows(slice(0, n))
+    if conditional is None:
+        rows["conditional"] = conditions.rows(slice(n, 2 * n)) if do_cfg else conditions
+    if outside is not None:
+        rows["outside"] = outside.conditions
+    preds: dict[str, torch.Tensor] = {} if conditional is None else {"conditional": conditional}
+    if rows:
+        captured = list(rows).index("conditional") if "conditional" in rows else None
         store.enabled = False
         try:
             if cfg_batch:
-                both = Conditions.cat(*rows) if len(rows) > 1 else rows[0]
-                parts = list(adapter.denoise(torch.cat([latents] * len(rows)), sigma, both).split(n))
+                if captured is not None:
+                    store.enabled = True
+                    store.batch_rows = slice(captured * n, (captured + 1) * n) if len(rows) > 1 else None
+                    store.reset()
+                batch = Conditions.cat(*rows.values()) if len(rows) > 1 else next(iter(rows.values()))
+                inputs = torch.cat([latents] * len(rows)) if len(rows) > 1 else latents
+                preds.update(zip(rows, adapter.denoise(inputs, sigma, batch).split(n)))
             else:
-                parts = [adapter.denoise(latents, sigma, row) for row in rows]
+                for name in sorted(rows, key=lambda name: name == "conditional"):  # the conditional one last
+                    if name == "conditional":
+                        store.enabled = True
+                        store.batch_rows = None
+                        store.reset()
+                    preds[name] = adapter.denoise(latents, sigma, rows[name])
         finally:
             store.enabled = True
-        uncond = parts.pop(0) if do_cfg else None
-        return uncond, conditional, parts[0] if outside is not None else None
-    cond = conditions.rows(slice(n, 2 * n)) if do_cfg else conditions
-    if cfg_batch:
-        rows = [conditions] + ([outside.conditions] if outside is not None else [])
-        store.batch_rows = slice(n, 2 * n) if do_cfg else slice(0, n) if outside is not None else None
-        store.reset()
-        both = Conditions.cat(*rows) if len(rows) > 1 else conditions
-        pred = adapter.denoise(
-            torch.cat([latents] * (both.batch // n)) if both.batch > n else latents, sigma, both
-        )
-        parts = list(pred.split(n))
-        uncond = parts.pop(0) if do_cfg else None
-        return uncond, parts[0], parts[1] if outside is not None else None
-    uncond = adapter.denoise(latents, sigma, conditions.rows(slice(0, n))) if do_cfg else None
-    outside_pred = adapter.denoise(latents, sigma, outside.conditions) if outside is not None else None
-    store.batch_rows = None
-    store.reset()
-    return uncond, adapter.denoise(latents, sigma, cond), outside_pred
+    return preds.get("negative"), preds["conditional"], preds.get("outside")
 
 
 def flow_denoise(
@@ -189,14 +187,14 @@ def flow_denoise(
                 store.batch_rows = None
                 diagnostics: list = []
 
-                def conditional(z, sigma=sigma, cond=cond, diagnostics=diagnostics):
+                def conditional(z, sigma=sigma, cond=cond, diagnostics=diagnostics, size=latents.shape[-2:]):
                     if not reuse:
                         with stop_after(adapter.transformer, last_layer):
                             adapter.denoise(z, sigma, cond)
                         return None
                     with no_grad_after(adapter.transformer, last_layer):
                         prediction = adapter.denoise(z, sigma, cond)
-                    diagnostics[:] = [step_diagnostics(latents.shape[-2:])]
+                    diagnostics[:] = [step_diagnostics(size)]
                     return prediction
 
                 scale = 1.0
@@ -216,7 +214,15 @@ def flow_denoise(
                 # the update goes into the step: every branch at the latent the guided pass ran on
                 prediction, at, (energy, maps) = guided
                 uncond, text, outside_pred = _branches(
-                    adapter, at, sigma, conditions, n, store, cfg_batch, outside if regional else None, prediction
+                    adapter,
+                    at,
+                    sigma,
+                    conditions,
+                    n,
+                    store,
+                    cfg_batch,
+                    outside if regional else None,
+                    prediction,
                 )
             if track:
                 if energy is not None:
