@@ -64,7 +64,12 @@ def missed_in_place(boxes, threshold: float) -> dict[str, dict[str, int]]:
     of another colour), or holds nothing."""
     out = {}
     for kind in KINDS[1:]:
-        tally = {"held in the image": 0, "right colour, other shape": 0, "other colour": 0, "nothing in place": 0}
+        tally = {
+            "held in the image": 0,
+            "right colour, other shape": 0,
+            "other colour": 0,
+            "nothing in place": 0,
+        }
         for _, iou, record, k in (b for b in boxes if b[0] == kind):
             if iou >= threshold:  # only a box the reference lacked can be held in the image
                 tally["held in the image"] += 1
@@ -104,16 +109,18 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
     boxes = classify(load_records(args.run, args.method), args.iou)
     counts = {kind: sum(1 for b in boxes if b[0] == kind) for kind in KINDS}
-    mean_iou = {
-        kind: sum(b[1] for b in boxes if b[0] == kind) / max(counts[kind], 1) for kind in KINDS
-    }
-    print(f"| box kind ({args.method}, IoU threshold {args.iou:g}) | boxes | share | mean box IoU in the image |")
+    mean_iou = {kind: sum(b[1] for b in boxes if b[0] == kind) / max(counts[kind], 1) for kind in KINDS}
+    print(
+        f"| box kind ({args.method}, IoU threshold {args.iou:g}) | boxes | share | mean box IoU in the image |"
+    )
     print("|---|---:|---:|---:|")
     for kind in KINDS:
         print(f"| {kind} | {counts[kind]} | {counts[kind] / len(boxes):.3f} | {mean_iou[kind]:.3f} |")
     placed = missed_in_place(boxes, args.iou)
     print()
-    print(f"| missed box ({args.method}), what the image holds in it | " + " | ".join(placed[KINDS[1]]) + " |")
+    print(
+        f"| missed box ({args.method}), what the image holds in it | " + " | ".join(placed[KINDS[1]]) + " |"
+    )
     print("|---|" + "---:|" * len(placed[KINDS[1]]))
     for kind, tally in placed.items():
         print(f"| {kind} | " + " | ".join(str(v) for v in tally.values()) + " |")
@@ -122,7 +129,7 @@ def main(argv=None) -> dict:
         rows, labels = [], []
         for kind in KINDS[1:]:
             worst = sorted((b for b in boxes if b[0] == kind), key=lambda b: (b[1], b[2]["image"]))
-            for _, iou, record, k in worst[: args.rows]:
+            for _, _, record, k in worst[: args.rows]:
                 rows.append(row_images(args.run, record, args.method, baseline))
                 phrase = record["boxes"][k]["phrase"]
                 labels.append(f"{'redrawn' if kind == 'redrawn' else 'no ref'}: {phrase}")

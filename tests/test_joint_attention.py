@@ -189,7 +189,9 @@ def test_maps_are_differentiable_to_the_latent(sd3):
 
 
 @pytest.mark.parametrize("family", ["sd3", "flux"])
-def test_without_the_mixing_gradient_a_map_reaches_the_latent_through_its_own_queries_and_keys(family, sd3, flux):
+def test_without_the_mixing_gradient_a_map_reaches_the_latent_through_its_own_queries_and_keys(
+    family, sd3, flux
+):
     """``mixing_gradient=False`` (``guided_gradient="local"``): the output is the same; the first
     captured layer's map has no attention before it, so its gradient is the full one; the second's
     loses the path through the first layer's attention output, so it differs (and is not zero)."""

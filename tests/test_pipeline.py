@@ -404,9 +404,7 @@ def test_the_same_layout_with_another_seed_reuses_its_inversion(tiny_pipe_dir, t
     assert inversion_memo_key(init, pipe.init_context(), first.reference_image, "", 4) is not None
 
 
-@pytest.mark.parametrize(
-    "field, value", [("guided_prediction", "guided-pass"), ("guided_gradient", "local")]
-)
+@pytest.mark.parametrize("field, value", [("guided_prediction", "guided-pass"), ("guided_gradient", "local")])
 def test_flow_only_guidance_options_are_refused_on_a_unet_model(tiny_pipe, field, value):
     with pytest.raises(ValueError, match=rf"{field}='{value}' is for flow-matching models"):
         tiny_pipe(

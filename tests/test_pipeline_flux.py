@@ -279,7 +279,9 @@ def test_a_guided_pass_prediction_with_a_zero_step_is_the_updated_run(pipe, cfg)
     gives the conditional one and only the negative (and outside) branches run again. With a zero
     step that is the "updated" run, layout energy included; with a real step the images differ."""
     kw = dict(init="random", seed=2, output_type="latent", return_attention_maps=True, **FAST, **cfg)
-    budget = dict(loss="layout-guidance", guidance_steps=2, guidance_iters=1, loss_threshold=0.0, outside_prompt_steps=0)
+    budget = dict(
+        loss="layout-guidance", guidance_steps=2, guidance_iters=1, loss_threshold=0.0, outside_prompt_steps=0
+    )
     runs = {
         (prediction, step): pipe(
             PROMPT,
@@ -290,7 +292,9 @@ def test_a_guided_pass_prediction_with_a_zero_step_is_the_updated_run(pipe, cfg)
         for prediction in ("updated", "guided-pass")
         for step in (0.0, 200.0)
     }
-    torch.testing.assert_close(runs["guided-pass", 0.0].images, runs["updated", 0.0].images, rtol=0, atol=1e-5)
+    torch.testing.assert_close(
+        runs["guided-pass", 0.0].images, runs["updated", 0.0].images, rtol=0, atol=1e-5
+    )
     np.testing.assert_allclose(
         runs["guided-pass", 0.0].layout_losses, runs["updated", 0.0].layout_losses, rtol=1e-4, atol=1e-6
     )
